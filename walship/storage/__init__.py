@@ -1,0 +1,56 @@
+"""Repository backends behind one protocol, chosen by URL scheme and imported lazily.
+
+``open_storage("file:///srv/wal")``, ``open_storage("azure://container/prefix")`` or
+``open_storage("memory://name")`` returns a :class:`~walship.storage.base.Storage`. A backend's
+module (and its SDK) is imported only when a URL of its scheme is opened, so the Azure SDK never
+costs anything to a ``file://`` user.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from walship.errors import ConfigError
+from walship.storage.base import Storage
+
+_BACKENDS = {
+    "memory": ("walship.storage.memory", "MemoryStorage"),
+    "file": ("walship.storage.local", "LocalStorage"),
+    "azure": ("walship.storage.azure", "AzureStorage"),
+}
+
+
+@dataclass(frozen=True)
+class AzureCredentials:
+    """Azure settings from the environment or the config file. ``repr`` never shows a secret."""
+
+    connection_string: str | None = field(default=None, repr=False)
+    account: str | None = None
+    account_key: str | None = field(default=None, repr=False)
+    sas_token: str | None = field(default=None, repr=False)
+    account_url: str | None = None
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How a backend talks to its storage: retry budget and per-request timeout (seconds)."""
+
+    retries: int = 4
+    timeout: float = 30.0
+    azure: AzureCredentials = field(default_factory=AzureCredentials)
+
+
+def open_storage(url: str, options: StorageOptions | None = None) -> Storage:
+    """Open the repository at ``url`` with the backend registered for its scheme."""
+    scheme = urlsplit(url).scheme
+    if scheme not in _BACKENDS:
+        raise ConfigError(f"unsupported repository URL {url!r}",
+                          f"unknown scheme {scheme!r}" if scheme else "no scheme",
+                          "use file:///absolute/path or azure://container[/prefix]")
+    module_name, class_name = _BACKENDS[scheme]
+    backend = getattr(importlib.import_module(module_name), class_name)
+    if scheme == "memory":
+        return backend(url)
+    return backend(url, options or StorageOptions())

@@ -1,0 +1,255 @@
+"""Local or mounted directory backend (``file:///absolute/path``), the embedded default.
+
+Each object is one file under the repository root, at the path of its key. Its bytes are the
+object's data followed by a trailer holding the metadata (JSON), the trailer's length and the
+magic ``WSMD``, so data and metadata become visible together, atomically.
+
+A put writes a hidden temporary file (``.tmp.<name>.<random>``) in the target directory, fsyncs
+it, then hard-links it to the final name, which fails if the name is taken (no clobbering, no
+window in which a partial file is visible), removes the temporary name and fsyncs the directory.
+Directories created on the way are fsynced into their parents. Filesystems without hard links
+fall back to ``renameat2(RENAME_NOREPLACE)``.
+
+The root directory must exist: a missing root (an unmounted share, a typo) is
+:class:`~walship.errors.RepositoryMissing`, never "object not found".
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from walship.errors import (AlreadyExists, ConfigError, NotFound, RepositoryMissing,
+                            StorageError, Unavailable)
+from walship.storage.base import MetadataSource, ObjectInfo, check_key, check_metadata
+
+_FOOTER = struct.Struct(">I4s")
+_MAGIC = b"WSMD"
+_READ_SIZE = 1 << 20
+
+
+def _os_error(error: OSError, what: str) -> Exception:
+    """Translate an OSError into walship's storage errors."""
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StorageError(what, os.strerror(error.errno or 0),
+                            "check the repository directory's owner and permissions")
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Unavailable(what, "no space left on the repository's filesystem",
+                           "free space or grow the volume")
+    return Unavailable(what, f"{type(error).__name__}: {os.strerror(error.errno or 0)}",
+                       "check the repository's filesystem or mount")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_no_clobber(source: Path, target: Path) -> None:
+    """Make ``target`` name the file ``source`` names, failing with FileExistsError if taken."""
+    try:
+        os.link(source, target)
+        return
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+    import ctypes  # no hard links here: rename without replacing (Linux renameat2)
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_noreplace = -100, 1
+    if libc.renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target),
+                      rename_noreplace) != 0:
+        code = ctypes.get_errno()
+        raise FileExistsError(code, os.strerror(code)) if code == errno.EEXIST \
+            else OSError(code, os.strerror(code))
+
+
+class LocalDownload:
+    """Streams an object's data, stopping at the metadata trailer."""
+
+    def __init__(self, info: ObjectInfo, handle: object) -> None:
+        self.info = info
+        self._file = handle
+        self._left = info.size
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > self._left:
+            n = self._left
+        chunk = self._file.read(n)  # type: ignore[attr-defined]
+        if len(chunk) != n:
+            raise Unavailable(f"short read of {self.info.key}", "the file shrank while read")
+        self._left -= n
+        return chunk
+
+    def close(self) -> None:
+        self._file.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> LocalDownload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalStorage:
+    """A repository in a local or mounted directory."""
+
+    def __init__(self, url: str, options: object = None) -> None:
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ConfigError(f"invalid repository URL {url!r}", "a file URL needs an absolute "
+                              "path", "write it as file:///absolute/path (three slashes)")
+        self.root = Path(unquote(parts.path))
+        self.url = f"file://{self.root}"
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*check_key(key).split("/"))
+
+    def _missing(self, key: str) -> Exception:
+        """The right error for an absent file: NotFound only if the root itself is there."""
+        if not self.root.is_dir():
+            return RepositoryMissing(f"repository directory {self.root} does not exist",
+                                     "so whether object " + key + " exists cannot be told",
+                                     "create the directory or mount the volume")
+        return NotFound(f"object {key} not found in {self.url}")
+
+    def _open(self, key: str) -> tuple[ObjectInfo, object]:
+        try:
+            handle = open(self._path(key), "rb")  # noqa: SIM115 - closed by the caller
+        except FileNotFoundError:
+            raise self._missing(key) from None
+        except IsADirectoryError:
+            raise NotFound(f"object {key} not found in {self.url}", "it is a directory") from None
+        except OSError as error:
+            raise _os_error(error, f"cannot open {key} in {self.url}") from error
+        try:
+            size = os.fstat(handle.fileno()).st_size
+            if size < _FOOTER.size:
+                raise ValueError("shorter than its trailer")
+            handle.seek(size - _FOOTER.size)
+            meta_len, magic = _FOOTER.unpack(handle.read(_FOOTER.size))
+            if magic != _MAGIC or meta_len > size - _FOOTER.size:
+                raise ValueError("no valid metadata trailer")
+            data_len = size - _FOOTER.size - meta_len
+            handle.seek(data_len)
+            metadata = json.loads(handle.read(meta_len))
+            handle.seek(0)
+        except (ValueError, OSError) as error:
+            handle.close()
+            from walship.errors import IntegrityError
+            raise IntegrityError(f"object {key} in {self.url} is damaged", str(error),
+                                 "restore it from another copy or delete it") from None
+        return ObjectInfo(key, data_len, metadata), handle
+
+    # -- the protocol --------------------------------------------------------------------------
+    def put(self, key: str, data: Iterable[bytes], *,
+            metadata: MetadataSource | None = None) -> ObjectInfo:
+        target = self._path(key)
+        if not self.root.is_dir():
+            raise RepositoryMissing(f"repository directory {self.root} does not exist",
+                                    "walship does not create the repository root",
+                                    "create the directory or mount the volume")
+        if target.exists():  # cheap early answer; the link below is the real check
+            raise AlreadyExists(f"object {key} already exists in {self.url}")
+        self._make_parents(target.parent)
+        temp = target.parent / f".tmp.{target.name}.{secrets.token_hex(6)}"
+        size = 0
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            try:
+                for chunk in data:
+                    size += len(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+                meta = dict(check_metadata(metadata() if metadata else {}))
+                blob = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+                os.write(fd, blob + _FOOTER.pack(len(blob), _MAGIC))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                _link_no_clobber(temp, target)
+            except FileExistsError:
+                raise AlreadyExists(f"object {key} already exists in {self.url}") from None
+        except OSError as error:
+            raise _os_error(error, f"cannot store {key} in {self.url}") from error
+        finally:
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
+        _fsync_dir(target.parent)
+        return ObjectInfo(key, size, meta)
+
+    def _make_parents(self, directory: Path) -> None:
+        """Create ``directory`` and its missing parents below the root, each fsynced in."""
+        if directory.is_dir():
+            return
+        self._make_parents(directory.parent)
+        try:
+            os.mkdir(directory, 0o750)
+        except FileExistsError:
+            return
+        except OSError as error:
+            raise _os_error(error, f"cannot create {directory}") from error
+        _fsync_dir(directory.parent)
+
+    def get(self, key: str) -> LocalDownload:
+        info, handle = self._open(key)
+        return LocalDownload(info, handle)
+
+    def head(self, key: str) -> ObjectInfo:
+        info, handle = self._open(key)
+        handle.close()  # type: ignore[attr-defined]
+        return info
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if not self.root.is_dir():
+            raise RepositoryMissing(f"repository directory {self.root} does not exist",
+                                    hint="create the directory or mount the volume")
+        start = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        base = self.root.joinpath(*start.split("/")) if start else self.root
+        for key in sorted(self._walk(base, start)):
+            if key.startswith(prefix):
+                try:
+                    yield self.head(key)
+                except NotFound:  # deleted while listing
+                    continue
+
+    def _walk(self, directory: Path, rel: str) -> Iterator[str]:
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            key = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                yield from self._walk(Path(entry.path), key)
+            else:
+                yield key
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            raise _os_error(error, f"cannot delete {key} from {self.url}") from error
+        _fsync_dir(path.parent)
+
+    def close(self) -> None:
+        pass
