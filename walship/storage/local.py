@@ -220,7 +220,7 @@ class LocalStorage:
                                     hint="create the directory or mount the volume")
         start = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         base = self.root.joinpath(*start.split("/")) if start else self.root
-        for key in sorted(self._walk(base, start)):
+        for key in self._walk(base, start):
             if key.startswith(prefix):
                 try:
                     yield self.head(key)
@@ -228,13 +228,14 @@ class LocalStorage:
                     continue
 
     def _walk(self, directory: Path, rel: str) -> Iterator[str]:
+        """Yield the keys below ``directory`` in key order, lazily, one directory at a time."""
         try:
-            entries = list(os.scandir(directory))
+            entries = [e for e in os.scandir(directory) if not e.name.startswith(".")]
         except FileNotFoundError:
             return
+        # A directory "a" holds keys "a/...", which sort after "a.b" and before "a0".
+        entries.sort(key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=False) else e.name)
         for entry in entries:
-            if entry.name.startswith("."):
-                continue
             key = f"{rel}/{entry.name}" if rel else entry.name
             if entry.is_dir(follow_symlinks=False):
                 yield from self._walk(Path(entry.path), key)

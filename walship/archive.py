@@ -1,0 +1,199 @@
+"""The archive core: push a WAL file into a repository, fetch one back to a path.
+
+Every command that moves WAL goes through here; the CLI only parses arguments and maps errors.
+
+Push promises: the call returns only when the object is durably stored (the backend's ``put``
+contract); pushing identical content again succeeds; different content under an existing name
+raises :class:`~walship.errors.ContentConflict` and leaves the stored object untouched.
+
+Fetch promises: the destination appears (by rename) only with complete, verified content;
+:class:`~walship.errors.NotFound` is raised only when the repository holds WAL and
+authoritatively lacks this file. An empty or absent repository is
+:class:`~walship.errors.RepositoryMissing`, because "not found" would let PostgreSQL end
+recovery early.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from walship import layout, wal
+from walship.codec import DIGEST_METADATA, Codec
+from walship.errors import (AlreadyExists, ContentConflict, IntegrityError, NotFound,
+                            RepositoryMissing, StorageError, UsageError)
+from walship.storage.base import Storage
+
+READ_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """What one push or fetch did, for the log line."""
+
+    action: str
+    name: str
+    outcome: str
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+
+
+def archive_name(name: str) -> wal.ArchiveFile:
+    """Parse a file name handed over by PostgreSQL, or raise a one-line usage error."""
+    try:
+        return wal.parse_name(name)
+    except ValueError as error:
+        raise UsageError(f"{name!r} is not a WAL file name", str(error),
+                         "archive_command passes %p and restore_command %f %p") from None
+
+
+class _Counter:
+    """Counts the bytes of an iterable as it is consumed."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = chunks
+        self.total = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            self.total += len(chunk)
+            yield chunk
+
+
+class Archive:
+    """WAL operations on one repository with one codec."""
+
+    def __init__(self, storage: Storage, codec: Codec) -> None:
+        self.storage = storage
+        self.codec = codec
+
+    # -- push ----------------------------------------------------------------------------------
+    def push_wal(self, path: str | os.PathLike[str]) -> Transfer:
+        """Store the WAL file at ``path`` under its file name."""
+        started = time.monotonic()
+        path = Path(path)
+        info = archive_name(path.name)
+        key = layout.wal_key(path.name)
+        try:
+            handle = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
+        except OSError as error:
+            raise UsageError(f"cannot read WAL file {path}", os.strerror(error.errno or 0),
+                             "archive_command must pass %p, relative to the data directory"
+                             ) from None
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            if info.kind is wal.FileKind.SEGMENT:
+                try:
+                    wal.check_segment_size(size)
+                except ValueError:
+                    raise IntegrityError(f"WAL segment {path} has {size} bytes",
+                                         "a segment is a power of two from 1 MiB to 1 GiB",
+                                         "the file is incomplete or not a WAL segment") from None
+            digest = self.codec.digester(key)
+            source = _Counter(self._read_hashing(handle, digest))
+            stored = _Counter(self.codec.encode(key, source, size_hint=size))
+            try:
+                self.storage.put(key, stored, metadata=lambda: {
+                    DIGEST_METADATA: digest.hexdigest()})
+            except AlreadyExists:
+                return self._judge_duplicate(path, key, started)
+        if source.total != size:
+            # PostgreSQL never changes a file it is archiving; a change means something is wrong.
+            raise IntegrityError(f"WAL file {path} changed size while being archived",
+                                 f"{size} bytes before, {source.total} read",
+                                 "check that nothing but PostgreSQL writes to pg_wal")
+        return Transfer("wal-push", path.name, "stored", source.total, stored.total,
+                        time.monotonic() - started)
+
+    @staticmethod
+    def _read_hashing(handle: object, digest: object) -> Iterator[bytes]:
+        while chunk := handle.read(READ_SIZE):  # type: ignore[attr-defined]
+            digest.update(chunk)  # type: ignore[attr-defined]
+            yield chunk
+
+    def _judge_duplicate(self, path: Path, key: str, started: float) -> Transfer:
+        """The name is taken: succeed if the stored content is identical, else refuse loudly."""
+        digest = self.codec.digester(key)
+        size = 0
+        with open(path, "rb", buffering=0) as handle:
+            for chunk in self._read_hashing(handle, digest):
+                size += len(chunk)
+        stored = self.storage.head(key)
+        theirs = stored.metadata.get(DIGEST_METADATA, "")
+        if theirs == digest.hexdigest():
+            return Transfer("wal-push", path.name, "already stored, identical", size, 0,
+                            time.monotonic() - started)
+        if not digest.compatible(theirs):
+            raise ContentConflict(f"WAL file {path.name} is already archived and cannot be "
+                                  "compared", "the stored copy was written with another key "
+                                  "or by another tool; it is left untouched",
+                                  "check that every server uses the same key and repository")
+        raise ContentConflict(f"WAL file {path.name} is already archived with DIFFERENT "
+                              "content", "the stored copy is left untouched and this file was "
+                              "not archived", "is another cluster archiving into this "
+                              "repository? Give each cluster its own repository")
+
+    # -- fetch ---------------------------------------------------------------------------------
+    def fetch_wal(self, name: str, destination: str | os.PathLike[str]) -> Transfer:
+        """Write the archived file ``name`` to ``destination``, complete and verified."""
+        started = time.monotonic()
+        info = archive_name(name)
+        key = layout.wal_key(name)
+        destination = Path(destination)
+        try:
+            download = self.storage.get(key)
+        except NotFound:
+            if not self._holds_wal():
+                raise RepositoryMissing(f"the repository {self.storage.url} holds no WAL at "
+                                        "all", f"so the absence of {name} proves nothing",
+                                        "check the repository URL, prefix and mount") from None
+            raise
+        temp = destination.with_name(f".{destination.name}.walship-{secrets.token_hex(4)}")
+        written = 0
+        try:
+            with download, _create(temp) as out:
+                metadata = download.info.metadata
+                for chunk in self.codec.decode(key, download, metadata.get(DIGEST_METADATA)):
+                    out.write(chunk)
+                    written += len(chunk)
+            if info.kind is wal.FileKind.SEGMENT:
+                try:
+                    wal.check_segment_size(written)
+                except ValueError:
+                    raise IntegrityError(f"archived segment {name} has {written} bytes",
+                                         "a segment is a power of two from 1 MiB to 1 GiB",
+                                         "the archived object is damaged") from None
+            # No fsync: PostgreSQL reads the file at once and, after a crash, fetches it again.
+            os.replace(temp, destination)
+        except BaseException:
+            _unlink_quietly(temp)
+            raise
+        return Transfer("wal-fetch", name, "delivered", download.info.size, written,
+                        time.monotonic() - started)
+
+    def _holds_wal(self) -> bool:
+        """Whether the repository holds any WAL, which makes a missing file authoritative."""
+        for _ in self.storage.list(layout.WAL_PREFIX):
+            return True
+        return False
+
+
+def _create(path: Path):  # noqa: ANN202 - a binary file object
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise StorageError(f"cannot write {path}", os.strerror(error.errno or 0),
+                           "restore_command must be able to write into pg_wal") from None
+    return os.fdopen(fd, "wb")
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,155 @@
+"""The codec: how plaintext becomes a stored object and back, as an ordered list of stages.
+
+Encoding applies zstd, then (when a key is configured) AES-256-GCM, behind the self-describing
+header of :mod:`walship.codec.header`; decoding reads the header and undoes the stages in
+reverse, so no listing or side channel is ever needed to decode an object. Both directions
+stream in bounded memory.
+
+Every object also has a *plaintext digest*, kept in its metadata by the caller: SHA-256 (or, with
+a key, HMAC-SHA256 under the key's digest key) of a domain tag, the object's name and the
+plaintext. It lets a duplicate push be judged without downloading, and decoding checks it, so an
+unencrypted object that was truncated, corrupted or swapped for another is rejected even where
+zstd alone would not notice (a zstd stream cut at a block boundary decodes "successfully").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from walship.codec.header import AES_256_GCM, SALT_BYTES, ZSTD, Header, Readable
+from walship.codec.keys import EncryptionKey
+from walship.errors import IntegrityError, KeyMismatch
+
+DEFAULT_LEVEL = 3
+DEFAULT_CHUNK_LOG2 = 18  # 256 KiB encryption chunks
+DIGEST_METADATA = "walship_digest"
+_DOMAIN = b"walship v1 object\x00"
+_OUT_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Compression level, optional key and chunk size: everything needed to encode or decode."""
+
+    level: int = DEFAULT_LEVEL
+    key: EncryptionKey | None = None
+    chunk_log2: int = DEFAULT_CHUNK_LOG2
+
+    # -- digests ---------------------------------------------------------------------------------
+    def digester(self, name: str) -> PlaintextDigest:
+        """A fresh digest of plaintext for the object ``name``."""
+        return PlaintextDigest(self.key, name)
+
+    # -- encoding --------------------------------------------------------------------------------
+    def encode(self, name: str, chunks: Iterable[bytes], *, size_hint: int | None = None,
+               salt: bytes | None = None) -> Iterator[bytes]:
+        """Yield the stored form of the plaintext ``chunks`` for the object ``name``."""
+        import zstandard
+
+        stages = (ZSTD, AES_256_GCM) if self.key else (ZSTD,)
+        header = Header(stages)
+        encryptor = None
+        if self.key:
+            header = Header(stages, self.key.key_id, salt or os.urandom(SALT_BYTES),
+                            self.chunk_log2)
+        head = header.encode()
+        if self.key:
+            from walship.codec.aead import Encryptor
+
+            encryptor = Encryptor(self.key.object_key(header.salt), head + name.encode(),
+                                  1 << self.chunk_log2)
+        compressor = zstandard.ZstdCompressor(level=self.level, write_checksum=True)
+        zobj = compressor.compressobj(size=size_hint if size_hint is not None else -1)
+        yield head
+        for chunk in chunks:
+            out = zobj.compress(chunk)
+            if encryptor and out:
+                out = encryptor.update(out)
+            if out:
+                yield out
+        out = zobj.flush()
+        if encryptor:
+            out = encryptor.update(out) + encryptor.finish()
+        yield out
+
+    # -- decoding --------------------------------------------------------------------------------
+    def decode(self, name: str, source: Readable, digest: str | None) -> Iterator[bytes]:
+        """Yield the plaintext of the stored object ``name`` read from ``source``.
+
+        ``digest`` is the object's plaintext digest from its metadata; the whole plaintext is
+        checked against it before the generator finishes, so a consumer must treat the data as
+        unverified until the iteration ends without an exception.
+        """
+        import zstandard
+
+        header = Header.read(source, name)
+        reader: Readable = source
+        if self.key is not None and not header.encrypted:
+            raise KeyMismatch(f"object {name} is not encrypted", "an encryption key is "
+                              "configured, so only objects it authenticates are accepted",
+                              "use a repository written with this key, or unset the key")
+        if header.encrypted:
+            if self.key is None:
+                raise KeyMismatch(f"object {name} is encrypted", "no encryption key is "
+                                  "configured", "set WALSHIP_ENCRYPTION_KEY_FILE")
+            if header.key_id != self.key.key_id:
+                raise KeyMismatch(f"object {name} was encrypted with another key",
+                                  f"its key id is {header.key_id.hex()}, the configured key's "
+                                  f"is {self.key.key_id.hex()}", "configure the key the "
+                                  "archive was written with")
+            from walship.codec.aead import DecryptingReader
+
+            reader = DecryptingReader(source, self.key.object_key(header.salt),
+                                      header.encode() + name.encode(), 1 << header.chunk_log2,
+                                      name)
+        check = self.digester(name)
+        if digest is None or not check.compatible(digest):
+            raise KeyMismatch(f"object {name} cannot be verified",
+                              "its metadata has no digest made with the configured key"
+                              if digest else "its metadata has no digest",
+                              "configure the key the archive was written with")
+        try:
+            plain = zstandard.ZstdDecompressor().stream_reader(
+                reader, read_size=1 << 17, read_across_frames=False, closefd=False)
+            while chunk := plain.read(_OUT_SIZE):
+                check.update(chunk)
+                yield chunk
+            if reader.read(1):
+                raise IntegrityError(f"object {name} is damaged", "data follows its end")
+        except zstandard.ZstdError as error:
+            raise IntegrityError(f"object {name} is damaged", f"zstd: {error}",
+                                 "the stored object is corrupt") from None
+        if not hmac.compare_digest(check.hexdigest(), digest):
+            raise IntegrityError(f"object {name} is damaged", "its content does not match its "
+                                 "digest (truncated, corrupted or swapped)",
+                                 "the stored object is corrupt")
+
+
+class PlaintextDigest:
+    """SHA-256, or HMAC-SHA256 with a key, of the domain tag, the name and the plaintext.
+
+    Rendered as ``sha256:<hex>`` or ``hmac-sha256:<key id>:<hex>``.
+    """
+
+    def __init__(self, key: EncryptionKey | None, name: str) -> None:
+        prefix = _DOMAIN + name.encode() + b"\x00"
+        if key is None:
+            self._hash = hashlib.sha256(prefix)
+            self._label = "sha256:"
+        else:
+            self._hash = hmac.new(key.digest_key, prefix, hashlib.sha256)
+            self._label = f"hmac-sha256:{key.key_id.hex()}:"
+
+    def update(self, data: bytes) -> None:
+        self._hash.update(data)
+
+    def hexdigest(self) -> str:
+        return self._label + self._hash.hexdigest()
+
+    def compatible(self, digest: str) -> bool:
+        """Whether ``digest`` was made the same way (same algorithm and key) as this one."""
+        return digest.startswith(self._label) and len(digest) == len(self._label) + 64

@@ -1,0 +1,95 @@
+"""Encryption keys: the key file format, key ids, and the keys derived from the master key.
+
+A key file holds one line, ``walship-key-v1:`` followed by 32 random bytes in base64 (made by
+``walship keygen``). From that master key walship derives, with HMAC-SHA256 and HKDF-SHA256:
+
+* the key id, 8 bytes written into every object's header, so that a wrong key is reported as
+  such instead of as corruption;
+* the digest key, which makes the plaintext digest kept in object metadata a keyed MAC, so that
+  metadata reveals nothing about the content;
+* one AES-256-GCM key per object, from a random 16-byte salt stored in the object's header, so
+  that nonces never repeat under one key however many objects are written.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from walship.errors import ConfigError
+
+KEY_PREFIX = "walship-key-v1:"
+KEY_BYTES = 32
+
+
+def _hkdf_sha256(secret: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    """HKDF-SHA256 (RFC 5869) with one output block."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(secret)
+
+
+@dataclass(frozen=True)
+class EncryptionKey:
+    """A 32-byte master key. Its repr never shows the secret."""
+
+    secret: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.secret) != KEY_BYTES:
+            raise ConfigError("invalid encryption key", f"it has {len(self.secret)} bytes, "
+                              f"not {KEY_BYTES}", "make a new one with walship keygen")
+
+    @property
+    def key_id(self) -> bytes:
+        """8 bytes identifying this key (not secret: reveals nothing about the key)."""
+        return hmac.new(self.secret, b"walship v1 key id", hashlib.sha256).digest()[:8]
+
+    @property
+    def digest_key(self) -> bytes:
+        """The key of the plaintext MAC kept in object metadata."""
+        return hmac.new(self.secret, b"walship v1 plaintext digest", hashlib.sha256).digest()
+
+    def object_key(self, salt: bytes) -> bytes:
+        """The AES-256-GCM key of one object, derived from the object's salt."""
+        return _hkdf_sha256(self.secret, salt, b"walship v1 aes-256-gcm stream")
+
+    def to_text(self) -> str:
+        """The key file's content."""
+        return KEY_PREFIX + base64.b64encode(self.secret).decode() + "\n"
+
+    @classmethod
+    def generate(cls) -> EncryptionKey:
+        return cls(os.urandom(KEY_BYTES))
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "key") -> EncryptionKey:
+        text = text.strip()
+        if not text.startswith(KEY_PREFIX):
+            raise ConfigError(f"{source} is not a walship key", f"it does not start with "
+                              f"{KEY_PREFIX}", "make one with: walship keygen > FILE")
+        try:
+            secret = base64.b64decode(text[len(KEY_PREFIX):], validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{source} is not a walship key", "its base64 is malformed",
+                              "make one with: walship keygen > FILE") from None
+        return cls(secret)
+
+
+def load_key_file(path: str | os.PathLike[str]) -> EncryptionKey:
+    """Read a key file, with a one-line error (never the key) when it cannot be used."""
+    try:
+        text = Path(path).read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise ConfigError(f"encryption key file {path} does not exist", hint="check "
+                          "WALSHIP_ENCRYPTION_KEY_FILE / --encryption-key-file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read encryption key file {path}",
+                          type(error).__name__, "check its owner and permissions") from None
+    return EncryptionKey.from_text(text, f"encryption key file {path}")

@@ -1,0 +1,177 @@
+"""Settings: command-line flags beat ``WALSHIP_*`` environment variables beat the TOML file.
+
+The file is ``--config FILE``, else ``$WALSHIP_CONFIG``, else ``/etc/walship/walship.toml`` if it
+exists. Azure credentials come from the standard ``AZURE_STORAGE_*`` variables or the file's
+``[azure]`` table (environment first, field by field). Settings are a frozen value; every value
+remembers where it came from, so ``walship check`` can show the effective configuration, with
+secrets masked. Nothing here ever prints or raises with a secret in it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from walship.errors import ConfigError
+from walship.storage import AzureCredentials, StorageOptions
+
+DEFAULT_CONFIG_FILE = "/etc/walship/walship.toml"
+
+# name: (environment variable, type, default)
+_OPTIONS: dict[str, tuple[str, type, Any]] = {
+    "repo": ("WALSHIP_REPO", str, None),
+    "encryption_key_file": ("WALSHIP_ENCRYPTION_KEY_FILE", str, None),
+    "compression_level": ("WALSHIP_COMPRESSION_LEVEL", int, 3),
+    "storage_retries": ("WALSHIP_STORAGE_RETRIES", int, 4),
+    "storage_timeout": ("WALSHIP_STORAGE_TIMEOUT", float, 30.0),
+    "log_level": ("WALSHIP_LOG_LEVEL", str, "info"),
+}
+_AZURE: dict[str, str] = {
+    "connection_string": "AZURE_STORAGE_CONNECTION_STRING",
+    "account": "AZURE_STORAGE_ACCOUNT",
+    "account_key": "AZURE_STORAGE_KEY",
+    "sas_token": "AZURE_STORAGE_SAS_TOKEN",
+    "account_url": "AZURE_STORAGE_ACCOUNT_URL",
+}
+SECRET_FIELDS = frozenset({"connection_string", "account_key", "sas_token"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective configuration of one walship invocation."""
+
+    repo: str | None = None
+    encryption_key_file: str | None = None
+    compression_level: int = 3
+    storage_retries: int = 4
+    storage_timeout: float = 30.0
+    log_level: str = "info"
+    azure: AzureCredentials = field(default_factory=AzureCredentials)
+    config_file: str | None = None
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def debug(self) -> bool:
+        return self.log_level == "debug"
+
+    def require_repo(self) -> str:
+        if not self.repo:
+            raise ConfigError("no repository is configured", "neither --repo, WALSHIP_REPO "
+                              "nor a config file names one", "set WALSHIP_REPO=file:///path "
+                              "or azure://container/prefix")
+        return self.repo
+
+    def storage_options(self) -> StorageOptions:
+        return StorageOptions(retries=self.storage_retries, timeout=self.storage_timeout,
+                              azure=self.azure)
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(setting, value with secrets masked, source) for every setting."""
+        rows = []
+        for name in _OPTIONS:
+            value = getattr(self, name)
+            rows.append((name, "-" if value is None else str(value),
+                         self.sources.get(name, "default")))
+        for name in _AZURE:
+            value = getattr(self.azure, name)
+            if value is None:
+                continue
+            shown = "****" if name in SECRET_FIELDS else value
+            rows.append((f"azure.{name}", shown, self.sources.get(f"azure.{name}", "")))
+        return rows
+
+
+def _convert(name: str, kind: type, value: Any, source: str) -> Any:
+    try:
+        if kind is int and isinstance(value, bool):
+            raise ValueError
+        converted = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid {name} {value!r} in {source}",
+                          f"it must be {'a number' if kind in (int, float) else 'text'}") from None
+    if name == "compression_level" and not 1 <= converted <= 22:
+        raise ConfigError(f"invalid compression_level {converted} in {source}",
+                          "zstd levels run from 1 to 22", "3 is the default")
+    if name == "storage_retries" and not 0 <= converted <= 20:
+        raise ConfigError(f"invalid storage_retries {converted} in {source}", "use 0 to 20")
+    if name == "storage_timeout" and not 0 < converted <= 3600:
+        raise ConfigError(f"invalid storage_timeout {converted} in {source}",
+                          "use seconds, more than 0 and at most 3600")
+    if name == "log_level" and converted not in ("debug", "info", "error"):
+        raise ConfigError(f"invalid log_level {converted!r} in {source}",
+                          "use debug, info or error")
+    return converted
+
+
+def _read_file(path: str, explicit: bool) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist",
+                              hint="check --config / WALSHIP_CONFIG") from None
+        return {}
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}", os.strerror(error.errno or 0),
+                          "check its owner and permissions") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML", str(error)) from None
+    unknown = set(data) - set(_OPTIONS) - {"azure"}
+    azure = data.get("azure", {})
+    if not isinstance(azure, dict):
+        raise ConfigError(f"config file {path}: [azure] must be a table")
+    unknown |= {f"azure.{k}" for k in set(azure) - set(_AZURE)}
+    if unknown:
+        raise ConfigError(f"config file {path} has unknown settings: "
+                          + ", ".join(sorted(unknown)), hint="see the README's configuration "
+                          "reference")
+    return data
+
+
+def load_settings(flags: Mapping[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None,
+                  config_file: str | None = None) -> Settings:
+    """Resolve every setting from ``flags`` (None = not given), ``environ`` and the file."""
+    flags = flags or {}
+    environ = os.environ if environ is None else environ
+    explicit = config_file or environ.get("WALSHIP_CONFIG")
+    path = explicit or (DEFAULT_CONFIG_FILE if Path(DEFAULT_CONFIG_FILE).exists() else None)
+    data = _read_file(path, bool(explicit)) if path else {}
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, (env, kind, default) in _OPTIONS.items():
+        if flags.get(name) is not None:
+            value, source = flags[name], f"--{name.replace('_', '-')}"
+        elif environ.get(env):
+            value, source = environ[env], env
+        elif name in data:
+            value, source = data[name], f"file {path}"
+        else:
+            values[name] = default
+            continue
+        values[name] = _convert(name, kind, value, source)
+        sources[name] = source
+    azure_file = data.get("azure", {})
+    azure: dict[str, str | None] = {}
+    for name, env in _AZURE.items():
+        if environ.get(env):
+            azure[name], sources[f"azure.{name}"] = environ[env], env
+        elif azure_file.get(name):
+            azure[name], sources[f"azure.{name}"] = str(azure_file[name]), f"file {path}"
+    return Settings(**values, azure=AzureCredentials(**azure), config_file=path,
+                    sources=sources)
+
+
+def setting_names() -> list[str]:
+    """Every setting a config file may hold (for the documentation and tests)."""
+    return [*_OPTIONS, *(f"azure.{name}" for name in _AZURE)]
+
+
+assert {f.name for f in fields(Settings)} >= set(_OPTIONS)

@@ -1,0 +1,32 @@
+"""The ``walship`` console script: runs the CLI and guarantees the exit-status contract.
+
+Only the standard library is imported before the CLI, so that even a broken installation
+(a missing dependency, a syntax error) cannot make ``wal-fetch`` exit with 1, PostgreSQL's
+"file not found": inside restore_command every failure, however early, exits above 125.
+"""
+
+from __future__ import annotations
+
+import sys
+
+RECOVERY_FAILED = 134  # ExitStatus.RECOVERY_FAILED, repeated so that nothing is imported
+FAILED = 6
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    recovery = "wal-fetch" in argv
+    try:
+        from walship.cli import run
+
+        return run(argv, recovery=recovery)
+    except BaseException as error:  # noqa: BLE001 - last line of defence of the contract
+        if isinstance(error, SystemExit) and error.code in (0, None) and not recovery:
+            return 0
+        print(f"walship: ERROR: internal error: {type(error).__name__}: {error}",
+              file=sys.stderr, flush=True)
+        return RECOVERY_FAILED if recovery else FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
