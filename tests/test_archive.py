@@ -1,0 +1,136 @@
+"""The archive core's promises, on the in-memory and file:// backends."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from walship.archive import Archive
+from walship.codec import Codec
+from walship.codec.keys import EncryptionKey
+from walship.errors import (ContentConflict, IntegrityError, KeyMismatch, NotFound,
+                            RepositoryMissing, UsageError)
+from walship.storage import open_storage
+from walship.storage.memory import MemoryStorage
+
+SEG = "000000010000000000000001"
+
+
+@pytest.fixture(params=["memory", "file"])
+def archive(request, tmp_path):
+    if request.param == "memory":
+        url = f"memory://{uuid.uuid4().hex}"
+        yield Archive(open_storage(url), Codec())
+        MemoryStorage.forget(url)
+    else:
+        (tmp_path / "repo").mkdir()
+        yield Archive(open_storage(f"file://{tmp_path / 'repo'}"), Codec())
+
+
+def write(directory, name, data):
+    path = directory / name
+    path.write_bytes(data)
+    return path
+
+
+def segment(size=1 << 20):
+    return os.urandom(4096) + bytes(size - 4096)
+
+
+def test_push_fetch_round_trip(archive, tmp_path):
+    data = segment()
+    result = archive.push_wal(write(tmp_path, SEG, data))
+    assert result.outcome == "stored" and result.bytes_in == len(data)
+    assert result.bytes_out < len(data) // 10
+    fetched = archive.fetch_wal(SEG, tmp_path / "RECOVERYXLOG")
+    assert (tmp_path / "RECOVERYXLOG").read_bytes() == data
+    assert fetched.bytes_out == len(data)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+@pytest.mark.parametrize("name,data", [
+    ("00000002.history", b"1\t0/3000098\tbefore 2000-01-01\n"),
+    ("000000010000000000000002.partial", bytes(1 << 20)),
+    ("000000010000000000000002.00000028.backup", b"START WAL LOCATION: 0/2000028\n"),
+])
+def test_every_archive_file_kind(archive, tmp_path, name, data):
+    archive.push_wal(write(tmp_path, name, data))
+    archive.fetch_wal(name, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def test_identical_repush_succeeds(archive, tmp_path):
+    path = write(tmp_path, SEG, segment())
+    archive.push_wal(path)
+    assert archive.push_wal(path).outcome == "already stored, identical"
+
+
+def test_different_content_is_refused_and_original_kept(archive, tmp_path):
+    original = segment()
+    archive.push_wal(write(tmp_path, SEG, original))
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(ContentConflict, match="DIFFERENT"):
+        archive.push_wal(write(other, SEG, segment()))
+    archive.fetch_wal(SEG, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == original
+
+
+def test_missing_file_is_not_found_only_in_a_repository_with_wal(archive, tmp_path):
+    with pytest.raises(RepositoryMissing):
+        archive.fetch_wal(SEG, tmp_path / "out")
+    archive.push_wal(write(tmp_path, SEG, segment()))
+    with pytest.raises(NotFound):
+        archive.fetch_wal("000000010000000000000002", tmp_path / "out")
+    with pytest.raises(NotFound):
+        archive.fetch_wal("00000002.history", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_segment_of_impossible_size_is_refused(archive, tmp_path):
+    with pytest.raises(IntegrityError, match="power of two"):
+        archive.push_wal(write(tmp_path, SEG, bytes(1000)))
+
+
+def test_bad_names_are_usage_errors(archive, tmp_path):
+    with pytest.raises(UsageError):
+        archive.push_wal(write(tmp_path, "RECOVERYXLOG", segment()))
+    with pytest.raises(UsageError):
+        archive.fetch_wal("../../etc/passwd", tmp_path / "out")
+    with pytest.raises(UsageError):
+        archive.push_wal(tmp_path / "000000010000000000000009")  # does not exist
+
+
+def test_corrupt_object_is_never_delivered(tmp_path):
+    url = f"memory://{uuid.uuid4().hex}"
+    storage = open_storage(url)
+    archive = Archive(storage, Codec())
+    archive.push_wal(write(tmp_path, SEG, segment()))
+    body = bytearray(b"".join(iter(lambda d=storage.get("wal/" + SEG): d.read(65536), b"")))
+    body[len(body) // 2] ^= 0x40
+    storage.replace_raw("wal/" + SEG, bytes(body))
+    (tmp_path / "out").write_bytes(b"previous content")
+    with pytest.raises(IntegrityError):
+        archive.fetch_wal(SEG, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == b"previous content"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+    MemoryStorage.forget(url)
+
+
+def test_encrypted_round_trip_and_wrong_key(tmp_path):
+    url = f"memory://{uuid.uuid4().hex}"
+    key = EncryptionKey.generate()
+    data = segment()
+    Archive(open_storage(url), Codec(key=key)).push_wal(write(tmp_path, SEG, data))
+    Archive(open_storage(url), Codec(key=key)).fetch_wal(SEG, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == data
+    with pytest.raises(KeyMismatch):
+        Archive(open_storage(url), Codec(key=EncryptionKey.generate())).fetch_wal(
+            SEG, tmp_path / "out2")
+    with pytest.raises(ContentConflict, match="cannot be compared"):
+        Archive(open_storage(url), Codec(key=EncryptionKey.generate())).push_wal(
+            write(tmp_path, SEG, data))
+    assert not (tmp_path / "out2").exists()
+    MemoryStorage.forget(url)

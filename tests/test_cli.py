@@ -1,0 +1,163 @@
+"""The command line keeps PostgreSQL's exit-status contract, run in-process through the entry
+point exactly as the console script runs it."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from walship.entry import main
+from walship.errors import ExitStatus
+
+SEG = "000000010000000000000001"
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    root = tmp_path / "repo"
+    root.mkdir()
+    for var in list(os.environ):
+        if var.startswith(("WALSHIP_", "AZURE_")):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("WALSHIP_REPO", f"file://{root}")
+    monkeypatch.setenv("WALSHIP_CONFIG", str(tmp_path / "none.toml"))
+    (tmp_path / "none.toml").write_text("")
+    return root
+
+
+@pytest.fixture
+def wal_file(tmp_path):
+    path = tmp_path / "pg_wal" / SEG
+    path.parent.mkdir()
+    path.write_bytes(os.urandom(1000) + bytes((1 << 20) - 1000))
+    return path
+
+
+def test_push_then_fetch(repo, wal_file, tmp_path, capsys):
+    assert main(["wal-push", str(wal_file)]) == 0
+    assert main(["wal-push", str(wal_file)]) == 0  # identical again
+    assert main(["wal-fetch", SEG, str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out").read_bytes() == wal_file.read_bytes()
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"walship: wal-push {SEG} stored in=1048576 out=")
+    assert "already stored, identical" in err[1]
+    assert err[2].startswith(f"walship: wal-fetch {SEG} delivered")
+
+
+def test_fetch_missing_is_1_and_says_so(repo, wal_file, tmp_path, capsys):
+    assert main(["wal-push", str(wal_file)]) == 0
+    assert main(["wal-fetch", "00000002.history", str(tmp_path / "out")]) == 1
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["wal-fetch"],  # missing arguments
+    ["wal-fetch", "RECOVERYXLOG", "x"],  # not a WAL name
+    ["wal-fetch", SEG, "x", "extra"],
+    ["--compression-level", "99", "wal-fetch", SEG, "x"],
+    ["--bogus-flag", "wal-fetch", SEG, "x"],
+])
+def test_fetch_usage_errors_abort_recovery(repo, argv, capsys):
+    assert main(argv) >= 126
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ERROR" in err
+
+
+def test_fetch_without_repository_configured_aborts_recovery(repo, monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("WALSHIP_REPO")
+    assert main(["wal-fetch", SEG, str(tmp_path / "x")]) == ExitStatus.RECOVERY_USAGE
+    assert "no repository is configured" in capsys.readouterr().err
+
+
+def test_fetch_from_missing_directory_aborts_recovery(repo, monkeypatch, tmp_path):
+    monkeypatch.setenv("WALSHIP_REPO", f"file://{tmp_path}/unmounted")
+    assert main(["wal-fetch", SEG, str(tmp_path / "x")]) == ExitStatus.RECOVERY_UNAVAILABLE
+
+
+def test_fetch_from_empty_repository_aborts_recovery(repo, tmp_path):
+    assert main(["wal-fetch", SEG, str(tmp_path / "x")]) == ExitStatus.RECOVERY_UNAVAILABLE
+
+
+def test_corrupt_object_aborts_recovery_and_writes_nothing(repo, wal_file, tmp_path):
+    assert main(["wal-push", str(wal_file)]) == 0
+    stored = repo / "wal" / SEG
+    body = bytearray(stored.read_bytes())
+    body[len(body) // 3] ^= 0x01
+    stored.write_bytes(bytes(body))
+    assert main(["wal-fetch", SEG, str(tmp_path / "out")]) == ExitStatus.RECOVERY_INTEGRITY
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
+
+
+def test_wrong_key_aborts_recovery(repo, wal_file, tmp_path, monkeypatch):
+    key1, key2 = tmp_path / "k1", tmp_path / "k2"
+    for key in (key1, key2):
+        with open(key, "w") as handle:
+            monkeypatch.setattr(sys, "stdout", handle)
+            assert main(["keygen"]) == 0
+    monkeypatch.setattr(sys, "stdout", sys.__stdout__)
+    assert key1.read_text() != key2.read_text()
+    monkeypatch.setenv("WALSHIP_ENCRYPTION_KEY_FILE", str(key1))
+    assert main(["wal-push", str(wal_file)]) == 0
+    assert main(["wal-fetch", SEG, str(tmp_path / "ok")]) == 0
+    monkeypatch.setenv("WALSHIP_ENCRYPTION_KEY_FILE", str(key2))
+    assert main(["wal-fetch", SEG, str(tmp_path / "out")]) == ExitStatus.RECOVERY_INTEGRITY
+    monkeypatch.setenv("WALSHIP_ENCRYPTION_KEY_FILE", str(tmp_path / "missing-key"))
+    assert main(["wal-fetch", SEG, str(tmp_path / "out")]) == ExitStatus.RECOVERY_USAGE
+    assert not (tmp_path / "out").exists()
+
+
+def test_conflicting_push_exits_3_and_keeps_original(repo, wal_file, tmp_path, capsys):
+    assert main(["wal-push", str(wal_file)]) == 0
+    original = wal_file.read_bytes()
+    wal_file.write_bytes(os.urandom(1 << 20))
+    assert main(["wal-push", str(wal_file)]) == ExitStatus.CONFLICT
+    assert "DIFFERENT content" in capsys.readouterr().err
+    assert main(["wal-fetch", SEG, str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out").read_bytes() == original
+
+
+def test_push_failures_stay_below_126(repo, tmp_path, monkeypatch):
+    assert main(["wal-push", str(tmp_path / SEG)]) == ExitStatus.USAGE  # no such file
+    monkeypatch.setenv("WALSHIP_REPO", f"file://{tmp_path}/unmounted")
+    path = tmp_path / SEG
+    path.write_bytes(bytes(1 << 20))
+    assert main(["wal-push", str(path)]) == ExitStatus.UNAVAILABLE
+
+
+def test_broken_installation_never_says_not_found(repo, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "walship.cli", None)  # import fails
+    assert main(["wal-fetch", SEG, str(tmp_path / "x")]) == ExitStatus.RECOVERY_FAILED
+    assert main(["wal-push", str(tmp_path / "x")]) == ExitStatus.FAILED
+
+
+def test_internal_error_in_fetch_aborts_recovery(repo, monkeypatch, tmp_path, capsys):
+    from walship import archive
+
+    def boom(*args, **kwargs):
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setattr(archive.Archive, "fetch_wal", boom)
+    assert main(["wal-fetch", SEG, str(tmp_path / "x")]) == ExitStatus.RECOVERY_FAILED
+    err = capsys.readouterr().err
+    assert "internal error: ZeroDivisionError" in err and "Traceback" not in err
+    assert main(["--debug", "wal-fetch", SEG, str(tmp_path / "x")]) == ExitStatus.RECOVERY_FAILED
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_check_masks_secrets(repo, monkeypatch, capsys):
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", "AccountKey=TOPSECRET123")
+    assert main(["check"]) == 0
+    out = capsys.readouterr()
+    assert "TOPSECRET123" not in out.out + out.err
+    assert "reachable" in out.out
+
+
+def test_help_and_version(capsys):
+    assert main(["--help"]) == 0
+    assert main(["--version"]) == 0
+    assert main(["wal-fetch", "--help"]) == 0
+    assert "restore_command" in capsys.readouterr().out
