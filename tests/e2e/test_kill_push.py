@@ -1,0 +1,80 @@
+"""kill -9 of wal-push at random moments never leaves a visible partial object: a later fetch
+gives the right bytes or "not found" (1), never garbage, and pushing again then succeeds."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+TRIALS = 24
+WALSHIP = [sys.executable, "-m", "walship"]
+
+
+@pytest.fixture(params=["file", "azure"])
+def repo_env(request, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WALSHIP_", "AZURE_"))}
+    if request.param == "file":
+        root = tmp_path / "repo"
+        root.mkdir()
+        env["WALSHIP_REPO"] = f"file://{root}"
+    else:
+        env.update(request.getfixturevalue("azure_repository").env)
+    env["WALSHIP_CONFIG"] = os.devnull
+    return env
+
+
+def run(args, env, **kwargs):
+    return subprocess.run(WALSHIP + args, env=env, capture_output=True, **kwargs)
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_never_leaves_a_partial_object(repo_env, tmp_path):
+    rng = random.Random(20261125)
+    wal_dir = tmp_path / "pg_wal"
+    wal_dir.mkdir()
+    # One complete segment first, so that "not found" is authoritative afterwards.
+    first = wal_dir / "000000010000000000000001"
+    first.write_bytes(os.urandom(16 << 20))
+    started = time.monotonic()
+    assert run(["wal-push", str(first)], repo_env).returncode == 0
+    duration = time.monotonic() - started
+
+    outcomes = {"killed": 0, "finished": 0, "found": 0, "not found": 0}
+    for trial in range(TRIALS):
+        name = f"0000000100000000{trial + 2:08X}"
+        path = wal_dir / name
+        data = os.urandom(8 << 20) + bytes(8 << 20)  # half incompressible: real work to kill
+        path.write_bytes(data)
+        proc = subprocess.Popen(WALSHIP + ["wal-push", str(path)], env=repo_env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0, duration * 1.2))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            outcomes["killed"] += 1
+        else:
+            outcomes["finished"] += 1
+        proc.wait()
+
+        out = tmp_path / "fetched"
+        fetched = run(["wal-fetch", name, str(out)], repo_env)
+        if fetched.returncode == 0:
+            assert out.read_bytes() == data, f"trial {trial}: wrong bytes delivered"
+            outcomes["found"] += 1
+            out.unlink()
+        else:
+            assert fetched.returncode == 1, (trial, fetched.stderr)
+            assert not out.exists()
+            outcomes["not found"] += 1
+        # PostgreSQL retries the push: it must now succeed and deliver the right bytes.
+        assert run(["wal-push", str(path)], repo_env).returncode == 0
+        assert run(["wal-fetch", name, str(out)], repo_env).returncode == 0
+        assert out.read_bytes() == data
+        out.unlink()
+    print(outcomes)
+    assert outcomes["killed"] >= TRIALS // 3, outcomes
