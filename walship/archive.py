@@ -21,12 +21,16 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from walship import layout, wal
 from walship.codec import DIGEST_METADATA, Codec
 from walship.errors import (AlreadyExists, ContentConflict, IntegrityError, NotFound,
                             RepositoryMissing, StorageError, UsageError)
 from walship.storage.base import Storage
+
+if TYPE_CHECKING:
+    from walship.config import Settings
 
 READ_SIZE = 1 << 20
 
@@ -181,6 +185,19 @@ class Archive:
         for _ in self.storage.list(layout.WAL_PREFIX):
             return True
         return False
+
+
+def open_archive(settings: Settings) -> Archive:
+    """The archive that ``settings`` describe: their repository, key and compression level."""
+    from walship.storage import open_storage
+
+    key = None
+    if settings.encryption_key_file:
+        from walship.codec.keys import load_key_file
+
+        key = load_key_file(settings.encryption_key_file)
+    storage = open_storage(settings.require_repo(), settings.storage_options())
+    return Archive(storage, Codec(level=settings.compression_level, key=key))
 
 
 def _create(path: Path):  # noqa: ANN202 - a binary file object

@@ -31,18 +31,9 @@ class _State:
         return self._settings
 
     def archive(self):  # noqa: ANN201 - walship.archive.Archive, imported lazily
-        from walship.archive import Archive
-        from walship.codec import Codec
-        from walship.storage import open_storage
+        from walship.archive import open_archive
 
-        settings = self.settings
-        key = None
-        if settings.encryption_key_file:
-            from walship.codec.keys import load_key_file
-
-            key = load_key_file(settings.encryption_key_file)
-        storage = open_storage(settings.require_repo(), settings.storage_options())
-        return Archive(storage, Codec(level=settings.compression_level, key=key))
+        return open_archive(self.settings)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,8 +74,9 @@ def wal_push(state: _State, path: str) -> int:
     Exits 0 only once the file is durably stored. Pushing identical content again exits 0;
     different content under an existing name is refused (exit 3) and the stored copy kept.
     """
-    result = state.archive().push_wal(path)
-    logline.transfer(result)
+    from walship.pushahead import push
+
+    logline.transfer(push(state.archive(), state.settings, path))
     return ExitStatus.OK
 
 
@@ -99,8 +91,10 @@ def wal_fetch(state: _State, name: str, destination: str) -> int:
     file does not exist; 126 or more on any other failure, so that PostgreSQL stops recovery
     instead of ending it early.
     """
+    from walship.prefetch import fetch
+
     try:
-        result = state.archive().fetch_wal(name, destination)
+        result = fetch(state.archive(), state.settings, name, destination)
     except NotFound:
         logline.info(f"wal-fetch {name} not found in the archive")
         return ExitStatus.NOT_FOUND
@@ -168,6 +162,9 @@ def run(argv: list[str], *, recovery: bool = False) -> int:
         status = cli.main(args=argv, prog_name="walship", standalone_mode=False)
     except click.exceptions.Exit as done:
         return ExitStatus(done.exit_code).for_recovery() if recovery else done.exit_code
+    except click.exceptions.NoArgsIsHelpError as error:
+        click.echo(error.ctx.get_help() if error.ctx else error.format_message())
+        return exit_status(UsageError(""), recovery=recovery)
     except click.exceptions.ClickException as error:
         action, _ = _subject(argv)
         logline.error(action, "", UsageError(error.format_message(),

@@ -28,6 +28,10 @@ _OPTIONS: dict[str, tuple[str, type, Any]] = {
     "storage_retries": ("WALSHIP_STORAGE_RETRIES", int, 4),
     "storage_timeout": ("WALSHIP_STORAGE_TIMEOUT", float, 30.0),
     "log_level": ("WALSHIP_LOG_LEVEL", str, "info"),
+    "push_ahead": ("WALSHIP_PUSH_AHEAD", int, 8),
+    "prefetch": ("WALSHIP_PREFETCH", int, 8),
+    "parallel": ("WALSHIP_PARALLEL", int, 3),
+    "cache_max_mb": ("WALSHIP_CACHE_MAX_MB", int, 1024),
 }
 _AZURE: dict[str, str] = {
     "connection_string": "AZURE_STORAGE_CONNECTION_STRING",
@@ -49,6 +53,10 @@ class Settings:
     storage_retries: int = 4
     storage_timeout: float = 30.0
     log_level: str = "info"
+    push_ahead: int = 8
+    prefetch: int = 8
+    parallel: int = 3
+    cache_max_mb: int = 1024
     azure: AzureCredentials = field(default_factory=AzureCredentials)
     config_file: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -100,6 +108,12 @@ def _convert(name: str, kind: type, value: Any, source: str) -> Any:
     if name == "storage_timeout" and not 0 < converted <= 3600:
         raise ConfigError(f"invalid storage_timeout {converted} in {source}",
                           "use seconds, more than 0 and at most 3600")
+    if name in ("push_ahead", "prefetch") and not 0 <= converted <= 256:
+        raise ConfigError(f"invalid {name} {converted} in {source}", "use 0 (off) to 256")
+    if name == "parallel" and not 1 <= converted <= 64:
+        raise ConfigError(f"invalid parallel {converted} in {source}", "use 1 to 64")
+    if name == "cache_max_mb" and not 16 <= converted <= 1 << 20:
+        raise ConfigError(f"invalid cache_max_mb {converted} in {source}", "use at least 16")
     if name == "log_level" and converted not in ("debug", "info", "error"):
         raise ConfigError(f"invalid log_level {converted!r} in {source}",
                           "use debug, info or error")

@@ -17,6 +17,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     recovery = "wal-fetch" in argv
     try:
+        if len(argv) == 2 and argv[0] == "wal-push" or len(argv) == 3 and argv[0] == "wal-fetch":
+            from walship import fastpath  # work done ahead: answer without the full program
+
+            if argv[0] == "wal-push" and fastpath.wal_push(argv[1]):
+                return 0
+            if argv[0] == "wal-fetch" and fastpath.wal_fetch(argv[1], argv[2]):
+                return 0
         from walship.cli import run
 
         return run(argv, recovery=recovery)

@@ -1,0 +1,53 @@
+"""Answers a wal-push or wal-fetch call whose work was already done ahead, before anything heavy
+is imported (no click, no codec, no storage SDK): a pushed-ahead record, or a segment waiting in
+the prefetch cache. Returns False whenever it cannot answer with certainty; the full program
+then handles the call, so this module can only make a call faster, never change its outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from walship import spool
+
+
+def _log(action: str, name: str, outcome: str, size: int, started: float) -> None:
+    print(f"walship: {action} {name} {outcome} in={size} out={size} "
+          f"seconds={time.monotonic() - started:.3f}", file=sys.stderr, flush=True)
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and not name.startswith(".")
+
+
+def wal_push(path: str) -> bool:
+    started = time.monotonic()
+    if not _plain_name(os.path.basename(path)):
+        return False
+    try:
+        if not spool.take_pushed(path, spool.settings_fingerprint()):
+            return False
+        size = os.stat(path).st_size
+    except OSError:
+        return False
+    _log("wal-push", os.path.basename(path), "already pushed ahead", size, started)
+    return True
+
+
+def wal_fetch(name: str, destination: str) -> bool:
+    started = time.monotonic()
+    if not _plain_name(name):
+        return False
+    cache = spool.cache_dir(os.path.dirname(destination) or ".")
+    try:
+        size = spool.deliver_cached(cache, name, destination, spool.settings_fingerprint())
+        if size is None:
+            return False
+        spool.want(cache, name, size)
+        spool.start_worker(cache)
+    except OSError:
+        return False
+    _log("wal-fetch", name, "delivered from prefetch cache", size, started)
+    return True
