@@ -135,6 +135,8 @@ def main(cache: str) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return 0  # another worker owns this cache
+    os.ftruncate(lock, 0)
+    os.write(lock, f"{os.getpid()}\n".encode())
     for entry in os.listdir(cache):  # left by a worker that died: unverified or unsealed
         if entry.endswith(".inflight") or ".walship-" in entry or ".tmp" in entry:
             spool.drop_cached(cache, entry.split(".inflight")[0])

@@ -1,0 +1,161 @@
+"""The prefetch cache: a real worker process keeps the next segments ready, within its bound,
+never delivers a corrupt file, never caches "not found", follows a timeline switch, and
+survives the worker's death."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from walship import spool
+from walship.entry import main
+
+SEGMENT = 1 << 20  # wal_segment_size = 1 MB: the smallest, for speed
+
+
+def name(number: int, timeline: int = 1) -> str:
+    return f"{timeline:08X}00000000{number:08X}"
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    for var in list(os.environ):
+        if var.startswith(("WALSHIP_", "AZURE_")):
+            monkeypatch.delenv(var)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.setenv("WALSHIP_REPO", f"file://{repo}")
+    monkeypatch.setenv("WALSHIP_CONFIG", os.devnull)
+    source = tmp_path / "source"
+    source.mkdir()
+    originals = {}
+    for tli, numbers in ((1, range(1, 41)), (2, range(20, 31))):
+        for n in numbers:
+            data = os.urandom(2000) + n.to_bytes(4, "big") * 100 + bytes(SEGMENT - 2400)
+            (source / name(n, tli)).write_bytes(data)
+            assert main(["wal-push", str(source / name(n, tli))]) == 0
+            originals[name(n, tli)] = data
+    restore = tmp_path / "pg_wal"
+    restore.mkdir()
+    yield restore, originals
+    stop_worker(restore)
+
+
+def cache_of(restore: Path) -> Path:
+    return Path(spool.cache_dir(str(restore)))
+
+
+def stop_worker(restore: Path) -> None:
+    lock = cache_of(restore) / "worker.lock"
+    if lock.exists() and spool.worker_alive(str(cache_of(restore))):
+        pid = lock.read_text().strip()
+        if pid.isdigit():
+            os.kill(int(pid), signal.SIGKILL)
+            time.sleep(0.1)
+
+
+def wait_for(predicate, seconds=20.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def sealed(restore: Path) -> set[str]:
+    return {p.name[:-3] for p in cache_of(restore).glob("*.ok")}
+
+
+def fetch(restore, wal_name, capsys):
+    status = main(["wal-fetch", wal_name, str(restore / "RECOVERYXLOG")])
+    err = capsys.readouterr().err
+    return status, err
+
+
+def test_recovery_is_fed_from_the_cache(env, capsys, monkeypatch):
+    restore, originals = env
+    monkeypatch.setenv("WALSHIP_PREFETCH", "6")
+    from_cache = 0
+    for n in range(1, 36):
+        status, err = fetch(restore, name(n), capsys)
+        assert status == 0, err
+        assert (restore / "RECOVERYXLOG").read_bytes() == originals[name(n)]
+        from_cache += "prefetch cache" in err
+        if n == 1:
+            assert wait_for(lambda: sealed(restore) >= {name(k) for k in range(2, 8)})
+    assert from_cache >= 30, from_cache
+
+
+def test_cache_never_exceeds_its_bound(env, capsys, monkeypatch):
+    restore, originals = env
+    monkeypatch.setenv("WALSHIP_PREFETCH", "64")
+    monkeypatch.setenv("WALSHIP_CACHE_MAX_MB", "16")
+    assert fetch(restore, name(1), capsys)[0] == 0
+    cache = cache_of(restore)
+    biggest = 0
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        files = [p for p in cache.iterdir() if p.name.startswith("0000") and "." not in p.name]
+        hidden = [p for p in cache.iterdir() if p.name.startswith(".")]
+        biggest = max(biggest, len(files) + len(hidden))
+        time.sleep(0.005)
+    assert sealed(restore) == {name(k) for k in range(2, 18)}
+    assert biggest <= 16, biggest
+
+
+def test_corrupt_cached_file_is_never_delivered(env, capsys):
+    restore, originals = env
+    assert fetch(restore, name(1), capsys)[0] == 0
+    assert wait_for(lambda: name(2) in sealed(restore))
+    cached = cache_of(restore) / name(2)
+    data = bytearray(cached.read_bytes())
+    data[5000] ^= 0x01
+    cached.write_bytes(bytes(data))
+    status, err = fetch(restore, name(2), capsys)
+    assert status == 0 and "prefetch cache" not in err
+    assert (restore / "RECOVERYXLOG").read_bytes() == originals[name(2)]
+
+
+def test_not_found_is_never_cached(env, capsys, tmp_path):
+    restore, originals = env
+    for n in range(36, 41):
+        assert fetch(restore, name(n), capsys)[0] == 0
+    assert fetch(restore, name(41), capsys)[0] == 1  # end of the archive
+    time.sleep(0.3)
+    late = tmp_path / "late"  # ... until it is archived
+    late.mkdir()
+    data = os.urandom(SEGMENT)
+    (late / name(41)).write_bytes(data)
+    assert main(["wal-push", str(late / name(41))]) == 0
+    status, _ = fetch(restore, name(41), capsys)
+    assert status == 0 and (restore / "RECOVERYXLOG").read_bytes() == data
+
+
+def test_timeline_switch_collects_the_old_timeline(env, capsys):
+    restore, originals = env
+    for n in range(17, 20):
+        assert fetch(restore, name(n), capsys)[0] == 0
+    assert wait_for(lambda: name(21) in sealed(restore))
+    for n in range(20, 31):  # PostgreSQL switched to timeline 2 at segment 20
+        status, err = fetch(restore, name(n, 2), capsys)
+        assert status == 0, err
+        assert (restore / "RECOVERYXLOG").read_bytes() == originals[name(n, 2)]
+    assert wait_for(lambda: not any(n.startswith("00000001") for n in sealed(restore)))
+
+
+def test_worker_death_is_survived(env, capsys):
+    restore, originals = env
+    assert fetch(restore, name(1), capsys)[0] == 0
+    assert wait_for(lambda: len(sealed(restore)) >= 3)
+    stop_worker(restore)
+    (cache_of(restore) / f"{name(9)}.inflight").touch()  # as if killed mid-download
+    for n in range(2, 16):
+        status, err = fetch(restore, name(n), capsys)
+        assert status == 0, err
+        assert (restore / "RECOVERYXLOG").read_bytes() == originals[name(n)]
+    assert spool.worker_alive(str(cache_of(restore)))
