@@ -115,10 +115,12 @@ def cache_dir(wal_dir: str) -> str:
 def crc32_of(path: str) -> tuple[int, int]:
     """(crc32, size) of a file, read in bounded pieces."""
     crc, size = 0, 0
+    buffer = bytearray(1 << 20)  # reused: no allocation per chunk
+    view = memoryview(buffer)
     with open(path, "rb", buffering=0) as handle:
-        while chunk := handle.read(1 << 20):
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
+        while count := handle.readinto(buffer):
+            crc = zlib.crc32(view[:count], crc)
+            size += count
     return crc, size
 
 
