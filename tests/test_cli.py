@@ -161,3 +161,27 @@ def test_help_and_version(capsys):
     assert main(["--version"]) == 0
     assert main(["wal-fetch", "--help"]) == 0
     assert "restore_command" in capsys.readouterr().out
+
+
+def test_unreachable_azure_aborts_recovery_within_bounded_time(repo, monkeypatch, tmp_path,
+                                                               capsys):
+    import socket
+    import time
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("WALSHIP_REPO", "azure://archive/cluster1")
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING",
+                       "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+                       "AccountKey=c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0;"
+                       f"BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;")
+    monkeypatch.setenv("WALSHIP_STORAGE_RETRIES", "2")
+    monkeypatch.setenv("WALSHIP_STORAGE_TIMEOUT", "2")
+    started = time.monotonic()
+    status = main(["wal-fetch", SEG, str(tmp_path / "out")])
+    elapsed = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert status == ExitStatus.RECOVERY_UNAVAILABLE, err
+    assert elapsed < 30, elapsed
+    assert "c2VjcmV0" not in err and not (tmp_path / "out").exists()
