@@ -39,21 +39,24 @@ def test_kill_9_never_leaves_a_partial_object(repo_env, tmp_path):
     wal_dir = tmp_path / "pg_wal"
     wal_dir.mkdir()
     # One complete segment first, so that "not found" is authoritative afterwards.
-    first = wal_dir / "000000010000000000000001"
-    first.write_bytes(os.urandom(16 << 20))
-    started = time.monotonic()
-    assert run(["wal-push", str(first)], repo_env).returncode == 0
-    duration = time.monotonic() - started
+    durations = []
+    for number in (1, 2, 3):  # warm pushes: how long one call takes here
+        warm = wal_dir / f"00000001000000FF{number:08X}"
+        warm.write_bytes(os.urandom(8 << 20) + bytes(8 << 20))
+        started = time.monotonic()
+        assert run(["wal-push", str(warm)], repo_env).returncode == 0
+        durations.append(time.monotonic() - started)
+    duration = min(durations)
 
     outcomes = {"killed": 0, "finished": 0, "found": 0, "not found": 0}
     for trial in range(TRIALS):
-        name = f"0000000100000000{trial + 2:08X}"
+        name = f"0000000100000000{trial + 1:08X}"
         path = wal_dir / name
         data = os.urandom(8 << 20) + bytes(8 << 20)  # half incompressible: real work to kill
         path.write_bytes(data)
         proc = subprocess.Popen(WALSHIP + ["wal-push", str(path)], env=repo_env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0, duration * 1.2))
+        time.sleep(rng.uniform(0, duration))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             outcomes["killed"] += 1
@@ -77,4 +80,4 @@ def test_kill_9_never_leaves_a_partial_object(repo_env, tmp_path):
         assert out.read_bytes() == data
         out.unlink()
     print(outcomes)
-    assert outcomes["killed"] >= TRIALS // 3, outcomes
+    assert outcomes["killed"] >= TRIALS // 2, outcomes
