@@ -1,0 +1,517 @@
+"""Azure Blob Storage backend (``azure://CONTAINER[/PREFIX]``).
+
+Each object is one block blob named ``PREFIX/KEY`` in the container, with the object's metadata
+as the blob's metadata, so data and metadata become visible together, atomically.
+
+Promises:
+
+* **Create-only puts, no partial object ever visible.** An object of up to 4 MiB is sent as one
+  conditional Put Blob (``If-None-Match: *``). A larger one is staged as 4 MiB uncommitted blocks
+  (a few in flight at once, so memory stays bounded) and made visible by one conditional Put
+  Block List (``If-None-Match: *``): until that commit nothing is listed or readable under the
+  key, and a put that fails or is killed before it leaves only uncommitted blocks, which Azure
+  discards. A taken key is found by the conditional request itself (no HEAD on the hot path)
+  and reported as :class:`~walship.errors.AlreadyExists`, the stored blob untouched.
+* **Bounded retries.** Transient failures (connection errors, timeouts, 408, 5xx) are retried by
+  the SDK's own exponential retry policy, ``options.retries`` times with short back-offs, each
+  request limited to ``options.timeout`` seconds to connect and per read. What still fails is
+  :class:`~walship.errors.Unavailable`.
+* **Honest "not found".** Only ``BlobNotFound`` is :class:`~walship.errors.NotFound`; a missing
+  container is :class:`~walship.errors.RepositoryMissing`, an authentication or permission
+  failure :class:`~walship.errors.StorageError`.
+* **No secret leaks.** Keys, SAS tokens and connection strings never appear in ``url``, in a
+  ``repr`` or in an error message (SDK messages are reduced and stripped of query strings).
+  TLS certificates are always verified (the SDK honours ``REQUESTS_CA_BUNDLE``).
+
+Credentials (:class:`~walship.storage.AzureCredentials`), first usable wins: a connection
+string (its ``BlobEndpoint`` may name a custom endpoint such as Azurite); an account with its
+key; an account (or account URL) with a SAS token; else ``DefaultAzureCredential`` (managed
+identity, workload identity, ``az login``) for the account, imported only then.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (AzureError, ClientAuthenticationError, HttpResponseError,
+                                   ResourceExistsError, ResourceModifiedError,
+                                   ResourceNotFoundError, ServiceRequestError,
+                                   ServiceResponseError)
+from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient, ExponentialRetry
+
+from walship.errors import (AlreadyExists, ConfigError, NotFound, RepositoryMissing,
+                            StorageError, Unavailable, WalshipError)
+from walship.storage import AzureCredentials, StorageOptions
+from walship.storage.base import MetadataSource, ObjectInfo, check_key, check_metadata
+
+SINGLE_PUT_MAX = 4 * 1024 * 1024  # objects up to this size go up in one request
+BLOCK_SIZE = 4 * 1024 * 1024  # staged block size for larger objects
+BLOCKS_IN_FLIGHT = 3  # concurrent block uploads per put (memory: about 4 blocks)
+DOWNLOAD_CHUNK = 4 * 1024 * 1024  # bytes per ranged GET while streaming a download
+# Back-offs between retries: about 2, 2.75, 3.9, 5.6 ... seconds (+-0.5 s jitter).
+_INITIAL_BACKOFF = 0.5
+_INCREMENT_BASE = 1.5
+_JITTER = 0.5
+
+_CONTAINER_NAME = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(?:-[a-z0-9]+)*$")
+_ENV_HINT = ("set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT with "
+             "AZURE_STORAGE_KEY or AZURE_STORAGE_SAS_TOKEN (AZURE_STORAGE_ACCOUNT_URL for a "
+             "custom endpoint), or sign in for DefaultAzureCredential (managed identity, "
+             "workload identity, az login)")
+_AUTH_HINT = ("check the Azure credentials (AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_KEY, "
+              "AZURE_STORAGE_SAS_TOKEN or the identity's role on the container)")
+_SECRETS = [
+    re.compile(r"\?[^\s'\"<>)]*"),  # query strings (SAS tokens)
+    re.compile(r"(?i)(AccountKey|SharedAccessSignature|sig)=[^;&\s'\"]*"),
+]
+
+
+# -- credentials ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ResolvedAuth:
+    """Which credential path applies, and the values it needs. ``repr`` shows no secret.
+
+    ``method`` is ``"connection_string"``, ``"shared_key"``, ``"sas"`` or ``"default"``
+    (DefaultAzureCredential, created only when the client is built).
+    """
+
+    method: str
+    account_url: str | None = None
+    account: str | None = None
+    connection_string: str | None = field(default=None, repr=False)
+    secret: str | None = field(default=None, repr=False)  # account key or SAS token
+
+
+def resolve_auth(creds: AzureCredentials) -> ResolvedAuth:
+    """Choose the credential path for ``creds``, or raise :class:`ConfigError` saying what to set.
+
+    Order: connection string; account + key; account (or account URL) + SAS token; account (or
+    account URL) alone with DefaultAzureCredential.
+    """
+    if creds.connection_string:
+        return ResolvedAuth("connection_string", connection_string=creds.connection_string)
+    account_url = creds.account_url.rstrip("/") if creds.account_url else None
+    if creds.account and not account_url:
+        if not re.fullmatch(r"[a-z0-9]{3,24}", creds.account):
+            raise ConfigError(f"invalid Azure storage account name {creds.account!r}",
+                              "account names are 3 to 24 lower-case letters and digits",
+                              "check AZURE_STORAGE_ACCOUNT")
+        account_url = f"https://{creds.account}.blob.core.windows.net"
+    if creds.account_key:
+        if not creds.account:
+            raise ConfigError("Azure account key given without an account name",
+                              "shared-key signing needs the account name",
+                              "set AZURE_STORAGE_ACCOUNT along with AZURE_STORAGE_KEY")
+        return ResolvedAuth("shared_key", account_url, creds.account, secret=creds.account_key)
+    if not account_url:
+        raise ConfigError("no Azure credentials are configured",
+                          "an azure:// repository needs a connection string, or an account "
+                          "(name or URL) to authenticate to", _ENV_HINT)
+    if creds.sas_token:
+        return ResolvedAuth("sas", account_url, creds.account,
+                            secret=creds.sas_token.lstrip("?"))
+    return ResolvedAuth("default", account_url, creds.account)
+
+
+def _client_options(options: StorageOptions) -> dict[str, Any]:
+    """Pipeline settings: bounded SDK retries with short back-offs, per-request timeouts."""
+    retries = max(0, int(options.retries))
+    policy = ExponentialRetry(initial_backoff=_INITIAL_BACKOFF,  # type: ignore[arg-type]
+                              increment_base=_INCREMENT_BASE,  # type: ignore[arg-type]
+                              random_jitter_range=_JITTER,  # type: ignore[arg-type]
+                              retry_total=retries, retry_connect=retries, retry_read=retries,
+                              retry_status=retries)
+    return {
+        "retry_policy": policy,
+        "connection_timeout": options.timeout,
+        "read_timeout": options.timeout,
+        "max_single_put_size": SINGLE_PUT_MAX,
+        "max_block_size": BLOCK_SIZE,
+        "max_single_get_size": DOWNLOAD_CHUNK,
+        "max_chunk_get_size": DOWNLOAD_CHUNK,
+    }
+
+
+def _build_client(auth: ResolvedAuth, options: StorageOptions) -> tuple[BlobServiceClient, Any]:
+    """The service client for ``auth``, and the credential object to close with it (if any)."""
+    kwargs = _client_options(options)
+    if auth.method == "connection_string":
+        try:
+            client = BlobServiceClient.from_connection_string(auth.connection_string or "",
+                                                              **kwargs)
+        except (ValueError, TypeError, KeyError):
+            raise ConfigError("invalid Azure storage connection string",
+                              "it is malformed or lacks AccountName, AccountKey or an endpoint",
+                              "check AZURE_STORAGE_CONNECTION_STRING") from None
+        return client, None
+    credential: Any
+    closable = None
+    if auth.method == "shared_key":
+        from azure.core.credentials import AzureNamedKeyCredential
+
+        credential = AzureNamedKeyCredential(auth.account or "", auth.secret or "")
+    elif auth.method == "sas":
+        from azure.core.credentials import AzureSasCredential
+
+        credential = AzureSasCredential(auth.secret or "")
+    else:
+        from azure.identity import DefaultAzureCredential
+
+        credential = closable = DefaultAzureCredential()
+    try:
+        client = BlobServiceClient(auth.account_url or "", credential=credential, **kwargs)
+    except ValueError:
+        raise ConfigError(f"invalid Azure account URL {_redact(auth.account_url or '')!r}",
+                          "it is not an http(s) URL", "check AZURE_STORAGE_ACCOUNT_URL") from None
+    return client, closable
+
+
+# -- error translation ---------------------------------------------------------------------------
+def _redact(text: str) -> str:
+    """``text`` on one line, without query strings or key-like values, and not too long."""
+    for pattern in _SECRETS:
+        text = pattern.sub(lambda m: m.group(0)[:1] + "<redacted>" if m.group(0)[0] == "?"
+                           else m.group(1) + "=<redacted>", text)
+    text = " ".join(text.split())
+    return text[:300]
+
+
+def _reason(error: BaseException) -> str:
+    """A short, secret-free description of an SDK or network error."""
+    if isinstance(error, HttpResponseError) and error.status_code:
+        code = getattr(error, "error_code", None) or ""
+        message = (error.message or "").split("\n", 1)[0] if isinstance(error.message, str) \
+            else ""
+        return _redact(f"HTTP {error.status_code} {code}: {message}".replace(" :", ":"))
+    inner: BaseException = error
+    for _ in range(5):  # the innermost cause names the network problem best
+        nxt = getattr(inner, "inner_exception", None) or inner.__cause__
+        if nxt is None or nxt is inner:
+            break
+        inner = nxt
+    text = str(inner) or type(inner).__name__
+    return _redact(f"{type(error).__name__}: {text}")
+
+
+def _error_code(error: BaseException) -> str:
+    code = getattr(error, "error_code", None)
+    return str(getattr(code, "value", code) or "")
+
+
+def _translate(error: BaseException, what: str, *, where: str) -> WalshipError:
+    """Map an Azure SDK (or network) error to walship's storage errors."""
+    code = _error_code(error)
+    status = getattr(error, "status_code", None)
+    if code == "ContainerNotFound":
+        return RepositoryMissing(what, f"container {where} does not exist, so whether the "
+                                 "object exists cannot be told",
+                                 "create the container or fix the repository URL")
+    if code == "BlobNotFound":
+        return NotFound(what, "no such blob")
+    if code in ("BlobAlreadyExists", "ConditionNotMet") or (
+            isinstance(error, (ResourceExistsError, ResourceModifiedError))
+            and status in (409, 412) and not code):
+        return AlreadyExists(what, "the key is taken; the stored object is unchanged")
+    if isinstance(error, ClientAuthenticationError) or status in (401, 403):
+        return StorageError(what, f"access denied: {_reason(error)}", _AUTH_HINT)
+    if isinstance(error, HttpResponseError) and status is not None:
+        if status == 408 or status == 429 or status >= 500:
+            return Unavailable(what, f"{_reason(error)} (after retries)",
+                               "the storage service keeps failing; retry later")
+        if status == 404:
+            # A 404 that names neither the blob nor the container proves nothing.
+            return StorageError(what, _reason(error), "check the account URL and endpoint")
+        return StorageError(what, _reason(error))
+    if isinstance(error, (ServiceRequestError, ServiceResponseError, AzureError, OSError)):
+        return Unavailable(what, f"{_reason(error)} (after retries)",
+                           "check the network path to the storage account and the endpoint")
+    return StorageError(what, _reason(error))
+
+
+_SDK_ERRORS: tuple[type[BaseException], ...] = (AzureError, OSError)
+try:  # a connection dropped mid-body surfaces from requests/urllib3 themselves
+    import requests
+    import urllib3
+
+    _SDK_ERRORS += (requests.RequestException, urllib3.exceptions.HTTPError)
+except ImportError:  # pragma: no cover - the SDK may run on another transport
+    pass
+
+
+# -- downloads -----------------------------------------------------------------------------------
+class AzureDownload:
+    """Streams one blob with ranged GETs of :data:`DOWNLOAD_CHUNK` bytes, one at a time."""
+
+    def __init__(self, info: ObjectInfo, chunks: Iterator[bytes], what: str, where: str) -> None:
+        self.info = info
+        self._chunks: Iterator[bytes] | None = chunks
+        self._buffer = memoryview(b"")
+        self._delivered = 0
+        self._what = what
+        self._where = where
+
+    def _fill(self) -> bool:
+        """Fetch the next chunk into the buffer; False at the (verified) end."""
+        if self._chunks is None:
+            return False
+        try:
+            chunk = next(self._chunks, None)
+        except WalshipError:
+            raise
+        except _SDK_ERRORS as error:
+            self.close()
+            raise _translate(error, self._what, where=self._where) from error
+        if chunk is None:
+            self._chunks = None
+            if self._delivered != self.info.size:
+                raise Unavailable(self._what, f"the transfer ended after {self._delivered} of "
+                                  f"{self.info.size} bytes", "retry the read")
+            return False
+        self._buffer = memoryview(chunk)
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            parts = [self._buffer.tobytes()]
+            self._delivered += len(self._buffer)
+            self._buffer = memoryview(b"")
+            while self._fill():
+                parts.append(self._buffer.tobytes())
+                self._delivered += len(self._buffer)
+                self._buffer = memoryview(b"")
+            return b"".join(parts)
+        if n == 0:
+            return b""
+        while not self._buffer:
+            if not self._fill():
+                return b""
+        piece = self._buffer[:n].tobytes()
+        self._buffer = self._buffer[n:]
+        self._delivered += len(piece)
+        return piece
+
+    def close(self) -> None:
+        chunks, self._chunks = self._chunks, None
+        self._buffer = memoryview(b"")
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - releasing a connection must not fail a read
+                pass
+
+    def __enter__(self) -> AzureDownload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- the backend ---------------------------------------------------------------------------------
+class AzureStorage:
+    """A repository in an Azure Blob Storage container, under an optional name prefix."""
+
+    def __init__(self, url: str, options: StorageOptions | None = None) -> None:
+        options = options or StorageOptions()
+        parts = urlsplit(url)
+        container = parts.netloc
+        prefix = parts.path.strip("/")
+        if parts.scheme != "azure" or parts.query or parts.fragment or "@" in container \
+                or not _CONTAINER_NAME.match(container):
+            raise ConfigError("invalid Azure repository URL", "expected azure://CONTAINER[/PREFIX] "
+                              "with a container name of 3-63 lower-case letters, digits and "
+                              "single hyphens, and no query, user or secret in it",
+                              "put credentials in AZURE_STORAGE_* variables, not in the URL")
+        if prefix:
+            try:
+                check_key(prefix)
+            except WalshipError:
+                raise ConfigError(f"invalid prefix {prefix!r} in Azure repository URL",
+                                  "prefix segments are [A-Za-z0-9._-] and do not start with a "
+                                  "dot", "write azure://container/some/prefix") from None
+        self.container = container
+        self.prefix = prefix
+        self.url = f"azure://{container}/{prefix}" if prefix else f"azure://{container}"
+        self.options = options
+        self.auth = resolve_auth(options.azure)
+        self._service, self._credential = _build_client(self.auth, options)
+        self._container: ContainerClient = self._service.get_container_client(container)
+        self._where = f"{container!r} of account {self._service.account_name or '?'}"
+
+    def __repr__(self) -> str:
+        return f"AzureStorage({self.url!r}, auth={self.auth.method})"
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _name(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _blob(self, key: str) -> BlobClient:
+        return self._container.get_blob_client(self._name(key))
+
+    def _fail(self, error: BaseException, what: str) -> WalshipError:
+        return _translate(error, what, where=self._where)
+
+    # -- the protocol --------------------------------------------------------------------------
+    def put(self, key: str, data: Iterable[bytes], *,
+            metadata: MetadataSource | None = None) -> ObjectInfo:
+        blob = self._blob(key)
+        what = f"cannot store {key} in {self.url}"
+        buffer = bytearray()
+        uploader: _BlockUploader | None = None
+        size = 0
+        try:
+            for chunk in data:  # errors of the source itself propagate unchanged
+                view = memoryview(chunk)
+                size += len(view)
+                while view:
+                    if len(buffer) >= BLOCK_SIZE:  # a full block and more to come: send it
+                        if uploader is None:
+                            uploader = _BlockUploader(blob, self._fail, what)
+                        uploader.stage(bytes(buffer))
+                        buffer.clear()
+                    take = BLOCK_SIZE - len(buffer)
+                    buffer += view[:take]
+                    view = view[take:]
+            meta = dict(check_metadata(metadata() if metadata else {}))
+            if uploader is None:
+                try:
+                    blob.upload_blob(bytes(buffer), length=len(buffer), overwrite=False,
+                                     metadata=meta, max_concurrency=1)
+                except _SDK_ERRORS as error:
+                    raise self._fail(error, what) from error
+            else:
+                if buffer:
+                    uploader.stage(bytes(buffer))
+                buffer.clear()
+                uploader.commit(meta)
+        finally:
+            if uploader is not None:
+                uploader.shutdown()
+        return ObjectInfo(key, size, meta)
+
+    def get(self, key: str) -> AzureDownload:
+        blob = self._blob(key)
+        what = f"cannot read {key} from {self.url}"
+        try:
+            downloader = blob.download_blob(max_concurrency=1)
+            props = downloader.properties
+            info = ObjectInfo(key, int(downloader.size), dict(props.metadata or {}))
+            chunks = iter(downloader.chunks())
+        except _SDK_ERRORS as error:
+            raise self._fail(error, what) from error
+        return AzureDownload(info, chunks, what, self._where)
+
+    def head(self, key: str) -> ObjectInfo:
+        blob = self._blob(key)
+        try:
+            props = blob.get_blob_properties()
+        except _SDK_ERRORS as error:
+            raise self._fail(error, f"cannot describe {key} in {self.url}") from error
+        return ObjectInfo(key, int(props.size), dict(props.metadata or {}))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        what = f"cannot list {prefix or 'objects'} in {self.url}"
+        try:
+            pages = self._container.list_blobs(name_starts_with=base + prefix,
+                                               include=["metadata"])
+            for props in pages:  # Azure lists in lexicographic (key) order
+                key = props.name[len(base):]
+                if not _is_key(key):
+                    continue  # not an object walship could have written (or can read)
+                yield ObjectInfo(key, int(props.size), dict(props.metadata or {}))
+        except _SDK_ERRORS as error:
+            raise self._fail(error, what) from error
+
+    def delete(self, key: str) -> None:
+        blob = self._blob(key)
+        try:
+            blob.delete_blob()
+        except _SDK_ERRORS as error:
+            failure = self._fail(error, f"cannot delete {key} from {self.url}")
+            if isinstance(failure, NotFound):
+                return
+            raise failure from error
+
+    def close(self) -> None:
+        try:
+            self._service.close()
+        finally:
+            if self._credential is not None:
+                self._credential.close()
+
+
+def _is_key(key: str) -> bool:
+    """True if ``key`` is a valid object key (listing skips foreign blob names)."""
+    try:
+        check_key(key)
+    except WalshipError:
+        return False
+    return True
+
+
+class _BlockUploader:
+    """Stages blocks of one put on a small thread pool, at most a few in flight, then commits."""
+
+    def __init__(self, blob: BlobClient, fail: Callable[[BaseException, str], WalshipError],
+                 what: str) -> None:
+        self._blob = blob
+        self._fail = fail
+        self._what = what
+        self._prefix = secrets.token_hex(8)  # unique per upload: racing puts never share ids
+        self._ids: list[str] = []
+        self._pool = ThreadPoolExecutor(max_workers=BLOCKS_IN_FLIGHT,
+                                        thread_name_prefix="walship-azure-put")
+        self._in_flight: deque[Future[Any]] = deque()
+
+    def _wait_one(self) -> None:
+        try:
+            self._in_flight.popleft().result()
+        except _SDK_ERRORS as error:
+            raise self._fail(error, self._what) from error
+
+    def stage(self, block: bytes) -> None:
+        while len(self._in_flight) >= BLOCKS_IN_FLIGHT:
+            self._wait_one()  # bounded memory; raises the first failure
+        block_id = f"{self._prefix}-{len(self._ids):08d}"  # equal lengths; the SDK base64s it
+        self._ids.append(block_id)
+        self._in_flight.append(self._pool.submit(self._blob.stage_block, block_id, block,
+                                                 length=len(block)))
+
+    def commit(self, metadata: dict[str, str]) -> None:
+        while self._in_flight:
+            self._wait_one()
+        try:
+            self._blob.commit_block_list(self._ids, metadata=metadata,
+                                         match_condition=MatchConditions.IfMissing)
+        except _SDK_ERRORS as error:
+            failure = self._fail(error, self._what)
+            if _error_code(error) == "InvalidBlockList" and self._exists():
+                # A concurrent put committed first, and Azure dropped our uncommitted blocks.
+                failure = AlreadyExists(self._what, "another writer committed the key first")
+            raise failure from error
+
+    def _exists(self) -> bool:
+        try:
+            self._blob.get_blob_properties()
+        except _SDK_ERRORS:
+            return False
+        return True
+
+    def shutdown(self) -> None:
+        for future in self._in_flight:
+            future.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._in_flight.clear()
+
+
+__all__ = ["AzureStorage", "AzureDownload", "ResolvedAuth", "resolve_auth"]
