@@ -147,6 +147,168 @@ def demo(keep: bool, segments: int) -> int:
     return run_demo(keep=keep, segments=segments)
 
 
+@cli.command("backup-push")
+@click.option("--dbname", "-d", metavar="CONNINFO", help="Database to connect to: a name, "
+              "a key=value string or a URI. [default: libpq's PG* environment]")
+@click.option("--part-size", type=click.IntRange(1, 4096), default=64, show_default=True,
+              metavar="MIB", help="Target plaintext size of one part.")
+@click.option("--checkpoint", type=click.Choice(["fast", "spread"]), default="fast",
+              show_default=True, help="Start at once, or spread the starting checkpoint.")
+@click.pass_obj
+def backup_push(state: _State, dbname: str | None, part_size: int, checkpoint: str) -> int:
+    """Take an online base backup of the local server into the repository.
+
+    Run it on the database server as its OS user (it reads the data directory), e.g. daily
+    from cron: 0 2 * * * postgres walship backup-push
+    """
+    from walship.backup.progress import for_stderr
+    from walship.backup.push import push_backup
+    from walship.backup.source import PostgresSource
+
+    archive = state.archive()
+    result = push_backup(archive, PostgresSource(dbname, log=logline.info),
+                         parallel=state.settings.parallel, part_size=part_size << 20,
+                         fast=checkpoint == "fast", progress=for_stderr("backup-push"),
+                         log=logline.info)
+    manifest = result.manifest
+    logline.info(f"backup-push {manifest.name} stored in={result.bytes_in} "
+                 f"out={result.bytes_out} seconds={result.seconds:.3f} "
+                 f"files={len(manifest.files)} parts={len(manifest.parts)}")
+    return ExitStatus.OK
+
+
+def _size(n: object) -> str:
+    value = float(n)  # type: ignore[arg-type]
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+@cli.command("backup-list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array, every detail.")
+@click.pass_obj
+def backup_list(state: _State, as_json: bool) -> int:
+    """List the backups, oldest first, and whether the WAL each one needs is archived.
+
+    A backup is usable when it is complete (its manifest was written) and the WAL from its
+    start to its stop segment is in the archive.
+    """
+    import json
+
+    from walship.backup import catalog
+
+    archive = state.archive()
+    index = catalog.WalIndex(archive)
+    rows = [catalog.summary(entry, index) for entry in catalog.list_backups(archive)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return ExitStatus.OK
+    header = ("NAME", "START (UTC)", "START LSN", "STOP LSN", "TL", "SIZE", "STORED",
+              "SECONDS", "WAL")
+    table = [header]
+    for row in rows:
+        if not row["complete"]:
+            table.append((str(row["name"]), "-", "-", "-", "-", "-", _size(row["stored_size"]),
+                          "-", "INCOMPLETE (no manifest, never used)"))
+            continue
+        table.append((str(row["name"]), str(row["start_time"])[:19].replace("T", " "),
+                      str(row["start_lsn"]), str(row["stop_lsn"]), str(row["timeline"]),
+                      _size(row["size"]), _size(row["stored_size"]),
+                      f"{row['duration']:.1f}",
+                      "complete" if row["wal_complete"] else
+                      f"MISSING {len(row['wal_missing'])}+ (from {row['wal_missing'][0]})"))
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for r in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return ExitStatus.OK
+
+
+def _tablespace_map(values: tuple[str, ...]) -> dict[int, str]:
+    from walship.backup.fetch import parse_tablespace_mapping
+
+    return parse_tablespace_mapping(values)
+
+
+@cli.command("backup-fetch")
+@click.argument("name", metavar="NAME|LATEST")
+@click.argument("directory", metavar="DIR")
+@click.option("--tablespace-map", "mappings", multiple=True, metavar="OID=PATH",
+              help="Restore tablespace OID to PATH instead of its original location.")
+@click.option("--force", is_flag=True, help="Replace the content of a non-empty DIR.")
+@click.pass_obj
+def backup_fetch(state: _State, name: str, directory: str, mappings: tuple[str, ...],
+                 force: bool) -> int:
+    """Download a backup into DIR, every file checked against its manifest.
+
+    Nothing PostgreSQL could start on is left behind if any check fails. For point-in-time
+    recovery use restore, which also writes the recovery settings.
+    """
+    from walship.backup.fetch import fetch_backup
+    from walship.backup.progress import for_stderr
+
+    result = fetch_backup(state.archive(), name, directory, tablespace_map=_tablespace_map(
+        mappings), force=force, parallel=state.settings.parallel,
+        progress=for_stderr("backup-fetch"))
+    logline.info(f"backup-fetch {result.manifest.name} delivered in={result.bytes_in} "
+                 f"out={result.bytes_out} seconds={result.seconds:.3f} "
+                 f"files={len(result.manifest.files)} parts={len(result.manifest.parts)} "
+                 f"into {result.directory}")
+    return ExitStatus.OK
+
+
+@cli.command("restore")
+@click.argument("directory", metavar="DIR")
+@click.option("--target-time", metavar="TIME", help="Stop before the first commit after "
+              "TIME (with a time zone: '2026-11-25 14:30:00+00').")
+@click.option("--target-lsn", metavar="LSN", help="Stop at this WAL position.")
+@click.option("--target-xid", metavar="XID", help="Stop after this transaction.")
+@click.option("--target-name", metavar="NAME", help="Stop at this restore point "
+              "(pg_create_restore_point).")
+@click.option("--target", "target_kind", type=click.Choice(["immediate"]),
+              help="immediate: stop as soon as the backup is consistent.")
+@click.option("--target-action", type=click.Choice(["pause", "promote", "shutdown"]),
+              default="pause", show_default=True, help="What the server does at the target.")
+@click.option("--standby", is_flag=True, help="Start as a standby (standby.signal).")
+@click.option("--backup", metavar="NAME", help="Use this backup instead of choosing one.")
+@click.option("--tablespace-map", "mappings", multiple=True, metavar="OID=PATH",
+              help="Restore tablespace OID to PATH instead of its original location.")
+@click.option("--force", is_flag=True, help="Replace the content of a non-empty DIR.")
+@click.option("--archive-mode", type=click.Choice(["preserve", "off"]), default="preserve",
+              show_default=True, help="off: the restored server does not archive (keeps it "
+              "from writing a new timeline into this repository).")
+@click.pass_obj
+def restore(state: _State, directory: str, target_time: str | None, target_lsn: str | None,
+            target_xid: str | None, target_name: str | None, target_kind: str | None,
+            target_action: str, standby: bool, backup: str | None,
+            mappings: tuple[str, ...], force: bool, archive_mode: str) -> int:
+    """Prepare DIR for point-in-time recovery: the newest backup before the target, its WAL
+    checked in the archive, recovery settings written. Then start the server on DIR.
+
+    Without a target, recovery replays all archived WAL. The server runs
+    'walship wal-fetch %f %p' and finds the repository like any wal-fetch: in its
+    environment or the config file.
+    """
+    from walship.backup.progress import for_stderr
+    from walship.backup.restore import make_target
+    from walship.backup.restore import restore as run_restore
+
+    target = make_target(time=target_time, lsn=target_lsn, xid=target_xid, name=target_name,
+                         immediate=target_kind == "immediate")
+    result = run_restore(state.archive(), directory, target, action=target_action,
+                         standby=standby, backup=backup,
+                         tablespace_map=_tablespace_map(mappings), force=force,
+                         archive_mode_off=archive_mode == "off",
+                         parallel=state.settings.parallel, progress=for_stderr("restore"))
+    fetched = result.fetch
+    logline.info(f"restore {fetched.manifest.name} delivered in={fetched.bytes_in} "
+                 f"out={fetched.bytes_out} seconds={fetched.seconds:.3f} into "
+                 f"{fetched.directory} target={result.target.describe()} "
+                 f"signal={result.signal}; start the server to recover")
+    return ExitStatus.OK
+
+
 def _subject(argv: list[str]) -> tuple[str, str]:
     """The command name and its first argument, for error lines."""
     names = [a for a in argv if not a.startswith("-")]

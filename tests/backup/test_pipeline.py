@@ -1,0 +1,345 @@
+"""backup-push, backup-list and backup-fetch on a fake server: a data directory built by hand
+and a fake backup session, on the memory and file:// backends. Fast; no PostgreSQL needed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from walship import wal
+from walship.archive import Archive
+from walship.backup import catalog, layout
+from walship.backup.fetch import MARKER, fetch_backup
+from walship.backup.push import push_backup
+from walship.backup.restore import make_target, restore
+from walship.backup.source import ServerInfo, StopResult
+from walship.codec import Codec
+from walship.codec.keys import EncryptionKey
+from walship.errors import IntegrityError, NotFound, UsageError
+from walship.storage import open_storage
+from walship.storage.memory import MemoryStorage
+
+SEG = 16 << 20
+
+
+class FakeSource:
+    """A backup session over a hand-made data directory."""
+
+    def __init__(self, data: Path, tablespace: Path | None = None,
+                 stop_hook=None) -> None:
+        self.data = data
+        self.tablespace = tablespace
+        self.calls: list[str] = []
+        self.stop_hook = stop_hook
+
+    def describe(self) -> ServerInfo:
+        return ServerInfo(150004, str(self.data), "7301234567890123456", SEG, False, "on",
+                          {16400: "fast"})
+
+    def now(self) -> datetime:
+        return datetime.now(timezone.utc)
+
+    def start(self, label: str, fast: bool) -> wal.Lsn:
+        self.calls.append(f"start {label}")
+        return wal.Lsn.parse("0/2000028")
+
+    def stop(self, wait_for_archive: bool) -> StopResult:
+        self.calls.append(f"stop {wait_for_archive}")
+        if self.stop_hook:
+            self.stop_hook()
+        label = ("START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n"
+                 "CHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\n"
+                 "BACKUP FROM: primary\nSTART TIME: 2026-11-25 02:00:00 UTC\n"
+                 "LABEL: x\nSTART TIMELINE: 1\n")
+        spcmap = f"16400 {self.tablespace}\n" if self.tablespace else ""
+        return StopResult(wal.Lsn.parse("0/3000000"), label, spcmap, self.now())
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+def make_cluster(root: Path) -> tuple[Path, Path]:
+    data = root / "data"
+    ts = root / "ts"
+    for d in ("base/1", "base/5", "base/pgsql_tmp", "global", "pg_wal/archive_status",
+              "pg_tblspc", "pg_stat_tmp", "pg_replslot/slot", "pg_xact", "log"):
+        (data / d).mkdir(parents=True, exist_ok=True)
+    os.chmod(data, 0o700)
+    files = {
+        "PG_VERSION": b"15\n",
+        "postgresql.auto.conf": b"# Do not edit\nrestore_command = 'old'\n",
+        "postmaster.pid": b"1234\n",
+        "global/pg_control": (7301234567890123456).to_bytes(8, sys.byteorder)
+        + os.urandom(8184),
+        "global/pg_internal.init": b"cache",
+        "base/1/PG_VERSION": b"15\n",
+        "base/1/1259": os.urandom(300_000),
+        "base/5/16384": os.urandom(2_000_000),
+        "base/5/16384_fsm": os.urandom(24576),
+        "base/5/16390": b"u" * 8192,  # unlogged: only its init fork is kept
+        "base/5/16390_init": b"",
+        "base/5/t3_16500": b"temp",
+        "base/pgsql_tmp/pgsql_tmp99.0": b"spill",
+        "pg_wal/000000010000000000000002": bytes(1 << 20),
+        "pg_wal/archive_status/000000010000000000000002.done": b"",
+        "pg_stat_tmp/global.stat": b"s",
+        "pg_replslot/slot/state": b"s",
+        "pg_xact/0000": os.urandom(8192),
+        "log/postgresql.log": b"log line\n" * 100,
+    }
+    for rel, content in files.items():
+        (data / rel).write_bytes(content)
+    os.symlink("postgresql.auto.conf", data / "conf-link")
+    (ts / "PG_15_202209061" / "5").mkdir(parents=True)
+    (ts / "PG_14_202107181").mkdir()
+    (ts / "PG_15_202209061" / "5" / "17000").write_bytes(os.urandom(500_000))
+    (ts / "PG_14_202107181" / "other").write_bytes(b"not ours")
+    os.symlink(ts, data / "pg_tblspc" / "16400")
+    return data, ts
+
+
+@pytest.fixture(params=["memory", "file", "file-encrypted"])
+def archive(request, tmp_path):
+    if request.param == "memory":
+        url = f"memory://{uuid.uuid4().hex}"
+        yield Archive(open_storage(url), Codec())
+        MemoryStorage.forget(url)
+        return
+    (tmp_path / "repo").mkdir()
+    key = EncryptionKey.generate() if request.param == "file-encrypted" else None
+    yield Archive(open_storage(f"file://{tmp_path / 'repo'}"), Codec(key=key))
+
+
+def push_wal_names(archive: Archive, names: list[str]) -> None:
+    for name in names:
+        archive.storage.put(f"wal/{name}", [b"x"], metadata=lambda: {})
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_push_list_fetch_round_trip(archive, tmp_path):
+    data, ts = make_cluster(tmp_path)
+    source = FakeSource(data, ts)
+    lines: list[str] = []
+    result = push_backup(archive, source, parallel=2, part_size=1 << 20, log=lines.append)
+    m = result.manifest
+    assert source.calls[0].startswith(f"start walship backup {m.name}")
+    assert source.calls[1:] == ["stop True", "close"]
+    assert len(m.parts) >= 3 and result.bytes_in == sum(p.size for p in m.parts)
+    paths = {f.path for f in m.files}
+    assert {"PG_VERSION", "base/5/16384", "base/5/16390_init", "global/pg_control",
+            "backup_label", "tablespace_map", "pg_tblspc/16400/PG_15_202209061/5/17000",
+            "log/postgresql.log"} <= paths
+    for left_out in ("postmaster.pid", "global/pg_internal.init", "base/5/16390",
+                     "base/5/t3_16500", "base/pgsql_tmp/pgsql_tmp99.0",
+                     "pg_wal/000000010000000000000002", "pg_stat_tmp/global.stat",
+                     "pg_replslot/slot/state"):
+        assert left_out not in paths
+    assert not any("PG_14" in p for p in paths)
+    dirs = {d.path for d in m.directories}
+    assert {"pg_wal", "pg_wal/archive_status", "pg_stat_tmp", "pg_replslot"} <= dirs
+    assert "pg_replslot/slot" not in dirs and "base/pgsql_tmp" not in dirs
+    assert [(t.oid, t.location, t.name) for t in m.tablespaces] == [(16400, str(ts), "fast")]
+    assert m.start_wal == "000000010000000000000002" and m.stop_wal == "000000010000000000000002"
+    assert m.stop_lsn == wal.Lsn.parse("0/3000000")
+    last = m.parts[-1].number
+    assert {f.path for f in m.files if f.part == last} == {"global/pg_control", "backup_label",
+                                                             "tablespace_map"}
+    # WAL not archived: the backup is complete but not usable, and push said so.
+    assert any("missing 000000010000000000000002" in line for line in lines)
+    [entry] = catalog.list_backups(archive)
+    row = catalog.summary(entry, catalog.WalIndex(archive))
+    assert row["complete"] and not row["usable"] and row["wal_missing"] == [m.start_wal]
+    push_wal_names(archive, ["000000010000000000000002"])
+    assert catalog.summary(entry, catalog.WalIndex(archive))["usable"]
+
+    target = tmp_path / "restored" / "data"
+    new_ts = tmp_path / "new-ts"
+    fetched = fetch_backup(archive, "LATEST", target, tablespace_map={16400: str(new_ts)},
+                           parallel=3)
+    assert fetched.bytes_out == m.size
+    for rel in ("PG_VERSION", "base/5/16384", "base/1/1259", "global/pg_control", "pg_xact/0000",
+                "log/postgresql.log"):
+        assert sha(target / rel) == sha(data / rel), rel
+    assert (target / "base/5/16390_init").exists() and not (target / "base/5/16390").exists()
+    assert not (target / "postmaster.pid").exists() and not (target / MARKER).exists()
+    assert os.readlink(target / "pg_tblspc" / "16400") == str(new_ts)
+    assert sha(new_ts / "PG_15_202209061/5/17000") == sha(ts / "PG_15_202209061/5/17000")
+    assert not (new_ts / "PG_14_202107181").exists()
+    assert (target / "tablespace_map").read_text() == f"16400 {new_ts}\n"
+    assert (target / "backup_label").read_text().startswith("START WAL LOCATION: 0/2000028")
+    assert os.readlink(target / "conf-link") == "postgresql.auto.conf"
+    assert (target / "pg_wal" / "archive_status").is_dir()
+    assert os.listdir(target / "pg_wal") == ["archive_status"]
+    assert os.stat(target).st_mode & 0o777 == 0o700
+    assert os.stat(target / "base/5/16384").st_mode & 0o777 == 0o600
+    assert int(os.stat(target / "base/5/16384").st_mtime) == \
+        int(os.stat(data / "base/5/16384").st_mtime)
+
+
+def test_name_collision_gets_a_suffix(archive, tmp_path):
+    data, _ = make_cluster(tmp_path)
+    fixed = datetime(2026, 11, 25, 2, 0, 0, tzinfo=timezone.utc)
+    source = FakeSource(data, tmp_path / "ts")
+    source.now = lambda: fixed  # type: ignore[method-assign]
+    first = push_backup(archive, source).manifest.name
+    second = push_backup(archive, source).manifest.name
+    assert (first, second) == ("20261125T020000Z", "20261125T020000Z-2")
+    assert catalog.resolve(archive, "LATEST").name == second
+
+
+def test_a_backup_without_manifest_is_never_used(archive, tmp_path):
+    data, ts = make_cluster(tmp_path)
+    push_wal_names(archive, ["000000010000000000000002"])
+    good = push_backup(archive, FakeSource(data, ts)).manifest.name
+    # A killed push leaves parts and no manifest.
+    archive.storage.put(layout.part_key("29991231T000000Z", 1), [b"junk"], metadata=lambda: {})
+    entries = catalog.list_backups(archive)
+    assert [(e.name, e.complete) for e in entries] == [(good, True),
+                                                       ("29991231T000000Z", False)]
+    assert catalog.resolve(archive, "LATEST").name == good
+    with pytest.raises(NotFound, match="incomplete"):
+        catalog.resolve(archive, "29991231T000000Z")
+    with pytest.raises(NotFound, match="does not exist"):
+        catalog.resolve(archive, "20000101T000000Z")
+
+
+def test_failed_push_removes_its_parts_and_aborts(archive, tmp_path):
+    data, ts = make_cluster(tmp_path)
+
+    def boom():
+        raise RuntimeError("stop failed")
+
+    source = FakeSource(data, ts, stop_hook=boom)
+    with pytest.raises(RuntimeError):
+        push_backup(archive, source, part_size=1 << 20)
+    assert source.calls[-1] == "close"
+    assert list(archive.storage.list("backups/")) == []
+
+
+def test_push_refuses_another_clusters_data_directory(archive, tmp_path):
+    data, ts = make_cluster(tmp_path)
+    (data / "global" / "pg_control").write_bytes(os.urandom(8192))
+    source = FakeSource(data, ts)
+    with pytest.raises(UsageError, match="not the connected server's"):
+        push_backup(archive, source)
+    assert source.calls == []
+
+
+def test_push_refuses_when_archiving_is_off(archive, tmp_path):
+    data, ts = make_cluster(tmp_path)
+    source = FakeSource(data, ts)
+    info = source.describe()
+    source.describe = lambda: ServerInfo(info.version, info.data_directory,  # type: ignore
+                                         info.system_identifier, SEG, False, "off")
+    with pytest.raises(UsageError, match="archive_mode is off"):
+        push_backup(archive, source)
+    assert source.calls == []
+
+
+@pytest.mark.parametrize("damage", ["flip", "swap"])
+def test_damaged_part_fails_and_leaves_nothing_startable(tmp_path, damage):
+    (tmp_path / "repo").mkdir()
+    archive = Archive(open_storage(f"file://{tmp_path / 'repo'}"), Codec())
+    data, ts = make_cluster(tmp_path)
+    push_wal_names(archive, ["000000010000000000000002"])
+    m = push_backup(archive, FakeSource(data, ts), part_size=1 << 20).manifest
+    victim = tmp_path / "repo" / m.parts[0].key
+    if damage == "flip":
+        raw = bytearray(victim.read_bytes())
+        raw[len(raw) // 3] ^= 0x40
+        victim.write_bytes(bytes(raw))
+    else:  # a part swapped for another part of the same backup
+        victim.write_bytes((tmp_path / "repo" / m.parts[1].key).read_bytes())
+    target = tmp_path / "restored"
+    target.mkdir()
+    new_ts = tmp_path / "new-ts"
+    with pytest.raises(IntegrityError):
+        fetch_backup(archive, m.name, target, tablespace_map={16400: str(new_ts)})
+    assert target.is_dir() and os.listdir(target) == []
+    assert not new_ts.exists()
+
+
+def test_fetch_refuses_non_empty_directories(archive, tmp_path):
+    data, ts = make_cluster(tmp_path)
+    push_wal_names(archive, ["000000010000000000000002"])
+    push_backup(archive, FakeSource(data, ts))
+    target = tmp_path / "t"
+    target.mkdir()
+    (target / "keep").write_text("x")
+    remap = {16400: str(tmp_path / "ts2")}
+    with pytest.raises(UsageError, match="not empty"):
+        fetch_backup(archive, "LATEST", target, tablespace_map=remap)
+    assert (target / "keep").exists()
+    with pytest.raises(UsageError, match="tablespace 16400 location .* not empty"):
+        fetch_backup(archive, "LATEST", tmp_path / "t2")  # the original location is in use
+    assert not (tmp_path / "t2").exists()
+    with pytest.raises(UsageError, match="no tablespace 1"):
+        fetch_backup(archive, "LATEST", tmp_path / "t3", tablespace_map={1: "/x"})
+    fetch_backup(archive, "LATEST", target, tablespace_map=remap, force=True)
+    assert not (target / "keep").exists() and (target / "PG_VERSION").exists()
+    (target / "postmaster.pid").write_text("1\n")
+    with pytest.raises(UsageError, match="postmaster.pid"):
+        fetch_backup(archive, "LATEST", target, force=True,
+                     tablespace_map={16400: str(tmp_path / "ts3")})
+
+
+def test_restore_writes_recovery_settings_and_checks_wal(archive, tmp_path):
+    data, ts = make_cluster(tmp_path)
+    push_backup(archive, FakeSource(data, ts))
+    remap = {16400: str(tmp_path / "ts2")}
+    target = tmp_path / "r"
+    with pytest.raises(Exception, match="lacks WAL"):
+        restore(archive, target, make_target(), tablespace_map=remap)
+    assert not target.exists()
+    push_wal_names(archive, ["000000010000000000000002"])
+    result = restore(archive, target, make_target(name="before"), action="promote",
+                     tablespace_map=remap, command=["/opt/w/bin/walship"],
+                     archive_mode_off=True)
+    assert result.signal == "recovery.signal" and (target / "recovery.signal").exists()
+    conf = (target / "postgresql.auto.conf").read_text()
+    assert "'old'" not in conf
+    assert "restore_command = '/opt/w/bin/walship wal-fetch %f %p'" in conf
+    assert "recovery_target_name = 'before'" in conf
+    assert "recovery_target_action = 'promote'" in conf
+    assert "recovery_target_timeline = 'latest'" in conf
+    assert "archive_mode = off" in conf
+    with pytest.raises(NotFound, match="precedes"):
+        restore(archive, tmp_path / "r2", make_target(time="2000-01-01T00:00:00Z"),
+                tablespace_map=remap)
+    standby = restore(archive, tmp_path / "r3", make_target(), standby=True,
+                      tablespace_map={16400: str(tmp_path / "ts3")})
+    assert (tmp_path / "r3" / "standby.signal").exists()
+    assert not (tmp_path / "r3" / "recovery.signal").exists()
+    assert standby.signal == "standby.signal"
+
+
+def test_parallel_fetch_stops_everything_on_failure(tmp_path, monkeypatch):
+    """With many parts in flight, one damaged part cancels the rest quickly."""
+    (tmp_path / "repo").mkdir()
+    archive = Archive(open_storage(f"file://{tmp_path / 'repo'}"), Codec())
+    data, ts = make_cluster(tmp_path)
+    for i in range(30):
+        (data / "base/5" / f"{20000 + i}").write_bytes(os.urandom(200_000))
+    push_wal_names(archive, ["000000010000000000000002"])
+    m = push_backup(archive, FakeSource(data, ts), part_size=256 << 10, parallel=4).manifest
+    assert len(m.parts) > 20
+    victim = tmp_path / "repo" / m.parts[5].key
+    raw = bytearray(victim.read_bytes())
+    raw[100] ^= 1
+    victim.write_bytes(bytes(raw))
+    target = tmp_path / "out"
+    with pytest.raises(IntegrityError):
+        fetch_backup(archive, m.name, target, tablespace_map={16400: str(tmp_path / "x")},
+                     parallel=4)
+    assert not target.exists()
+    assert threading.active_count() < 5

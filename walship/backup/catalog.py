@@ -1,0 +1,175 @@
+"""The backups a repository holds: listing, reading and storing manifests, WAL coverage.
+
+A backup is *complete* when its manifest exists (the commit point); only complete backups are
+ever chosen for a restore. A backup whose parts exist without a manifest (a killed or failed
+``backup-push``) is listed as incomplete, never as usable.
+
+WAL coverage: a backup can be made consistent only if every segment from its start segment to
+its stop segment, on its timeline, is in the archive. :class:`WalIndex` answers that with one
+LIST per timeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timezone
+
+from walship import layout as wal_layout
+from walship.archive import Archive
+from walship.backup import layout
+from walship.backup.manifest import Manifest, ManifestError
+from walship.codec import DIGEST_METADATA
+from walship.errors import AlreadyExists, IntegrityError, NotFound, UsageError
+from walship.storage.base import ObjectInfo
+
+LATEST = "LATEST"
+
+
+@dataclass(frozen=True)
+class BackupEntry:
+    """One backup found in the repository; ``manifest`` is None when it is incomplete."""
+
+    name: str
+    manifest: Manifest | None
+    parts: int
+    stored_size: int
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest is not None
+
+
+def store_manifest(archive: Archive, manifest: Manifest) -> ObjectInfo:
+    """Write ``manifest`` (create-only): the backup becomes complete when this returns."""
+    key = layout.manifest_key(manifest.name)
+    data = manifest.to_json()
+    digest = archive.codec.digester(key)
+    digest.update(data)
+    try:
+        return archive.storage.put(key, archive.codec.encode(key, [data], size_hint=len(data)),
+                                   metadata=lambda: {DIGEST_METADATA: digest.hexdigest()})
+    except AlreadyExists:
+        raise IntegrityError(f"backup {manifest.name} already has a manifest",
+                             "another backup-push used the same name",
+                             "run backup-push again") from None
+
+
+def load_manifest(archive: Archive, name: str) -> Manifest:
+    """Read and verify the manifest of backup ``name``. NotFound if it has none."""
+    key = layout.manifest_key(name)
+    with archive.storage.get(key) as download:
+        data = b"".join(archive.codec.decode(key, download,
+                                             download.info.metadata.get(DIGEST_METADATA)))
+    try:
+        manifest = Manifest.from_json(data)
+    except ManifestError as error:
+        raise IntegrityError(f"the manifest of backup {name} is unreadable", str(error),
+                             "is this walship older than the one that wrote it?") from None
+    if manifest.name != name:
+        raise IntegrityError(f"the manifest of backup {name} names backup {manifest.name}",
+                             hint="the repository was tampered with")
+    return manifest
+
+
+def list_backups(archive: Archive) -> list[BackupEntry]:
+    """Every backup in the repository, oldest first, complete or not."""
+    groups: dict[str, tuple[bool, int, int]] = {}
+    for info in archive.storage.list(layout.BACKUP_PREFIX):
+        split = layout.split_key(info.key)
+        if split is None:
+            continue
+        name, obj = split
+        has_manifest, parts, stored = groups.get(name, (False, 0, 0))
+        if obj == layout.MANIFEST:
+            has_manifest = True
+        elif layout.part_number(obj) is not None:
+            parts += 1
+            stored += info.size
+        groups[name] = (has_manifest, parts, stored)
+    entries = []
+    for name in sorted(groups, key=layout.sort_key):
+        has_manifest, parts, stored = groups[name]
+        manifest = load_manifest(archive, name) if has_manifest else None
+        entries.append(BackupEntry(name, manifest, parts, stored))
+    return entries
+
+
+def name_taken(archive: Archive, name: str) -> bool:
+    for _ in archive.storage.list(layout.backup_prefix(name)):
+        return True
+    return False
+
+
+def resolve(archive: Archive, name: str) -> Manifest:
+    """The manifest of backup ``name``, or of the newest complete backup for ``LATEST``."""
+    if name.upper() == LATEST:
+        complete = [e for e in list_backups(archive) if e.manifest is not None]
+        if not complete:
+            raise NotFound(f"the repository {archive.storage.url} holds no complete backup",
+                           hint="run walship backup-push first")
+        return max((e.manifest for e in complete if e.manifest),
+                   key=lambda m: (m.start_time, layout.sort_key(m.name)))
+    if not layout.is_backup_name(name):
+        raise UsageError(f"{name!r} is not a backup name",
+                         "names look like 20261125T020000Z", "see walship backup-list")
+    try:
+        return load_manifest(archive, name)
+    except NotFound:
+        if name_taken(archive, name):
+            raise NotFound(f"backup {name} is incomplete", "it has no manifest (its "
+                           "backup-push failed or was killed)", "use another backup") from None
+        raise NotFound(f"backup {name} does not exist in {archive.storage.url}",
+                       hint="see walship backup-list") from None
+
+
+class WalIndex:
+    """Which WAL segments the archive holds, listed once per timeline and remembered."""
+
+    def __init__(self, archive: Archive) -> None:
+        self._archive = archive
+        self._timelines: dict[int, set[str]] = {}
+
+    def names(self, timeline: int) -> set[str]:
+        if timeline not in self._timelines:
+            prefix = wal_layout.wal_key(f"{timeline:08X}")
+            self._timelines[timeline] = {wal_layout.wal_name(info.key)
+                                         for info in self._archive.storage.list(prefix)}
+        return self._timelines[timeline]
+
+    def missing(self, manifest: Manifest) -> list[str]:
+        """The segments ``manifest`` needs that the archive lacks (empty: WAL complete)."""
+        present = self.names(manifest.timeline)
+        return [name for name in manifest.needed_wal() if name not in present]
+
+
+def describe_missing(missing: Iterable[str]) -> str:
+    names = list(missing)
+    if not names:
+        return "none"
+    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+
+
+def summary(entry: BackupEntry, index: WalIndex) -> dict[str, object]:
+    """One backup as the plain values ``backup-list`` shows (and prints as JSON)."""
+    manifest = entry.manifest
+    if manifest is None:
+        return {"name": entry.name, "complete": False, "usable": False, "parts": entry.parts,
+                "stored_size": entry.stored_size}
+    missing = index.missing(manifest)
+    return {
+        "name": manifest.name, "complete": True, "usable": not missing,
+        "start_time": manifest.start_time.astimezone(timezone.utc).isoformat(),
+        "stop_time": manifest.stop_time.astimezone(timezone.utc).isoformat(),
+        "duration": round(manifest.duration, 3),
+        "start_lsn": str(manifest.start_lsn), "stop_lsn": str(manifest.stop_lsn),
+        "timeline": manifest.timeline, "start_wal": manifest.start_wal,
+        "stop_wal": manifest.stop_wal, "wal_complete": not missing,
+        "wal_missing": missing[:20], "size": manifest.size,
+        "stored_size": manifest.stored_size, "files": len(manifest.files),
+        "parts": len(manifest.parts), "pg_version": manifest.pg_version,
+        "system_identifier": manifest.system_identifier,
+        "from_standby": manifest.from_standby,
+        "tablespaces": [{"oid": t.oid, "name": t.name, "location": t.location}
+                        for t in manifest.tablespaces],
+    }

@@ -1,0 +1,460 @@
+"""``backup-fetch``: download a base backup into a data directory, verifying every byte.
+
+Every part is decoded through the codec (its name-bound digest checked) and every file is
+checked against the SHA-256 and size in the manifest; the parts download ``parallel`` at a time.
+Tablespaces go to their original location or a remapped one (``pg_tblspc/<oid>`` links and
+``tablespace_map`` agree).
+
+What it promises about the directory left behind:
+
+* a non-empty data directory is refused unless ``force`` (then its content is removed first;
+  a directory with a ``postmaster.pid`` is always refused); a non-empty tablespace location is
+  always refused;
+* the files PostgreSQL needs to start, ``backup_label``, ``tablespace_map``,
+  ``global/pg_control`` and, last, ``PG_VERSION``, are written only once everything else is
+  written and verified, so an interrupted fetch (even ``kill -9``) never leaves a directory
+  PostgreSQL would start on: without ``PG_VERSION`` it refuses to;
+* on any failure, everything the fetch created is removed before the error is raised.
+
+Data directories are 0700 with 0600 files (0750/0640 for a cluster initialised with group
+access); run as root, the files are given to the owner of the target directory, else to the
+cluster's original owner when that user exists here.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from walship.archive import Archive
+from walship.backup import catalog
+from walship.backup.manifest import (BACKUP_LABEL, PG_CONTROL, PG_VERSION, TABLESPACE_MAP,
+                                     FileEntry, Manifest, PartEntry, format_tablespace_map,
+                                     parse_tablespace_map)
+from walship.backup.parts import READ_SIZE, Cancelled, ChunkReader, pipelined
+from walship.backup.progress import NullProgress, Progress
+from walship.codec import DIGEST_METADATA
+from walship.errors import IntegrityError, StorageError, UsageError
+
+MARKER = ".walship-incomplete"
+# Written last, in this order: PostgreSQL will not start without PG_VERSION.
+DEFERRED = (TABLESPACE_MAP, BACKUP_LABEL, PG_CONTROL, PG_VERSION)
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What a backup-fetch wrote, for its log line."""
+
+    manifest: Manifest
+    directory: str
+    bytes_in: int  # stored bytes downloaded
+    bytes_out: int  # file bytes written
+    seconds: float
+    tablespaces: Mapping[int, str]  # oid -> where it was restored
+
+
+@dataclass(frozen=True)
+class _Owner:
+    uid: int
+    gid: int
+
+
+def parse_tablespace_mapping(values: list[str] | tuple[str, ...]) -> dict[int, str]:
+    """``["16384=/new/place", ...]`` -> ``{16384: "/new/place"}`` (absolute paths only)."""
+    mapping: dict[int, str] = {}
+    for value in values:
+        oid, sep, path = value.partition("=")
+        if not sep or not oid.strip().isdigit() or not path.startswith("/"):
+            raise UsageError(f"invalid tablespace mapping {value!r}",
+                             "write OID=/absolute/new/location", "see walship backup-list "
+                             "--json for the tablespaces of a backup")
+        mapping[int(oid)] = os.path.normpath(path)
+    return mapping
+
+
+class _Cleanup:
+    """Remembers what the fetch created, to remove it all if the fetch fails."""
+
+    def __init__(self) -> None:
+        self.trees: list[Path] = []  # created by us: removed whole
+        self.emptied: list[Path] = []  # existed (empty or forced): their content is removed
+
+    @staticmethod
+    def check(path: Path, *, force: bool, what: str) -> None:
+        """Refuse ``path`` unless it is absent, empty, or (``force``) replaceable; change
+        nothing (every target is checked before any is touched)."""
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise UsageError(f"{what} {path} is not a directory")
+        content = sorted(os.listdir(path)) if path.exists() else []
+        if not content:
+            return
+        if (path / "postmaster.pid").exists():
+            raise UsageError(f"{what} {path} holds a running or crashed server "
+                             "(postmaster.pid)", "it is never overwritten",
+                             "stop the server and remove the directory first")
+        if not force:
+            hint = ("a previous fetch into it was interrupted; " if MARKER in content
+                    else "") + "choose an empty directory, or pass --force to replace " \
+                               "its content"
+            raise UsageError(f"{what} {path} is not empty", hint=hint)
+
+    def prepare(self, path: Path) -> None:
+        """Create ``path`` or empty it (it passed :meth:`check`)."""
+        if path.exists():
+            _remove_content(path)
+            self.emptied.append(path)
+            return
+        top = path
+        while not top.parent.exists():
+            top = top.parent
+        path.mkdir(parents=True, mode=0o700)
+        self.trees.append(top)
+
+    def undo(self) -> None:
+        for tree in self.trees:
+            shutil.rmtree(tree, ignore_errors=True)
+        for path in self.emptied:
+            try:
+                _remove_content(path)
+            except OSError:
+                pass
+
+
+def _remove_content(path: Path) -> None:
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+
+
+def _owner_for(target: Path, manifest: Manifest) -> _Owner | None:
+    """As root: who the restored files belong to (see the module docstring)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        st = os.stat(target)
+        if st.st_uid != 0:
+            return _Owner(st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        pass
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwnam(manifest.owner_user)
+    except KeyError:
+        return None
+    try:
+        gid = grp.getgrnam(manifest.owner_group).gr_gid
+    except KeyError:
+        gid = user.pw_gid
+    return _Owner(user.pw_uid, gid)
+
+
+class _Writer:
+    """Writes verified files into the new data directory (shared by the part workers)."""
+
+    def __init__(self, root: Path, manifest: Manifest, owner: _Owner | None,
+                 progress: Progress, cancel: threading.Event) -> None:
+        self.root = root
+        self.owner = owner
+        group = bool(manifest.data_mode & 0o050)
+        self.file_mode = 0o640 if group else 0o600
+        self.dir_mode = 0o750 if group else 0o700
+        self.expected = {f.path: f for f in manifest.files}
+        self.seen: set[str] = set()
+        self.deferred: dict[str, bytes] = {}
+        self.written = 0
+        self._lock = threading.Lock()
+        self._progress = progress
+        self.cancel = cancel
+
+    def own(self, path: Path | str) -> None:
+        if self.owner is not None:
+            os.chown(path, self.owner.uid, self.owner.gid, follow_symlinks=False)
+
+    def _claim(self, part: PartEntry, member: tarfile.TarInfo) -> FileEntry:
+        entry = self.expected.get(member.name)
+        problem = ""
+        if entry is None:
+            problem = f"it holds {member.name!r}, which the manifest does not list"
+        elif entry.part != part.number:
+            problem = f"{member.name} belongs to part {entry.part}"
+        elif not member.isreg():
+            problem = f"{member.name} is not a regular file"
+        elif member.size != entry.size:
+            problem = f"{member.name} has {member.size} bytes, the manifest says {entry.size}"
+        with self._lock:
+            if not problem and member.name in self.seen:
+                problem = f"{member.name} appears twice"
+            if problem:
+                raise IntegrityError(f"part {part.number} of backup does not match its "
+                                     "manifest", problem, "the repository was tampered with")
+            self.seen.add(member.name)
+        assert entry is not None
+        return entry
+
+    def _advance(self, n: int) -> None:
+        with self._lock:
+            self.written += n
+            self._progress.advance(n)
+
+    def member(self, part: PartEntry, member: tarfile.TarInfo, data: tarfile.ExFileObject
+               ) -> None:
+        entry = self._claim(part, member)
+        import hashlib
+
+        digest = hashlib.sha256()
+        size = 0
+        if entry.path in DEFERRED:
+            content = data.read()
+            digest.update(content)
+            size = len(content)
+            self._verify(entry, digest.hexdigest(), size)
+            with self._lock:
+                self.deferred[entry.path] = content
+            self._advance(size)
+            return
+        path = self.root / entry.path
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, self.file_mode)
+        except OSError as error:
+            raise StorageError(f"cannot create {path}", os.strerror(error.errno or 0)) from None
+        with open(fd, "wb", buffering=0) as out:
+            while chunk := data.read(READ_SIZE):
+                if self.cancel.is_set():
+                    raise Cancelled(entry.path)
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+                self._advance(len(chunk))
+            self._verify(entry, digest.hexdigest(), size)
+            os.fsync(fd)
+        os.utime(path, (entry.mtime, entry.mtime))
+        self.own(path)
+
+    def _verify(self, entry: FileEntry, sha256: str, size: int) -> None:
+        if size != entry.size or sha256 != entry.sha256:
+            raise IntegrityError(f"file {entry.path} of the backup is damaged",
+                                 f"its SHA-256 or size ({size}) does not match the manifest",
+                                 "the stored part is corrupt or was tampered with")
+
+    def write_small(self, rel: str, content: bytes, mtime: float | None = None) -> None:
+        """Write a small file atomically (temporary name, fsync, rename, fsync directory)."""
+        path = self.root / rel
+        temp = path.with_name(f".{path.name}.walship")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     self.file_mode)
+        with open(fd, "wb") as out:
+            out.write(content)
+            out.flush()
+            os.fsync(out.fileno())
+        if mtime is not None:
+            os.utime(temp, (mtime, mtime))
+        self.own(temp)
+        os.replace(temp, path)
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _cancellable(chunks: Iterator[bytes], cancel: threading.Event) -> Iterator[bytes]:
+    for chunk in chunks:
+        if cancel.is_set():
+            raise Cancelled("fetch cancelled")
+        yield chunk
+
+
+def _fetch_part(archive: Archive, part: PartEntry, writer: _Writer) -> int:
+    """Download, decode, unpack and verify one part; return its stored size."""
+    with archive.storage.get(part.key) as download:
+        chunks = archive.codec.decode(part.key, download,
+                                      download.info.metadata.get(DIGEST_METADATA))
+        # Decoding (and the part's digest) runs ahead in a thread of its own.
+        reader = ChunkReader(pipelined(_cancellable(chunks, writer.cancel),
+                                       name=f"walship-decode-{part.number}"))
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                for member in tar:
+                    data = tar.extractfile(member)
+                    if data is None:
+                        writer._claim(part, member)  # raises: not a regular file
+                        continue
+                    writer.member(part, member, data)
+        except tarfile.TarError as error:
+            raise IntegrityError(f"part {part.number} ({part.key}) is not a valid tar stream",
+                                 str(error), "the stored part is corrupt") from None
+        reader.drain()  # runs the decoder to its end: the part's digest is checked there
+        if reader.total != part.size:
+            raise IntegrityError(f"part {part.key} has {reader.total} bytes",
+                                 f"the manifest says {part.size}")
+        return download.info.size
+
+
+def _download(archive: Archive, manifest: Manifest, writer: _Writer, parallel: int) -> int:
+    with ThreadPoolExecutor(max_workers=max(1, parallel),
+                            thread_name_prefix="walship-fetch") as pool:
+        futures: list[Future[int]] = []
+        try:
+            # The biggest parts first: the slowest one starts early.
+            for part in sorted(manifest.parts, key=lambda p: -p.size):
+                futures.append(pool.submit(_fetch_part, archive, part, writer))
+            wait(futures, return_when=FIRST_EXCEPTION)
+        finally:
+            if not all(f.done() and f.exception() is None for f in futures):
+                writer.cancel.set()
+                for future in futures:
+                    future.cancel()
+        wait(futures)
+    errors = [f.exception() for f in futures if not f.cancelled() and f.exception()]
+    if errors:
+        real = [e for e in errors if not isinstance(e, Cancelled)]
+        raise (real or errors)[0]  # type: ignore[misc]
+    return sum(f.result() for f in futures)
+
+
+def _tablespace_targets(manifest: Manifest, mapping: Mapping[int, str]) -> dict[int, Path]:
+    unknown = set(mapping) - {t.oid for t in manifest.tablespaces}
+    if unknown:
+        known = ", ".join(f"{t.oid} ({t.name or '?'}: {t.location})"
+                          for t in manifest.tablespaces) or "none"
+        raise UsageError(f"backup {manifest.name} has no tablespace "
+                         + ", ".join(map(str, sorted(unknown))), f"its tablespaces: {known}")
+    targets = {t.oid: Path(mapping.get(t.oid, t.location)) for t in manifest.tablespaces}
+    if len(set(targets.values())) != len(targets):
+        raise UsageError("two tablespaces would be restored to the same location")
+    return targets
+
+
+def fetch_backup(archive: Archive, name: str, directory: str | os.PathLike[str], *,
+                 tablespace_map: Mapping[int, str] | None = None, force: bool = False,
+                 parallel: int = 3, progress: Progress | None = None,
+                 manifest: Manifest | None = None,
+                 prepare: Callable[[Path, Callable[[str, bytes], None]], None] | None = None,
+                 ) -> FetchResult:
+    """Restore backup ``name`` (or ``LATEST``) into ``directory``; see the module docstring.
+
+    ``prepare(root, write)`` runs once every file is verified, before the files that make the
+    directory startable are written (restore adds its recovery settings there); ``write(rel,
+    content)`` writes a file atomically with the right owner and mode.
+    """
+    started = time.monotonic()
+    manifest = manifest or catalog.resolve(archive, name)
+    root = Path(os.path.abspath(directory))
+    targets = _tablespace_targets(manifest, tablespace_map or {})
+    for oid, location in targets.items():
+        if not location.is_absolute():
+            raise UsageError(f"tablespace {oid} location {location} is not absolute")
+        if location == root or root in location.parents or location in root.parents:
+            raise UsageError(f"tablespace {oid} location {location} overlaps the data "
+                             f"directory {root}", hint="remap it with --tablespace-map")
+    owner = _owner_for(root, manifest)
+    cleanup = _Cleanup()
+    progress = progress or NullProgress()
+    writer = _Writer(root, manifest, owner, progress, threading.Event())
+    _Cleanup.check(root, force=force, what="data directory")
+    for oid, location in targets.items():
+        _Cleanup.check(location, force=False, what=f"tablespace {oid} location")
+    try:
+        cleanup.prepare(root)
+        for location in targets.values():
+            cleanup.prepare(location)
+        os.chmod(root, writer.dir_mode)
+        writer.own(root)
+        writer.write_small(MARKER, f"walship backup-fetch {manifest.name}\n".encode())
+        _make_tree(manifest, root, targets, writer)
+        progress.start(manifest.size)
+        try:
+            stored = _download(archive, manifest, writer, parallel)
+        finally:
+            progress.finish()
+        missing = set(writer.expected) - writer.seen
+        if missing:
+            raise IntegrityError(f"backup {manifest.name} lacks {len(missing)} files its "
+                                 f"manifest lists", f"e.g. {sorted(missing)[0]}",
+                                 "the repository was tampered with")
+        for link in manifest.links:
+            os.symlink(link.target, root / link.path)
+            writer.own(root / link.path)
+        if prepare is not None:
+            prepare(root, writer.write_small)
+        _write_deferred(manifest, writer, targets)
+        for directory_entry in manifest.directories:
+            _fsync_dir(root / directory_entry.path)
+        _fsync_dir(root)
+        os.unlink(root / MARKER)
+        _fsync_dir(root)
+    except BaseException:
+        writer.cancel.set()
+        cleanup.undo()
+        raise
+    return FetchResult(manifest, str(root), stored, writer.written,
+                       time.monotonic() - started, {k: str(v) for k, v in targets.items()})
+
+
+def _make_tree(manifest: Manifest, root: Path, targets: Mapping[int, Path],
+               writer: _Writer) -> None:
+    """Create every directory and the tablespace links, parents first."""
+    links = {f"pg_tblspc/{oid}": location for oid, location in targets.items()}
+    directories = sorted(manifest.directories, key=lambda d: d.path.count("/"))
+    pending = dict(links)
+    for entry in directories:
+        for link, location in list(pending.items()):
+            if entry.path.startswith(link + "/"):
+                if not (root / "pg_tblspc").is_dir():
+                    _mkdir(root / "pg_tblspc", writer)
+                os.symlink(location, root / link)
+                writer.own(root / link)
+                os.chmod(location, writer.dir_mode)
+                writer.own(location)
+                del pending[link]
+        _mkdir(root / entry.path, writer)
+    for link, location in pending.items():  # a tablespace with no directory of this version
+        os.symlink(location, root / link)
+        writer.own(root / link)
+
+
+def _mkdir(path: Path, writer: _Writer) -> None:
+    try:
+        os.mkdir(path, writer.dir_mode)
+    except FileExistsError:
+        if path.is_symlink() or not path.is_dir():
+            raise
+    except OSError as error:
+        if error.errno != errno.EEXIST:
+            raise StorageError(f"cannot create {path}", os.strerror(error.errno or 0)) from None
+    os.chmod(path, writer.dir_mode)
+    writer.own(path)
+
+
+def _write_deferred(manifest: Manifest, writer: _Writer, targets: Mapping[int, Path]) -> None:
+    entries = {f.path: f for f in manifest.files}
+    for rel in DEFERRED:
+        if rel not in writer.deferred:
+            continue
+        content = writer.deferred[rel]
+        if rel == TABLESPACE_MAP:
+            try:
+                spaces = parse_tablespace_map(content.decode())
+            except (UnicodeDecodeError, ValueError) as error:
+                raise IntegrityError("the backup's tablespace_map is unreadable",
+                                     str(error)) from None
+            spaces = {oid: str(targets.get(oid, location)) for oid, location in spaces.items()}
+            content = format_tablespace_map(spaces).encode()
+        writer.write_small(rel, content, entries[rel].mtime)

@@ -1,0 +1,274 @@
+"""``backup-push``: take an online base backup of a running server into the repository.
+
+The sequence: start a non-exclusive backup in one session; read PGDATA and the tablespaces
+directly from disk (:mod:`walship.backup.scan`), as tar parts streamed through the codec into
+the storage, ``parallel`` parts at a time; read ``global/pg_control`` last; stop the backup
+(waiting for the WAL to be archived on a primary); store a final part holding pg_control and
+the ``backup_label`` and ``tablespace_map`` that the stop returned; write the manifest (the
+commit point); check that the WAL the backup needs is in the archive.
+
+Promises: memory stays bounded whatever the cluster's size (one read buffer and one compressor
+per part in flight); a backup is listed as usable only once everything it needs is stored; on
+any failure the backup is aborted on the server, the parts already stored are deleted (as far
+as possible: a killed process leaves parts without a manifest, which are never used).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from walship import __version__, wal
+from walship.archive import Archive
+from walship.backup import catalog, layout
+from walship.backup.manifest import (BACKUP_LABEL, PG_CONTROL, TABLESPACE_MAP, FileEntry,
+                                     Manifest, PartEntry, parse_backup_label)
+from walship.backup.parts import (DEFAULT_PART_SIZE, Cancelled, PartWriter, SourceFile,
+                                  pipelined, plan_parts)
+from walship.backup.progress import Progress
+from walship.backup.scan import Scan, scan
+from walship.backup.source import BackupSource, ServerInfo, StopResult
+from walship.codec import DIGEST_METADATA
+from walship.errors import IntegrityError, UsageError, WalshipError
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What a backup-push stored, for its log line."""
+
+    manifest: Manifest
+    bytes_in: int  # plaintext (tar) bytes of every part
+    bytes_out: int  # bytes stored, manifest included
+    seconds: float
+    skipped: int  # files that vanished before they could be read
+    wal_missing: tuple[str, ...]  # segments the backup needs that are not archived yet
+
+
+@dataclass(frozen=True)
+class _StoredPart:
+    part: PartEntry
+    files: tuple[FileEntry, ...]
+    skipped: tuple[str, ...]
+
+
+class _Counter:
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self.total = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            self.total += len(chunk)
+            yield chunk
+
+
+def choose_name(archive: Archive, start: datetime) -> str:
+    """The UTC start time as a name, with a suffix when it is already taken."""
+    base = layout.base_name(start)
+    for attempt in range(1, 1000):
+        name = layout.with_suffix(base, attempt)
+        if not catalog.name_taken(archive, name):
+            return name
+    raise UsageError(f"too many backups named {base}*")
+
+
+def store_part(archive: Archive, name: str, number: int, files: Sequence[SourceFile], *,
+               progress: Callable[[int], None] | None = None,
+               cancel: threading.Event | None = None) -> _StoredPart:
+    """Stream ``files`` as tar part ``number`` of backup ``name`` into the repository."""
+    key = layout.part_key(name, number)
+    writer = PartWriter(number, files, progress=progress, cancel=cancel)
+    digest = archive.codec.digester(key)
+
+    def plaintext() -> Iterator[bytes]:
+        # Reading and hashing the files runs ahead in a thread of its own.
+        for chunk in pipelined(writer.stream(), name=f"walship-read-{number}"):
+            digest.update(chunk)
+            yield chunk
+
+    stored = _Counter(archive.codec.encode(key, plaintext()))
+    archive.storage.put(key, stored, metadata=lambda: {DIGEST_METADATA: digest.hexdigest()})
+    return _StoredPart(PartEntry(number, key, writer.size, stored.total, len(writer.entries)),
+                       tuple(writer.entries), tuple(writer.skipped))
+
+
+def _store_parts(archive: Archive, name: str, plan: list[list[SourceFile]], parallel: int,
+                 progress: Callable[[int], None] | None,
+                 stored: list[_StoredPart]) -> None:
+    """Store every planned part, ``parallel`` at a time; stop them all at the first failure."""
+    cancel = threading.Event()
+    with ThreadPoolExecutor(max_workers=max(1, parallel),
+                            thread_name_prefix="walship-part") as pool:
+        futures: list[Future[_StoredPart]] = []
+        try:
+            for number, files in enumerate(plan, 1):
+                futures.append(pool.submit(store_part, archive, name, number, files,
+                                           progress=progress, cancel=cancel))
+            wait(futures, return_when=FIRST_EXCEPTION)
+        finally:
+            if not all(f.done() and f.exception() is None for f in futures):
+                cancel.set()  # a failure or an interrupt: stop every part in flight
+                for future in futures:
+                    future.cancel()
+        wait(futures)
+    errors = [f.exception() for f in futures if not f.cancelled() and f.exception()]
+    stored.extend(f.result() for f in futures if not f.cancelled() and not f.exception())
+    if errors:
+        real = [e for e in errors if not isinstance(e, Cancelled)]
+        raise (real or errors)[0]  # type: ignore[misc]
+
+
+def _read_pg_control(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if len(data) != 8192:
+        raise IntegrityError(f"{path} has {len(data)} bytes", "pg_control is 8192 bytes")
+    return data
+
+
+def _check_same_cluster(pgdata: str, info: ServerInfo) -> None:
+    """Refuse a data directory on this machine that is not the connected server's."""
+    import sys
+
+    with open(Path(pgdata, PG_CONTROL), "rb") as handle:
+        local = int.from_bytes(handle.read(8), sys.byteorder)  # ControlFileData.system_identifier
+    if str(local) != info.system_identifier:
+        raise UsageError(f"the data directory {pgdata} on this machine is not the connected "
+                         "server's", f"its system identifier is {local}, the server's "
+                         f"{info.system_identifier}", "run backup-push on the database server "
+                         "and connect to the local server (PGHOST, --dbname)")
+
+
+def _wal_range(stop: StopResult, start_lsn: wal.Lsn, info: ServerInfo
+               ) -> tuple[int, wal.Lsn, str, str, bool]:
+    """Timeline, start LSN, start and stop segment names, and whether it came from a standby."""
+    fields = parse_backup_label(stop.backup_label)
+    start_wal = ""
+    location = fields.get("START WAL LOCATION", "")
+    if "(file " in location:
+        lsn_text, _, rest = location.partition(" (file ")
+        start_lsn = wal.Lsn.parse(lsn_text)
+        start_wal = rest.rstrip(")").strip()
+    size = info.wal_segment_size
+    if not start_wal:
+        raise IntegrityError("pg_backup_stop returned an unreadable backup_label",
+                             stop.backup_label[:200])
+    timeline = int(fields.get("START TIMELINE", "0")) or wal.parse_name(start_wal).timeline
+    start_number = start_lsn.segment_number(size)
+    # The last segment needed holds the byte before the stop LSN (XLByteToPrevSeg).
+    stop_number = max(start_number, (stop.lsn.value - 1) // size)
+    return (timeline, start_lsn, wal.segment_name(timeline, start_number, size),
+            wal.segment_name(timeline, stop_number, size),
+            fields.get("BACKUP FROM", "primary") == "standby")
+
+
+def _owner(path: str) -> tuple[str, str, int]:
+    import grp
+    import pwd
+
+    st = os.stat(path)
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return user, group, st.st_mode & 0o7777
+
+
+def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
+                part_size: int = DEFAULT_PART_SIZE, fast: bool = True,
+                progress: Progress | None = None, log: Log | None = None) -> PushResult:
+    """Take a base backup of the server behind ``source`` into ``archive``'s repository."""
+    started = time.monotonic()
+    info = source.describe()
+    if not info.in_recovery and info.archive_mode == "off":
+        raise UsageError("archive_mode is off on this server", "a base backup is useless "
+                         "without the WAL written while it is taken",
+                         "set archive_mode = on and archive_command = 'walship wal-push %p'")
+    pgdata = info.data_directory
+    if not Path(pgdata, "PG_VERSION").is_file():
+        raise UsageError(f"cannot read the data directory {pgdata}",
+                         "backup-push reads the files directly from disk",
+                         "run it on the database server, as its OS user (postgres)")
+    _check_same_cluster(pgdata, info)
+    user, group, data_mode = _owner(pgdata)
+    start_time = source.now()
+    name = choose_name(archive, start_time)
+    label = f"walship backup {name}"
+    start_lsn = source.start(label, fast)
+    stored: list[_StoredPart] = []
+    committed = False
+    try:
+        content: Scan = scan(pgdata, info.major, info.tablespace_names)
+        plan = plan_parts(list(content.files), part_size)
+        advance = None
+        if progress is not None:
+            progress.start(sum(f.size for f in content.files))
+            advance = progress.advance
+        try:
+            _store_parts(archive, name, plan, parallel, advance, stored)
+        finally:
+            if progress is not None:
+                progress.finish()
+        pg_control = _read_pg_control(content.pg_control)
+        stop = source.stop(wait_for_archive=not info.in_recovery)
+        final = [SourceFile(PG_CONTROL, "", len(pg_control), pg_control),
+                 SourceFile(BACKUP_LABEL, "", 0, stop.backup_label.encode())]
+        if stop.tablespace_map:
+            final.append(SourceFile(TABLESPACE_MAP, "", 0, stop.tablespace_map.encode()))
+        stored.append(store_part(archive, name, len(plan) + 1, final))
+        timeline, start_lsn, start_wal, stop_wal, from_standby = _wal_range(stop, start_lsn,
+                                                                             info)
+        stored.sort(key=lambda s: s.part.number)
+        files = tuple(sorted((f for s in stored for f in s.files), key=lambda f: f.path))
+        manifest = Manifest(
+            name=name, label=label, pg_version=info.version,
+            system_identifier=info.system_identifier, timeline=timeline,
+            start_lsn=start_lsn, stop_lsn=stop.lsn, start_wal=start_wal, stop_wal=stop_wal,
+            wal_segment_size=info.wal_segment_size, start_time=start_time,
+            stop_time=stop.time, from_standby=from_standby or info.in_recovery,
+            data_directory=pgdata, data_mode=data_mode, owner_user=user, owner_group=group,
+            tablespaces=content.tablespaces, directories=content.directories,
+            links=content.links, files=files, parts=tuple(s.part for s in stored),
+            walship_version=__version__)
+        manifest.check()
+        written = catalog.store_manifest(archive, manifest)
+        committed = True
+    except BaseException:
+        source.close()  # ends the session: the server aborts the backup if still running
+        if not committed:
+            _delete_parts(archive, [s.part.key for s in stored], log)
+        raise
+    source.close()
+    missing = catalog.WalIndex(archive).missing(manifest)
+    if missing and log is not None:
+        log(f"backup-push {name}: WARNING: the WAL it needs is not all archived yet: missing "
+            f"{catalog.describe_missing(missing)}; it cannot be restored until it is"
+            + (" (taken on a standby: the primary archives it)" if info.in_recovery else
+               " (hint: is archive_command 'walship wal-push %p' with this repository?)"))
+    return PushResult(manifest, sum(p.size for p in manifest.parts),
+                      manifest.stored_size + written.size, time.monotonic() - started,
+                      sum(len(s.skipped) for s in stored), tuple(missing))
+
+
+def _delete_parts(archive: Archive, keys: list[str], log: Log | None) -> None:
+    """Best effort: remove the parts this failed push stored (only those: a concurrent push
+    that chose the same name keeps its own)."""
+    for key in keys:
+        try:
+            archive.storage.delete(key)
+        except (WalshipError, OSError) as error:
+            if log is not None:
+                log(f"backup-push: could not remove {key} of the failed backup: {error}")
+            return
