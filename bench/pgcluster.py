@@ -1,0 +1,171 @@
+"""PostgreSQL clusters for the benchmark, run as the ``postgres`` OS user when started as root.
+
+A :class:`Cluster` is a data directory with its own Unix-socket directory (no TCP). Every server
+the harness starts is registered so that :func:`stop_all` can stop it on any exit path.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from pgwire import Connection, PgError
+
+_RUNNING: list["Cluster"] = []
+
+
+def bindir() -> Path:
+    out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+BIN = bindir()
+
+
+def os_user() -> pwd.struct_passwd | None:
+    return pwd.getpwnam("postgres") if os.geteuid() == 0 else None
+
+
+def as_postgres() -> dict:
+    """subprocess keyword arguments that run a child as the postgres user (when we are root)."""
+    user = os_user()
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
+
+
+def chown_tree(path: Path) -> None:
+    user = os_user()
+    if not user:
+        return
+    os.chown(path, user.pw_uid, user.pw_gid)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), user.pw_uid, user.pw_gid, follow_symlinks=False)
+
+
+def make_dir(path: Path) -> Path:
+    """A world-traversable directory owned by the postgres user."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o755)
+    user = os_user()
+    if user:
+        os.chown(path, user.pw_uid, user.pw_gid)
+    return path
+
+
+def run_pg(args: list[str], env: dict[str, str] | None = None, check: bool = True,
+           timeout: float | None = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command as the postgres user, output captured; raise with its output on failure."""
+    proc = subprocess.run(args, env=env or base_env(), capture_output=True, text=True,
+                          cwd=kwargs.pop("cwd", "/"), timeout=timeout, **as_postgres(), **kwargs)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, args))} exited {proc.returncode}:\n"
+                           f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return proc
+
+
+def base_env(home: str = "/tmp") -> dict[str, str]:
+    return {"PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": home, "LC_ALL": "C",
+            "LANG": "C"}
+
+
+class Cluster:
+    def __init__(self, data: Path, sockdir: Path, log: Path) -> None:
+        self.data, self.sockdir, self.log = data, sockdir, log
+        self.running = False
+
+    @classmethod
+    def initdb(cls, data: Path, sockdir: Path, log: Path) -> "Cluster":
+        make_dir(sockdir)
+        run_pg([str(BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                "--no-sync"])
+        return cls(data, sockdir, log)
+
+    def configure(self, **settings: object) -> None:
+        """Append settings to postgresql.auto.conf (later lines win)."""
+        lines = []
+        for key, value in settings.items():
+            if isinstance(value, str):
+                value = "'" + value.replace("'", "''") + "'"
+            elif isinstance(value, bool):
+                value = "on" if value else "off"
+            lines.append(f"{key} = {value}\n")
+        with open(self.data / "postgresql.auto.conf", "a") as conf:
+            conf.writelines(lines)
+
+    def base_settings(self) -> None:
+        self.configure(listen_addresses="", unix_socket_directories=str(self.sockdir),
+                       port=5432, max_connections=20, shared_buffers="128MB",
+                       wal_level="replica", max_wal_size="4GB", min_wal_size="1GB",
+                       wal_keep_size="2GB", fsync=False, synchronous_commit=False,
+                       full_page_writes=True, log_min_messages="warning",
+                       log_line_prefix="%m [%p] ", logging_collector=False)
+
+    def start(self, env: dict[str, str] | None = None, wait: bool = True) -> None:
+        args = [str(BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                "-w" if wait else "-W", "-t", "600", "start"]
+        _RUNNING.append(self)
+        self.running = True
+        run_pg(args, env=env)
+
+    def stop(self, mode: str = "fast") -> None:
+        if not self.running:
+            return
+        try:
+            run_pg([str(BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "120",
+                    "stop"], check=False)
+        finally:
+            self.running = False
+            if self in _RUNNING:
+                _RUNNING.remove(self)
+
+    def connect(self, timeout: float = 60.0) -> Connection:
+        """Connect, retrying while the server starts up (every 50 ms)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return Connection(str(self.sockdir))
+            except (OSError, PgError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def psql(self, sql: str) -> str:
+        return run_pg([str(BIN / "psql"), "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1",
+                       "-h", str(self.sockdir), "-U", "postgres", "-d", "postgres",
+                       "-c", sql]).stdout.strip()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+def stop_all() -> None:
+    for cluster in list(_RUNNING):
+        try:
+            cluster.stop("immediate")
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """cp -a (keeps the postgres ownership and modes; PostgreSQL insists on 0700 data dirs)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+
+
+def segment_names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()
+                  if len(p.name) == 24 and all(c in "0123456789ABCDEF" for c in p.name))
+
+
+def ready_segments(data: Path) -> list[str]:
+    status = data / "pg_wal" / "archive_status"
+    names = [p.name[:-len(".ready")] for p in status.iterdir() if p.name.endswith(".ready")]
+    return sorted(n for n in names if len(n) == 24)

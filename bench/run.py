@@ -1,0 +1,846 @@
+"""Side-by-side benchmark: walship, pgBackRest and barman-cloud archiving the same real pgbench
+WAL to one Azurite (HTTPS) and bringing it back, the way PostgreSQL calls them.
+
+    bash bench/setup.sh && /opt/walship-venv/bin/python bench/run.py
+
+Measures, in one run on one Azurite:
+  (a) archive drain: a PostgreSQL 15 cluster with a backlog of >= 60 segments marked .ready
+      switches archive_command on; time until pg_stat_archiver.last_archived_wal is the last one;
+  (b) restore feed: restore_command run the way PostgreSQL runs it (sh -c, one segment at a time,
+      in order) for every segment, from the archive each tool filled in (a); byte-identical check;
+  (c) recovery: a base backup taken part-way through the backlog, recovered with each tool's
+      restore_command until promotion, and with a plain `cp` from a directory (the floor);
+  (d) bytes stored per tool; peak RSS of single push and fetch calls.
+Each timed measurement runs --repeat times (default 3); tables show medians. Writes
+docs/benchmarks.md after a full run (not with --quick). Everything runs under /tmp/walship-bench-*
+and is removed afterwards (servers stopped, Azurite killed), also on errors or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import filecmp
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import pgcluster  # noqa: E402
+from azurite import Azurite, find_binary  # noqa: E402
+from pgcluster import BIN, Cluster, copy_tree, make_dir, run_pg  # noqa: E402
+from peers import (Barman, BarmanParallel, Context, PgBackRest, PgBackRestSync, Tool,  # noqa: E402
+                   Walship)
+from pgwire import Connection, PgError  # noqa: E402
+
+REPO = HERE.parent
+SEGMENT = 16 * 2**20
+POLL = 0.05
+DEFAULT_CERT_DIR = Path(os.environ.get("WALSHIP_BENCH_DIR", "/opt/walship-bench"))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- processes the tools leave behind ---------------------------------------------------------
+def _processes_under(path: Path) -> list[int]:
+    """Processes (not us) whose command line or working directory is in ``path``: the tools'
+    detached helpers (walship's prefetch worker, pgBackRest's async processes) left by a run."""
+    needle = str(path)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            try:
+                cwd = os.readlink(f"/proc/{entry}/cwd")
+            except OSError:
+                cwd = ""
+        except OSError:
+            continue
+        if needle.encode() in cmdline or cwd == needle or cwd.startswith(needle + "/"):
+            found.append(int(entry))
+    return found
+
+
+def peak_rss_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def kill_strays(path: Path) -> dict[int, int | None]:
+    """Terminate leftover processes of a run (by pid); return their peak RSS (KiB)."""
+    pids = _processes_under(path)
+    peaks = {pid: peak_rss_kib(pid) for pid in pids}
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return peaks
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+# -- the WAL backlog --------------------------------------------------------------------------
+class Template:
+    """A stopped cluster whose pg_wal holds a backlog of .ready segments, and a base backup
+    taken part-way through it."""
+
+    def __init__(self, data: Path, base: Path, backlog: list[str], replayed: list[str],
+                 counts: str, seconds: float) -> None:
+        self.data, self.base, self.backlog, self.replayed = data, base, backlog, replayed
+        self.counts, self.seconds = counts, seconds
+
+
+# What the recovered database must show: pgbench's history (append-only; the sum of its deltas is
+# the sum of all account balances). Scanning pgbench_accounts instead would prune pages and so
+# write WAL of its own.
+CHECK_SQL = "SELECT count(*) || '/' || coalesce(sum(delta), 0) FROM pgbench_history"
+
+
+def build_template(work: Path, segments: int, replay: int, scale: int) -> Template:
+    started = time.monotonic()
+    tdir = make_dir(work / "template")
+    data = tdir / "data"
+    cluster = Cluster.initdb(data, tdir / "sock", tdir / "postgres.log")
+    cluster.base_settings()
+    # archive_mode on with no archive_command: PostgreSQL marks every finished segment .ready
+    # and keeps it, and nothing archives it.
+    # Checkpoints every 30 s while pgbench runs: PostgreSQL then writes full-page images as it
+    # does after every checkpoint in production, and the backlog is written in about a minute.
+    cluster.configure(archive_mode=True, archive_command="", checkpoint_timeout="30s")
+    cluster.start()
+    pgbench = [str(BIN / "pgbench"), "-h", str(cluster.sockdir), "-U", "postgres"]
+
+    def written() -> int:
+        """Segments finished so far, from the insert position: PostgreSQL creates some .ready
+        files only later (at a checkpoint), so counting them would overshoot."""
+        current = cluster.psql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")
+        return int(current[8:16], 16) * 256 + int(current[16:], 16) - 1
+
+    def fill(target: int) -> None:
+        deadline = time.monotonic() + 900
+        while written() < target:
+            if time.monotonic() > deadline:
+                raise RuntimeError("pgbench did not write enough WAL in 15 minutes")
+            run_pg(pgbench + ["-n", "-c", "2", "-j", "2", "-T", "1", "postgres"])
+
+    try:
+        run_pg(pgbench + ["-i", "-q", "-s", str(scale), "postgres"])
+        fill(segments - replay)
+        log(f"template: {written()} segments written; taking the base backup")
+        base = make_dir(tdir / "base")
+        cluster.psql("CHECKPOINT")
+        label = tdir / "backup_label.out"
+        script = tdir / "backup.sql"
+        # PostgreSQL's low-level backup API (what pg_basebackup does inside), because
+        # pg_basebackup -X none insists on waiting until the WAL it needs is archived, and
+        # this backlog must stay unarchived.
+        script.write_text(
+            "SELECT pg_backup_start('walship-bench', true);\n"
+            f"\\! cp -a {shlex.quote(str(data))}/. {shlex.quote(str(base))}/ 2>/dev/null; true\n"
+            "\\pset tuples_only on\n\\pset format unaligned\n"
+            f"\\o {label}\nSELECT labelfile FROM pg_backup_stop(false);\n\\o\n")
+        pgcluster.chown_tree(script)
+        run_pg([str(BIN / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h",
+                str(cluster.sockdir), "-U", "postgres", "-d", "postgres", "-f", str(script)])
+        label_text = label.read_text().rstrip("\n") + "\n"
+        for junk in ["postmaster.pid", "postmaster.opts"]:
+            (base / junk).unlink(missing_ok=True)
+        for sub in ["pg_wal", "pg_replslot", "pg_stat_tmp"]:
+            for entry in (base / sub).iterdir():
+                if entry.is_dir() and entry.name == "archive_status":
+                    for status in entry.iterdir():
+                        status.unlink()
+                elif entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        (base / "backup_label").write_text(label_text)
+        pgcluster.chown_tree(base)
+        start_file = label_text.split("(file ", 1)[1].split(")", 1)[0]
+        before = int(start_file[8:16], 16) * 256 + int(start_file[16:], 16) - 1
+        fill(max(segments, before + replay) - 1)
+        counts = cluster.psql(CHECK_SQL)
+        cluster.psql("SELECT pg_switch_wal()")  # the last transactions are in .ready WAL too
+    finally:
+        cluster.stop()
+    cluster.configure(checkpoint_timeout="5min")  # the default again, for every run
+    (base / "postgresql.auto.conf").write_text((data / "postgresql.auto.conf").read_text())
+    backlog = pgcluster.ready_segments(data)
+    if len(backlog) < segments:
+        raise RuntimeError(f"only {len(backlog)} segments .ready, wanted {segments}")
+    for name in backlog:
+        if (data / "pg_wal" / name).stat().st_size != SEGMENT:
+            raise RuntimeError(f"{name} is not a 16 MiB segment")
+    replayed = [n for n in backlog if n >= start_file]
+    # The recovery (c) asks for WAL from the backup's start on; every one of those must be in
+    # the backlog, or a tool would be asked for something nobody archived.
+    if not replayed or replayed[0] != start_file:
+        raise RuntimeError(f"backup starts in {start_file}, not in the backlog")
+    log(f"template: {len(backlog)} segments .ready ({backlog[0]}..{backlog[-1]}), base backup "
+        f"from {start_file} ({len(replayed)} segments to replay), "
+        f"{time.monotonic() - started:.0f} s")
+    return Template(data, base, backlog, replayed, counts, time.monotonic() - started)
+
+
+# -- the measurements -------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path, azurite: Azurite,
+                 ctx: Context) -> None:
+        self.args, self.work, self.azurite, self.ctx = args, work, azurite, ctx
+        self.template: Template | None = None
+        self.results: dict = {"drain": {}, "feed": {}, "recovery": {}, "stored": {},
+                              "rss": {}, "notes": []}
+
+    # (a) ---------------------------------------------------------------------------------------
+    def drain(self, tool: Tool, repeat: int) -> dict:
+        t = self.template
+        container = f"{tool.key}-{repeat}"
+        run_dir = make_dir(self.work / f"drain-{tool.key}-{repeat}")
+        data = run_dir / "data"
+        copy_tree(t.data, data)
+        sockdir = make_dir(run_dir / "sock")
+        cluster = Cluster(data, sockdir, run_dir / "postgres.log")
+        cluster.configure(unix_socket_directories=str(sockdir), archive_command="",
+                          log_min_messages="log")
+        tool.create_repo(container)
+        home = make_dir(run_dir / "home")
+        cluster.start(env=tool.env(container, home))
+        try:
+            tool.prepare(container, run_dir, data, sockdir)
+            command = tool.archive_command(container, run_dir, data, sockdir)
+            last = t.backlog[-1]
+            with cluster.connect() as conn:
+                conn.query("ALTER SYSTEM SET archive_command = '"
+                           + command.replace("'", "''") + "'")
+                started = time.perf_counter()
+                conn.query("SELECT pg_reload_conf()")
+                deadline = started + self.args.timeout
+                while True:
+                    done, failed = conn.query(
+                        "SELECT last_archived_wal, failed_count FROM pg_stat_archiver")[0]
+                    if done is not None and len(done) == 24 and done >= last:
+                        break
+                    if time.perf_counter() > deadline or int(failed) >= 3:
+                        raise RuntimeError(
+                            f"{tool.label}: archiving stuck at {done}, {failed} failures:\n"
+                            f"{cluster.log_tail()}")
+                    time.sleep(POLL)
+                seconds = time.perf_counter() - started
+                failed = int(conn.value("SELECT failed_count FROM pg_stat_archiver"))
+        finally:
+            cluster.stop()
+            kill_strays(run_dir)
+        shutil.rmtree(data)
+        blobs, stored = tool.usage(container)
+        if blobs < len(t.backlog):
+            raise RuntimeError(f"{tool.label}: {blobs} blobs stored for {len(t.backlog)} "
+                               "segments")
+        return {"seconds": seconds, "failed": failed, "blobs": blobs, "bytes": stored}
+
+    # (b) ---------------------------------------------------------------------------------------
+    def feed(self, tool: Tool, repeat: int) -> dict:
+        t = self.template
+        container = f"{tool.archive_key}-1"
+        run_dir = make_dir(self.work / f"feed-{tool.key}-{repeat}")
+        fake = make_dir(run_dir / "data")  # what restore_command sees of a data directory
+        make_dir(fake / "pg_wal")
+        make_dir(fake / "global")
+        shutil.copy2(t.data / "global" / "pg_control", fake / "global" / "pg_control")
+        shutil.copy2(t.data / "PG_VERSION", fake / "PG_VERSION")
+        pgcluster.chown_tree(fake)
+        os.chmod(fake, 0o700)
+        template = tool.restore_command(container, run_dir, fake)
+        env = tool.env(container, make_dir(run_dir / "home"))
+        calls, rss = [], []
+        wal = fake / "pg_wal"
+        stderr = open(run_dir / "stderr.log", "ab")
+        try:
+            started = time.perf_counter()
+            for name in t.backlog:
+                command = template.replace("%f", name).replace("%p", "pg_wal/RECOVERYXLOG")
+                call = time.perf_counter()
+                proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=fake, env=env,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=stderr,
+                                        **pgcluster.as_postgres())
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                calls.append(time.perf_counter() - call)
+                rss.append(usage.ru_maxrss)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{tool.label}: restore of {name} exited "
+                                       f"{proc.returncode}:\n"
+                                       f"{(run_dir / 'stderr.log').read_text()[-3000:]}")
+                os.rename(wal / "RECOVERYXLOG", wal / name)
+            seconds = time.perf_counter() - started
+        finally:
+            stderr.close()
+            workers = kill_strays(run_dir)
+        for name in t.backlog:
+            if not filecmp.cmp(wal / name, t.data / "pg_wal" / name, shallow=False):
+                raise RuntimeError(f"{tool.label}: restored {name} differs from the original")
+        shutil.rmtree(fake)
+        return {"seconds": seconds, "call_median": statistics.median(calls),
+                "call_max": max(calls), "rss_kib_max": max(rss),
+                "worker_rss_kib": max((v or 0) for v in workers.values()) if workers else None,
+                "verified": len(t.backlog)}
+
+    # (c) ---------------------------------------------------------------------------------------
+    def recovery(self, tool: Tool | None, repeat: int) -> dict:
+        t = self.template
+        key = tool.key if tool else "cp"
+        container = f"{tool.archive_key if tool else key}-1"
+        run_dir = make_dir(self.work / f"recovery-{key}-{repeat}")
+        data = run_dir / "data"
+        copy_tree(t.base, data)
+        sockdir = make_dir(run_dir / "sock")
+        cluster = Cluster(data, sockdir, run_dir / "postgres.log")
+        if tool is None:
+            command = f"cp {shlex.quote(str(self.plain_dir))}/%f %p"
+            env = pgcluster.base_env(str(make_dir(run_dir / "home")))
+        else:
+            command = tool.restore_command(container, run_dir, data)
+            env = tool.env(container, make_dir(run_dir / "home"))
+        cluster.configure(unix_socket_directories=str(sockdir), archive_mode=False,
+                          archive_command="", restore_command=command,
+                          recovery_target_action="promote", hot_standby=True,
+                          log_min_messages="log")
+        (data / "recovery.signal").touch()
+        pgcluster.chown_tree(data)
+        try:
+            started = time.perf_counter()
+            cluster.start(env=env, wait=False)
+            deadline = started + self.args.timeout
+            conn = None
+            while True:
+                now = time.perf_counter()
+                if now > deadline:
+                    raise RuntimeError(f"{key}: recovery did not finish:\n{cluster.log_tail()}")
+                if now - started > 3 and not (data / "postmaster.pid").exists():
+                    raise RuntimeError(f"{key}: the server stopped:\n{cluster.log_tail()}")
+                if conn is None:
+                    try:
+                        conn = Connection(str(sockdir), timeout=5)
+                    except (OSError, PgError):
+                        time.sleep(POLL)
+                        continue
+                try:
+                    if conn.value("SELECT pg_is_in_recovery()") == "f":
+                        break
+                except (OSError, PgError):
+                    conn.close()
+                    conn = None
+                time.sleep(POLL)
+            seconds = time.perf_counter() - started
+            counts = conn.value(CHECK_SQL)
+            conn.close()
+        finally:
+            cluster.stop()
+            kill_strays(run_dir)
+        logtext = cluster.log.read_text(errors="replace")
+        if counts != t.counts:
+            raise RuntimeError(f"{key}: recovered data {counts} differs from the original "
+                               f"{t.counts}")
+        if f'restored log file "{t.backlog[-1]}" from archive' not in logtext:
+            raise RuntimeError(f"{key}: recovery did not replay {t.backlog[-1]}:\n"
+                               f"{logtext[-3000:]}")
+        shutil.rmtree(data)
+        return {"seconds": seconds}
+
+    # (d) ---------------------------------------------------------------------------------------
+    def peak_rss(self, walship: Walship, pgbackrest: PgBackRestSync, barman: Barman) -> dict:
+        """One push and one fetch per tool under /usr/bin/time -f %M, on a copy of the backlog
+        (so walship's push-ahead does what it does under PostgreSQL). Detached helpers (walship's
+        prefetch worker) are separate processes: their peak is read from /proc before they are
+        stopped."""
+        t = self.template
+        run_dir = make_dir(self.work / "rss")
+        data = run_dir / "data"
+        copy_tree(t.data, data)
+        sockdir = make_dir(run_dir / "sock")
+        cluster = Cluster(data, sockdir, run_dir / "postgres.log")
+        cluster.configure(unix_socket_directories=str(sockdir), archive_command="")
+        first = t.backlog[0]
+        out: dict = {}
+
+        def timed(argv: list[str], env: dict, cwd: Path) -> int:
+            proc = subprocess.run(["/usr/bin/time", "-f", "RSS_KIB=%M", *argv], env=env,
+                                  cwd=cwd, capture_output=True, text=True,
+                                  **pgcluster.as_postgres())
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: "
+                                   f"{proc.stderr[-2000:]}")
+            return int(proc.stderr.rsplit("RSS_KIB=", 1)[1].split()[0])
+
+        fetch_dir = make_dir(run_dir / "fetch")
+        try:
+            for tool in (walship, pgbackrest, barman):
+                container = f"rss-{tool.key}"
+                tool.create_repo(container)
+                home = make_dir(run_dir / f"home-{tool.key}")
+                env = tool.env(container, home)
+                if tool is pgbackrest:
+                    cluster.start(env=env)
+                    tool.prepare(container, run_dir, data, sockdir)
+                    cluster.stop()
+                    push = ["sh", "-c", tool.archive_command(container, run_dir, data, sockdir)
+                            .replace("%p", shlex.quote(str(data / "pg_wal" / first)))]
+                    fetch_data = data
+                    get = tool.restore_command(container, run_dir, data)
+                else:
+                    push = ["sh", "-c", tool.archive_command(container, run_dir, data, sockdir)
+                            .replace("%p", shlex.quote(str(data / "pg_wal" / first)))]
+                    fetch_data = make_dir(fetch_dir / tool.key)
+                    make_dir(fetch_data / "pg_wal")
+                    get = tool.restore_command(container, run_dir, fetch_data)
+                push_kib = timed(push, env, data)
+                fetch_kib = timed(["sh", "-c", get.replace("%f", first)
+                                   .replace("%p", "pg_wal/RECOVERYXLOG")], env, fetch_data)
+                worker = None
+                if tool is walship:
+                    time.sleep(2)  # let the prefetch worker download its window
+                    worker = max([v or 0 for v in kill_strays(fetch_data).values()] + [0]) or None
+                if not filecmp.cmp(fetch_data / "pg_wal" / "RECOVERYXLOG",
+                                   t.data / "pg_wal" / first, shallow=False):
+                    raise RuntimeError(f"{tool.label}: fetched {first} differs")
+                out[tool.key] = {"push_kib": push_kib, "fetch_kib": fetch_kib,
+                                 "worker_kib": worker}
+        finally:
+            cluster.stop()
+            kill_strays(run_dir)
+        shutil.rmtree(data)
+        return out
+
+    def build_plain_dir(self) -> None:
+        """The floor of (c): the same segments in a plain directory, restored with cp."""
+        self.plain_dir = make_dir(self.work / "plain-wal")
+        for name in self.template.backlog:
+            shutil.copy2(self.template.data / "pg_wal" / name, self.plain_dir / name)
+        pgcluster.chown_tree(self.plain_dir)
+
+
+# -- reporting --------------------------------------------------------------------------------
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine_info() -> dict:
+    model = "?"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    return {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(mem_kib / 2**20, 1),
+            "kernel": platform.release(), "os": _os_name()}
+
+
+def _os_name() -> str:
+    try:
+        for line in open("/etc/os-release"):
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return platform.platform()
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "walship"],
+                               capture_output=True, text=True).stdout.strip()
+        return rev + (" with uncommitted changes in walship/" if dirty else "")
+    except OSError:
+        return "?"
+
+
+def fmt_samples(values: list[float], digits: int = 2) -> str:
+    return ", ".join(f"{v:.{digits}f}" for v in values)
+
+
+def render(results: dict, info: dict) -> tuple[str, str]:
+    """(plain table for the terminal, markdown for docs/benchmarks.md)."""
+    n = info["segments"]
+    raw_mib = n * SEGMENT / 2**20
+    labels = info["labels"]
+    md: list[str] = []
+    txt: list[str] = []
+
+    def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+        md.append(f"### {title}\n")
+        md.append("| " + " | ".join(header) + " |")
+        md.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
+        for row in rows:
+            md.append("| " + " | ".join(row) + " |")
+        md.append("")
+        widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+        txt.append(title)
+        for row in [header] + rows:
+            txt.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                        for i, (c, w) in enumerate(zip(row, widths))))
+        txt.append("")
+
+    drain = results["drain"]
+    ws = median([r["seconds"] for r in drain["walship"]]) if "walship" in drain else None
+    rows = []
+    for key, runs in drain.items():
+        secs = [r["seconds"] for r in runs]
+        m = median(secs)
+        rows.append([labels[key], f"{m:.2f}", f"{n / m:.1f}",
+                     f"{m / ws:.2f}" if ws else "-", fmt_samples(secs)])
+    table(f"(a) Archive drain: {n} .ready segments ({raw_mib:.0f} MiB of WAL)",
+          ["tool", "median s", "segments/s", "time vs walship", "runs (s)"], rows)
+
+    feed = results["feed"]
+    ws = median([r["seconds"] for r in feed["walship"]]) if "walship" in feed else None
+    rows = []
+    for key, runs in feed.items():
+        secs = [r["seconds"] for r in runs]
+        m = median(secs)
+        rows.append([labels[key], f"{m:.2f}", f"{n / m:.1f}",
+                     f"{median([r['call_median'] for r in runs]) * 1000:.0f}",
+                     f"{max(r['call_max'] for r in runs) * 1000:.0f}",
+                     f"{m / ws:.2f}" if ws else "-", fmt_samples(secs)])
+    table(f"(b) Restore feed: {n} segments, one restore_command at a time, in order",
+          ["tool", "median s", "segments/s", "median ms/call", "max ms/call",
+           "time vs walship", "runs (s)"], rows)
+
+    rec = results["recovery"]
+    floor = median([r["seconds"] for r in rec["cp"]]) if "cp" in rec else None
+    ws = median([r["seconds"] for r in rec["walship"]]) if "walship" in rec else None
+    rows = []
+    for key, runs in rec.items():
+        secs = [r["seconds"] for r in runs]
+        m = median(secs)
+        rows.append([labels[key], f"{m:.2f}", f"{m / floor:.2f}" if floor else "-",
+                     f"{m / ws:.2f}" if ws else "-", fmt_samples(secs)])
+    table(f"(c) Recovery: base backup + {info['replayed']} segments replayed, pg_ctl start "
+          "until promoted", ["restore_command", "median s", "time vs cp", "time vs walship",
+                             "runs (s)"], rows)
+
+    rows = []
+    for key, (blobs, size) in results["stored"].items():
+        rows.append([labels[key], str(blobs), f"{size / 2**20:.1f}", f"{raw_mib / (size / 2**20):.2f}"])
+    table(f"(d) Stored in Azurite for the {n} segments ({raw_mib:.0f} MiB)",
+          ["tool", "blobs", "MiB stored", "compression ratio"], rows)
+
+    rows = []
+    for key, r in results["rss"].items():
+        rows.append([labels[key], f"{r['push_kib'] / 1024:.0f}", f"{r['fetch_kib'] / 1024:.0f}",
+                     f"{r['worker_kib'] / 1024:.0f}" if r.get("worker_kib") else "-"])
+    if rows:
+        table("Peak RSS of one call (MiB, /usr/bin/time -f %M)",
+              ["tool", "push", "fetch", "prefetch worker (separate process)"], rows)
+    return "\n".join(txt), "\n".join(md)
+
+
+def write_doc(path: Path, markdown: str, info: dict, command: str) -> None:
+    v = info["versions"]
+    m = info["machine"]
+    if info["pgbackrest_verify_tls"]:
+        tls = ("pgBackRest verifies it too (`repo1-storage-ca-file`); it connects to `localhost`, "
+               "the certificate's DNS name, because its TLS client does not match IP addresses.")
+    else:
+        tls = ("pgBackRest runs with `repo1-storage-verify-tls=n` (its TLS client does not match "
+               "IP addresses and `localhost` did not resolve to 127.0.0.1 here).")
+    text = f"""# Benchmarks: walship, pgBackRest and barman-cloud
+
+Measured by [`bench/run.py`](../bench/run.py) on {info['date']} (UTC), in one run against one
+Azurite over HTTPS on 127.0.0.1, on the same real pgbench WAL for every tool. Every number below
+was measured in that run; nothing is copied from elsewhere. Times are medians of
+{info['repeat']} runs (each run listed); ratios are between medians of this run.
+
+## Machine and versions
+
+| | |
+|---|---|
+| CPU | {m['cpu']}, {m['cores']} cores (shared, noisy virtual machine) |
+| memory | {m['memory_gib']} GiB |
+| OS | {m['os']}, Linux {m['kernel']} |
+| PostgreSQL | {v['postgresql']} |
+| walship | {v['walship']} (commit {v['walship_commit']}) |
+| pgBackRest | {v['pgbackrest']} (Debian package) |
+| barman-cloud | {v['barman']} (barman[azure] from PyPI, own venv) |
+| Azurite | {v['azurite']} (`--loose --skipApiVersionCheck`, HTTPS, self-signed certificate) |
+| Python (harness) | {platform.python_version()} |
+
+Reproduce (as root, on Debian 12; about {info['minutes']:.0f} minutes here):
+
+```sh
+{command}
+```
+
+## Results
+
+WAL: {info['segments']} segments of 16 MiB written by pgbench (scale {info['scale']}, then
+TPC-B-like runs with 2 clients) on PostgreSQL 15, the same bytes for every tool. All tools write
+zstd level 3.
+
+{markdown}
+## Method
+
+* **One Azurite** (blob service only, 127.0.0.1, HTTPS with a self-signed certificate, a fresh
+  `--location`) serves all tools; each tool and run has its own container. The machine's two
+  cores are shared by PostgreSQL, the tool, and Azurite (Node.js, single-threaded), so these
+  numbers compare the tools under the same constraint; they are not absolute cloud throughput.
+* **Backlog**: a cluster runs with `archive_mode = on` and an empty `archive_command`, so
+  PostgreSQL marks every finished segment `.ready` and keeps it, while pgbench writes WAL. A base
+  backup is taken part-way through with PostgreSQL's low-level API (`pg_backup_start` /
+  `pg_backup_stop(wait_for_archive => false)`: `pg_basebackup -X none` would wait for the
+  unarchived WAL), then pgbench goes on, `pg_switch_wal()` closes the last segment, and the
+  server is stopped. This stopped cluster is the template for every run.
+* **(a) Archive drain**: each run restores a copy of the template, starts it with archiving
+  still off, lets the tool prepare its repository (pgBackRest: `stanza-create`), then sets the
+  tool's `archive_command` (`ALTER SYSTEM` + `pg_reload_conf()`, the clock starts here) and polls
+  `pg_stat_archiver` every 50 ms until `last_archived_wal` is the last `.ready` segment. Each
+  run archives into a fresh container; the number of blobs stored is checked.
+* **(b) Restore feed**: a Python loop runs each tool's `restore_command` through `sh -c` as the
+  `postgres` user, the way PostgreSQL does (`%p` = `pg_wal/RECOVERYXLOG`, working directory a
+  data directory with the template's `pg_control`), one segment at a time and in order, for
+  every segment of the backlog, from the container that tool filled in run 1 of (a). Every
+  restored file is compared byte for byte with the original. Detached helpers (walship's
+  prefetch worker, pgBackRest's async process) are stopped after each run.
+* **(c) Recovery**: the base backup is copied, `recovery.signal` and the tool's
+  `restore_command` (`recovery_target_action = 'promote'`) are set, and the clock runs from
+  `pg_ctl start` until `pg_is_in_recovery()` is false (polled every 50 ms). Recovery ends at the
+  end of the archive. The recovered database is checked against the original (pgbench_history
+  row count and sum of deltas, which is the sum of all balances), and the log must show the last
+  segment restored.
+  `cp` from a plain directory holding the same segments is the floor.
+* **Settings**: walship as shipped (push-ahead 8, prefetch 8, parallel 3), only the repository,
+  the connection string and the CA bundle set. pgBackRest with `archive-async=y`,
+  `process-max=2`, `compress-type=zst`, `archive-get-queue-max=2GiB`, path-style URIs
+  (plus an archive row without async). barman-cloud with `--zstd --compression-level 3`; its
+  restore once at defaults and once with its read-ahead (`--parallel 3 --spool-dir`).
+  PostgreSQL with `fsync = off` (the same for all; the tools' own writes are not affected).
+* **TLS**: all over HTTPS. walship and barman-cloud verify Azurite's certificate (given as
+  `REQUESTS_CA_BUNDLE` / `SSL_CERT_FILE`). {tls}
+* **Peak RSS**: `/usr/bin/time -f %M` around one push and one fetch per tool (pgBackRest without
+  async). walship's push runs in a `pg_wal` holding the backlog, so its push-ahead works as
+  under PostgreSQL; its fetch starts the detached prefetch worker, whose own peak is read from
+  `/proc` before it is stopped.
+"""
+    path.write_text(text)
+
+
+# -- main -------------------------------------------------------------------------------------
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Side-by-side benchmark of walship, pgBackRest and barman-cloud on one "
+                    "Azurite (HTTPS). Run bench/setup.sh first.",
+        epilog="Example: bash bench/setup.sh && /opt/walship-venv/bin/python bench/run.py")
+    p.add_argument("--segments", type=int, default=64,
+                   help="WAL segments in the backlog (default 64)")
+    p.add_argument("--replay", type=int, default=32,
+                   help="segments the recovery (c) replays, at least (default 32)")
+    p.add_argument("--scale", type=int, default=30, help="pgbench -i scale (default 30)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs of each timed measurement; medians are reported (default 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="development: 16 segments, 8 replayed, --repeat 1, no docs written")
+    p.add_argument("--walship", default=str(Path(sys.executable).parent / "walship"),
+                   help="walship executable (default: the one beside this Python)")
+    p.add_argument("--barman-venv", type=Path, default=DEFAULT_CERT_DIR / "barman")
+    p.add_argument("--cert", type=Path, default=DEFAULT_CERT_DIR / "cert.pem")
+    p.add_argument("--key", type=Path, default=DEFAULT_CERT_DIR / "key.pem")
+    p.add_argument("--azurite-bin", default=None,
+                   help="azurite-blob (default $WALSHIP_AZURITE_BIN, /opt/walship-azurite)")
+    p.add_argument("--no-sync-row", action="store_true",
+                   help="skip the pgBackRest archive row without async")
+    p.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md",
+                   help="where to write the report (default docs/benchmarks.md)")
+    p.add_argument("--no-docs", action="store_true", help="do not write the report")
+    p.add_argument("--json", type=Path, help="also write the raw results as JSON")
+    p.add_argument("--timeout", type=float, default=600,
+                   help="seconds allowed for one drain or recovery (default 600)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--walship-file-repo", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.quick:
+        args.segments, args.replay, args.repeat = 16, 8, 1
+    if args.replay >= args.segments - 2:
+        p.error("--replay must leave at least 2 segments before the base backup")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: servers run as the postgres user")
+    for path, what in [(args.cert, "certificate"), (args.key, "key"),
+                       (args.barman_venv / "bin" / "barman-cloud-wal-archive", "barman-cloud")]:
+        if not path.exists():
+            raise SystemExit(f"{what} {path} missing: run bench/setup.sh")
+    pgbackrest = shutil.which("pgbackrest")
+    if not pgbackrest:
+        raise SystemExit("pgbackrest missing: run bench/setup.sh")
+    run_pg([args.walship, "--version"])  # the postgres user must be able to run it
+
+    def on_signal(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+    work = Path(tempfile.mkdtemp(prefix="walship-bench-", dir="/tmp"))
+    make_dir(work)
+    began = time.monotonic()
+    azurite = Azurite(find_binary(args.azurite_bin), work / "azurite" / "data", args.cert,
+                      args.key)
+    log(f"work directory {work}")
+    try:
+        azurite.start()
+        log(f"Azurite {azurite.version()} on https://127.0.0.1:{azurite.port}")
+        ctx = Context(azurite=azurite, cert=args.cert, walship=args.walship,
+                      barman_bin=args.barman_venv / "bin", pgbackrest=pgbackrest)
+        walship, pgbr, pgbr_sync, barman = Walship(ctx), PgBackRest(ctx), PgBackRestSync(ctx), \
+            Barman(ctx)
+        barman_par = BarmanParallel(ctx)
+        if args.walship_file_repo:  # development only: walship not on Azurite, no docs
+            walship.file_root = make_dir(work / "walship-file-repo")
+            args.no_docs = True
+        bench = Bench(args, work, azurite, ctx)
+        info = {
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            "machine": machine_info(),
+            "versions": {"walship": walship.version(), "walship_commit": git_revision(),
+                         "pgbackrest": pgbr.version(), "barman": barman.version(),
+                         "postgresql": subprocess.run([str(BIN / "postgres"), "--version"],
+                                                      capture_output=True, text=True)
+                         .stdout.strip().replace("postgres (PostgreSQL) ", ""),
+                         "azurite": azurite.version()},
+            "repeat": args.repeat, "scale": args.scale,
+            "pgbackrest_verify_tls": PgBackRest.verify_tls(),
+            "labels": {t.key: t.label for t in (walship, pgbr, pgbr_sync, barman, barman_par)}
+            | {"cp": "cp from a directory (floor)"},
+        }
+        log("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+        bench.template = build_template(work, args.segments, args.replay, args.scale)
+        info["segments"] = len(bench.template.backlog)
+        info["replayed"] = len(bench.template.replayed)
+        bench.build_plain_dir()
+        res = bench.results
+
+        drain_tools = [walship, pgbr] + ([] if args.no_sync_row else [pgbr_sync]) + [barman]
+        for r in range(1, args.repeat + 1):
+            # rotate the order between runs, so no tool always runs first on a cold cache
+            order = drain_tools[(r - 1) % len(drain_tools):] + \
+                drain_tools[:(r - 1) % len(drain_tools)]
+            for tool in order:
+                out = bench.drain(tool, r)
+                res["drain"].setdefault(tool.key, []).append(out)
+                log(f"(a) drain {tool.label} run {r}: {out['seconds']:.2f} s, "
+                    f"{out['blobs']} blobs, {out['bytes'] / 2**20:.1f} MiB, "
+                    f"{out['failed']} failed calls")
+        res["drain"] = {t.key: res["drain"][t.key] for t in drain_tools}
+        res["stored"] = {t.key: (res["drain"][t.key][0]["blobs"], res["drain"][t.key][0]["bytes"])
+                         for t in drain_tools}
+
+        feed_tools = [walship, pgbr, barman, barman_par]
+        for r in range(1, args.repeat + 1):
+            order = feed_tools[(r - 1) % 4:] + feed_tools[:(r - 1) % 4]
+            for tool in order:
+                out = bench.feed(tool, r)
+                res["feed"].setdefault(tool.key, []).append(out)
+                log(f"(b) feed {tool.label} run {r}: {out['seconds']:.2f} s, median call "
+                    f"{out['call_median'] * 1000:.0f} ms, {out['verified']} files identical")
+        res["feed"] = {t.key: res["feed"][t.key] for t in feed_tools}
+
+        rec_tools: list[Tool | None] = [None, walship, pgbr, barman, barman_par]
+        for r in range(1, args.repeat + 1):
+            order = rec_tools[(r - 1) % 5:] + rec_tools[:(r - 1) % 5]
+            for tool in order:
+                out = bench.recovery(tool, r)
+                key = tool.key if tool else "cp"
+                res["recovery"].setdefault(key, []).append(out)
+                log(f"(c) recovery {info['labels'][key]} run {r}: {out['seconds']:.2f} s")
+        res["recovery"] = {k: res["recovery"][k] for k in
+                           ["cp", "walship", "pgbackrest-async", "barman", "barman-parallel"]}
+
+        res["rss"] = bench.peak_rss(walship, pgbr_sync, barman)
+        info["minutes"] = (time.monotonic() - began) / 60
+        text, markdown = render(res, info)
+        print()
+        print(text)
+        command = "bash bench/setup.sh && /opt/walship-venv/bin/python bench/run.py"
+        extra = [f"--segments {args.segments}" if args.segments != 64 else "",
+                 f"--replay {args.replay}" if args.replay != 32 else "",
+                 f"--scale {args.scale}" if args.scale != 30 else "",
+                 f"--repeat {args.repeat}" if args.repeat != 3 else "",
+                 "--no-sync-row" if args.no_sync_row else ""]
+        command = " ".join([command, *filter(None, extra)])
+        if args.json:
+            args.json.write_text(json.dumps({"info": info, "results": res}, indent=2))
+        if args.quick or args.no_docs:
+            log("docs not written (--quick or --no-docs)")
+        else:
+            write_doc(args.docs, markdown, info, command)
+            log(f"wrote {args.docs}")
+        log(f"done in {info['minutes']:.1f} minutes")
+        return 0
+    finally:
+        pgcluster.stop_all()
+        kill_strays(work)
+        azurite.stop()
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
