@@ -11,6 +11,8 @@ imported here only, so that nothing else in walship pays for it.
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -108,7 +110,7 @@ class PostgresSource:
                                "backup-push needs a superuser or a role granted "
                                "pg_backup_start/stop, pg_read_all_settings") from None
         assert row is not None
-        return row
+        return _decoded(row)
 
     def describe(self) -> ServerInfo:
         if self._version < MIN_VERSION:
@@ -130,7 +132,7 @@ class PostgresSource:
             rows = []
         return ServerInfo(self._version, data_directory, system_identifier,
                           wal.check_segment_size(segment_size), in_recovery, archive_mode,
-                          {int(oid): name for oid, name in rows})
+                          {int(oid): name for oid, name in map(_decoded, rows)})
 
     def now(self) -> datetime:
         return self._one("SELECT clock_timestamp()")[0]
@@ -157,6 +159,12 @@ class PostgresSource:
             self._conn.close()
         except Exception:  # noqa: BLE001 - closing aborts the backup anyway
             pass
+
+
+def _decoded(row: tuple) -> tuple:  # type: ignore[type-arg]
+    """``row`` with text as ``str``. On a SQL_ASCII database (initdb under the C locale)
+    psycopg returns text as bytes; paths are decoded the way the OS does (os.fsdecode)."""
+    return tuple(os.fsdecode(value) if isinstance(value, bytes) else value for value in row)
 
 
 def _pg_message(error: Exception) -> str:

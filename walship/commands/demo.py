@@ -1,9 +1,10 @@
 """``walship demo``: the main job end to end, on a throwaway cluster and a file:// repository.
 
-It creates a temporary PostgreSQL cluster whose archive_command is ``walship wal-push``, writes
-data while WAL is archived, takes a base backup, restores it into a second directory with
-``walship wal-fetch`` as restore_command, checks the restored data equals the original and cleans
-up. PostgreSQL refuses to run as root, so as root the demo runs the servers as the ``postgres``
+It creates a temporary PostgreSQL cluster whose archive_command is ``walship wal-push``, takes
+an online base backup with ``walship backup-push``, writes data, notes the time, drops the table
+(the "accident"), then restores to the noted time with ``walship restore`` into a second
+directory, where PostgreSQL replays the archived WAL through ``walship wal-fetch``; it checks
+that the restored data equals the data before the accident, and cleans up. PostgreSQL refuses to run as root, so as root the demo runs the servers as the ``postgres``
 user (or ``nobody``), after checking that this user can execute walship.
 """
 
@@ -126,11 +127,31 @@ def _demo(base: Path, bindir: Path, walship: str, runner: _Runner, segments: int
         runner.own(directory)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WALSHIP_", "PG"))}
     env.update(WALSHIP_REPO=f"file://{repo}", WALSHIP_CONFIG=os.devnull, HOME=str(base),
-               LC_ALL="C")
-    psql = [pg("psql"), "-X", "-q", "-A", "-t", "-h", str(base), "-U", "postgres", "-d",
-            "postgres", "-c"]
+               LC_ALL="C", PGHOST=str(base), PGUSER="postgres", PGDATABASE="postgres")
+    psql = [pg("psql"), "-X", "-q", "-A", "-t", "-c"]
     server_conf = (f"listen_addresses = ''\nunix_socket_directories = '{base}'\n"
                    "max_wal_size = 64MB\nshared_buffers = 32MB\n")
+
+    def sql(query: str) -> str:
+        return runner.run(psql + [query], env).stdout.strip()
+
+    def wait_archived(last: str) -> int:
+        waited = time.monotonic()
+        while True:
+            count, archived, failed = (sql("SELECT archived_count || ' ' || coalesce("
+                                           "last_archived_wal, '-') || ' ' || failed_count "
+                                           "FROM pg_stat_archiver").split() + ["", "", ""])[:3]
+            if archived != "-" and archived >= last:
+                return int(count)
+            if time.monotonic() - waited > 60:
+                raise WalshipError("WAL archiving did not catch up within 60 s",
+                                   f"{failed} failures", f"see {base / 'primary.log'}")
+            time.sleep(0.1)
+
+    def insert(first: int, count: int) -> None:
+        sql(f"INSERT INTO demo SELECT g, md5(g::text) FROM generate_series({first}, "
+            f"{first + count - 1}) g")
+        sql("SELECT pg_switch_wal()")
 
     started = time.monotonic()
     say(f"PostgreSQL from {bindir}; repository file://{repo}")
@@ -143,57 +164,49 @@ def _demo(base: Path, bindir: Path, walship: str, runner: _Runner, segments: int
                 "-w", "start"], env)
     say("primary started with archive_command = 'walship wal-push %p'")
 
-    runner.run([pg("pg_basebackup"), "-h", str(base), "-U", "postgres", "-D",
-                str(base / "backup"), "-X", "none", "--checkpoint=fast"], env)
-    say("base backup taken (pg_basebackup -X none: its WAL must come from the archive)")
-    runner.run(psql + ["CREATE TABLE demo (id int PRIMARY KEY, payload text)"], env)
-    for round_ in range(segments):
-        runner.run(psql + [f"INSERT INTO demo SELECT g, md5(g::text) FROM generate_series("
-                           f"{round_ * 20000 + 1}, {(round_ + 1) * 20000}) g"], env)
-        runner.run(psql + ["SELECT pg_switch_wal()"], env)
-    expected = runner.run(psql + [CHECKSUM_SQL], env).stdout.strip()
-    last = runner.run(psql + ["SELECT pg_walfile_name(pg_current_wal_lsn())"], env).stdout.strip()
-    runner.run(psql + ["SELECT pg_switch_wal()"], env)
-    archive_started = time.monotonic()
-    while True:
-        row = runner.run(psql + ["SELECT archived_count || ' ' || coalesce(last_archived_wal, '')"
-                                 " || ' ' || failed_count FROM pg_stat_archiver"], env)
-        count, archived, failed = (row.stdout.split() + ["", "", ""])[:3]
-        if archived >= last:
-            break
-        if time.monotonic() - archive_started > 60:
-            raise WalshipError("WAL archiving did not catch up within 60 s",
-                               f"{failed} failures", f"see {base / 'primary.log'}")
-        time.sleep(0.1)
-    say(f"{expected.split(':')[0]} rows written; {count} WAL files archived by walship wal-push")
+    sql("CREATE TABLE demo (id int PRIMARY KEY, payload text)")
+    insert(1, 20000)
+    step = time.monotonic()
+    runner.run([walship, "backup-push"], env)
+    say(f"walship backup-push took an online base backup in {time.monotonic() - step:.1f} s")
+    for round_ in range(1, segments):
+        insert(round_ * 20000 + 1, 20000)
+    expected = sql(CHECKSUM_SQL)
+    target = sql("SELECT clock_timestamp()")
+    say(f"{expected.split(':')[0]} rows written; point in time to come back to: {target}")
+    time.sleep(0.05)
+    sql("DROP TABLE demo")
+    say("accident: DROP TABLE demo")
+    last = sql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+    sql("SELECT pg_switch_wal()")
+    count = wait_archived(last)
+    say(f"{count} WAL files archived by walship wal-push")
     runner.run([pg("pg_ctl"), "-D", str(base / "primary"), "-m", "fast", "-w", "stop"], env)
 
     restored = base / "restored"
-    shutil.copytree(base / "backup", restored, dirs_exist_ok=True)
-    for path in [restored, *restored.rglob("*")]:
-        runner.own(path)
-    with open(restored / "postgresql.auto.conf", "a") as conf:
-        conf.write(f"restore_command = '{walship} wal-fetch %f %p'\n"
-                   "recovery_target_action = 'promote'\n")
-    (restored / "recovery.signal").touch()
-    runner.own(restored / "recovery.signal")
-    restore_started = time.monotonic()
+    step = time.monotonic()
+    runner.run([walship, "restore", str(restored), "--target-time", target,
+                "--target-action", "promote", "--archive-mode", "off"], env)
+    fetched = time.monotonic() - step
+    say(f"walship restore fetched and verified the backup and wrote the recovery settings "
+        f"(target time {target}) in {fetched:.1f} s")
+    step = time.monotonic()
     runner.run([pg("pg_ctl"), "-D", str(restored), "-l", str(base / "restored.log"), "-w",
                 "-t", "120", "start"], env)
-    while runner.run(psql + ["SELECT pg_is_in_recovery()"], env).stdout.strip() != "f":
-        if time.monotonic() - restore_started > 120:
+    while sql("SELECT pg_is_in_recovery()") != "f":
+        if time.monotonic() - step > 120:
             raise WalshipError("recovery did not finish within 120 s",
                                hint=f"see {base / 'restored.log'}")
         time.sleep(0.1)
-    restore_seconds = time.monotonic() - restore_started
-    actual = runner.run(psql + [CHECKSUM_SQL], env).stdout.strip()
-    stored = sum(p.stat().st_size for p in repo.rglob("*") if p.is_file())
-    say(f"restored the base backup with restore_command = 'walship wal-fetch %f %p' "
-        f"in {restore_seconds:.1f} s")
+    say(f"PostgreSQL replayed the WAL with restore_command = 'walship wal-fetch %f %p' and "
+        f"stopped at the target in {time.monotonic() - step:.1f} s")
+    actual = sql(CHECKSUM_SQL)
     if actual != expected:
         raise WalshipError("restored data differs from the original",
                            f"expected {expected}, got {actual}", f"logs are in {base}")
-    say(f"restored data matches the original ({actual.split(':')[0]} rows, same checksum)")
-    say(f"repository holds {stored / 1e6:.1f} MB for {int(count)} archived files; "
+    stored = sum(p.stat().st_size for p in repo.rglob("*") if p.is_file())
+    say(f"restored data matches the original before the accident ({actual.split(':')[0]} rows, "
+        "same checksum)")
+    say(f"repository holds {stored / 1e6:.1f} MB (backup and {count} WAL files); "
         f"total {time.monotonic() - started:.1f} s")
     return ExitStatus.OK
