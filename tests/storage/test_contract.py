@@ -147,3 +147,23 @@ def test_read_in_small_pieces(storage):
             assert len(piece) <= 4097
             got += piece
     assert bytes(got) == data
+
+
+def test_modified_time_is_reported_by_head_get_and_list(storage):
+    import time
+
+    before = time.time()
+    storage.put("m/first", [b"one"])
+    after = time.time()
+    # Whole-second resolution (Azure) and a little clock slack between client and service.
+    infos = [storage.head("m/first"), *storage.list("m/")]
+    with storage.get("m/first") as download:
+        infos.append(download.info)
+    for info in infos:
+        assert info.modified is not None, info
+        assert before - 2 <= info.modified <= after + 2, (info, before, after)
+    time.sleep(1.1)
+    storage.put("m/second", [b"two"])
+    first, second = storage.list("m/")
+    assert second.modified is not None and first.modified is not None
+    assert second.modified >= first.modified

@@ -246,6 +246,12 @@ except ImportError:  # pragma: no cover - the SDK may run on another transport
     pass
 
 
+def _timestamp(value: object) -> float | None:
+    """A blob's Last-Modified (a datetime from the SDK) as POSIX seconds, None if absent."""
+    timestamp = getattr(value, "timestamp", None)
+    return float(timestamp()) if callable(timestamp) else None
+
+
 # -- downloads -----------------------------------------------------------------------------------
 class AzureDownload:
     """Streams one blob with ranged GETs of :data:`DOWNLOAD_CHUNK` bytes, one at a time."""
@@ -404,7 +410,8 @@ class AzureStorage:
         try:
             downloader = blob.download_blob(max_concurrency=1)
             props = downloader.properties
-            info = ObjectInfo(key, int(downloader.size), dict(props.metadata or {}))
+            info = ObjectInfo(key, int(downloader.size), dict(props.metadata or {}),
+                              _timestamp(props.last_modified))
             chunks = iter(downloader.chunks())
         except _SDK_ERRORS as error:
             raise self._fail(error, what) from error
@@ -416,7 +423,8 @@ class AzureStorage:
             props = blob.get_blob_properties()
         except _SDK_ERRORS as error:
             raise self._fail(error, f"cannot describe {key} in {self.url}") from error
-        return ObjectInfo(key, int(props.size), dict(props.metadata or {}))
+        return ObjectInfo(key, int(props.size), dict(props.metadata or {}),
+                          _timestamp(props.last_modified))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = f"{self.prefix}/" if self.prefix else ""
@@ -428,7 +436,8 @@ class AzureStorage:
                 key = props.name[len(base):]
                 if not _is_key(key):
                     continue  # not an object walship could have written (or can read)
-                yield ObjectInfo(key, int(props.size), dict(props.metadata or {}))
+                yield ObjectInfo(key, int(props.size), dict(props.metadata or {}),
+                                 _timestamp(props.last_modified))
         except _SDK_ERRORS as error:
             raise self._fail(error, what) from error
 

@@ -51,11 +51,19 @@ def check_metadata(metadata: Mapping[str, str]) -> Mapping[str, str]:
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """What a backend knows of one stored object."""
+    """What a backend knows of one stored object.
+
+    ``modified`` is when the object was stored (it is never rewritten), in POSIX seconds (UTC),
+    as the storage's clock saw it: the file's mtime, the blob's Last-Modified, the time of the
+    put in memory. ``head``, ``get`` and ``list`` fill it; ``put`` may leave it None. Its
+    resolution is the backend's (whole seconds for Azure). It is None only when the backend
+    cannot tell.
+    """
 
     key: str
     size: int
     metadata: Mapping[str, str] = field(default_factory=dict)
+    modified: float | None = None
 
 
 class Download(Protocol):
@@ -111,11 +119,13 @@ class Storage(Protocol):
         ...
 
     def head(self, key: str) -> ObjectInfo:
-        """Describe ``key`` without reading it. Raises :class:`~walship.errors.NotFound`."""
+        """Describe ``key`` without reading it (size, metadata, ``modified``). Raises
+        :class:`~walship.errors.NotFound`."""
         ...
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Yield every complete object whose key starts with ``prefix``, sorted by key.
+        """Yield every complete object whose key starts with ``prefix``, sorted by key, with
+        its size, metadata and ``modified`` time.
 
         Objects being written (not yet visible to ``get``) are never listed.
         """

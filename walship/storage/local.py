@@ -144,12 +144,13 @@ class LocalStorage:
             handle.seek(data_len)
             metadata = json.loads(handle.read(meta_len))
             handle.seek(0)
+            modified = os.fstat(handle.fileno()).st_mtime
         except (ValueError, OSError) as error:
             handle.close()
             from walship.errors import IntegrityError
             raise IntegrityError(f"object {key} in {self.url} is damaged", str(error),
                                  "restore it from another copy or delete it") from None
-        return ObjectInfo(key, data_len, metadata), handle
+        return ObjectInfo(key, data_len, metadata, modified), handle
 
     # -- the protocol --------------------------------------------------------------------------
     def put(self, key: str, data: Iterable[bytes], *,

@@ -8,13 +8,14 @@ beyond the process.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Iterator
 
 from walship.errors import AlreadyExists, NotFound
 from walship.storage.base import (BytesDownload, MetadataSource, ObjectInfo, check_key,
                                   check_metadata)
 
-_REPOSITORIES: dict[str, dict[str, tuple[bytes, dict[str, str]]]] = {}
+_REPOSITORIES: dict[str, dict[str, tuple[bytes, dict[str, str], float]]] = {}
 _LOCK = threading.Lock()
 
 
@@ -36,10 +37,10 @@ class MemoryStorage:
         with _LOCK:
             if key in self._objects:
                 raise AlreadyExists(f"object {key} already exists in {self.url}")
-            self._objects[key] = (body, meta)
+            self._objects[key] = (body, meta, time.time())
         return ObjectInfo(key, len(body), meta)
 
-    def _lookup(self, key: str) -> tuple[bytes, dict[str, str]]:
+    def _lookup(self, key: str) -> tuple[bytes, dict[str, str], float]:
         with _LOCK:
             found = self._objects.get(check_key(key))
         if found is None:
@@ -47,18 +48,18 @@ class MemoryStorage:
         return found
 
     def get(self, key: str) -> BytesDownload:
-        body, meta = self._lookup(key)
-        return BytesDownload(ObjectInfo(key, len(body), dict(meta)), body)
+        body, meta, modified = self._lookup(key)
+        return BytesDownload(ObjectInfo(key, len(body), dict(meta), modified), body)
 
     def head(self, key: str) -> ObjectInfo:
-        body, meta = self._lookup(key)
-        return ObjectInfo(key, len(body), dict(meta))
+        body, meta, modified = self._lookup(key)
+        return ObjectInfo(key, len(body), dict(meta), modified)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         with _LOCK:
             items = sorted((k, v) for k, v in self._objects.items() if k.startswith(prefix))
-        for key, (body, meta) in items:
-            yield ObjectInfo(key, len(body), dict(meta))
+        for key, (body, meta, modified) in items:
+            yield ObjectInfo(key, len(body), dict(meta), modified)
 
     def delete(self, key: str) -> None:
         with _LOCK:
@@ -71,8 +72,14 @@ class MemoryStorage:
     def replace_raw(self, key: str, body: bytes) -> None:
         """Overwrite an object's bytes in place, keeping its metadata (tamper tests only)."""
         with _LOCK:
-            _, meta = self._objects[key]
-            self._objects[key] = (body, meta)
+            _, meta, modified = self._objects[key]
+            self._objects[key] = (body, meta, modified)
+
+    def set_modified(self, key: str, modified: float) -> None:
+        """Pretend an object was stored at ``modified`` (retention tests only)."""
+        with _LOCK:
+            body, meta, _ = self._objects[key]
+            self._objects[key] = (body, meta, modified)
 
     @staticmethod
     def forget(url: str) -> None:
