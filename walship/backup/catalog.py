@@ -72,26 +72,29 @@ def load_manifest(archive: Archive, name: str) -> Manifest:
     return manifest
 
 
-def list_backups(archive: Archive) -> list[BackupEntry]:
-    """Every backup in the repository, oldest first, complete or not."""
-    groups: dict[str, tuple[bool, int, int]] = {}
+def backup_objects(archive: Archive) -> dict[str, list[ObjectInfo]]:
+    """Every object under ``backups/``, grouped by backup name (one LIST), oldest name first."""
+    groups: dict[str, list[ObjectInfo]] = {}
     for info in archive.storage.list(layout.BACKUP_PREFIX):
         split = layout.split_key(info.key)
         if split is None:
             continue
-        name, obj = split
-        has_manifest, parts, stored = groups.get(name, (False, 0, 0))
-        if obj == layout.MANIFEST:
-            has_manifest = True
-        elif layout.part_number(obj) is not None:
-            parts += 1
-            stored += info.size
-        groups[name] = (has_manifest, parts, stored)
+        groups.setdefault(split[0], []).append(info)
+    return {name: groups[name] for name in sorted(groups, key=layout.sort_key)}
+
+
+def has_manifest(objects: Iterable[ObjectInfo]) -> bool:
+    return any(info.key.endswith("/" + layout.MANIFEST) for info in objects)
+
+
+def list_backups(archive: Archive) -> list[BackupEntry]:
+    """Every backup in the repository, oldest first, complete or not."""
     entries = []
-    for name in sorted(groups, key=layout.sort_key):
-        has_manifest, parts, stored = groups[name]
-        manifest = load_manifest(archive, name) if has_manifest else None
-        entries.append(BackupEntry(name, manifest, parts, stored))
+    for name, objects in backup_objects(archive).items():
+        parts = [info for info in objects
+                 if layout.part_number(info.key.rsplit("/", 1)[1]) is not None]
+        manifest = load_manifest(archive, name) if has_manifest(objects) else None
+        entries.append(BackupEntry(name, manifest, len(parts), sum(i.size for i in parts)))
     return entries
 
 
