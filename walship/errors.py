@@ -25,6 +25,7 @@ class ExitStatus(enum.IntEnum):
     UNAVAILABLE = 4  # storage unreachable after bounded retries
     INTEGRITY = 5  # corrupt, truncated or tampered object, wrong key
     FAILED = 6  # any other failure
+    INCOMPLETE = 7  # wal-verify / backup-verify: WAL missing (a gap) or history inconsistent
     # wal-fetch (restore_command): a failure must abort recovery, so 128 is added.
     RECOVERY_USAGE = 130
     RECOVERY_UNAVAILABLE = 132
@@ -35,7 +36,10 @@ class ExitStatus(enum.IntEnum):
         """The status to use inside restore_command: only OK and NOT_FOUND stay below 126."""
         if self in (ExitStatus.OK, ExitStatus.NOT_FOUND) or self >= 126:
             return self
-        return ExitStatus(self + 128)
+        try:
+            return ExitStatus(self + 128)
+        except ValueError:  # a status wal-fetch never produces: still fatal to recovery
+            return ExitStatus.RECOVERY_FAILED
 
 
 class WalshipError(Exception):
@@ -111,6 +115,13 @@ class IntegrityError(WalshipError):
     """An object failed verification: corrupt, truncated, reordered, swapped or tampered."""
 
     status = ExitStatus.INTEGRITY
+
+
+class ArchiveIncomplete(WalshipError):
+    """A verification found WAL missing (a gap a restore would stop at) or the timeline
+    history files inconsistent; nothing stored is corrupt as far as was checked."""
+
+    status = ExitStatus.INCOMPLETE
 
 
 class KeyMismatch(IntegrityError):

@@ -1,7 +1,8 @@
 """``backup-fetch``: download a base backup into a data directory, verifying every byte.
 
 Every part is decoded through the codec (its name-bound digest checked) and every file is
-checked against the SHA-256 and size in the manifest; the parts download ``parallel`` at a time.
+checked against the SHA-256 and size in the manifest; the parts download ``parallel`` at a time
+(:mod:`walship.backup.unpack`, shared with ``backup-verify``; here the sink writes the files).
 Tablespaces go to their original location or a remapped one (``pg_tblspc/<oid>`` links and
 ``tablespace_map`` agree).
 
@@ -29,19 +30,18 @@ import shutil
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from walship.archive import Archive
 from walship.backup import catalog
 from walship.backup.manifest import (BACKUP_LABEL, PG_CONTROL, PG_VERSION, TABLESPACE_MAP,
-                                     FileEntry, Manifest, PartEntry, format_tablespace_map,
+                                     Manifest, PartEntry, format_tablespace_map,
                                      parse_tablespace_map)
-from walship.backup.parts import READ_SIZE, Cancelled, ChunkReader, pipelined
+from walship.backup.parts import READ_SIZE, Cancelled
 from walship.backup.progress import NullProgress, Progress
-from walship.codec import DIGEST_METADATA
+from walship.backup.unpack import PartSink, read_parts
 from walship.errors import IntegrityError, StorageError, UsageError
 
 MARKER = ".walship-incomplete"
@@ -160,57 +160,30 @@ def _owner_for(target: Path, manifest: Manifest) -> _Owner | None:
     return _Owner(user.pw_uid, gid)
 
 
-class _Writer:
+class _Writer(PartSink):
     """Writes verified files into the new data directory (shared by the part workers)."""
 
     def __init__(self, root: Path, manifest: Manifest, owner: _Owner | None,
                  progress: Progress, cancel: threading.Event) -> None:
+        super().__init__(manifest, progress, cancel)
         self.root = root
         self.owner = owner
         group = bool(manifest.data_mode & 0o050)
         self.file_mode = 0o640 if group else 0o600
         self.dir_mode = 0o750 if group else 0o700
-        self.expected = {f.path: f for f in manifest.files}
-        self.seen: set[str] = set()
         self.deferred: dict[str, bytes] = {}
-        self.written = 0
-        self._lock = threading.Lock()
-        self._progress = progress
-        self.cancel = cancel
+
+    @property
+    def written(self) -> int:
+        return self.done
 
     def own(self, path: Path | str) -> None:
         if self.owner is not None:
             os.chown(path, self.owner.uid, self.owner.gid, follow_symlinks=False)
 
-    def _claim(self, part: PartEntry, member: tarfile.TarInfo) -> FileEntry:
-        entry = self.expected.get(member.name)
-        problem = ""
-        if entry is None:
-            problem = f"it holds {member.name!r}, which the manifest does not list"
-        elif entry.part != part.number:
-            problem = f"{member.name} belongs to part {entry.part}"
-        elif not member.isreg():
-            problem = f"{member.name} is not a regular file"
-        elif member.size != entry.size:
-            problem = f"{member.name} has {member.size} bytes, the manifest says {entry.size}"
-        with self._lock:
-            if not problem and member.name in self.seen:
-                problem = f"{member.name} appears twice"
-            if problem:
-                raise IntegrityError(f"part {part.number} of backup does not match its "
-                                     "manifest", problem, "the repository was tampered with")
-            self.seen.add(member.name)
-        assert entry is not None
-        return entry
-
-    def _advance(self, n: int) -> None:
-        with self._lock:
-            self.written += n
-            self._progress.advance(n)
-
     def member(self, part: PartEntry, member: tarfile.TarInfo, data: tarfile.ExFileObject
                ) -> None:
-        entry = self._claim(part, member)
+        entry = self.claim(part, member)
         import hashlib
 
         digest = hashlib.sha256()
@@ -219,10 +192,10 @@ class _Writer:
             content = data.read()
             digest.update(content)
             size = len(content)
-            self._verify(entry, digest.hexdigest(), size)
+            self.verify(entry, digest.hexdigest(), size)
             with self._lock:
                 self.deferred[entry.path] = content
-            self._advance(size)
+            self.advance(size)
             return
         path = self.root / entry.path
         try:
@@ -237,17 +210,11 @@ class _Writer:
                 digest.update(chunk)
                 out.write(chunk)
                 size += len(chunk)
-                self._advance(len(chunk))
-            self._verify(entry, digest.hexdigest(), size)
+                self.advance(len(chunk))
+            self.verify(entry, digest.hexdigest(), size)
             os.fsync(fd)
         os.utime(path, (entry.mtime, entry.mtime))
         self.own(path)
-
-    def _verify(self, entry: FileEntry, sha256: str, size: int) -> None:
-        if size != entry.size or sha256 != entry.sha256:
-            raise IntegrityError(f"file {entry.path} of the backup is damaged",
-                                 f"its SHA-256 or size ({size}) does not match the manifest",
-                                 "the stored part is corrupt or was tampered with")
 
     def write_small(self, rel: str, content: bytes, mtime: float | None = None) -> None:
         """Write a small file atomically (temporary name, fsync, rename, fsync directory)."""
@@ -272,61 +239,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _cancellable(chunks: Iterator[bytes], cancel: threading.Event) -> Iterator[bytes]:
-    for chunk in chunks:
-        if cancel.is_set():
-            raise Cancelled("fetch cancelled")
-        yield chunk
-
-
-def _fetch_part(archive: Archive, part: PartEntry, writer: _Writer) -> int:
-    """Download, decode, unpack and verify one part; return its stored size."""
-    with archive.storage.get(part.key) as download:
-        chunks = archive.codec.decode(part.key, download,
-                                      download.info.metadata.get(DIGEST_METADATA))
-        # Decoding (and the part's digest) runs ahead in a thread of its own.
-        reader = ChunkReader(pipelined(_cancellable(chunks, writer.cancel),
-                                       name=f"walship-decode-{part.number}"))
-        try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                for member in tar:
-                    data = tar.extractfile(member)
-                    if data is None:
-                        writer._claim(part, member)  # raises: not a regular file
-                        continue
-                    writer.member(part, member, data)
-        except tarfile.TarError as error:
-            raise IntegrityError(f"part {part.number} ({part.key}) is not a valid tar stream",
-                                 str(error), "the stored part is corrupt") from None
-        reader.drain()  # runs the decoder to its end: the part's digest is checked there
-        if reader.total != part.size:
-            raise IntegrityError(f"part {part.key} has {reader.total} bytes",
-                                 f"the manifest says {part.size}")
-        return download.info.size
-
-
-def _download(archive: Archive, manifest: Manifest, writer: _Writer, parallel: int) -> int:
-    with ThreadPoolExecutor(max_workers=max(1, parallel),
-                            thread_name_prefix="walship-fetch") as pool:
-        futures: list[Future[int]] = []
-        try:
-            # The biggest parts first: the slowest one starts early.
-            for part in sorted(manifest.parts, key=lambda p: -p.size):
-                futures.append(pool.submit(_fetch_part, archive, part, writer))
-            wait(futures, return_when=FIRST_EXCEPTION)
-        finally:
-            if not all(f.done() and f.exception() is None for f in futures):
-                writer.cancel.set()
-                for future in futures:
-                    future.cancel()
-        wait(futures)
-    errors = [f.exception() for f in futures if not f.cancelled() and f.exception()]
-    if errors:
-        real = [e for e in errors if not isinstance(e, Cancelled)]
-        raise (real or errors)[0]  # type: ignore[misc]
-    return sum(f.result() for f in futures)
 
 
 def _tablespace_targets(manifest: Manifest, mapping: Mapping[int, str]) -> dict[int, Path]:
@@ -381,10 +293,10 @@ def fetch_backup(archive: Archive, name: str, directory: str | os.PathLike[str],
         _make_tree(manifest, root, targets, writer)
         progress.start(manifest.size)
         try:
-            stored = _download(archive, manifest, writer, parallel)
+            stored = read_parts(archive, manifest, writer, parallel)
         finally:
             progress.finish()
-        missing = set(writer.expected) - writer.seen
+        missing = writer.missing()
         if missing:
             raise IntegrityError(f"backup {manifest.name} lacks {len(missing)} files its "
                                  f"manifest lists", f"e.g. {sorted(missing)[0]}",

@@ -1,0 +1,91 @@
+"""``walship status``: archive facts from the repository, pg_stat_archiver only when a server is
+given (else "unknown"), JSON, and the Prometheus textfile written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from tests.test_prune import NOW, fake_backup, put
+from walship.archive import Archive
+from walship.codec import Codec
+from walship.entry import main
+from walship.status import ArchiverStats, Status, gather, prometheus_text, write_textfile
+from walship.storage import open_storage
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    root = tmp_path / "repo"
+    root.mkdir()
+    for var in list(os.environ):
+        if var.startswith(("WALSHIP_", "AZURE_", "PG")):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("WALSHIP_REPO", f"file://{root}")
+    monkeypatch.setenv("WALSHIP_CONFIG", os.devnull)
+    return Archive(open_storage(f"file://{root}"), Codec())
+
+
+def test_status_of_an_empty_repository(repo, capsys):
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "last archived  none" in out and "newest backup  none" in out
+    assert "archiver       unknown: no server given" in out
+
+
+def test_status_reports_ages_sizes_and_counts(repo, tmp_path, capsys):
+    fake_backup(repo, 10, NOW - timedelta(days=2))
+    fake_backup(repo, 20, NOW - timedelta(days=1))
+    fake_backup(repo, 30, NOW - timedelta(hours=3), complete=False)
+    put(repo, "wal/000000010000000000000014", NOW - timedelta(minutes=30))
+    put(repo, "wal/000000010000000000000015", NOW - timedelta(minutes=2))
+    put(repo, "wal/000000010000000000000013", NOW - timedelta(minutes=40))
+    status = gather(repo, environ={})
+    assert status.last_archived == "000000010000000000000015"
+    assert 100 < status.last_archived_age < 200  # type: ignore[operator]
+    assert status.newest_backup is not None and status.backups_complete == 2
+    assert status.backups_incomplete == 1 and status.wal_files == 3 and status.wal_bytes == 300
+    assert 86000 - 1200 < status.newest_backup_age < 86400  # type: ignore[operator]
+    prom = tmp_path / "metrics" / "walship.prom"
+    prom.parent.mkdir()
+    assert main(["status", "--json", "--prometheus", str(prom)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["last_archived"] == "000000010000000000000015"
+    assert doc["backups"] == {"complete": 2, "incomplete": 1, "bytes": status.backup_bytes}
+    assert doc["archiver"]["known"] is False
+    text = prom.read_text()
+    assert 'walship_archive_bytes{kind="wal"} 300\n' in text
+    assert 'walship_backups{state="incomplete"} 1\n' in text
+    assert "walship_archiver_stats_known 0\n" in text
+    assert "walship_archiver_failed_count" not in text  # unknown is left out, not 0
+    assert "# TYPE walship_last_archived_age_seconds gauge" in text
+    assert os.listdir(prom.parent) == ["walship.prom"]  # no temporary file left
+    assert oct(os.stat(prom).st_mode & 0o777) == "0o644"
+
+
+def test_an_unreachable_server_is_unknown_not_an_error(repo, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PGHOST", str(tmp_path / "no-socket-here"))
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "2")
+    assert main(["status"]) == 0
+    assert "archiver       unknown: cannot query the server" in capsys.readouterr().out
+
+
+def test_prometheus_text_with_archiver_failures(tmp_path):
+    now = datetime.now(timezone.utc)
+    failed_at = now - timedelta(minutes=1)
+    status = Status(now, "file:///r", 5, 500, "000000010000000000000005", now, 1, 0, 900,
+                    "20261125T020000Z", now - timedelta(hours=2),
+                    ArchiverStats(True, "", 40, "000000010000000000000005", now, 3,
+                                  "000000010000000000000006", failed_at))
+    text = prometheus_text(status)
+    assert "walship_archiver_failed_count 3\n" in text
+    assert f"walship_archiver_last_failed_timestamp_seconds {failed_at.timestamp():.3f}" \
+        .rstrip("0").rstrip(".") in text
+    assert "walship_newest_backup_age_seconds 7200\n" in text
+    target = tmp_path / "x.prom"
+    write_textfile(target, "old\n")
+    write_textfile(target, text)
+    assert target.read_text() == text and os.listdir(tmp_path) == ["x.prom"]

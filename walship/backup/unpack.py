@@ -1,0 +1,161 @@
+"""Reading a backup's parts back: download, decode, untar, and check every file against the
+manifest, handing each file's bytes to a *sink*.
+
+Shared by ``backup-fetch`` (its sink writes the files into a data directory) and
+``backup-verify`` (:class:`HashSink` only hashes them). Whatever the sink, the same checks run:
+every part is decoded through the codec (its name-bound digest checked at the end of the
+stream) and must be a tar stream of exactly the size the manifest records; every member must be
+a regular file the manifest lists in that part, with its size, seen once; the sink checks each
+file's SHA-256. Parts are read ``parallel`` at a time; the first failure cancels the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+import threading
+from collections.abc import Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+
+from walship.archive import Archive
+from walship.backup.manifest import FileEntry, Manifest, PartEntry
+from walship.backup.parts import READ_SIZE, Cancelled, ChunkReader, pipelined
+from walship.backup.progress import NullProgress, Progress
+from walship.codec import DIGEST_METADATA
+from walship.errors import IntegrityError, NotFound
+
+
+class PartSink:
+    """Receives the files of a backup's parts (shared by the part workers); subclasses
+    implement :meth:`member`, which must read ``data`` to its end and call :meth:`verify`."""
+
+    def __init__(self, manifest: Manifest, progress: Progress | None = None,
+                 cancel: threading.Event | None = None) -> None:
+        self.manifest = manifest
+        self.expected = {f.path: f for f in manifest.files}
+        self.seen: set[str] = set()
+        self.done = 0  # file bytes handled
+        self._lock = threading.Lock()
+        self._progress = progress or NullProgress()
+        self.cancel = cancel or threading.Event()
+
+    def claim(self, part: PartEntry, member: tarfile.TarInfo) -> FileEntry:
+        """The manifest's entry for ``member`` of ``part``, or IntegrityError."""
+        entry = self.expected.get(member.name)
+        problem = ""
+        if entry is None:
+            problem = f"it holds {member.name!r}, which the manifest does not list"
+        elif entry.part != part.number:
+            problem = f"{member.name} belongs to part {entry.part}"
+        elif not member.isreg():
+            problem = f"{member.name} is not a regular file"
+        elif member.size != entry.size:
+            problem = f"{member.name} has {member.size} bytes, the manifest says {entry.size}"
+        with self._lock:
+            if not problem and member.name in self.seen:
+                problem = f"{member.name} appears twice"
+            if problem:
+                raise IntegrityError(f"part {part.number} of backup does not match its "
+                                     "manifest", problem, "the repository was tampered with")
+            self.seen.add(member.name)
+        assert entry is not None
+        return entry
+
+    def advance(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            self._progress.advance(n)
+
+    @staticmethod
+    def verify(entry: FileEntry, sha256: str, size: int) -> None:
+        if size != entry.size or sha256 != entry.sha256:
+            raise IntegrityError(f"file {entry.path} of the backup is damaged",
+                                 f"its SHA-256 or size ({size}) does not match the manifest",
+                                 "the stored part is corrupt or was tampered with")
+
+    def missing(self) -> set[str]:
+        """Files the manifest lists that no part held (call once every part is read)."""
+        return set(self.expected) - self.seen
+
+    def member(self, part: PartEntry, member: tarfile.TarInfo, data: tarfile.ExFileObject
+               ) -> None:
+        raise NotImplementedError
+
+
+class HashSink(PartSink):
+    """Checks every file's SHA-256 and size, and writes nothing."""
+
+    def member(self, part: PartEntry, member: tarfile.TarInfo, data: tarfile.ExFileObject
+               ) -> None:
+        entry = self.claim(part, member)
+        digest = hashlib.sha256()
+        size = 0
+        while chunk := data.read(READ_SIZE):
+            if self.cancel.is_set():
+                raise Cancelled(entry.path)
+            digest.update(chunk)
+            size += len(chunk)
+            self.advance(len(chunk))
+        self.verify(entry, digest.hexdigest(), size)
+
+
+def _cancellable(chunks: Iterator[bytes], cancel: threading.Event) -> Iterator[bytes]:
+    for chunk in chunks:
+        if cancel.is_set():
+            raise Cancelled("fetch cancelled")
+        yield chunk
+
+
+def read_part(archive: Archive, part: PartEntry, sink: PartSink) -> int:
+    """Download, decode, unpack and check one part into ``sink``; return its stored size."""
+    try:
+        download = archive.storage.get(part.key)
+    except NotFound:
+        raise IntegrityError(f"part {part.number} ({part.key}) is missing from the repository",
+                             "the manifest lists it", "the repository was tampered with or "
+                             "partly deleted") from None
+    with download:
+        chunks = archive.codec.decode(part.key, download,
+                                      download.info.metadata.get(DIGEST_METADATA))
+        # Decoding (and the part's digest) runs ahead in a thread of its own.
+        reader = ChunkReader(pipelined(_cancellable(chunks, sink.cancel),
+                                       name=f"walship-decode-{part.number}"))
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                for member in tar:
+                    data = tar.extractfile(member)
+                    if data is None:
+                        sink.claim(part, member)  # raises: not a regular file
+                        continue
+                    sink.member(part, member, data)
+        except tarfile.TarError as error:
+            raise IntegrityError(f"part {part.number} ({part.key}) is not a valid tar stream",
+                                 str(error), "the stored part is corrupt") from None
+        reader.drain()  # runs the decoder to its end: the part's digest is checked there
+        if reader.total != part.size:
+            raise IntegrityError(f"part {part.key} has {reader.total} bytes",
+                                 f"the manifest says {part.size}")
+        return download.info.size
+
+
+def read_parts(archive: Archive, manifest: Manifest, sink: PartSink, parallel: int) -> int:
+    """Read every part of ``manifest`` into ``sink``; return the stored bytes read."""
+    with ThreadPoolExecutor(max_workers=max(1, parallel),
+                            thread_name_prefix="walship-fetch") as pool:
+        futures: list[Future[int]] = []
+        try:
+            # The biggest parts first: the slowest one starts early.
+            for part in sorted(manifest.parts, key=lambda p: -p.size):
+                futures.append(pool.submit(read_part, archive, part, sink))
+            wait(futures, return_when=FIRST_EXCEPTION)
+        finally:
+            if not all(f.done() and f.exception() is None for f in futures):
+                sink.cancel.set()
+                for future in futures:
+                    future.cancel()
+        wait(futures)
+    errors = [f.exception() for f in futures if not f.cancelled() and f.exception()]
+    if errors:
+        real = [e for e in errors if not isinstance(e, Cancelled)]
+        raise (real or errors)[0]  # type: ignore[misc]
+    return sum(f.result() for f in futures)
