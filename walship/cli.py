@@ -309,6 +309,226 @@ def restore(state: _State, directory: str, target_time: str | None, target_lsn: 
     return ExitStatus.OK
 
 
+@cli.command("delete")
+@click.option("--retain-full", type=click.IntRange(min=1), metavar="N",
+              help="Keep the newest N complete backups.")
+@click.option("--retain-days", type=click.FloatRange(min=0), metavar="D",
+              help="Keep every point of the last D days restorable: the backups stopping "
+              "within them and the newest one before.")
+@click.option("--before", "before", metavar="NAME|TIME", help="Delete complete backups "
+              "older than backup NAME, or than TIME (every point from TIME on stays "
+              "restorable).")
+@click.option("--incomplete-grace", type=click.FloatRange(min=0), default=24.0,
+              show_default=True, metavar="HOURS", help="An incomplete backup written to "
+              "within HOURS may be in progress: never deleted, and its WAL kept.")
+@click.option("--confirm", is_flag=True, help="Delete. Without it: a dry run that lists "
+              "what would go.")
+@click.option("--json", "as_json", is_flag=True, help="The plan as JSON on stdout.")
+@click.pass_obj
+def delete(state: _State, retain_full: int | None, retain_days: float | None,
+           before: str | None, incomplete_grace: float, confirm: bool, as_json: bool) -> int:
+    """Delete old backups and the WAL no retained backup needs (dry run unless --confirm).
+
+    A backup is kept if ANY rule keeps it; the newest complete backup always is. WAL older
+    than the oldest retained backup's start goes; timeline history files never do.
+    """
+    import json
+    from datetime import timedelta
+
+    from walship import prune
+    from walship.retention import Policy
+
+    policy = Policy(retain_full=retain_full, retain_days=retain_days,
+                    incomplete_grace=timedelta(hours=incomplete_grace),
+                    **_before(before))
+    policy.check()
+    archive = state.archive()
+    plan = prune.make_plan(archive, policy)
+    if as_json:
+        click.echo(json.dumps({**prune.describe(plan), "dry_run": not confirm}, indent=2))
+    else:
+        for kept in plan.kept:
+            click.echo(f"keep    backup {kept.name}: {'; '.join(kept.reasons)}")
+        for backup in plan.delete_backups:
+            state_text = "complete" if backup.complete else "incomplete"
+            click.echo(f"delete  backup {backup.name} ({state_text}) "
+                       f"{_size(backup.stored_bytes)}")
+        if plan.delete_wal:
+            first, last = plan.delete_wal[0].key[4:], plan.delete_wal[-1].key[4:]
+            click.echo(f"delete  {len(plan.delete_wal)} WAL files {first} .. {last} "
+                       f"{_size(plan.wal_bytes)}")
+        for note in plan.notes:
+            click.echo(f"note    {note}")
+        click.echo(f"{'deleting' if confirm else 'would delete'} "
+                   f"{len(plan.delete_backups)} backups and {len(plan.delete_wal)} WAL files, "
+                   f"{_size(plan.total_bytes)}; keeping {len(plan.retained)} complete "
+                   f"backups and {plan.kept_wal} WAL files"
+                   + ("" if confirm else " (dry run: add --confirm to delete)"))
+    if not confirm:
+        return ExitStatus.OK
+    result = prune.execute(archive, plan, log=logline.info)
+    logline.info(f"delete done backups={result.backups} wal={result.wal_files} "
+                 f"bytes={result.bytes} seconds={result.seconds:.3f}")
+    return ExitStatus.OK
+
+
+def _before(value: str | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    from walship.backup import layout
+
+    if layout.is_backup_name(value):
+        return {"before_name": value}
+    from walship.backup.restore import parse_time
+
+    return {"before_time": parse_time(value)}
+
+
+@cli.command("wal-verify")
+@click.option("--deep", is_flag=True, help="Also decode every WAL object (digest, "
+              "authentication, size), writing nothing.")
+@click.option("--wal-segment-size", type=int, default=16, show_default=True, metavar="MIB",
+              help="Segment size when no backup manifest says it.")
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
+@click.pass_obj
+def wal_verify(state: _State, deep: bool, wal_segment_size: int, as_json: bool) -> int:
+    """Check that the archived WAL is continuous from the oldest backup to the newest segment
+    on every timeline, that timeline history files are consistent and (--deep) intact.
+
+    Exits 0 when all is well, 7 on a gap or a history problem, 5 on a damaged object.
+    """
+    import json
+
+    from walship.errors import ArchiveIncomplete, IntegrityError
+    from walship.verify import report_dict, verify_wal
+
+    report = verify_wal(state.archive(), segment_size=wal_segment_size << 20, deep=deep,
+                        parallel=state.settings.parallel)
+    if as_json:
+        click.echo(json.dumps(report_dict(report), indent=2))
+    else:
+        click.echo(f"segment size {report.segment_size >> 20} MiB (from "
+                   f"{report.segment_size_from}); oldest complete backup: "
+                   f"{report.oldest_backup or 'none'}; {report.objects} WAL objects"
+                   + (f", {_size(report.decoded_bytes)} decoded" if deep else ""))
+        for t in report.timelines:
+            parents = "->".join(map(str, (*t.parents, t.timeline)))
+            click.echo(f"timeline {t.timeline} ({parents}): {t.segments} segments "
+                       f"{t.first or '-'} .. {t.last or '-'}, {_size(t.bytes)}, checked from "
+                       f"{t.checked_from or '-'}: "
+                       + ("complete" if not t.gaps else f"MISSING {t.missing}"))
+            for gap in t.gaps:
+                click.echo(f"  gap {gap.first} .. {gap.last} ({gap.count} segments)")
+            for problem in t.problems:
+                click.echo(f"  history: {problem}")
+        for damage in report.damaged:
+            click.echo(f"DAMAGED {damage.name}: {damage.why}")
+        for note in report.notes:
+            click.echo(f"note: {note}")
+    if report.damaged:
+        raise IntegrityError(f"wal-verify found {len(report.damaged)} damaged objects",
+                             f"e.g. {report.damaged[0].name}: {report.damaged[0].why}",
+                             "restore them from another copy; a restore would stop there")
+    if report.gaps or report.problems:
+        raise ArchiveIncomplete(f"wal-verify found {report.gaps} missing segments and "
+                                f"{report.problems} history problems", "a restore through a "
+                                "gap stops at it", "see the report above; take a new "
+                                "backup-push to restart a continuous range")
+    logline.info(f"wal-verify ok objects={report.objects}"
+                 + (f" decoded={report.decoded_bytes}" if deep else ""))
+    return ExitStatus.OK
+
+
+@cli.command("backup-verify")
+@click.argument("name", metavar="NAME|LATEST")
+@click.option("--json", "as_json", is_flag=True, help="The result as JSON on stdout.")
+@click.pass_obj
+def backup_verify(state: _State, name: str, as_json: bool) -> int:
+    """Check a backup without restoring it: every part decoded, every file's SHA-256 and size
+    against the manifest, and the WAL it needs present in the archive.
+
+    Exits 0 when restorable, 5 on damage, 7 when WAL it needs is missing.
+    """
+    import json
+
+    from walship.backup.progress import for_stderr
+    from walship.backup.verify import verify_backup
+    from walship.errors import ArchiveIncomplete
+
+    result = verify_backup(state.archive(), name, parallel=state.settings.parallel,
+                           progress=for_stderr("backup-verify"))
+    manifest = result.manifest
+    if as_json:
+        click.echo(json.dumps({"name": manifest.name, "files": len(manifest.files),
+                               "parts": len(manifest.parts), "file_bytes": result.file_bytes,
+                               "stored_bytes": result.stored_bytes,
+                               "wal_missing": list(result.wal_missing),
+                               "restorable": result.restorable}, indent=2))
+    logline.info(f"backup-verify {manifest.name} files ok in={result.stored_bytes} "
+                 f"out={result.file_bytes} seconds={result.seconds:.3f} "
+                 f"files={len(manifest.files)} parts={len(manifest.parts)}")
+    if result.wal_missing:
+        from walship.backup.catalog import describe_missing
+
+        raise ArchiveIncomplete(f"backup {manifest.name} cannot be restored: the archive "
+                                f"lacks WAL it needs", f"missing "
+                                f"{describe_missing(result.wal_missing)}",
+                                "wait for archiving to catch up, or use another backup")
+    return ExitStatus.OK
+
+
+@cli.command("status")
+@click.option("--dbname", "-d", metavar="CONNINFO", help="Server whose pg_stat_archiver to "
+              "read. [default: libpq's PG* environment, if set]")
+@click.option("--json", "as_json", is_flag=True, help="The status as JSON on stdout.")
+@click.option("--prometheus", "prometheus", metavar="FILE", help="Also write the metrics "
+              "to FILE (atomically) for node_exporter's textfile collector.")
+@click.pass_obj
+def status(state: _State, dbname: str | None, as_json: bool, prometheus: str | None) -> int:
+    """Last archived WAL and its age, newest backup and its age, repository size, and the
+    archiver's failures (from the server, when one is given)."""
+    import json
+
+    from walship import status as status_core
+
+    current = status_core.gather(state.archive(), dbname=dbname)
+    if prometheus:
+        status_core.write_textfile(prometheus, status_core.prometheus_text(current))
+    if as_json:
+        click.echo(json.dumps(status_core.status_dict(current), indent=2))
+        return ExitStatus.OK
+    click.echo(f"repository     {current.repository}")
+    age = current.last_archived_age
+    click.echo(f"last archived  {current.last_archived or 'none'}"
+               + (f" ({_age(age)} ago)" if age is not None else ""))
+    age = current.newest_backup_age
+    click.echo(f"newest backup  {current.newest_backup or 'none'}"
+               + (f" (stopped {_age(age)} ago)" if age is not None else ""))
+    click.echo(f"WAL            {current.wal_files} files, {_size(current.wal_bytes)}")
+    click.echo(f"backups        {current.backups_complete} complete, "
+               f"{current.backups_incomplete} incomplete, {_size(current.backup_bytes)}")
+    a = current.archiver
+    if a.known:
+        last = a.last_archived_wal or "-"
+        click.echo(f"archiver       {a.archived_count} archived (last {last}), "
+                   f"{a.failed_count} failed"
+                   + (f" (last {a.last_failed_wal} at {a.last_failed_time})"
+                      if a.failed_count else ""))
+    else:
+        click.echo(f"archiver       unknown: {a.reason}")
+    return ExitStatus.OK
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 def _subject(argv: list[str]) -> tuple[str, str]:
     """The command name and its first argument, for error lines."""
     names = [a for a in argv if not a.startswith("-")]
