@@ -114,14 +114,14 @@ class Recorder:
 def test_dry_run_deletes_nothing(archive):
     populate(archive)
     before = [(i.key, i.size) for i in archive.storage.list("")]
-    plan = make_plan(archive, Policy(retain_full=1))
+    plan = make_plan(archive, Policy(retain_full=1), NOW)
     assert len(plan.delete_backups) == 3 and plan.delete_wal and plan.total_bytes > 0
     assert [(i.key, i.size) for i in archive.storage.list("")] == before
 
 
 def test_confirmed_delete_goes_manifest_first_then_parts_then_wal(archive):
     names = populate(archive)
-    plan = make_plan(archive, Policy(retain_full=2))
+    plan = make_plan(archive, Policy(retain_full=2), NOW)
     assert plan.retained == tuple(names[2:]) and plan.wal_cutoff == "000000000000001E"
     recorder = Recorder(archive.storage)
     result = execute(Archive(recorder, archive.codec), plan)  # type: ignore[arg-type]
@@ -147,7 +147,7 @@ def test_confirmed_delete_goes_manifest_first_then_parts_then_wal(archive):
 
 def test_a_crash_after_the_manifest_delete_leaves_an_incomplete_backup(archive):
     names = populate(archive)
-    plan = make_plan(archive, Policy(retain_full=3))
+    plan = make_plan(archive, Policy(retain_full=3), NOW)
     assert [b.name for b in plan.delete_backups] == [names[0]]
     recorder = Recorder(archive.storage, die_after=1)
     with pytest.raises(KeyboardInterrupt):
@@ -159,7 +159,7 @@ def test_a_crash_after_the_manifest_delete_leaves_an_incomplete_backup(archive):
         catalog.resolve(archive, names[0])
     assert len(list(archive.storage.list("wal/"))) == 44  # no WAL went yet
     # The next run finishes the job: the leftover is stale and older than every retained one.
-    again = make_plan(archive, Policy(retain_full=3))
+    again = make_plan(archive, Policy(retain_full=3), NOW)
     assert [(b.name, b.complete) for b in again.delete_backups] == [(names[0], False)]
     execute(archive, again)
     assert [e.name for e in catalog.list_backups(archive)] == names[1:]
@@ -170,7 +170,7 @@ def test_a_backup_in_progress_is_untouched_and_keeps_its_wal(archive):
     # A push that started 3.5 days ago and still writes parts (it started before names[1]...).
     running = layout.base_name(NOW - 3.5 * DAY)
     put(archive, layout.part_key(running, 1), NOW - timedelta(minutes=5))
-    plan = make_plan(archive, Policy(retain_full=1))
+    plan = make_plan(archive, Policy(retain_full=1), NOW)
     assert plan.in_progress == (running,)
     assert running not in {b.name for b in plan.delete_backups}
     since = (NOW - 3.5 * DAY - timedelta(hours=1)).timestamp()
@@ -186,7 +186,7 @@ def test_nothing_goes_without_a_complete_backup(archive):
     set_age(archive, layout.part_key(layout.base_name(NOW - 3 * DAY), 2), NOW - 3 * DAY)
     for n in range(5, 15):
         put(archive, f"wal/{wal.segment_name(1, n, SEG)}", NOW - 4 * DAY)
-    plan = make_plan(archive, Policy(retain_full=1, retain_days=0))
+    plan = make_plan(archive, Policy(retain_full=1, retain_days=0), NOW)
     assert not plan.delete_backups and not plan.delete_wal and plan.notes
 
 

@@ -43,7 +43,7 @@ def test_status_reports_ages_sizes_and_counts(repo, tmp_path, capsys):
     put(repo, "wal/000000010000000000000014", NOW - timedelta(minutes=30))
     put(repo, "wal/000000010000000000000015", NOW - timedelta(minutes=2))
     put(repo, "wal/000000010000000000000013", NOW - timedelta(minutes=40))
-    status = gather(repo, environ={})
+    status = gather(repo, environ={}, now=NOW)
     assert status.last_archived == "000000010000000000000015"
     assert 100 < status.last_archived_age < 200  # type: ignore[operator]
     assert status.newest_backup is not None and status.backups_complete == 2
