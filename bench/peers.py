@@ -80,6 +80,10 @@ class Walship(Tool):
     key, label = "walship", "walship"
     file_root: Path | None = None   # development only: a file:// repository, not Azurite
 
+    def __init__(self, ctx: Context, exe: str | None = None) -> None:
+        super().__init__(ctx)
+        self.exe = exe or ctx.walship
+
     def create_repo(self, container: str) -> None:
         if self.file_root:
             pgcluster.make_dir(self.file_root / container)
@@ -103,20 +107,27 @@ class Walship(Tool):
         return env
 
     def archive_command(self, container, run_dir, data, sockdir) -> str:
-        return f"{shlex.quote(self.ctx.walship)} wal-push %p"
+        return f"{shlex.quote(self.exe)} wal-push %p"
 
     def restore_command(self, container, run_dir, data) -> str:
-        return f"{shlex.quote(self.ctx.walship)} wal-fetch %f %p"
+        return f"{shlex.quote(self.exe)} wal-fetch %f %p"
 
     def push_command(self, path: str) -> list[str]:
-        return [self.ctx.walship, "wal-push", path]
+        return [self.exe, "wal-push", path]
 
     def fetch_command(self, name: str, dest: str) -> list[str]:
-        return [self.ctx.walship, "wal-fetch", name, dest]
+        return [self.exe, "wal-fetch", name, dest]
 
     def version(self) -> str:
-        out = subprocess.run([self.ctx.walship, "--version"], capture_output=True, text=True)
+        out = subprocess.run([self.exe, "--version"], capture_output=True, text=True)
         return out.stdout.strip().replace("walship, version ", "")
+
+
+class WalshipBaseline(Walship):
+    """Another walship installation (the code before a change), measured beside the current one
+    in the same run: --walship-baseline."""
+
+    key, label = "walship-baseline", "walship baseline (see --walship-baseline)"
 
 
 class PgBackRest(Tool):

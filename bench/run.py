@@ -41,8 +41,9 @@ import pgcluster  # noqa: E402
 from azurite import Azurite, find_binary  # noqa: E402
 from pgcluster import BIN, Cluster, copy_tree, make_dir, run_pg  # noqa: E402
 from peers import (Barman, BarmanParallel, Context, PgBackRest, PgBackRestSync, Tool,  # noqa: E402
-                   Walship)
+                   Walship, WalshipBaseline)
 from pgwire import Connection, PgError  # noqa: E402
+from backups import BackupBench  # noqa: E402
 
 REPO = HERE.parent
 SEGMENT = 16 * 2**20
@@ -123,6 +124,46 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+class CacheSampler:
+    """Samples the size of walship's prefetch cache every 10 ms in a thread: the largest total
+    of its files (complete, sealed and partial downloads) seen during a run."""
+
+    def __init__(self, path: Path) -> None:
+        import threading
+
+        self.path, self.max_bytes, self.max_segments, self.samples = path, 0, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            total = segments = 0
+            try:
+                entries = os.listdir(self.path)
+            except OSError:
+                continue
+            for entry in entries:
+                # segment data only: cached segments (NAME) and partial downloads (.NAME.*),
+                # not the seals, markers, want file, lock and log
+                if not (entry[:1] in "0123456789ABCDEF" and "." not in entry
+                        or entry.startswith(".")):
+                    continue
+                try:
+                    size = os.stat(os.path.join(self.path, entry)).st_size
+                except OSError:
+                    continue
+                total += size
+                segments += 1
+            self.samples += 1
+            self.max_bytes = max(self.max_bytes, total)
+            self.max_segments = max(self.max_segments, segments)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 # -- the WAL backlog --------------------------------------------------------------------------
@@ -300,6 +341,7 @@ class Bench:
         calls, rss = [], []
         wal = fake / "pg_wal"
         stderr = open(run_dir / "stderr.log", "ab")
+        sampler = CacheSampler(wal / "walship" / "prefetch") if tool.key == "walship" else None
         try:
             started = time.perf_counter()
             for name in t.backlog:
@@ -321,6 +363,8 @@ class Bench:
             seconds = time.perf_counter() - started
         finally:
             stderr.close()
+            if sampler:
+                sampler.stop()
             workers = kill_strays(run_dir)
         for name in t.backlog:
             if not filecmp.cmp(wal / name, t.data / "pg_wal" / name, shallow=False):
@@ -329,7 +373,10 @@ class Bench:
         return {"seconds": seconds, "call_median": statistics.median(calls),
                 "call_max": max(calls), "rss_kib_max": max(rss),
                 "worker_rss_kib": max((v or 0) for v in workers.values()) if workers else None,
-                "verified": len(t.backlog)}
+                "verified": len(t.backlog),
+                "cache_max_bytes": sampler.max_bytes if sampler else None,
+                "cache_max_segments": sampler.max_segments if sampler else None,
+                "cache_samples": sampler.samples if sampler else None}
 
     # (c) ---------------------------------------------------------------------------------------
     def recovery(self, tool: Tool | None, repeat: int) -> dict:
@@ -534,6 +581,11 @@ def render(results: dict, info: dict) -> tuple[str, str]:
                                         for i, (c, w) in enumerate(zip(row, widths))))
         txt.append("")
 
+    rows = target_rows(results, info)
+    if rows:
+        table("Targets (walship against peers measured in this run; speed ratio = peer's "
+              "median time / walship's)", ["target", "measured", "goal", "result"], rows)
+
     drain = results["drain"]
     ws = median([r["seconds"] for r in drain["walship"]]) if "walship" in drain else None
     rows = []
@@ -585,7 +637,127 @@ def render(results: dict, info: dict) -> tuple[str, str]:
     if rows:
         table("Peak RSS of one call (MiB, /usr/bin/time -f %M)",
               ["tool", "push", "fetch", "prefetch worker (separate process)"], rows)
+
+    ws_feed = results["feed"].get("walship", [])
+    if ws_feed and ws_feed[0].get("cache_max_bytes") is not None:
+        rows = [[f"run {i}", f"{r['cache_max_bytes'] / 2**20:.1f}",
+                 str(r["cache_max_segments"]), str(r["cache_samples"])]
+                for i, r in enumerate(ws_feed, 1)]
+        table("walship prefetch cache during (b): segment data (cached and partial), sampled "
+              "every 10 ms (bound: prefetch = 8 segments = 128 MiB, cache_max_mb = 1024)",
+              ["feed run", "largest MiB seen", "most segment files at once", "samples"], rows)
+
+    bk = results.get("backups")
+    if bk:
+        src = info["backup_source"]
+        mb = src["bytes"] / 1e6
+        meds = {k: {f: median([r[f] for r in runs]) for f in
+                    ("push_seconds", "fetch_seconds", "push_rss_kib", "fetch_rss_kib",
+                     "stored_bytes")} for k, runs in bk.items()}
+        w = meds.get("walship")
+        rows = []
+        for key, runs in bk.items():
+            m = meds[key]
+            rows.append([info["backup_labels"][key], f"{m['push_seconds']:.2f}",
+                         f"{mb / m['push_seconds']:.0f}",
+                         f"{m['push_seconds'] / w['push_seconds']:.2f}" if w else "-",
+                         fmt_samples([r["push_seconds"] for r in runs]),
+                         f"{m['stored_bytes'] / 1e6:.1f}",
+                         f"{m['push_rss_kib'] / 1024:.0f}"])
+        table(f"(e) Base backup: pgbench scale {src['scale']}, {mb:.0f} MB in {src['files']} "
+              "files (outside pg_wal), full backup", ["tool", "median s", "MB/s",
+                                                      "time vs walship", "runs (s)",
+                                                      "MB stored", "peak RSS MiB"], rows)
+        rows = []
+        for key, runs in bk.items():
+            m = meds[key]
+            rows.append([info["backup_labels"][key], f"{m['fetch_seconds']:.2f}",
+                         f"{mb / m['fetch_seconds']:.0f}",
+                         f"{m['fetch_seconds'] / w['fetch_seconds']:.2f}" if w else "-",
+                         fmt_samples([r["fetch_seconds"] for r in runs]),
+                         f"{m['fetch_rss_kib'] / 1024:.0f}"])
+        table("(f) Restore of that backup into an empty directory",
+              ["tool", "median s", "MB/s (source bytes)", "time vs walship", "runs (s)",
+               "peak RSS MiB"], rows)
+        rows = [[info["backup_labels"][key], runs[0].get("check", "-")]
+                for key, runs in bk.items()]
+        table("(g) Restored clusters checked (first run of each tool)",
+              ["tool", "check"], rows)
     return "\n".join(txt), "\n".join(md)
+
+
+def target_rows(results: dict, info: dict) -> list[list[str]]:
+    """The issues' targets against this run's medians: [target, measured, goal, met?]."""
+    rows: list[list[str]] = []
+
+    def ratio(section: str, peer: str, goal: float | None, what: str) -> None:
+        runs = results.get(section, {})
+        if "walship" not in runs or peer not in runs:
+            return
+        w = median([r["seconds"] for r in runs["walship"]])
+        p = median([r["seconds"] for r in runs[peer]])
+        if goal is None:
+            rows.append([what, f"{p / w:.2f}x", "(not a target)", "-"])
+        else:
+            rows.append([what, f"{p / w:.2f}x", f">= {goal}x",
+                         "met" if p / w >= goal else "MISSED"])
+
+    ratio("drain", "pgbackrest-async", 1.3, "(a) drain speed vs pgBackRest async")
+    ratio("drain", "barman", 5, "(a) drain speed vs barman-cloud")
+    ratio("feed", "pgbackrest-async", 1.0, "(b) restore feed speed vs pgBackRest async")
+    ratio("feed", "barman", 10, "(b) restore feed speed vs barman-cloud")
+    ratio("feed", "barman-parallel", None, "(b) restore feed speed vs barman-cloud --parallel 3")
+    ratio("drain", "pgbackrest-sync", None, "(a) drain speed vs pgBackRest without async")
+    rec = results.get("recovery", {})
+    if "walship" in rec and "cp" in rec:
+        w = median([r["seconds"] for r in rec["walship"]])
+        c = median([r["seconds"] for r in rec["cp"]])
+        rows.append(["(c) recovery time vs cp", f"{w / c:.3f}x", "<= 1.05x",
+                     "met" if w / c <= 1.05 else "MISSED"])
+    feed = results.get("feed", {})
+    if "walship" in feed:
+        rows.append(["(c) median time per restore_command call, walship",
+                     f"{median([r['call_median'] for r in feed['walship']]) * 1000:.0f} ms",
+                     "(reported)", "-"])
+    stored = results.get("stored", {})
+    if "walship" in stored and "pgbackrest-async" in stored:
+        w, p = stored["walship"][1], stored["pgbackrest-async"][1]
+        rows.append(["(d) stored WAL bytes vs pgBackRest (zst)",
+                     f"{w / 2**20:.1f} vs {p / 2**20:.1f} MiB", "<=",
+                     "met" if w <= p else "MISSED"])
+    rss = results.get("rss", {}).get("walship")
+    if rss:
+        for what in ("push", "fetch"):
+            v = rss[f"{what}_kib"] / 1024
+            rows.append([f"(d) peak RSS of one wal-{what}", f"{v:.0f} MiB", "<= 100 MiB",
+                         "met" if v <= 100 else "MISSED"])
+    if feed.get("walship") and feed["walship"][0].get("cache_max_bytes") is not None:
+        v = max(r["cache_max_bytes"] for r in feed["walship"]) / 2**20
+        rows.append(["(d) prefetch cache, largest seen (segment data)", f"{v:.1f} MiB",
+                     "<= 128 MiB (window: 8 segments; cache_max_mb 1024)",
+                     "met" if v <= 128 else "MISSED"])
+    bk = results.get("backups")
+    if bk and "walship" in bk:
+        def med(key: str, field: str) -> float:
+            return median([r[field] for r in bk[key]])
+        w = med("walship", "push_seconds")
+        peers = [k for k in bk if k != "walship"]
+        if peers:
+            fastest = min(peers, key=lambda k: med(k, "push_seconds"))
+            r = med(fastest, "push_seconds") / w
+            rows.append([f"(e) backup-push speed vs the faster peer "
+                         f"({info['backup_labels'][fastest]})", f"{r:.2f}x", ">= 1.5x",
+                         "met" if r >= 1.5 else "MISSED"])
+        w = med("walship", "fetch_seconds")
+        for peer in peers:
+            r = med(peer, "fetch_seconds") / w
+            rows.append([f"(f) backup-fetch speed vs {info['backup_labels'][peer]} restore",
+                         f"{r:.2f}x", ">= 1.5x", "met" if r >= 1.5 else "MISSED"])
+        for what in ("push", "fetch"):
+            v = med("walship", f"{what}_rss_kib") / 1024
+            rows.append([f"(e/f) peak RSS of backup-{what}", f"{v:.0f} MiB", "<= 200 MiB",
+                         "met" if v <= 200 else "MISSED"])
+    return rows
 
 
 def write_doc(path: Path, markdown: str, info: dict, command: str) -> None:
@@ -597,6 +769,10 @@ def write_doc(path: Path, markdown: str, info: dict, command: str) -> None:
     else:
         tls = ("pgBackRest runs with `repo1-storage-verify-tls=n` (its TLS client does not match "
                "IP addresses and `localhost` did not resolve to 127.0.0.1 here).")
+    src = info.get("backup_source")
+    backup_line = (f"one running pgbench cluster (scale {src['scale']}, {src['bytes'] / 1e6:.0f} MB "
+                   f"in {src['files']} files outside pg_wal), backed up and restored by each tool "
+                   "into the same Azurite." if src else "not measured in this run.")
     text = f"""# Benchmarks: walship, pgBackRest and barman-cloud
 
 Measured by [`bench/run.py`](../bench/run.py) on {info['date']} (UTC), in one run against one
@@ -628,7 +804,10 @@ Reproduce (as root, on Debian 12; about {info['minutes']:.0f} minutes here):
 
 WAL: {info['segments']} segments of 16 MiB written by pgbench (scale {info['scale']}, then
 TPC-B-like runs with 2 clients) on PostgreSQL 15, the same bytes for every tool. All tools write
-zstd level 3.
+zstd level 3. Base backups (e)-(g): {backup_line}
+
+The machine was shared while this ran (a test suite and another engineer's work on the same two
+cores), so single runs are noisy: read the medians and the same-run ratios, not one run.
 
 {markdown}
 ## Method
@@ -672,7 +851,34 @@ zstd level 3.
 * **Peak RSS**: `/usr/bin/time -f %M` around one push and one fetch per tool (pgBackRest without
   async). walship's push runs in a `pg_wal` holding the backlog, so its push-ahead works as
   under PostgreSQL; its fetch starts the detached prefetch worker, whose own peak is read from
-  `/proc` before it is stopped.
+  `/proc` before it is stopped. `%M` is the peak of the largest single process (for pgBackRest
+  with `process-max=2` and barman-cloud with `-J 2`, of one of its processes, not their sum;
+  walship's commands are one process with threads).
+* **Prefetch cache bound**: during each walship run of (b) a thread lists
+  `pg_wal/walship/prefetch/` every 10 ms and sums the sizes of its files (sealed segments and
+  partial downloads); the largest sum is reported against the window (`prefetch` = 8 segments of
+  16 MiB) and `cache_max_mb` (1024).
+* **(e) Base backup**: one cluster (`pgbench -i -s SCALE`, then `VACUUM ANALYZE` and a
+  checkpoint, with archiving off; then restarted with `archive_mode = on`) stays up for all
+  backups. Before each tool's backup the harness waits until no segment is `.ready` and switches
+  `archive_command` to that tool's (each tool archives the WAL its backup needs into its own
+  container: walship's `wal-push`, pgBackRest's async `archive-push`, barman-cloud's
+  `barman-cloud-wal-archive --zstd`). Timed from outside, start to exit: `walship backup-push`
+  (defaults: `parallel` 3, 64 MiB parts, zstd 3, fast checkpoint); `pgbackrest backup
+  --type=full` (`compress-type=zst`, level 3, `process-max=2`, `start-fast=y`, expiry kept out
+  of the way with `repo1-retention-full=99`); `barman-cloud-backup -J 2 --lz4
+  --immediate-checkpoint` (lz4: the fastest compression barman-cloud-backup 3.19 offers; it has
+  gzip, bzip2, snappy and lz4 for base backups, no zstd). Stored bytes are the blobs each backup
+  added to its container outside the tool's WAL prefix. Throughput (MB/s) is the source
+  cluster's bytes outside `pg_wal` divided by the time, the same numerator for every tool.
+* **(f) Restore**: into a new empty directory on the same disk: `walship backup-fetch LATEST DIR`
+  (every file verified against its SHA-256), `pgbackrest restore --pg1-path=DIR`
+  (`process-max=2`), `barman-cloud-restore URL SERVER ID DIR` (the ID looked up first with
+  `barman-cloud-backup-list`, outside the timing).
+* **(g) Check**: the first restore of each tool is started as a server with that tool's own
+  `restore_command`, `recovery.signal`, `recovery_target = 'immediate'` and
+  `recovery_target_action = 'promote'`; once promoted it must answer
+  `SELECT count(*) || '/' || sum(abalance) FROM pgbench_accounts` exactly as the source did.
 """
     path.write_text(text)
 
@@ -708,10 +914,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600,
                    help="seconds allowed for one drain or recovery (default 600)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--walship-baseline", metavar="EXE",
+                   help="also measure this other walship executable in (a)-(c), as a baseline "
+                        "(e.g. the code before a change, installed in its own venv)")
+    p.add_argument("--walship-baseline-label", default="walship baseline",
+                   help="its label in the tables")
+    p.add_argument("--render-json", type=Path, metavar="FILE",
+                   help="write the report from the JSON of an earlier run (--json) and exit")
+    p.add_argument("--no-backups", action="store_true",
+                   help="skip the base backup measurements (e), (f)")
+    p.add_argument("--backup-scale", type=int, default=30,
+                   help="pgbench -i scale of the cluster backed up in (e) (default 30)")
     p.add_argument("--walship-file-repo", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
         args.segments, args.replay, args.repeat = 16, 8, 1
+        args.backup_scale = min(args.backup_scale, 10)
     if args.replay >= args.segments - 2:
         p.error("--replay must leave at least 2 segments before the base backup")
     return args
@@ -719,6 +937,14 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    if args.render_json:
+        saved = json.loads(args.render_json.read_text())
+        info, res = saved["info"], saved["results"]
+        text, markdown = render(res, info)
+        print(text)
+        write_doc(args.docs, markdown, info, info["command"])
+        log(f"wrote {args.docs} from {args.render_json}")
+        return 0
     if os.geteuid() != 0:
         raise SystemExit("run as root: servers run as the postgres user")
     for path, what in [(args.cert, "certificate"), (args.key, "key"),
@@ -753,6 +979,10 @@ def main() -> int:
         if args.walship_file_repo:  # development only: walship not on Azurite, no docs
             walship.file_root = make_dir(work / "walship-file-repo")
             args.no_docs = True
+        baseline = None
+        if args.walship_baseline:
+            baseline = WalshipBaseline(ctx, args.walship_baseline)
+            baseline.label = args.walship_baseline_label
         bench = Bench(args, work, azurite, ctx)
         info = {
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
@@ -765,7 +995,8 @@ def main() -> int:
                          "azurite": azurite.version()},
             "repeat": args.repeat, "scale": args.scale,
             "pgbackrest_verify_tls": PgBackRest.verify_tls(),
-            "labels": {t.key: t.label for t in (walship, pgbr, pgbr_sync, barman, barman_par)}
+            "labels": {t.key: t.label for t in (walship, pgbr, pgbr_sync, barman, barman_par,
+                                                 *([baseline] if baseline else []))}
             | {"cp": "cp from a directory (floor)"},
         }
         log("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
@@ -775,7 +1006,9 @@ def main() -> int:
         bench.build_plain_dir()
         res = bench.results
 
-        drain_tools = [walship, pgbr] + ([] if args.no_sync_row else [pgbr_sync]) + [barman]
+        extra: list[Tool] = [baseline] if baseline else []
+        drain_tools = [walship, *extra, pgbr] + ([] if args.no_sync_row else [pgbr_sync]) + \
+            [barman]
         for r in range(1, args.repeat + 1):
             # rotate the order between runs, so no tool always runs first on a cold cache
             order = drain_tools[(r - 1) % len(drain_tools):] + \
@@ -790,9 +1023,10 @@ def main() -> int:
         res["stored"] = {t.key: (res["drain"][t.key][0]["blobs"], res["drain"][t.key][0]["bytes"])
                          for t in drain_tools}
 
-        feed_tools = [walship, pgbr, barman, barman_par]
+        feed_tools = [walship, *extra, pgbr, barman, barman_par]
         for r in range(1, args.repeat + 1):
-            order = feed_tools[(r - 1) % 4:] + feed_tools[:(r - 1) % 4]
+            k = (r - 1) % len(feed_tools)
+            order = feed_tools[k:] + feed_tools[:k]
             for tool in order:
                 out = bench.feed(tool, r)
                 res["feed"].setdefault(tool.key, []).append(out)
@@ -800,29 +1034,46 @@ def main() -> int:
                     f"{out['call_median'] * 1000:.0f} ms, {out['verified']} files identical")
         res["feed"] = {t.key: res["feed"][t.key] for t in feed_tools}
 
-        rec_tools: list[Tool | None] = [None, walship, pgbr, barman, barman_par]
+        rec_tools: list[Tool | None] = [None, walship, *extra, pgbr, barman, barman_par]
         for r in range(1, args.repeat + 1):
-            order = rec_tools[(r - 1) % 5:] + rec_tools[:(r - 1) % 5]
+            k = (r - 1) % len(rec_tools)
+            order = rec_tools[k:] + rec_tools[:k]
             for tool in order:
                 out = bench.recovery(tool, r)
                 key = tool.key if tool else "cp"
                 res["recovery"].setdefault(key, []).append(out)
                 log(f"(c) recovery {info['labels'][key]} run {r}: {out['seconds']:.2f} s")
         res["recovery"] = {k: res["recovery"][k] for k in
-                           ["cp", "walship", "pgbackrest-async", "barman", "barman-parallel"]}
+                           ["cp", "walship", *[t.key for t in extra], "pgbackrest-async",
+                            "barman", "barman-parallel"]}
 
         res["rss"] = bench.peak_rss(walship, pgbr_sync, barman)
+
+        if not args.no_backups:
+            backups = BackupBench(args, work, walship, pgbr, barman, log, kill_strays)
+            try:
+                info["backup_source"] = backups.build(args.backup_scale)
+                info["backup_labels"] = {t.key: t.label for t in backups.tools}
+                res["backups"] = backups.run(args.repeat)
+            finally:
+                backups.close()
         info["minutes"] = (time.monotonic() - began) / 60
         text, markdown = render(res, info)
         print()
         print(text)
-        command = "bash bench/setup.sh && /opt/walship-venv/bin/python bench/run.py"
+        command = ("WALSHIP_VENV=/opt/walship-bench-venv bash bench/setup.sh && "
+                   "/opt/walship-bench-venv/bin/python bench/run.py")
         extra = [f"--segments {args.segments}" if args.segments != 64 else "",
                  f"--replay {args.replay}" if args.replay != 32 else "",
                  f"--scale {args.scale}" if args.scale != 30 else "",
                  f"--repeat {args.repeat}" if args.repeat != 3 else "",
-                 "--no-sync-row" if args.no_sync_row else ""]
+                 "--no-sync-row" if args.no_sync_row else "",
+                 f"--backup-scale {args.backup_scale}" if args.backup_scale != 30 else "",
+                 "--no-backups" if args.no_backups else "",
+                 (f"--walship-baseline {args.walship_baseline} --walship-baseline-label "
+                  f"{shlex.quote(args.walship_baseline_label)}") if args.walship_baseline else ""]
         command = " ".join([command, *filter(None, extra)])
+        info["command"] = command
         if args.json:
             args.json.write_text(json.dumps({"info": info, "results": res}, indent=2))
         if args.quick or args.no_docs:

@@ -43,11 +43,13 @@ command -v pgbackrest >/dev/null || { say "installing pgBackRest"; apt_install p
 as_root mkdir -p "$BENCH"
 as_root chmod 755 "$BENCH"
 if [ ! -x "$BENCH/barman/bin/barman-cloud-wal-archive" ] \
-   || ! "$BENCH/barman/bin/python" -c 'import azure.storage.blob, zstandard' 2>/dev/null; then
+   || ! "$BENCH/barman/bin/python" -c 'import azure.storage.blob, zstandard, lz4' 2>/dev/null; then
   say "installing barman[azure] in $BENCH/barman"
   [ -x "$BENCH/barman/bin/python" ] || as_root /usr/bin/python3 -m venv "$BENCH/barman"
-  # zstandard: barman-cloud's --zstd needs it and barman[azure] does not pull it in.
-  as_root "$BENCH/barman/bin/pip" install -q --disable-pip-version-check "barman[azure]" zstandard
+  # zstandard: barman-cloud's --zstd needs it and barman[azure] does not pull it in; lz4:
+  # barman-cloud-backup --lz4 (its fastest compression; it has no zstd for base backups).
+  as_root "$BENCH/barman/bin/pip" install -q --disable-pip-version-check "barman[azure]" zstandard \
+    lz4
 fi
 
 # walship itself (and azure-storage-blob, which run.py uses to count stored bytes).
