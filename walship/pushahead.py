@@ -6,6 +6,16 @@ PostgreSQL's ``archive_status`` files are only read, never renamed: PostgreSQL s
 archive_command for every file and marks it done itself. A record is written only after the
 object is durably stored, and is trusted only while the file still matches it. One call at a
 time pushes ahead (``push.lock``); a concurrent call just pushes its own file.
+
+When more files are ready than one call pushes ahead (a backlog), the call also starts a
+*background pusher* (``python -m walship.pushahead PG_WAL``, detached, one per pg_wal: it holds
+``pusher.lock``). Once the call has released ``push.lock`` the pusher takes it and keeps up to
+``push_ahead`` files uploaded ahead of PostgreSQL (uploading or recorded, not yet asked for),
+``parallel`` at a time, while PostgreSQL's calls consume the records; a call for a file being
+uploaded (``pushing/<name>``) waits for its record. The pusher exits once nothing is left to
+push for ``IDLE_SECONDS``. It only ever adds records, under the same rules as above, so a call
+still succeeds only for a file durably stored. (Only for a repository other processes can
+reach: not ``memory://``.)
 """
 
 from __future__ import annotations
@@ -13,7 +23,8 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,6 +67,23 @@ def _push_one(archive: Archive, path: Path, fingerprint: str) -> bool:
     return True
 
 
+def _push_and_record(archive: Archive, path: Path, fingerprint: str) -> Transfer:
+    before = spool.file_fingerprint(str(path))
+    result = archive.push_wal(path)
+    if spool.file_fingerprint(str(path)) == before:
+        spool.record_pushed(str(path.parent), path.name, before, fingerprint)
+    return result
+
+
+IDLE_SECONDS = 2.0
+RETRY_SECONDS = 1.0
+
+
+def _shared(archive: Archive) -> bool:
+    """Whether another process can reach this repository (a background pusher can help)."""
+    return not str(getattr(archive.storage, "url", "")).startswith("memory:")
+
+
 def push(archive: Archive, settings: Settings, path: str | os.PathLike[str]) -> Transfer:
     """Push ``path``; alongside, push up to ``settings.push_ahead`` other ready files."""
     path = Path(path)
@@ -73,15 +101,34 @@ def push(archive: Archive, settings: Settings, path: str | os.PathLike[str]) -> 
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            # the background pusher (or another call) is pushing ahead: if it is uploading
+            # this very file, wait for its record rather than upload it twice
+            started = time.monotonic()
+            if spool.take_pushed(str(path), spool.settings_fingerprint()):
+                size = os.stat(path).st_size
+                return Transfer("wal-push", path.name, "already pushed ahead", size, size,
+                                time.monotonic() - started)
             return archive.push_wal(path)
         fingerprint = spool.settings_fingerprint()
         for stale in os.listdir(records):  # records of files PostgreSQL no longer has
             if not (wal_dir / stale).exists():
                 (records / stale).unlink(missing_ok=True)
-        ahead = _ready(wal_dir / "archive_status", path.name, settings.push_ahead, records,
+        ahead = _ready(wal_dir / "archive_status", path.name, settings.push_ahead + 1, records,
                        fingerprint)
+        pusher = False
+        if len(ahead) > settings.push_ahead:  # a backlog: a background pusher goes on with it
+            ahead = ahead[:settings.push_ahead]
+            if _shared(archive):
+                try:
+                    spool.start_pusher(str(wal_dir))  # it waits for push.lock: for this call
+                    pusher = True
+                except OSError:
+                    pass
         with ThreadPoolExecutor(max(1, settings.parallel)) as pool:
-            own = pool.submit(archive.push_wal, path)
+            # With a pusher about to take over, this call's own file is recorded too, so that
+            # the pusher does not upload it again before PostgreSQL marks it done.
+            own = (pool.submit(_push_and_record, archive, path, fingerprint) if pusher
+                   else pool.submit(archive.push_wal, path))
             others = [(name, pool.submit(_push_one, archive, wal_dir / name, fingerprint))
                       for name in ahead]
             try:
@@ -100,3 +147,113 @@ def push(archive: Archive, settings: Settings, path: str | os.PathLike[str]) -> 
         result = Transfer(result.action, result.name, f"{result.outcome} (+{done} ahead)",
                           result.bytes_in, result.bytes_out, result.seconds)
     return result
+
+
+class Pusher:
+    """The background pusher: keeps up to ``push_ahead`` ready files uploaded ahead."""
+
+    def __init__(self, wal_dir: Path) -> None:
+        from walship.archive import open_archive
+        from walship.config import load_settings
+
+        self.wal_dir = wal_dir
+        self.settings = load_settings()
+        self.archive = open_archive(self.settings)
+        self.fingerprint = spool.settings_fingerprint()
+        self.records = Path(spool.spool_dir(str(wal_dir))) / "pushed"
+        self.markers = Path(spool.spool_dir(str(wal_dir))) / "pushing"
+        self.records.mkdir(parents=True, exist_ok=True)
+        self.markers.mkdir(parents=True, exist_ok=True)
+        self.pool = ThreadPoolExecutor(max(1, self.settings.parallel),
+                                       thread_name_prefix="push-ahead")
+        self.inflight: dict[str, Future[bool]] = {}
+        self.retry_at: dict[str, float] = {}
+        self.recorded = 0
+        self.pushed: set[str] = set()
+
+    def upload(self, name: str) -> bool:
+        try:
+            return _push_one(self.archive, self.wal_dir / name, self.fingerprint)
+        finally:
+            (self.markers / name).unlink(missing_ok=True)
+
+    def step(self) -> bool:
+        """Start what is due; whether anything moved (an upload started or ended, a record
+        was consumed)."""
+        moved = False
+        for name, future in list(self.inflight.items()):
+            if future.done():
+                moved = True
+                del self.inflight[name]
+                error = future.exception()
+                if error is None and future.result():
+                    self.pushed.add(name)
+                else:
+                    self.retry_at[name] = time.monotonic() + RETRY_SECONDS
+                    if error is not None:
+                        print(f"walship: push-ahead {name}: {error}", file=sys.stderr,
+                              flush=True)
+        status = self.wal_dir / "archive_status"
+        try:  # records PostgreSQL has not asked for yet (its file is still .ready)
+            recorded = sum(1 for name in os.listdir(self.records)
+                           if (status / f"{name}.ready").exists())
+        except FileNotFoundError:
+            return False  # pg_wal is gone
+        moved = moved or recorded < self.recorded
+        self.recorded = recorded
+        room = self.settings.push_ahead - recorded - len(self.inflight)
+        if room <= 0:
+            return moved
+        now = time.monotonic()
+        for name in _ready(status, "", room + len(self.inflight) + len(self.retry_at)
+                           + len(self.pushed), self.records, self.fingerprint):
+            if room <= 0:
+                break
+            if (name in self.inflight or name in self.pushed
+                    or self.retry_at.get(name, 0) > now):
+                continue  # (pushed: its record may be consumed while the file is still .ready)
+            (self.markers / name).touch()
+            self.inflight[name] = self.pool.submit(self.upload, name)
+            room -= 1
+            moved = True
+        return moved
+
+    def run(self) -> None:
+        """Until nothing has moved for IDLE_SECONDS (no backlog left, or PostgreSQL stopped
+        asking)."""
+        last = time.monotonic()
+        while True:
+            if self.step() or self.inflight:
+                last = time.monotonic()
+            elif time.monotonic() - last > IDLE_SECONDS:
+                return
+            time.sleep(0.005)
+
+
+def main(wal_dir: str) -> int:
+    root = spool.spool_dir(wal_dir)
+    os.makedirs(root, exist_ok=True)
+    alive = os.open(os.path.join(root, "pusher.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(alive, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0  # another pusher serves this pg_wal
+    os.ftruncate(alive, 0)
+    os.write(alive, f"{os.getpid()}\n".encode())
+    pusher = Pusher(Path(wal_dir))  # imports and connects while the starting call pushes
+    lock = os.open(os.path.join(root, "push.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # after the call that started us
+    for stale in os.listdir(pusher.markers):  # left by a pusher that died
+        (pusher.markers / stale).unlink(missing_ok=True)
+    try:
+        pusher.run()
+    finally:
+        pusher.pool.shutdown(wait=True, cancel_futures=True)
+        for stale in os.listdir(pusher.markers):
+            (pusher.markers / stale).unlink(missing_ok=True)
+        pusher.archive.storage.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
