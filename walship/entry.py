@@ -22,8 +22,10 @@ def main(argv: list[str] | None = None) -> int:
 
             if argv[0] == "wal-push" and fastpath.wal_push(argv[1]):
                 return 0
-            if argv[0] == "wal-fetch" and fastpath.wal_fetch(argv[1], argv[2]):
-                return 0
+            if argv[0] == "wal-fetch":
+                status = fastpath.wal_fetch(argv[1], argv[2])
+                if status is not None:
+                    return status
         from walship.cli import run
 
         return run(argv, recovery=recovery)

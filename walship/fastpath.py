@@ -36,18 +36,31 @@ def wal_push(path: str) -> bool:
     return True
 
 
-def wal_fetch(name: str, destination: str) -> bool:
+def wal_fetch(name: str, destination: str) -> int | None:
+    """0: delivered; 1: the repository, asked just now by the warm prefetch worker, says
+    ``name`` does not exist; None: not answered here (the full program takes the call)."""
     started = time.monotonic()
     if not _plain_name(name):
-        return False
+        return None
     cache = spool.cache_dir(os.path.dirname(destination) or ".")
+    settings = spool.settings_fingerprint()
     try:
-        size = spool.deliver_cached(cache, name, destination, spool.settings_fingerprint())
+        size = spool.deliver_cached(cache, name, destination, settings)
         if size is None:
-            return False
-        spool.want(cache, name, size)
+            verdict = spool.ask(cache, name, settings)
+            if verdict == "missing":
+                print(f"walship: wal-fetch {name} not found in the archive (asked by the "
+                      f"prefetch worker) seconds={time.monotonic() - started:.3f}",
+                      file=sys.stderr, flush=True)
+                return 1
+            if verdict == "found":
+                size = spool.deliver_cached(cache, name, destination, settings, wait=False)
+        if size is None:
+            return None
+        if len(name) == 24:  # a segment: move the window
+            spool.want(cache, name, size)
         spool.start_worker(cache)
     except OSError:
-        return False
+        return None
     _log("wal-fetch", name, "delivered from prefetch cache", size, started)
-    return True
+    return 0

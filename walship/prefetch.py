@@ -31,8 +31,11 @@ if TYPE_CHECKING:
     from walship.config import Settings
 
 IDLE_SECONDS = 30.0
+DEFAULT_SEGMENT_SIZE = 16 << 20  # PostgreSQL's default wal_segment_size
 POLL_SECONDS = 0.01
 RETRY_SECONDS = 0.5
+ANSWER_KEEP_SECONDS = 30.0  # a looked-up file waits this long for its caller
+STUCK_SECONDS = 300.0  # storage timeouts and retries end a download well before
 
 
 def _window(want: tuple[str, int] | None, depth: int, max_bytes: int) -> list[str]:
@@ -74,10 +77,14 @@ class Worker:
                                        thread_name_prefix="prefetch")
         self.inflight: dict[str, Future[None]] = {}
         self.retry_at: dict[str, float] = {}
+        self.asks: dict[str, Future[None]] = {}  # lookups asked for by calls (spool.ask)
+        self.answered: dict[str, float] = {}  # name -> when: its cache entry is kept a while
+        self.served: set[str] = set()  # nonces answered (a dead caller leaves its request)
 
     def download(self, name: str) -> None:
+        # The marker was written when the download was queued (see step): a wal-fetch call
+        # for this segment waits for it instead of downloading it a second time.
         marker = os.path.join(self.cache, f"{name}.inflight")
-        open(marker, "w").close()
         try:
             self.archive.fetch_wal(name, os.path.join(self.cache, name))
             spool.seal_cached(self.cache, name, self.fingerprint)
@@ -87,11 +94,64 @@ class Worker:
         finally:
             os.unlink(marker)
 
+    def lookup(self, name: str, nonce: str, settings: str) -> None:
+        """Answer a call's :func:`walship.spool.ask`: fetch ``name`` into the cache now."""
+        verdict = "error"
+        try:
+            if settings != self.fingerprint:
+                pass  # asked under other settings: the caller must look for itself
+            elif os.path.exists(os.path.join(self.cache, f"{name}.ok")):
+                verdict = "found"
+            else:
+                self.archive.fetch_wal(name, os.path.join(self.cache, name))
+                spool.seal_cached(self.cache, name, self.fingerprint)
+                verdict = "found"
+        except NotFound:
+            verdict = "missing"  # the repository says so, asked after the call began
+        except BaseException as error:  # noqa: BLE001 - the caller then finds out itself
+            spool.drop_cached(self.cache, name)
+            print(f"walship: prefetch lookup {name}: {error}", file=sys.stderr, flush=True)
+        finally:
+            self.answered[name] = time.monotonic()
+            spool.write_atomically(os.path.join(self.cache, "ask", f"{name}.answer"),
+                                   f"{nonce} {verdict}\n")
+
+    def serve_asks(self) -> bool:
+        """Start a lookup for every new request; whether any request is waiting."""
+        for name, future in list(self.asks.items()):
+            if future.done():
+                del self.asks[name]
+        now = time.monotonic()
+        for name, when in list(self.answered.items()):
+            if now - when > ANSWER_KEEP_SECONDS:
+                del self.answered[name]
+        directory = os.path.join(self.cache, "ask")
+        try:
+            entries = os.listdir(directory)
+        except FileNotFoundError:
+            return False
+        waiting = False
+        for entry in entries:
+            if not entry.endswith(".ask"):
+                continue
+            name = entry[:-len(".ask")]
+            fields = (spool.read_text(os.path.join(directory, entry)) or "").split()
+            if len(fields) != 2 or fields[0] in self.served:
+                continue
+            waiting = True
+            if name in self.asks or name in self.inflight:
+                continue  # answered once the download running for it ends
+            self.served.add(fields[0])
+            self.asks[name] = self.pool.submit(self.lookup, name, fields[0], fields[1])
+        return waiting or bool(self.asks)
+
     def step(self, want: tuple[str, int] | None) -> None:
         window = _window(want, self.depth, self.max_bytes)
         keep = set(window)
+        keep.update(name.split(".", 1)[0] for name in (*self.asks, *self.answered))
         for entry in os.listdir(self.cache):
-            if entry in ("want", "worker.lock", "worker.log") or entry.startswith("want.tmp"):
+            if entry in ("want", "worker.lock", "worker.log", "ask") \
+                    or entry.startswith("want.tmp"):
                 continue
             base = entry.lstrip(".").split(".", 1)[0]  # NAME, NAME.ok, .NAME.walship-x, ...
             if base not in keep and base not in self.inflight:
@@ -105,26 +165,46 @@ class Worker:
                 error = future.exception()
                 if error is not None:
                     self.retry_at[name] = time.monotonic() + RETRY_SECONDS
-                    if not isinstance(error, NotFound):
+                    if isinstance(error, NotFound):  # tells waiting calls not to wait for it
+                        open(os.path.join(self.cache, f"{name}.missing"), "w").close()
+                    else:
                         print(f"walship: prefetch {name}: {error}", file=sys.stderr, flush=True)
         now = time.monotonic()
+        # Downloads still running for segments that left the window (PostgreSQL moved on
+        # faster) count against the bound too: at most len(window) segments on disk.
+        room = len(window) - sum(1 for name in self.inflight if name not in keep)
         for name in window:
+            if room <= 0:
+                break
             if name in self.inflight or os.path.exists(os.path.join(self.cache, f"{name}.ok")):
+                room -= 1
                 continue
             if self.retry_at.get(name, 0) > now:
                 break  # not archived yet (or failing): nothing after it is either
+            open(os.path.join(self.cache, f"{name}.inflight"), "w").close()  # queued
+            try:
+                os.unlink(os.path.join(self.cache, f"{name}.missing"))
+            except FileNotFoundError:
+                pass
+            room -= 1
             self.inflight[name] = self.pool.submit(self.download, name)
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Until nobody has asked for anything for IDLE_SECONDS; then the cache is emptied and
+        nothing new is started. False if downloads still hang STUCK_SECONDS after that (the
+        caller then exits without waiting for them)."""
         last_want, last_change = None, time.monotonic()
         while True:
             want = _read_want(self.cache)
-            if want != last_want:
-                last_want, last_change = want, time.monotonic()
-            if time.monotonic() - last_change > IDLE_SECONDS and not self.inflight:
-                self.step(None)  # empty the cache
-                return
-            self.step(want)
+            now = time.monotonic()
+            if want != last_want or self.serve_asks():
+                last_want, last_change = want, now
+            idle = now - last_change > IDLE_SECONDS
+            self.step(None if idle else want)  # idle: empty the cache, start nothing
+            if idle and not self.inflight and not self.asks:
+                return True
+            if now - last_change > IDLE_SECONDS + STUCK_SECONDS:
+                return False
             time.sleep(POLL_SECONDS)
 
 
@@ -145,11 +225,17 @@ def main(cache: str) -> int:
             except OSError:
                 pass
     worker = Worker(cache)
+    clean = False
     try:
-        worker.run()
+        clean = worker.run()
     finally:
-        worker.pool.shutdown(wait=True, cancel_futures=True)
-        worker.archive.storage.close()
+        worker.pool.shutdown(wait=clean, cancel_futures=True)
+        if clean:
+            worker.archive.storage.close()
+    if not clean:  # a download hangs past every timeout: never outlive it
+        print("walship: prefetch worker: downloads still running after "
+              f"{STUCK_SECONDS:.0f} s idle; exiting", file=sys.stderr, flush=True)
+        os._exit(0)
     return 0
 
 
@@ -163,7 +249,14 @@ def fetch(archive: Archive, settings: Settings, name: str, destination: str) -> 
     move the worker's window to ``name`` and make sure a worker runs."""
     from walship.archive import archive_name
 
-    if settings.prefetch == 0 or archive_name(name).kind is not wal.FileKind.SEGMENT:
+    if settings.prefetch == 0:
+        return archive.fetch_wal(name, destination)
+    if archive_name(name).kind is not wal.FileKind.SEGMENT:
+        # (a history file, asked for before the first segment at the start of recovery: the
+        # worker starts now, so that the next calls find it ready to answer them)
+        cache = spool.cache_dir(os.path.dirname(destination) or ".")
+        os.makedirs(cache, exist_ok=True)
+        spool.start_worker(cache)
         return archive.fetch_wal(name, destination)
     started = time.monotonic()
     cache = spool.cache_dir(os.path.dirname(destination) or ".")
@@ -174,16 +267,21 @@ def fetch(archive: Archive, settings: Settings, name: str, destination: str) -> 
     while (os.path.exists(inflight) and time.monotonic() < deadline
            and spool.worker_alive(cache)):
         time.sleep(0.005)  # being downloaded: wait rather than download it twice
-    size = spool.deliver_cached(cache, name, destination, fingerprint)
+    # (already waited for above; no grace here: after the fast path found the cached copy
+    # corrupt, this call downloads it itself)
+    size = spool.deliver_cached(cache, name, destination, fingerprint, wait=False)
     if size is not None:
         spool.want(cache, name, size)
         spool.start_worker(cache)
         return Transfer("wal-fetch", name, "delivered from prefetch cache", size, size,
                         time.monotonic() - started)
     previous = _read_want(cache)
-    if previous is not None:  # start the window now, in parallel with this download
-        spool.want(cache, name, previous[1])
-        spool.start_worker(cache)
+    # Start the window now, in parallel with this download, so that the worker (whose start
+    # takes a while) is ready for PostgreSQL's next call. With no earlier call to tell the
+    # segment size, PostgreSQL's default is assumed until this download tells the real one (a
+    # wrong guess only prefetches names that are never asked for: a name is one segment).
+    spool.want(cache, name, previous[1] if previous is not None else DEFAULT_SEGMENT_SIZE)
+    spool.start_worker(cache)
     result = archive.fetch_wal(name, destination)
     spool.want(cache, name, result.bytes_out)
     spool.start_worker(cache)

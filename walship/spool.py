@@ -7,11 +7,18 @@ Layout, inside the directory that holds the WAL (``pg_wal/walship/``), so that d
 cached segment is a rename within one filesystem::
 
     pushed/<name>          "<file fingerprint> <settings fingerprint>": <name> is durably stored
-    push.lock              held (flock) by the wal-push call that pushes ahead
+    pushing/<name>         the background pusher is uploading <name>
+    push.lock              held (flock) by the wal-push call or the background pusher that
+                           pushes ahead
+    pusher.lock            held (flock) by the background pusher while it runs
     prefetch/<name>        a downloaded, verified segment ...
     prefetch/<name>.ok     ... and "<crc32> <size> <settings fingerprint>", written after it
-    prefetch/<name>.inflight   the worker is downloading <name>
+    prefetch/<name>.inflight   the worker is downloading <name> (or has queued it)
+    prefetch/<name>.missing    the worker's last attempt found no <name> (calls need not wait)
     prefetch/want          "<name> <segment size>": the segment PostgreSQL asked for last
+    prefetch/ask/<name>.ask     "<nonce> <settings fingerprint>": a call asks the worker to
+                           look <name> up in the repository now ...
+    prefetch/ask/<name>.answer  ... and "<nonce> found|missing|error", the worker's answer
     prefetch/worker.lock   held (flock) by the one prefetch worker while it runs
 
 A record or cache entry is used only while the *settings fingerprint* (a hash of every
@@ -87,14 +94,79 @@ def record_pushed(wal_dir: str, name: str, fingerprint: str, settings: str) -> N
     write_atomically(os.path.join(directory, name), f"{fingerprint} {settings}\n")
 
 
+def _flock_held(path: str) -> bool:
+    """Whether some process holds an flock on ``path``."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock we may have taken
+    return False
+
+
+def pusher_alive(wal_dir: str) -> bool:
+    """Whether a background pusher (``python -m walship.pushahead``) runs for this pg_wal."""
+    return _flock_held(os.path.join(spool_dir(wal_dir), "pusher.lock"))
+
+
+def await_pushed(wal_dir: str, name: str) -> None:
+    """Wait while the background pusher is uploading ``name`` (its ``pushing/<name>`` marker,
+    written before the upload starts and removed after its record is written)."""
+    marker = os.path.join(spool_dir(wal_dir), "pushing", name)
+    if not os.path.exists(marker) or not pusher_alive(wal_dir):
+        return
+    import time
+
+    started = checked = time.monotonic()
+    while os.path.exists(marker):
+        now = time.monotonic()
+        if now - started > WAIT_SECONDS:
+            return
+        if now - checked > 0.05:
+            if not pusher_alive(wal_dir):
+                return
+            checked = now
+        time.sleep(0.002)
+
+
+def start_pusher(wal_dir: str) -> None:
+    """Start the background pusher for this pg_wal, detached, unless one is running."""
+    if pusher_alive(wal_dir):
+        return
+    import sys
+
+    root = spool_dir(wal_dir)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    log = os.open(os.path.join(root, "pusher.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                  0o600)
+    try:
+        os.posix_spawn(sys.executable, [sys.executable, "-m", "walship.pushahead",
+                                        os.path.abspath(wal_dir)],
+                       dict(os.environ), file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0),
+                                                       (os.POSIX_SPAWN_DUP2, devnull, 1),
+                                                       (os.POSIX_SPAWN_DUP2, log, 2)],
+                       setsid=True)
+    finally:
+        os.close(devnull)
+        os.close(log)
+
+
 def take_pushed(wal_path: str, settings: str) -> bool:
     """Whether ``wal_path`` was pushed ahead under these settings and is unchanged since.
 
-    The record is consumed: PostgreSQL asks once per file, and a repeated call after a crash
-    simply pushes again (an identical push succeeds).
+    A file the background pusher is uploading right now is waited for. The record is
+    consumed: PostgreSQL asks once per file, and a repeated call after a crash simply pushes
+    again (an identical push succeeds).
     """
     wal_dir, name = os.path.split(wal_path)
     record = os.path.join(spool_dir(wal_dir), "pushed", name)
+    if not os.path.exists(record):
+        await_pushed(wal_dir, name)
     text = read_text(record)
     if text is None:
         return False
@@ -138,11 +210,78 @@ def drop_cached(cache: str, name: str) -> None:
             pass
 
 
-def deliver_cached(cache: str, name: str, destination: str, settings: str) -> int | None:
+# How long a call waits for a segment that the worker is downloading (or is about to: it was
+# just asked for the window that holds it and has not started yet), instead of starting the
+# full program to download it a second time.
+WAIT_SECONDS = 120.0
+GRACE_SECONDS = 0.5
+_PREFETCH_DEFAULT = 8
+
+
+def _in_window(cache: str, name: str) -> bool:
+    """Whether ``name`` is one of the segments the worker was last asked to prefetch."""
+    text = read_text(os.path.join(cache, "want"))
+    fields = text.split() if text else []
+    if len(fields) != 2 or not fields[1].isdigit() or len(name) != 24 or len(fields[0]) != 24:
+        return False
+    want, size = fields[0], int(fields[1])
+    if size <= 0 or want[:8] != name[:8]:
+        return False
+    try:
+        depth = int(os.environ.get("WALSHIP_PREFETCH", _PREFETCH_DEFAULT))
+        per_id = 0x100000000 // size
+        ahead = ((int(name[8:16], 16) * per_id + int(name[16:], 16))
+                 - (int(want[8:16], 16) * per_id + int(want[16:], 16)))
+    except ValueError:
+        return False
+    return 0 < ahead <= depth
+
+
+def await_sealed(cache: str, name: str) -> bool:
+    """Wait while the prefetch worker is downloading ``name`` (its ``.inflight`` marker, written
+    when the download is queued) or, for a moment, while a live worker has ``name`` in its
+    window but has not queued it yet. True once it is sealed; False as soon as it is clear it
+    will not be (the download ended without a seal, the worker is gone, time is up)."""
+    seal = os.path.join(cache, f"{name}.ok")
+    if os.path.exists(seal):
+        return True
+    marker = os.path.join(cache, f"{name}.inflight")
+    if not os.path.exists(marker) and (os.path.exists(os.path.join(cache, f"{name}.missing"))
+                                       or not _in_window(cache, name)):
+        return False  # not being downloaded: the last attempt found nothing, or none is due
+    if not worker_alive(cache):
+        return False
+    import time
+
+    started = checked = time.monotonic()
+    marked = False
+    while True:
+        if os.path.exists(seal):
+            return True
+        now = time.monotonic()
+        if os.path.exists(marker):
+            marked = True
+        elif marked or now - started > GRACE_SECONDS:
+            return os.path.exists(seal)  # it may have been sealed just before the marker went
+        if now - started > WAIT_SECONDS:
+            return False
+        if now - checked > 0.05:
+            if not worker_alive(cache):
+                return os.path.exists(seal)
+            checked = now
+        time.sleep(0.002)
+
+
+def deliver_cached(cache: str, name: str, destination: str, settings: str, *,
+                   wait: bool = True) -> int | None:
     """Move a cached segment to ``destination`` if it is sealed and intact; return its size.
 
-    A cached file whose checksum no longer matches is deleted, never delivered.
+    With ``wait``, a segment the worker is downloading right now is waited for
+    (:func:`await_sealed`). A cached file whose checksum no longer matches is deleted, never
+    delivered.
     """
+    if wait and not await_sealed(cache, name):
+        return None
     seal = read_text(os.path.join(cache, f"{name}.ok"))
     if seal is None:
         return None
@@ -167,6 +306,57 @@ def deliver_cached(cache: str, name: str, destination: str, settings: str) -> in
     return size
 
 
+ASK_SECONDS = 60.0
+
+
+def ask(cache: str, name: str, settings: str) -> str | None:
+    """Have the running prefetch worker look ``name`` up in the repository *now*, with its
+    warm connection, instead of starting the full program (a cold call costs an interpreter
+    and the storage SDK; a lookup by the worker, a few milliseconds).
+
+    Returns ``"found"`` (then ``name`` is sealed in the cache), ``"missing"`` (the repository,
+    asked after this call began, says that ``name`` does not exist: an authoritative answer,
+    not a cached one), or None: no worker, other settings, an error, no answer in time. With
+    None the caller must find out for itself.
+    """
+    if not worker_alive(cache):
+        return None
+    directory = os.path.join(cache, "ask")
+    request = os.path.join(directory, f"{name}.ask")
+    answer = os.path.join(directory, f"{name}.answer")
+    nonce = os.urandom(8).hex()
+    try:
+        os.makedirs(directory, exist_ok=True)
+        write_atomically(request, f"{nonce} {settings}\n")
+    except OSError:
+        return None
+    import time
+
+    started = checked = time.monotonic()
+    verdict = None
+    try:
+        while True:
+            text = read_text(answer)
+            fields = text.split() if text else []
+            if len(fields) == 2 and fields[0] == nonce:
+                verdict = fields[1] if fields[1] in ("found", "missing") else None
+                return verdict
+            now = time.monotonic()
+            if now - started > ASK_SECONDS:
+                return None
+            if now - checked > 0.05:
+                if not worker_alive(cache):
+                    return None
+                checked = now
+            time.sleep(0.001)
+    finally:
+        for path in (request, answer):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
 def want(cache: str, name: str, segment_size: int) -> None:
     """Tell the prefetch worker which segment PostgreSQL asked for last."""
     write_atomically(os.path.join(cache, "want"), f"{name} {segment_size}\n")
@@ -174,17 +364,7 @@ def want(cache: str, name: str, segment_size: int) -> None:
 
 def worker_alive(cache: str) -> bool:
     """Whether a prefetch worker holds its lock."""
-    try:
-        fd = os.open(os.path.join(cache, "worker.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing releases a lock we may have taken
-    return False
+    return _flock_held(os.path.join(cache, "worker.lock"))
 
 
 def start_worker(cache: str) -> None:
