@@ -13,8 +13,9 @@ What it promises about the directory left behind:
   always refused;
 * the files PostgreSQL needs to start, ``backup_label``, ``tablespace_map``,
   ``global/pg_control`` and, last, ``PG_VERSION``, are written only once everything else is
-  written and verified, so an interrupted fetch (even ``kill -9``) never leaves a directory
-  PostgreSQL would start on: without ``PG_VERSION`` it refuses to;
+  written, verified and made durable (one syncfs per filesystem, else an fsync per file), so
+  an interrupted fetch (even ``kill -9``) or a crash never leaves a directory PostgreSQL
+  would start on: without ``PG_VERSION`` it refuses to;
 * on any failure, everything the fetch created is removed before the error is raised.
 
 Data directories are 0700 with 0600 files (0750/0640 for a cluster initialised with group
@@ -27,6 +28,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sys
 import tarfile
 import threading
 import time
@@ -172,6 +174,24 @@ class _Writer(PartSink):
         self.file_mode = 0o640 if group else 0o600
         self.dir_mode = 0o750 if group else 0o700
         self.deferred: dict[str, bytes] = {}
+        self.unsynced: list[Path] = []
+
+    def sync_written(self, roots: list[Path]) -> None:
+        """Make every file written so far durable, before the files that make the directory
+        startable are written. One syncfs(2) per filesystem (the data directory's and each
+        tablespace's) flushes them in one go, instead of one fsync per file while writing
+        (which, measured, made fsync the largest cost of a fetch); where syncfs is missing or
+        fails, each file is fsynced."""
+        if _syncfs(roots):
+            self.unsynced.clear()
+            return
+        for path in self.unsynced:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.unsynced.clear()
 
     @property
     def written(self) -> int:
@@ -212,9 +232,10 @@ class _Writer(PartSink):
                 size += len(chunk)
                 self.advance(len(chunk))
             self.verify(entry, digest.hexdigest(), size)
-            os.fsync(fd)
         os.utime(path, (entry.mtime, entry.mtime))
         self.own(path)
+        with self._lock:
+            self.unsynced.append(path)  # made durable together by sync_written()
 
     def write_small(self, rel: str, content: bytes, mtime: float | None = None) -> None:
         """Write a small file atomically (temporary name, fsync, rename, fsync directory)."""
@@ -231,6 +252,27 @@ class _Writer(PartSink):
         self.own(temp)
         os.replace(temp, path)
         _fsync_dir(path.parent)
+
+
+def _syncfs(roots: list[Path]) -> bool:
+    """syncfs(2) on the filesystem of each of ``roots``; False if not every one succeeded
+    (not Linux, or an error: the caller then fsyncs file by file)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return False
+    for root in roots:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if syncfs(fd) != 0:
+                return False
+        finally:
+            os.close(fd)
+    return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -304,6 +346,7 @@ def fetch_backup(archive: Archive, name: str, directory: str | os.PathLike[str],
         for link in manifest.links:
             os.symlink(link.target, root / link.path)
             writer.own(root / link.path)
+        writer.sync_written([root, *targets.values()])
         if prepare is not None:
             prepare(root, writer.write_small)
         _write_deferred(manifest, writer, targets)
