@@ -154,8 +154,12 @@ def demo(keep: bool, segments: int) -> int:
               metavar="MIB", help="Target plaintext size of one part.")
 @click.option("--checkpoint", type=click.Choice(["fast", "spread"]), default="fast",
               show_default=True, help="Start at once, or spread the starting checkpoint.")
+@click.option("--wal-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              metavar="SECONDS", help="How long to wait for the WAL the backup needs to "
+              "reach the repository before writing the manifest anyway (with a warning).")
 @click.pass_obj
-def backup_push(state: _State, dbname: str | None, part_size: int, checkpoint: str) -> int:
+def backup_push(state: _State, dbname: str | None, part_size: int, checkpoint: str,
+                wal_timeout: float) -> int:
     """Take an online base backup of the local server into the repository.
 
     Run it on the database server as its OS user (it reads the data directory), e.g. daily
@@ -169,7 +173,7 @@ def backup_push(state: _State, dbname: str | None, part_size: int, checkpoint: s
     result = push_backup(archive, PostgresSource(dbname, log=logline.info),
                          parallel=state.settings.parallel, part_size=part_size << 20,
                          fast=checkpoint == "fast", progress=for_stderr("backup-push"),
-                         log=logline.info)
+                         log=logline.info, wal_timeout=wal_timeout)
     manifest = result.manifest
     logline.info(f"backup-push {manifest.name} stored in={result.bytes_in} "
                  f"out={result.bytes_out} seconds={result.seconds:.3f} "

@@ -133,7 +133,7 @@ def test_push_list_fetch_round_trip(archive, tmp_path):
     result = push_backup(archive, source, parallel=2, part_size=1 << 20, log=lines.append)
     m = result.manifest
     assert source.calls[0].startswith(f"start walship backup {m.name}")
-    assert source.calls[1:] == ["stop True", "close"]
+    assert source.calls[1:] == ["stop False", "close"]  # walship waits for the WAL itself
     assert len(m.parts) >= 3 and result.bytes_in == sum(p.size for p in m.parts)
     paths = {f.path for f in m.files}
     assert {"PG_VERSION", "base/5/16384", "base/5/16390_init", "global/pg_control",
@@ -343,3 +343,27 @@ def test_parallel_fetch_stops_everything_on_failure(tmp_path, monkeypatch):
                      parallel=4)
     assert not target.exists()
     assert threading.active_count() < 5
+
+
+def test_push_waits_for_the_wal_in_the_repository_then_commits(archive, tmp_path):
+    """On a primary the manifest is written once the WAL the backup needs has reached the
+    repository (polled there, not PostgreSQL's once-a-second wait for its archiver)."""
+    import time
+
+    data, ts = make_cluster(tmp_path)
+    needed = ["000000010000000000000002"]  # stop LSN 0/3000000 ends segment 2
+    seen: list[bool] = []
+
+    def archiver_later() -> None:
+        def run() -> None:
+            time.sleep(0.4)
+            seen.append(bool(catalog.list_backups(archive)[-1].complete))
+            push_wal_names(archive, needed)
+        threading.Thread(target=run, daemon=True).start()
+
+    started = time.monotonic()
+    result = push_backup(archive, FakeSource(data, ts, stop_hook=archiver_later),
+                         wal_timeout=30)
+    assert 0.4 <= time.monotonic() - started < 10
+    assert seen == [False]  # no manifest while the WAL was still on its way
+    assert result.wal_missing == () and result.manifest.needed_wal() == needed

@@ -3,9 +3,10 @@
 The sequence: start a non-exclusive backup in one session; read PGDATA and the tablespaces
 directly from disk (:mod:`walship.backup.scan`), as tar parts streamed through the codec into
 the storage, ``parallel`` parts at a time; read ``global/pg_control`` last; stop the backup
-(waiting for the WAL to be archived on a primary); store a final part holding pg_control and
-the ``backup_label`` and ``tablespace_map`` that the stop returned; write the manifest (the
-commit point); check that the WAL the backup needs is in the archive.
+(without PostgreSQL's own wait for the archiver, which looks only once a second); store a final
+part holding pg_control and the ``backup_label`` and ``tablespace_map`` that the stop returned;
+on a primary, poll the repository until the WAL the backup needs is there (bounded); write the
+manifest (the commit point); check again that the WAL is in the archive, and warn if not.
 
 Promises: memory stays bounded whatever the cluster's size (one read buffer and one compressor
 per part in flight); a backup is listed as usable only once everything it needs is stored; on
@@ -188,8 +189,13 @@ def _owner(path: str) -> tuple[str, str, int]:
 
 def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
                 part_size: int = DEFAULT_PART_SIZE, fast: bool = True,
-                progress: Progress | None = None, log: Log | None = None) -> PushResult:
-    """Take a base backup of the server behind ``source`` into ``archive``'s repository."""
+                progress: Progress | None = None, log: Log | None = None,
+                wal_timeout: float | None = None) -> PushResult:
+    """Take a base backup of the server behind ``source`` into ``archive``'s repository.
+
+    On a primary the manifest is written once the WAL the backup needs is in the repository,
+    or after ``wal_timeout`` seconds (default :data:`WAL_TIMEOUT`) with a warning: the backup
+    is then listed with its WAL missing, and restored only once the WAL arrives."""
     started = time.monotonic()
     info = source.describe()
     if not info.in_recovery and info.archive_mode == "off":
@@ -222,7 +228,9 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
             if progress is not None:
                 progress.finish()
         pg_control = _read_pg_control(content.pg_control)
-        stop = source.stop(wait_for_archive=not info.in_recovery)
+        # Not PostgreSQL's own wait for the archiver (it looks once a second): on a primary,
+        # the repository itself is polled below for the WAL the backup needs.
+        stop = source.stop(wait_for_archive=False)
         final = [SourceFile(PG_CONTROL, "", len(pg_control), pg_control),
                  SourceFile(BACKUP_LABEL, "", 0, stop.backup_label.encode())]
         if stop.tablespace_map:
@@ -243,6 +251,9 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
             links=content.links, files=files, parts=tuple(s.part for s in stored),
             walship_version=__version__)
         manifest.check()
+        if not info.in_recovery:  # a standby's WAL is archived by its primary, in its time
+            _await_wal(archive, manifest.needed_wal(),
+                       WAL_TIMEOUT if wal_timeout is None else wal_timeout)
         written = catalog.store_manifest(archive, manifest)
         committed = True
     except BaseException:
@@ -260,6 +271,32 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
     return PushResult(manifest, sum(p.size for p in manifest.parts),
                       manifest.stored_size + written.size, time.monotonic() - started,
                       sum(len(s.skipped) for s in stored), tuple(missing))
+
+
+WAL_TIMEOUT = 60.0
+
+
+def _await_wal(archive: Archive, names: Sequence[str], timeout: float) -> None:
+    """Wait until every WAL file in ``names`` is in the repository, or ``timeout`` passes.
+    One HEAD per file still missing, every 20 ms at first, backing off to 1 s."""
+    from walship import layout as wal_layout
+    from walship.errors import NotFound
+
+    missing = list(names)
+    deadline = time.monotonic() + timeout
+    pause = 0.02
+    while missing:
+        still = []
+        for name in missing:
+            try:
+                archive.storage.head(wal_layout.wal_key(name))
+            except NotFound:
+                still.append(name)
+        missing = still
+        if not missing or time.monotonic() + pause > deadline:
+            return
+        time.sleep(pause)
+        pause = min(1.0, pause * 1.5)
 
 
 def _delete_parts(archive: Archive, keys: list[str], log: Log | None) -> None:
