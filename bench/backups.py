@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pgcluster
-from peers import STANZA, BARMAN_SERVER, LEVEL, Barman, PgBackRest, Tool, Walship
+from peers import BARMAN_SERVER, LEVEL, Barman, PgBackRest, Tool, Walship
 from pgcluster import BIN, Cluster, make_dir, run_pg
 from pgwire import Connection
 

@@ -57,7 +57,7 @@ def test_backlog_is_archived_once_each_despite_concurrency_and_kill_9(pg, file_r
     kills = 0
     deadline = time.monotonic() + 30
     while kills < 2 and time.monotonic() < deadline:
-        found = subprocess.run(["pgrep", "-f", f"wal-push pg_wal/0"], capture_output=True,
+        found = subprocess.run(["pgrep", "-f", "wal-push pg_wal/0"], capture_output=True,
                                text=True).stdout.split()
         for pid in found[:1]:
             try:

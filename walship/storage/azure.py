@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 from azure.core import MatchConditions
 from azure.core.exceptions import (AzureError, ClientAuthenticationError, HttpResponseError,
                                    ResourceExistsError, ResourceModifiedError,
-                                   ResourceNotFoundError, ServiceRequestError,
+                                   ServiceRequestError,
                                    ServiceResponseError)
 from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient, ExponentialRetry
 
