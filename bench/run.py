@@ -806,8 +806,8 @@ WAL: {info['segments']} segments of 16 MiB written by pgbench (scale {info['scal
 TPC-B-like runs with 2 clients) on PostgreSQL 15, the same bytes for every tool. All tools write
 zstd level 3. Base backups (e)-(g): {backup_line}
 
-The machine was shared while this ran (a test suite and another engineer's work on the same two
-cores), so single runs are noisy: read the medians and the same-run ratios, not one run.
+The machine is a shared virtual machine whose load the harness does not control, so single runs
+are noisy: read the medians and the same-run ratios, not one run.
 
 {markdown}
 ## Method
