@@ -192,14 +192,8 @@ def test_nothing_goes_without_a_complete_backup(archive):
 
 # -- the command line ---------------------------------------------------------------------------
 @pytest.fixture
-def repo(tmp_path, monkeypatch):
-    root = tmp_path / "repo"
-    root.mkdir()
-    for var in list(os.environ):
-        if var.startswith(("WALSHIP_", "AZURE_", "PG")):
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("WALSHIP_REPO", f"file://{root}")
-    monkeypatch.setenv("WALSHIP_CONFIG", os.devnull)
+def repo(file_repo_env):
+    root = file_repo_env
     return Archive(open_storage(f"file://{root}"), Codec())
 
 

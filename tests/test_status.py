@@ -18,14 +18,8 @@ from walship.storage import open_storage
 
 
 @pytest.fixture
-def repo(tmp_path, monkeypatch):
-    root = tmp_path / "repo"
-    root.mkdir()
-    for var in list(os.environ):
-        if var.startswith(("WALSHIP_", "AZURE_", "PG")):
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("WALSHIP_REPO", f"file://{root}")
-    monkeypatch.setenv("WALSHIP_CONFIG", os.devnull)
+def repo(file_repo_env):
+    root = file_repo_env
     return Archive(open_storage(f"file://{root}"), Codec())
 
 

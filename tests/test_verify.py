@@ -20,14 +20,8 @@ SEG = 1 << 20  # no backup manifest here: --wal-segment-size 1
 
 
 @pytest.fixture
-def repo(tmp_path, monkeypatch):
-    root = tmp_path / "repo"
-    root.mkdir()
-    for var in list(os.environ):
-        if var.startswith(("WALSHIP_", "AZURE_", "PG")):
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("WALSHIP_REPO", f"file://{root}")
-    monkeypatch.setenv("WALSHIP_CONFIG", os.devnull)
+def repo(file_repo_env):
+    root = file_repo_env
     return root
 
 

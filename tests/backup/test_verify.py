@@ -3,7 +3,6 @@ nothing; damage and missing WAL found, with their exit statuses. Fake server, fi
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -18,14 +17,8 @@ from walship.storage import open_storage
 
 
 @pytest.fixture
-def repo(tmp_path, monkeypatch):
-    root = tmp_path / "repo"
-    root.mkdir()
-    for var in list(os.environ):
-        if var.startswith(("WALSHIP_", "AZURE_", "PG")):
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("WALSHIP_REPO", f"file://{root}")
-    monkeypatch.setenv("WALSHIP_CONFIG", os.devnull)
+def repo(file_repo_env):
+    root = file_repo_env
     return root
 
 
