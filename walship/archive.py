@@ -56,7 +56,7 @@ def archive_name(name: str) -> wal.ArchiveFile:
                          "archive_command passes %p and restore_command %f %p") from None
 
 
-class _Counter:
+class ByteCounter:
     """Counts the bytes of an iterable as it is consumed."""
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
@@ -99,8 +99,8 @@ class Archive:
                                          "a segment is a power of two from 1 MiB to 1 GiB",
                                          "the file is incomplete or not a WAL segment") from None
             digest = self.codec.digester(key)
-            source = _Counter(self._read_hashing(handle, digest))
-            stored = _Counter(self.codec.encode(key, source, size_hint=size))
+            source = ByteCounter(self._read_hashing(handle, digest))
+            stored = ByteCounter(self.codec.encode(key, source, size_hint=size))
             try:
                 self.storage.put(key, stored, metadata=lambda: {
                     DIGEST_METADATA: digest.hexdigest()})

@@ -138,15 +138,20 @@ def start_pusher(wal_dir: str) -> None:
     """Start the background pusher for this pg_wal, detached, unless one is running."""
     if pusher_alive(wal_dir):
         return
+    spawn_detached("walship.pushahead", os.path.abspath(wal_dir),
+                   os.path.join(spool_dir(wal_dir), "pusher.log"))
+
+
+def spawn_detached(module: str, argument: str, log_path: str) -> None:
+    """Start ``python -m module argument`` in its own session, stderr to ``log_path``, with no
+    tie to the caller's stdin/stdout/stderr: whoever waits for this call's output
+    (PostgreSQL, a shell pipe) must never wait for the helper."""
     import sys
 
-    root = spool_dir(wal_dir)
     devnull = os.open(os.devnull, os.O_RDWR)
-    log = os.open(os.path.join(root, "pusher.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                  0o600)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.posix_spawn(sys.executable, [sys.executable, "-m", "walship.pushahead",
-                                        os.path.abspath(wal_dir)],
+        os.posix_spawn(sys.executable, [sys.executable, "-m", module, argument],
                        dict(os.environ), file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0),
                                                        (os.POSIX_SPAWN_DUP2, devnull, 1),
                                                        (os.POSIX_SPAWN_DUP2, log, 2)],
@@ -371,19 +376,4 @@ def start_worker(cache: str) -> None:
     """Start the prefetch worker, detached, unless one is running."""
     if worker_alive(cache):
         return
-    import sys
-
-    # Detached, with no tie to the caller's stdin/stdout/stderr: whoever waits for this call's
-    # output (PostgreSQL, a shell pipe) must never wait for the worker.
-    devnull = os.open(os.devnull, os.O_RDWR)
-    log = os.open(os.path.join(cache, "worker.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                  0o600)
-    try:
-        os.posix_spawn(sys.executable, [sys.executable, "-m", "walship.prefetch", cache],
-                       dict(os.environ), file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0),
-                                                       (os.POSIX_SPAWN_DUP2, devnull, 1),
-                                                       (os.POSIX_SPAWN_DUP2, log, 2)],
-                       setsid=True)
-    finally:
-        os.close(devnull)
-        os.close(log)
+    spawn_detached("walship.prefetch", cache, os.path.join(cache, "worker.log"))

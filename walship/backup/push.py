@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 
 from walship import __version__, wal
-from walship.archive import Archive
+from walship.archive import Archive, ByteCounter
 from walship.backup import catalog, layout
 from walship.backup.manifest import (BACKUP_LABEL, PG_CONTROL, TABLESPACE_MAP, FileEntry,
                                      Manifest, PartEntry, parse_backup_label)
@@ -60,17 +60,6 @@ class _StoredPart:
     skipped: tuple[str, ...]
 
 
-class _Counter:
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self.total = 0
-
-    def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._chunks:
-            self.total += len(chunk)
-            yield chunk
-
-
 def choose_name(archive: Archive, start: datetime) -> str:
     """The UTC start time as a name, with a suffix when it is already taken."""
     base = layout.base_name(start)
@@ -95,7 +84,7 @@ def store_part(archive: Archive, name: str, number: int, files: Sequence[SourceF
             digest.update(chunk)
             yield chunk
 
-    stored = _Counter(archive.codec.encode(key, plaintext()))
+    stored = ByteCounter(archive.codec.encode(key, plaintext()))
     archive.storage.put(key, stored, metadata=lambda: {DIGEST_METADATA: digest.hexdigest()})
     return _StoredPart(PartEntry(number, key, writer.size, stored.total, len(writer.entries)),
                        tuple(writer.entries), tuple(writer.skipped))
