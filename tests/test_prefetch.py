@@ -243,3 +243,26 @@ def test_worker_lookup_never_turns_a_missing_repository_into_not_found(env, caps
         assert status >= 126, (status, err)
     finally:
         repo.with_name("unmounted").rename(repo)
+
+
+def test_a_request_left_by_a_dead_caller_is_answered_once(env):
+    from walship import prefetch
+
+    restore, _ = env
+    cache = cache_of(restore)
+    (cache / "ask").mkdir(parents=True)
+    worker = prefetch.Worker(str(cache))
+    try:
+        (cache / "ask" / "00000007.history.ask").write_text(
+            f"abc123 {spool.settings_fingerprint()}\n")
+        assert worker.serve_asks() is True
+        for future in list(worker.asks.values()):
+            future.result(timeout=20)
+        answer = (cache / "ask" / "00000007.history.answer").read_text().split()
+        assert answer == ["abc123", "missing"]
+        assert worker.serve_asks() is False and not worker.asks  # not looked up again
+        (cache / "ask" / "00000007.history.ask").unlink()
+        worker.serve_asks()
+        assert worker.served == {}
+    finally:
+        worker.pool.shutdown(wait=True)

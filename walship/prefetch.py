@@ -79,7 +79,8 @@ class Worker:
         self.retry_at: dict[str, float] = {}
         self.asks: dict[str, Future[None]] = {}  # lookups asked for by calls (spool.ask)
         self.answered: dict[str, float] = {}  # name -> when: its cache entry is kept a while
-        self.served: set[str] = set()  # nonces answered (a dead caller leaves its request)
+        self.served: dict[str, str] = {}  # name -> nonce answered (a dead caller's
+        # request stays behind: it is answered once, not again at every step)
 
     def download(self, name: str) -> None:
         # The marker was written when the download was queued (see step): a wal-fetch call
@@ -131,17 +132,16 @@ class Worker:
         except FileNotFoundError:
             return False
         waiting = False
-        for entry in entries:
-            if not entry.endswith(".ask"):
-                continue
-            name = entry[:-len(".ask")]
-            fields = (spool.read_text(os.path.join(directory, entry)) or "").split()
-            if len(fields) != 2 or fields[0] in self.served:
+        requested = {entry[:-len(".ask")] for entry in entries if entry.endswith(".ask")}
+        self.served = {n: v for n, v in self.served.items() if n in requested}  # bounded
+        for name in requested:
+            fields = (spool.read_text(os.path.join(directory, f"{name}.ask")) or "").split()
+            if len(fields) != 2 or self.served.get(name) == fields[0]:
                 continue
             waiting = True
             if name in self.asks or name in self.inflight:
                 continue  # answered once the download running for it ends
-            self.served.add(fields[0])
+            self.served[name] = fields[0]
             self.asks[name] = self.pool.submit(self.lookup, name, fields[0], fields[1])
         return waiting or bool(self.asks)
 
