@@ -83,14 +83,10 @@ def read_archiver(dbname: str | None, timeout: int = 10) -> ArchiverStats:
         import psycopg
     except ImportError:
         return ArchiverStats(False, "psycopg is not installed")
-    kwargs: dict[str, object] = {"autocommit": True, "connect_timeout": timeout,
-                                 "application_name": "walship status"}
-    conninfo = ""
-    if dbname:
-        if "=" in dbname or dbname.startswith(("postgres://", "postgresql://")):
-            conninfo = dbname
-        else:
-            kwargs["dbname"] = dbname
+    from walship.pgconn import connection_args
+
+    conninfo, kwargs = connection_args(dbname, "walship status")
+    kwargs["connect_timeout"] = timeout
     try:
         with psycopg.connect(conninfo, **kwargs) as conn:
             row = conn.execute(

@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Protocol
 
 from walship import wal
+from walship.pgconn import connection_args
 from walship.errors import StorageError, UsageError, WalshipError
 
 MIN_VERSION = 100000
@@ -76,14 +77,7 @@ class PostgresSource:
             raise UsageError("backup-push needs psycopg", "it is not installed",
                              'pip install "psycopg[binary]"') from None
         self._psycopg = psycopg
-        kwargs: dict[str, object] = {"autocommit": True,
-                                     "application_name": "walship backup-push"}
-        conninfo = ""
-        if dbname:
-            if "=" in dbname or dbname.startswith(("postgres://", "postgresql://")):
-                conninfo = dbname
-            else:
-                kwargs["dbname"] = dbname
+        conninfo, kwargs = connection_args(dbname, "walship backup-push")
         try:
             self._conn = psycopg.connect(conninfo, **kwargs)
         except psycopg.Error as error:
