@@ -7,6 +7,8 @@ import uuid
 
 import pytest
 
+from tests.fixtures.archives import temporary_archive
+
 from walship.archive import Archive
 from walship.codec import Codec
 from walship.codec.keys import EncryptionKey
@@ -20,13 +22,8 @@ SEG = "000000010000000000000001"
 
 @pytest.fixture(params=["memory", "file"])
 def archive(request, tmp_path):
-    if request.param == "memory":
-        url = f"memory://{uuid.uuid4().hex}"
-        yield Archive(open_storage(url), Codec())
-        MemoryStorage.forget(url)
-    else:
-        (tmp_path / "repo").mkdir()
-        yield Archive(open_storage(f"file://{tmp_path / 'repo'}"), Codec())
+    with temporary_archive(request.param, tmp_path) as made:
+        yield made
 
 
 def write(directory, name, data):

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
+
+from tests.fixtures.archives import temporary_archive
 
 from walship import wal
 from walship.archive import Archive
@@ -31,13 +32,8 @@ DAY = timedelta(days=1)
 
 @pytest.fixture(params=["memory", "file"])
 def archive(request, tmp_path):
-    if request.param == "memory":
-        url = f"memory://{uuid.uuid4().hex}"
-        yield Archive(open_storage(url), Codec())
-        MemoryStorage.forget(url)
-        return
-    (tmp_path / "repo").mkdir()
-    yield Archive(open_storage(f"file://{tmp_path / 'repo'}"), Codec())
+    with temporary_archive(request.param, tmp_path) as made:
+        yield made
 
 
 def set_age(archive: Archive, key: str, when: datetime) -> None:

@@ -7,11 +7,12 @@ import hashlib
 import os
 import sys
 import threading
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures.archives import temporary_archive
 
 from walship import wal
 from walship.archive import Archive
@@ -21,10 +22,8 @@ from walship.backup.push import push_backup
 from walship.backup.restore import make_target, restore
 from walship.backup.source import ServerInfo, StopResult
 from walship.codec import Codec
-from walship.codec.keys import EncryptionKey
 from walship.errors import IntegrityError, NotFound, UsageError
 from walship.storage import open_storage
-from walship.storage.memory import MemoryStorage
 
 SEG = 16 << 20
 
@@ -107,14 +106,8 @@ def make_cluster(root: Path) -> tuple[Path, Path]:
 
 @pytest.fixture(params=["memory", "file", "file-encrypted"])
 def archive(request, tmp_path):
-    if request.param == "memory":
-        url = f"memory://{uuid.uuid4().hex}"
-        yield Archive(open_storage(url), Codec())
-        MemoryStorage.forget(url)
-        return
-    (tmp_path / "repo").mkdir()
-    key = EncryptionKey.generate() if request.param == "file-encrypted" else None
-    yield Archive(open_storage(f"file://{tmp_path / 'repo'}"), Codec(key=key))
+    with temporary_archive(request.param, tmp_path) as made:
+        yield made
 
 
 def push_wal_names(archive: Archive, names: list[str]) -> None:
