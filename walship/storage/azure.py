@@ -52,10 +52,17 @@ from walship.errors import (AlreadyExists, ConfigError, NotFound, RepositoryMiss
 from walship.storage import AzureCredentials, StorageOptions
 from walship.storage.base import MetadataSource, ObjectInfo, check_key, check_metadata
 
-SINGLE_PUT_MAX = 4 * 1024 * 1024  # objects up to this size go up in one request
+# One request per object whenever the object fits: every request costs a round trip, a
+# transaction on the bill, and (measured on Azurite) about 20 ms of the server's CPU, so a 6 MB
+# WAL object sent as two blocks and a commit cost 62 ms of Azurite's CPU against 42 ms for one
+# Put Blob, and read with two ranged GETs, 40 ms against 20 ms. 17 MiB holds the stored form of
+# any 16 MiB segment, even incompressible and encrypted; bigger objects stream in 4 MiB pieces.
+# Memory: one such buffer per transfer in flight.
+SINGLE_PUT_MAX = 17 * 1024 * 1024  # objects up to this size go up in one Put Blob
 BLOCK_SIZE = 4 * 1024 * 1024  # staged block size for larger objects
 BLOCKS_IN_FLIGHT = 3  # concurrent block uploads per put (memory: about 4 blocks)
-DOWNLOAD_CHUNK = 4 * 1024 * 1024  # bytes per ranged GET while streaming a download
+SINGLE_GET_MAX = 17 * 1024 * 1024  # bytes of the first GET: all of any object up to this
+DOWNLOAD_CHUNK = 4 * 1024 * 1024  # bytes per further ranged GET while streaming a download
 # Back-offs between retries: about 2, 2.75, 3.9, 5.6 ... seconds (+-0.5 s jitter).
 _INITIAL_BACKOFF = 0.5
 _INCREMENT_BASE = 1.5
@@ -135,7 +142,7 @@ def _client_options(options: StorageOptions) -> dict[str, Any]:
         "read_timeout": options.timeout,
         "max_single_put_size": SINGLE_PUT_MAX,
         "max_block_size": BLOCK_SIZE,
-        "max_single_get_size": DOWNLOAD_CHUNK,
+        "max_single_get_size": SINGLE_GET_MAX,
         "max_chunk_get_size": DOWNLOAD_CHUNK,
     }
 
@@ -254,7 +261,8 @@ def _timestamp(value: object) -> float | None:
 
 # -- downloads -----------------------------------------------------------------------------------
 class AzureDownload:
-    """Streams one blob with ranged GETs of :data:`DOWNLOAD_CHUNK` bytes, one at a time."""
+    """Streams one blob: a first GET of up to :data:`SINGLE_GET_MAX` bytes (all of a WAL
+    object), then ranged GETs of :data:`DOWNLOAD_CHUNK` bytes, one at a time."""
 
     def __init__(self, info: ObjectInfo, chunks: Iterator[bytes], what: str, where: str) -> None:
         self.info = info
@@ -376,17 +384,14 @@ class AzureStorage:
         size = 0
         try:
             for chunk in data:  # errors of the source itself propagate unchanged
-                view = memoryview(chunk)
-                size += len(view)
-                while view:
-                    if len(buffer) >= BLOCK_SIZE:  # a full block and more to come: send it
-                        if uploader is None:
-                            uploader = _BlockUploader(blob, self._fail, what)
-                        uploader.stage(bytes(buffer))
-                        buffer.clear()
-                    take = BLOCK_SIZE - len(buffer)
-                    buffer += view[:take]
-                    view = view[take:]
+                size += len(chunk)
+                buffer += chunk
+                if uploader is None and len(buffer) > SINGLE_PUT_MAX:
+                    uploader = _BlockUploader(blob, self._fail, what)  # too big for one request
+                if uploader is not None:
+                    while len(buffer) > BLOCK_SIZE:  # a full block and more to come: send it
+                        uploader.stage(bytes(buffer[:BLOCK_SIZE]))
+                        del buffer[:BLOCK_SIZE]
             meta = dict(check_metadata(metadata() if metadata else {}))
             if uploader is None:
                 try:
