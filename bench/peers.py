@@ -1,10 +1,12 @@
 """The tools being compared, each as PostgreSQL calls it: an archive_command, a restore_command,
 the server environment they need, and whatever has to exist in the repository first.
 
-Every tool writes zstd level 3 to its own container in the same Azurite, over HTTPS:
+Every tool writes zstd to its own container in the same Azurite, over HTTPS: the peers at
+level 3 (pgBackRest's default for zst), walship at its default (level 1 tuned for WAL, which
+stores less than level 3 on WAL; see walship/codec):
 
 * walship: ``walship wal-push %p`` / ``walship wal-fetch %f %p``, defaults otherwise (push-ahead
-  and prefetch on, as shipped). Verification on, the self-signed cert given as trust anchor.
+  and prefetch on, compression as shipped). Verification on, the self-signed cert given as trust anchor.
 * pgBackRest (Debian's package): ``archive-push`` / ``archive-get`` with ``archive-async=y`` and
   ``process-max=2`` (its documented way to go fast), and a second archive row without async.
   Its TLS client matches only DNS names (not IP addresses) against the certificate, so it
@@ -31,7 +33,7 @@ from azurite import ACCOUNT, KEY, Azurite
 
 STANZA = "bench"
 BARMAN_SERVER = "bench"
-LEVEL = 3
+LEVEL = 3  # the peers' zstd level
 
 
 @dataclass
@@ -102,8 +104,7 @@ class Walship(Tool):
                 else f"azure://{container}/cluster")
         env.update(WALSHIP_REPO=repo,
                    AZURE_STORAGE_CONNECTION_STRING=self.ctx.azurite.connection_string,
-                   REQUESTS_CA_BUNDLE=str(self.ctx.cert), SSL_CERT_FILE=str(self.ctx.cert),
-                   WALSHIP_COMPRESSION_LEVEL=str(LEVEL))
+                   REQUESTS_CA_BUNDLE=str(self.ctx.cert), SSL_CERT_FILE=str(self.ctx.cert))
         return env
 
     def archive_command(self, container, run_dir, data, sockdir) -> str:

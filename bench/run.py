@@ -803,8 +803,9 @@ Reproduce (as root, on Debian 12; about {info['minutes']:.0f} minutes here):
 ## Results
 
 WAL: {info['segments']} segments of 16 MiB written by pgbench (scale {info['scale']}, then
-TPC-B-like runs with 2 clients) on PostgreSQL 15, the same bytes for every tool. All tools write
-zstd level 3. Base backups (e)-(g): {backup_line}
+TPC-B-like runs with 2 clients) on PostgreSQL 15, the same bytes for every tool. The peers write
+zstd level 3, walship its default (zstd level 1 with 5-byte minimum matches, tuned for WAL).
+Base backups (e)-(g): {backup_line}
 
 The machine is a shared virtual machine whose load the harness does not control, so single runs
 are noisy: read the medians and the same-run ratios, not one run.
@@ -840,7 +841,8 @@ are noisy: read the medians and the same-run ratios, not one run.
   row count and sum of deltas, which is the sum of all balances), and the log must show the last
   segment restored.
   `cp` from a plain directory holding the same segments is the floor.
-* **Settings**: walship as shipped (push-ahead 8, prefetch 8, parallel 3), only the repository,
+* **Settings**: walship as shipped (push-ahead 8, prefetch 8, parallel 3, compression level 1),
+  only the repository,
   the connection string and the CA bundle set. pgBackRest with `archive-async=y`,
   `process-max=2`, `compress-type=zst`, `archive-get-queue-max=2GiB`, path-style URIs
   (plus an archive row without async). barman-cloud with `--zstd --compression-level 3`; its

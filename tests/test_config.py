@@ -26,7 +26,7 @@ def test_flags_beat_environment_beat_file(tmp_path):
 
 def test_defaults():
     s = load_settings({}, {})
-    assert s.repo is None and s.compression_level == 3 and s.storage_retries == 4
+    assert s.repo is None and s.compression_level == 1 and s.storage_retries == 4
     with pytest.raises(ConfigError, match="no repository"):
         s.require_repo()
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from walship.codec import DEFAULT_LEVEL
 from walship.errors import ConfigError
 from walship.storage import AzureCredentials, StorageOptions
 
@@ -24,7 +25,7 @@ DEFAULT_CONFIG_FILE = "/etc/walship/walship.toml"
 _OPTIONS: dict[str, tuple[str, type, Any]] = {
     "repo": ("WALSHIP_REPO", str, None),
     "encryption_key_file": ("WALSHIP_ENCRYPTION_KEY_FILE", str, None),
-    "compression_level": ("WALSHIP_COMPRESSION_LEVEL", int, 3),
+    "compression_level": ("WALSHIP_COMPRESSION_LEVEL", int, DEFAULT_LEVEL),
     "storage_retries": ("WALSHIP_STORAGE_RETRIES", int, 4),
     "storage_timeout": ("WALSHIP_STORAGE_TIMEOUT", float, 30.0),
     "log_level": ("WALSHIP_LOG_LEVEL", str, "info"),
@@ -49,7 +50,7 @@ class Settings:
 
     repo: str | None = None
     encryption_key_file: str | None = None
-    compression_level: int = 3
+    compression_level: int = DEFAULT_LEVEL
     storage_retries: int = 4
     storage_timeout: float = 30.0
     log_level: str = "info"
