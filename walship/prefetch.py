@@ -82,13 +82,18 @@ class Worker:
         self.served: dict[str, str] = {}  # name -> nonce answered (a dead caller's
         # request stays behind: it is answered once, not again at every step)
 
+    def fetch(self, name: str) -> None:
+        """Download ``name`` into the cache, verified, and seal it."""
+        sealer = spool.Sealer()
+        self.archive.fetch_wal(name, os.path.join(self.cache, name), tap=sealer.update)
+        sealer.seal(self.cache, name, self.fingerprint)
+
     def download(self, name: str) -> None:
         # The marker was written when the download was queued (see step): a wal-fetch call
         # for this segment waits for it instead of downloading it a second time.
         marker = os.path.join(self.cache, f"{name}.inflight")
         try:
-            self.archive.fetch_wal(name, os.path.join(self.cache, name))
-            spool.seal_cached(self.cache, name, self.fingerprint)
+            self.fetch(name)
         except BaseException:
             spool.drop_cached(self.cache, name)
             raise
@@ -104,8 +109,7 @@ class Worker:
             elif os.path.exists(os.path.join(self.cache, f"{name}.ok")):
                 verdict = "found"
             else:
-                self.archive.fetch_wal(name, os.path.join(self.cache, name))
-                spool.seal_cached(self.cache, name, self.fingerprint)
+                self.fetch(name)
                 verdict = "found"
         except NotFound:
             verdict = "missing"  # the repository says so, asked after the call began
