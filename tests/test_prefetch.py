@@ -128,6 +128,45 @@ def test_corrupt_cached_file_is_never_delivered(env, capsys):
     assert (restore / "RECOVERYXLOG").read_bytes() == originals[name(2)]
 
 
+def test_cached_file_changed_in_place_is_never_delivered(env, capsys):
+    """Same inode, same size, one byte flipped through the open file: the seal catches it."""
+    restore, originals = env
+    assert fetch(restore, name(1), capsys)[0] == 0
+    assert wait_for(lambda: name(2) in sealed(restore))
+    cached = cache_of(restore) / name(2)
+    before = cached.stat()
+    with open(cached, "r+b") as handle:
+        handle.seek(7000)
+        byte = handle.read(1)
+        handle.seek(7000)
+        handle.write(bytes([byte[0] ^ 0x80]))
+    after = cached.stat()
+    assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
+    status, _ = fetch(restore, name(2), capsys)
+    assert status == 0
+    delivered = restore / "RECOVERYXLOG"
+    assert delivered.read_bytes() == originals[name(2)]
+    assert abs(delivered.stat().st_mtime - time.time()) < 60  # not the seal's mtime
+
+
+def test_seal_of_another_boot_is_not_trusted(env, capsys):
+    """After a crash of the machine, unflushed cache writes may be lost: a seal made before the
+    current boot is not trusted, whatever the file looks like."""
+    restore, originals = env
+    assert fetch(restore, name(1), capsys)[0] == 0
+    assert wait_for(lambda: name(2) in sealed(restore))
+    cache = cache_of(restore)
+    seal = cache / f"{name(2)}.ok"
+    fields = seal.read_text().split()
+    fields[0] = "00000000-0000-0000-0000-000000000000"
+    seal.write_text(" ".join(fields) + "\n")
+    (cache / name(2)).write_bytes(bytes(SEGMENT))  # what a lost write can leave ...
+    os.utime(cache / name(2), ns=(spool.SEALED_MTIME_NS, spool.SEALED_MTIME_NS))  # ... as is
+    status, _ = fetch(restore, name(2), capsys)
+    assert status == 0
+    assert (restore / "RECOVERYXLOG").read_bytes() == originals[name(2)]
+
+
 def test_not_found_is_never_cached(env, capsys, tmp_path):
     restore, originals = env
     for n in range(36, 41):

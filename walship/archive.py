@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -143,12 +143,8 @@ class Archive:
                               "repository? Give each cluster its own repository")
 
     # -- fetch ---------------------------------------------------------------------------------
-    def fetch_wal(self, name: str, destination: str | os.PathLike[str], *,
-                  tap: Callable[[bytes], None] | None = None) -> Transfer:
-        """Write the archived file ``name`` to ``destination``, complete and verified.
-
-        ``tap`` sees every chunk written, in order (the prefetch cache checksums them); what it
-        saw is trustworthy only once this returns."""
+    def fetch_wal(self, name: str, destination: str | os.PathLike[str]) -> Transfer:
+        """Write the archived file ``name`` to ``destination``, complete and verified."""
         started = time.monotonic()
         info = archive_name(name)
         key = layout.wal_key(name)
@@ -169,8 +165,6 @@ class Archive:
                 for chunk in self.codec.decode(key, download, metadata.get(DIGEST_METADATA)):
                     out.write(chunk)
                     written += len(chunk)
-                    if tap is not None:
-                        tap(chunk)
             if info.kind is wal.FileKind.SEGMENT:
                 try:
                     wal.check_segment_size(written)

@@ -5,7 +5,7 @@ One worker per cache (it holds ``worker.lock``), started detached by wal-fetch. 
 window: the ``prefetch`` segments that follow the wanted one on its timeline, capped by
 ``cache_max_mb``. Whatever lies outside the window (behind replay, another timeline, a stale
 download) is deleted; what is missing is downloaded by a bounded thread pool into a temporary
-name and sealed (crc32) only once complete and verified against its digest. "Not found" is
+name and sealed (:func:`walship.spool.seal_cached`) only once complete and verified. "Not found" is
 never cached: the end of the archive is asked again a moment later. The worker exits, emptying
 the cache, once nobody has asked for anything for ``IDLE_SECONDS``.
 
@@ -84,9 +84,8 @@ class Worker:
 
     def fetch(self, name: str) -> None:
         """Download ``name`` into the cache, verified, and seal it."""
-        sealer = spool.Sealer()
-        self.archive.fetch_wal(name, os.path.join(self.cache, name), tap=sealer.update)
-        sealer.seal(self.cache, name, self.fingerprint)
+        self.archive.fetch_wal(name, os.path.join(self.cache, name))
+        spool.seal_cached(self.cache, name, self.fingerprint)
 
     def download(self, name: str) -> None:
         # The marker was written when the download was queued (see step): a wal-fetch call

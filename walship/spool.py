@@ -12,7 +12,8 @@ cached segment is a rename within one filesystem::
                            pushes ahead
     pusher.lock            held (flock) by the background pusher while it runs
     prefetch/<name>        a downloaded, verified segment ...
-    prefetch/<name>.ok     ... and "<crc32> <size> <settings fingerprint>", written after it
+    prefetch/<name>.ok     ... and its seal, "<boot id> <inode> <size> <settings fingerprint>",
+                           written after it (see :func:`seal_cached`)
     prefetch/<name>.inflight   the worker is downloading <name> (or has queued it)
     prefetch/<name>.missing    the worker's last attempt found no <name> (calls need not wait)
     prefetch/want          "<name> <segment size>": the segment PostgreSQL asked for last
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import zlib
 
 try:  # CPython's own SHA-256: hashlib would load OpenSSL, 2 ms of every call
     from _sha256 import sha256  # type: ignore[import-not-found]  # Python 3.11
@@ -196,34 +196,53 @@ def cache_dir(wal_dir: str) -> str:
     return os.path.join(spool_dir(wal_dir), "prefetch")
 
 
-def crc32_of(path: str) -> tuple[int, int]:
-    """(crc32, size) of a file, read in bounded pieces."""
-    crc, size = 0, 0
-    buffer = bytearray(1 << 20)  # reused: no allocation per chunk
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        while count := handle.readinto(buffer):
-            crc = zlib.crc32(view[:count], crc)
-            size += count
-    return crc, size
+# A sealed cache file's mtime: a date no write can produce. Whatever changes the file's content
+# through the kernel (write, truncate, a write through mmap, even with the same size and inode)
+# moves its mtime to the present, so a file still carrying this mtime is exactly what the worker
+# verified and wrote.
+SEALED_MTIME_NS = 1_000_000_000  # 1970-01-01 00:00:01 UTC
 
 
-class Sealer:
-    """The crc32 and size of a segment as it is written into the cache (pass :meth:`update` as
-    the download's tap), so that sealing it needs no second read of 16 MiB."""
+def boot_id() -> str:
+    """This boot's identifier ("" where the kernel does not tell)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
 
-    def __init__(self) -> None:
-        self.crc = 0
-        self.size = 0
 
-    def update(self, chunk: bytes) -> None:
-        self.crc = zlib.crc32(chunk, self.crc)
-        self.size += len(chunk)
+def seal_cached(cache: str, name: str, settings: str) -> None:
+    """Mark the verified cache file ``name`` as deliverable.
 
-    def seal(self, cache: str, name: str, settings: str) -> None:
-        """Mark the fully downloaded and verified cache file ``name`` as deliverable."""
-        write_atomically(os.path.join(cache, f"{name}.ok"),
-                         f"{self.crc:08x} {self.size} {settings}\n")
+    The seal records the boot, the file's inode and size, and stamps the file with
+    :data:`SEALED_MTIME_NS`. Delivery trusts the file only while all of them still hold, which
+    costs a stat instead of reading 16 MiB again: a file changed in any way since has another
+    mtime, and after a crash of the machine (a new boot id), when unflushed writes may have been
+    lost, the cache is not trusted at all and its segments are downloaded again.
+    """
+    path = os.path.join(cache, name)
+    os.utime(path, ns=(SEALED_MTIME_NS, SEALED_MTIME_NS))
+    st = os.stat(path)
+    boot = boot_id() or "-"
+    write_atomically(os.path.join(cache, f"{name}.ok"),
+                     f"{boot} {st.st_ino} {st.st_size} {settings}\n")
+
+
+def intact(cache: str, name: str, settings: str) -> int | None:
+    """The size of the cache file ``name`` if its seal holds (see :func:`seal_cached`)."""
+    seal = read_text(os.path.join(cache, f"{name}.ok"))
+    fields = seal.split() if seal else []
+    if len(fields) != 4 or fields[3] != settings or fields[0] == "-" or fields[0] != boot_id():
+        return None
+    try:
+        st = os.stat(os.path.join(cache, name))
+    except OSError:
+        return None
+    if (str(st.st_ino), str(st.st_size)) != (fields[1], fields[2]) \
+            or st.st_mtime_ns != SEALED_MTIME_NS:
+        return None
+    return st.st_size
 
 
 def drop_cached(cache: str, name: str) -> None:
@@ -301,27 +320,18 @@ def deliver_cached(cache: str, name: str, destination: str, settings: str, *,
     """Move a cached segment to ``destination`` if it is sealed and intact; return its size.
 
     With ``wait``, a segment the worker is downloading right now is waited for
-    (:func:`await_sealed`). A cached file whose checksum no longer matches is deleted, never
+    (:func:`await_sealed`). A cached file whose seal no longer holds is deleted, never
     delivered.
     """
     if wait and not await_sealed(cache, name):
         return None
-    seal = read_text(os.path.join(cache, f"{name}.ok"))
-    if seal is None:
-        return None
-    fields = seal.split()
-    if len(fields) != 3 or fields[2] != settings:
-        drop_cached(cache, name)
+    size = intact(cache, name, settings)
+    if size is None:
+        if os.path.exists(os.path.join(cache, f"{name}.ok")):
+            drop_cached(cache, name)  # changed since it was verified, or from another boot
         return None
     path = os.path.join(cache, name)
-    try:
-        crc, size = crc32_of(path)
-    except OSError:
-        drop_cached(cache, name)
-        return None
-    if f"{crc:08x}" != fields[0] or str(size) != fields[1]:
-        drop_cached(cache, name)
-        return None
+    os.utime(path)  # delivered with the present as its mtime, like any file just written
     os.replace(path, destination)
     try:
         os.unlink(os.path.join(cache, f"{name}.ok"))

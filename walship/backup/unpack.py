@@ -121,7 +121,9 @@ def read_part(archive: Archive, part: PartEntry, sink: PartSink) -> int:
         reader = ChunkReader(pipelined(_cancellable(chunks, sink.cancel),
                                        name=f"walship-decode-{part.number}"))
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+            # (bufsize: tarfile's stream reads 10 KiB at a time by default, copying as it goes)
+            with tarfile.open(fileobj=reader, mode="r|",  # type: ignore[call-overload]
+                              bufsize=READ_SIZE) as tar:
                 for member in tar:
                     data = tar.extractfile(member)
                     if data is None:
