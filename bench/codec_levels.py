@@ -28,13 +28,12 @@ def main() -> None:
         for name, plain in zip(files, data):
             key = f"wal/{name.name}"
             t = time.perf_counter()
-            blob = b"".join(codec.encode(key, [plain], size_hint=len(plain)))
+            form = codec.stored_form(key, [plain], size_hint=len(plain))
+            blob = b"".join(form)
             enc.append(time.perf_counter() - t)
             stored += len(blob)
-            digest = codec.digester(key)
-            digest.update(plain)
             t = time.perf_counter()
-            for _ in codec.decode(key, io.BytesIO(blob), digest.hexdigest()):
+            for _ in codec.decode(key, io.BytesIO(blob), form.metadata()):
                 pass
             dec.append(time.perf_counter() - t)
         print(f"{level:5}  {stored / 2**20:10.1f}  {total / stored:5.1f}  "

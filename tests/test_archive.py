@@ -75,6 +75,46 @@ def test_different_content_is_refused_and_original_kept(archive, tmp_path):
     assert (tmp_path / "out").read_bytes() == original
 
 
+@pytest.mark.parametrize("change", ["one byte", "longer", "shorter"])
+def test_content_differing_anywhere_is_refused(archive, tmp_path, change):
+    """The duplicate check compares the whole stored content with the file, to its last byte
+    (a file of another size is caught too: history and backup files have no fixed size)."""
+    original = os.urandom(3000) + bytes(60_000)
+    name = "00000002.history"
+    archive.push_wal(write(tmp_path, name, original))
+    other = {"one byte": original[:-1] + bytes([original[-1] ^ 1]),
+             "longer": original + b"\n", "shorter": original[:-1]}[change]
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ContentConflict, match="DIFFERENT"):
+        archive.push_wal(write(tmp_path / "other", name, other))
+    archive.fetch_wal(name, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == original
+
+
+def test_repush_onto_a_damaged_copy_is_refused_and_says_so(tmp_path):
+    (tmp_path / "repo").mkdir()
+    archive = Archive(open_storage(f"file://{tmp_path / 'repo'}"), Codec())
+    path = write(tmp_path, SEG, segment())
+    archive.push_wal(path)
+    stored = next((tmp_path / "repo").rglob(SEG))
+    raw = bytearray(stored.read_bytes())
+    raw[40] ^= 0x10
+    stored.write_bytes(bytes(raw))
+    with pytest.raises(ContentConflict, match="damaged"):
+        archive.push_wal(path)
+    assert stored.read_bytes() == bytes(raw)  # left as it is, for the operator to look at
+
+
+def test_repush_under_another_key_cannot_be_compared(tmp_path):
+    (tmp_path / "repo").mkdir()
+    url = f"file://{tmp_path / 'repo'}"
+    path = write(tmp_path, SEG, segment())
+    Archive(open_storage(url), Codec(key=EncryptionKey(bytes(32)))).push_wal(path)
+    other = Archive(open_storage(url), Codec(key=EncryptionKey(bytes(range(32)))))
+    with pytest.raises(ContentConflict, match="cannot be compared"):
+        other.push_wal(path)
+
+
 def test_missing_file_is_not_found_only_in_a_repository_with_wal(archive, tmp_path):
     with pytest.raises(RepositoryMissing):
         archive.fetch_wal(SEG, tmp_path / "out")

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from walship import layout, wal
-from walship.codec import DIGEST_METADATA, Codec
-from walship.errors import (AlreadyExists, ContentConflict, IntegrityError, NotFound,
-                            RepositoryMissing, StorageError, UsageError)
+from walship.codec import Codec
+from walship.errors import (AlreadyExists, ContentConflict, IntegrityError, KeyMismatch,
+                            NotFound, RepositoryMissing, StorageError, UsageError)
 from walship.storage.base import Storage
 
 if TYPE_CHECKING:
@@ -98,12 +98,10 @@ class Archive:
                     raise IntegrityError(f"WAL segment {path} has {size} bytes",
                                          "a segment is a power of two from 1 MiB to 1 GiB",
                                          "the file is incomplete or not a WAL segment") from None
-            digest = self.codec.digester(key)
-            source = ByteCounter(self._read_hashing(handle, digest))
-            stored = ByteCounter(self.codec.encode(key, source, size_hint=size))
+            source = ByteCounter(self._read(handle))
+            stored = self.codec.stored_form(key, source, size_hint=size)
             try:
-                self.storage.put(key, stored, metadata=lambda: {
-                    DIGEST_METADATA: digest.hexdigest()})
+                self.storage.put(key, stored, metadata=stored.metadata)
             except AlreadyExists:
                 return self._judge_duplicate(path, key, started)
         if source.total != size:
@@ -111,32 +109,44 @@ class Archive:
             raise IntegrityError(f"WAL file {path} changed size while being archived",
                                  f"{size} bytes before, {source.total} read",
                                  "check that nothing but PostgreSQL writes to pg_wal")
-        return Transfer("wal-push", path.name, "stored", source.total, stored.total,
+        return Transfer("wal-push", path.name, "stored", source.total, stored.size,
                         time.monotonic() - started)
 
     @staticmethod
-    def _read_hashing(handle: object, digest: object) -> Iterator[bytes]:
+    def _read(handle: object) -> Iterator[bytes]:
         while chunk := handle.read(READ_SIZE):  # type: ignore[attr-defined]
-            digest.update(chunk)  # type: ignore[attr-defined]
             yield chunk
 
     def _judge_duplicate(self, path: Path, key: str, started: float) -> Transfer:
-        """The name is taken: succeed if the stored content is identical, else refuse loudly."""
-        digest = self.codec.digester(key)
+        """The name is taken: succeed if the stored content is identical, else refuse loudly.
+
+        The stored object is downloaded, verified and compared with the file byte for byte
+        (a rare path: a push repeated after a crash, or several servers pushing the same WAL).
+        """
         size = 0
-        with open(path, "rb", buffering=0) as handle:
-            for chunk in self._read_hashing(handle, digest):
-                size += len(chunk)
-        stored = self.storage.head(key)
-        theirs = stored.metadata.get(DIGEST_METADATA, "")
-        if theirs == digest.hexdigest():
+        same = True
+        try:
+            with self.storage.get(key) as download, open(path, "rb", buffering=0) as local:
+                # (read to the end even after a difference: a damaged copy is told as such)
+                for chunk in self.codec.decode(key, download, download.info.metadata):
+                    if same:
+                        mine = local.read(len(chunk))
+                        size += len(mine)
+                        same = mine == chunk
+                same = same and not local.read(1)
+        except KeyMismatch as error:
+            raise ContentConflict(f"WAL file {path.name} is already archived and cannot be "
+                                  "compared", f"{error.what}; the stored copy is left untouched",
+                                  "check that every server uses the same key and repository"
+                                  ) from None
+        except IntegrityError as error:
+            raise ContentConflict(f"WAL file {path.name} is already archived and its stored "
+                                  "copy is damaged", f"{error.why}; it is left untouched and "
+                                  "this file was not archived", "run walship wal-verify --deep "
+                                  "and remove the damaged object") from None
+        if same:
             return Transfer("wal-push", path.name, "already stored, identical", size, 0,
                             time.monotonic() - started)
-        if not digest.compatible(theirs):
-            raise ContentConflict(f"WAL file {path.name} is already archived and cannot be "
-                                  "compared", "the stored copy was written with another key "
-                                  "or by another tool; it is left untouched",
-                                  "check that every server uses the same key and repository")
         raise ContentConflict(f"WAL file {path.name} is already archived with DIFFERENT "
                               "content", "the stored copy is left untouched and this file was "
                               "not archived", "is another cluster archiving into this "
@@ -162,7 +172,7 @@ class Archive:
         try:
             with download, _create(temp) as out:
                 metadata = download.info.metadata
-                for chunk in self.codec.decode(key, download, metadata.get(DIGEST_METADATA)):
+                for chunk in self.codec.decode(key, download, metadata):
                     out.write(chunk)
                     written += len(chunk)
             if info.kind is wal.FileKind.SEGMENT:

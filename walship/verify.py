@@ -10,8 +10,8 @@ History consistency: a timeline above 1 that holds segments needs its history fi
 parent a history file names (above 1) needs its own; a parent's history must be the beginning
 of its child's; a history file must be readable.
 
-``deep`` also decodes every WAL object through the codec (its name-bound digest and, when
-encrypted, its authentication checked), writing nothing, and checks that segments have the
+``deep`` also decodes every WAL object through the codec (its name-bound object digest and,
+when encrypted, its authentication checked), writing nothing, and checks that segments have the
 segment size. The segment size comes from the newest backup manifest, else the caller's.
 
 Nothing here writes to the repository.
@@ -27,7 +27,6 @@ from walship import layout, wal
 from walship.archive import Archive
 from walship.backup import catalog
 from walship.backup.manifest import Manifest
-from walship.codec import DIGEST_METADATA
 from walship.errors import WalshipError
 from walship.storage.base import ObjectInfo
 
@@ -92,15 +91,13 @@ class WalReport:
 
 def _decode(archive: Archive, info: ObjectInfo) -> bytes:
     with archive.storage.get(info.key) as download:
-        return b"".join(archive.codec.decode(info.key, download,
-                                             download.info.metadata.get(DIGEST_METADATA)))
+        return b"".join(archive.codec.decode(info.key, download, download.info.metadata))
 
 
 def _decoded_size(archive: Archive, info: ObjectInfo) -> int:
     size = 0
     with archive.storage.get(info.key) as download:
-        for chunk in archive.codec.decode(info.key, download,
-                                          download.info.metadata.get(DIGEST_METADATA)):
+        for chunk in archive.codec.decode(info.key, download, download.info.metadata):
             size += len(chunk)
     return size
 

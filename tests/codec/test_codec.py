@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 
 import pytest
 
-from walship.codec import Codec
+from walship.codec import DIGEST_METADATA, OBJECT_DIGEST_METADATA, Codec
 from walship.codec.aead import TAG_BYTES
 from walship.codec.header import Header
 from walship.codec.keys import EncryptionKey
@@ -17,15 +18,25 @@ KEY = EncryptionKey(bytes(range(32)))
 OTHER_KEY = EncryptionKey(bytes(32))
 
 
-def encode(codec: Codec, name: str, data: bytes, step: int = 100_000) -> tuple[bytes, str]:
+def encode(codec: Codec, name: str, data: bytes, step: int = 100_000
+           ) -> tuple[bytes, dict[str, str]]:
+    """The stored bytes and the metadata, as a put would store them."""
+    chunks = [data[i:i + step] for i in range(0, len(data), step)]
+    form = codec.stored_form(name, chunks, size_hint=len(data))
+    stored = b"".join(form)
+    assert form.size == len(stored)
+    return stored, form.metadata()
+
+
+def legacy(codec: Codec, name: str, data: bytes) -> tuple[bytes, dict[str, str]]:
+    """An object as walship stored them before object digests: the plaintext digest only."""
     digest = codec.digester(name)
     digest.update(data)
-    chunks = [data[i:i + step] for i in range(0, len(data), step)]
-    return b"".join(codec.encode(name, chunks, size_hint=len(data))), digest.hexdigest()
+    return b"".join(codec.encode(name, [data])), {DIGEST_METADATA: digest.hexdigest()}
 
 
-def decode(codec: Codec, name: str, stored: bytes, digest: str) -> bytes:
-    return b"".join(codec.decode(name, io.BytesIO(stored), digest))
+def decode(codec: Codec, name: str, stored: bytes, metadata: dict[str, str]) -> bytes:
+    return b"".join(codec.decode(name, io.BytesIO(stored), metadata))
 
 
 CODECS = {
@@ -72,17 +83,12 @@ def test_every_flipped_byte_is_detected(codec):
             decode(codec, "wal/x", bytes(damaged), digest)
 
 
-def test_truncation_never_yields_wrong_bytes(codec):
-    """A truncated object raises, except a plain one cut inside zstd's trailing 4-byte
-    checksum: its data is whole and the digest proves it, so the original bytes come back."""
+def test_truncation_is_always_detected(codec):
     data = os.urandom(3000) + bytes(40000) + os.urandom(3000)
-    stored, digest = encode(codec, "wal/x", data)
+    stored, metadata = encode(codec, "wal/x", data)
     for cut in range(len(stored)):
-        try:
-            assert decode(codec, "wal/x", stored[:cut], digest) == data
-        except IntegrityError:
-            continue
-        assert codec.key is None and cut >= len(stored) - 4, cut
+        with pytest.raises(IntegrityError):
+            decode(codec, "wal/x", stored[:cut], metadata)
 
 
 def test_appended_data_is_detected(codec):
@@ -135,17 +141,51 @@ def test_key_refuses_unencrypted_objects():
         decode(Codec(key=KEY), "wal/x", stored, digest)
 
 
-def test_missing_digest_is_refused(codec):
-    stored, _ = encode(codec, "wal/x", b"data")
-    with pytest.raises(KeyMismatch):
-        decode(codec, "wal/x", stored, None)
+def test_unencrypted_object_without_digest_is_refused():
+    stored, _ = encode(Codec(), "wal/x", b"data")
+    with pytest.raises(KeyMismatch, match="cannot be verified"):
+        decode(Codec(), "wal/x", stored, {})
+
+
+def test_encrypted_object_is_authenticated_by_its_tags_alone():
+    """Without metadata, an encrypted object still decodes only if intact (AEAD)."""
+    codec = Codec(key=KEY, chunk_log2=10)
+    data = os.urandom(5000)
+    stored, _ = encode(codec, "wal/x", data)
+    assert decode(codec, "wal/x", stored, {}) == data
+    for position in (len(stored) // 2, len(stored) - 1):
+        damaged = bytearray(stored)
+        damaged[position] ^= 0x01
+        with pytest.raises(IntegrityError):
+            decode(codec, "wal/x", bytes(damaged), {})
+    with pytest.raises(IntegrityError):
+        decode(codec, "wal/y", stored, {})
+
+
+def test_object_digest_covers_the_stored_bytes_and_the_name(codec):
+    stored, metadata = encode(codec, "wal/x", b"some wal " * 1000)
+    expected = hashlib.sha256(b"walship v1 stored\x00wal/x\x00" + stored).hexdigest()
+    assert metadata == {OBJECT_DIGEST_METADATA: f"sha256:{expected}"}
+
+
+@pytest.mark.parametrize("codec", [Codec(), Codec(key=KEY)], ids=["plain", "encrypted"])
+def test_objects_with_a_plaintext_digest_still_decode_and_are_checked(codec):
+    data = os.urandom(3000) + bytes(3000)
+    stored, metadata = legacy(codec, "wal/x", data)
+    assert decode(codec, "wal/x", stored, metadata) == data
+    damaged = bytearray(stored)
+    damaged[len(stored) // 2] ^= 0x04
+    with pytest.raises(IntegrityError):
+        decode(codec, "wal/x", bytes(damaged), metadata)
+    if codec.key is None:  # swapped (with its metadata): the digest is bound to the name
+        with pytest.raises(IntegrityError):
+            decode(codec, "wal/x", *legacy(codec, "wal/y", data))
 
 
 def test_encrypted_output_hides_plaintext():
     data = b"very secret wal record " * 2000
-    stored, digest = encode(Codec(key=KEY, level=1), "wal/x", data)
-    assert b"secret" not in stored
-    assert "very" not in digest and digest.startswith("hmac-sha256:")
+    stored, metadata = encode(Codec(key=KEY, level=1), "wal/x", data)
+    assert b"secret" not in stored and b"secret" not in str(metadata).encode()
 
 
 def test_key_text_round_trips_and_hides_secret():

@@ -19,7 +19,6 @@ from walship import layout as wal_layout
 from walship.archive import Archive
 from walship.backup import layout
 from walship.backup.manifest import Manifest, ManifestError
-from walship.codec import DIGEST_METADATA
 from walship.errors import AlreadyExists, IntegrityError, NotFound, UsageError
 from walship.storage.base import ObjectInfo
 
@@ -44,11 +43,9 @@ def store_manifest(archive: Archive, manifest: Manifest) -> ObjectInfo:
     """Write ``manifest`` (create-only): the backup becomes complete when this returns."""
     key = layout.manifest_key(manifest.name)
     data = manifest.to_json()
-    digest = archive.codec.digester(key)
-    digest.update(data)
+    stored = archive.codec.stored_form(key, [data], size_hint=len(data))
     try:
-        return archive.storage.put(key, archive.codec.encode(key, [data], size_hint=len(data)),
-                                   metadata=lambda: {DIGEST_METADATA: digest.hexdigest()})
+        return archive.storage.put(key, stored, metadata=stored.metadata)
     except AlreadyExists:
         raise IntegrityError(f"backup {manifest.name} already has a manifest",
                              "another backup-push used the same name",
@@ -59,8 +56,7 @@ def load_manifest(archive: Archive, name: str) -> Manifest:
     """Read and verify the manifest of backup ``name``. NotFound if it has none."""
     key = layout.manifest_key(name)
     with archive.storage.get(key) as download:
-        data = b"".join(archive.codec.decode(key, download,
-                                             download.info.metadata.get(DIGEST_METADATA)))
+        data = b"".join(archive.codec.decode(key, download, download.info.metadata))
     try:
         manifest = Manifest.from_json(data)
     except ManifestError as error:

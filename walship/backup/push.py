@@ -19,14 +19,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from walship import __version__, wal
-from walship.archive import Archive, ByteCounter
+from walship.archive import Archive
 from walship.backup import catalog, layout
 from walship.backup.manifest import (BACKUP_LABEL, PG_CONTROL, TABLESPACE_MAP, FileEntry,
                                      Manifest, PartEntry, parse_backup_label)
@@ -35,7 +35,6 @@ from walship.backup.parts import (DEFAULT_PART_SIZE, Cancelled, PartWriter, Sour
 from walship.backup.progress import Progress
 from walship.backup.scan import Scan, scan
 from walship.backup.source import BackupSource, ServerInfo, StopResult
-from walship.codec import DIGEST_METADATA
 from walship.errors import IntegrityError, UsageError, WalshipError
 
 Log = Callable[[str], None]
@@ -76,17 +75,11 @@ def store_part(archive: Archive, name: str, number: int, files: Sequence[SourceF
     """Stream ``files`` as tar part ``number`` of backup ``name`` into the repository."""
     key = layout.part_key(name, number)
     writer = PartWriter(number, files, progress=progress, cancel=cancel)
-    digest = archive.codec.digester(key)
-
-    def plaintext() -> Iterator[bytes]:
-        # Reading and hashing the files runs ahead in a thread of its own.
-        for chunk in pipelined(writer.stream(), name=f"walship-read-{number}"):
-            digest.update(chunk)
-            yield chunk
-
-    stored = ByteCounter(archive.codec.encode(key, plaintext()))
-    archive.storage.put(key, stored, metadata=lambda: {DIGEST_METADATA: digest.hexdigest()})
-    return _StoredPart(PartEntry(number, key, writer.size, stored.total, len(writer.entries)),
+    # (reading and hashing the files runs ahead in a thread of its own)
+    plaintext = pipelined(writer.stream(), name=f"walship-read-{number}")
+    stored = archive.codec.stored_form(key, plaintext)
+    archive.storage.put(key, stored, metadata=stored.metadata)
+    return _StoredPart(PartEntry(number, key, writer.size, stored.size, len(writer.entries)),
                        tuple(writer.entries), tuple(writer.skipped))
 
 

@@ -3,8 +3,7 @@ manifest, handing each file's bytes to a *sink*.
 
 Shared by ``backup-fetch`` (its sink writes the files into a data directory) and
 ``backup-verify`` (:class:`HashSink` only hashes them). Whatever the sink, the same checks run:
-every part is decoded through the codec (its name-bound digest checked at the end of the
-stream) and must be a tar stream of exactly the size the manifest records; every member must be
+every part is decoded through the codec (its object digest checked at the end of the stream) and must be a tar stream of exactly the size the manifest records; every member must be
 a regular file the manifest lists in that part, with its size, seen once; the sink checks each
 file's SHA-256. Parts are read ``parallel`` at a time; the first failure cancels the others.
 """
@@ -21,7 +20,6 @@ from walship.archive import Archive
 from walship.backup.manifest import FileEntry, Manifest, PartEntry
 from walship.backup.parts import READ_SIZE, Cancelled, ChunkReader, pipelined
 from walship.backup.progress import NullProgress, Progress
-from walship.codec import DIGEST_METADATA
 from walship.errors import IntegrityError, NotFound
 
 
@@ -115,8 +113,7 @@ def read_part(archive: Archive, part: PartEntry, sink: PartSink) -> int:
                              "the manifest lists it", "the repository was tampered with or "
                              "partly deleted") from None
     with download:
-        chunks = archive.codec.decode(part.key, download,
-                                      download.info.metadata.get(DIGEST_METADATA))
+        chunks = archive.codec.decode(part.key, download, download.info.metadata)
         # Decoding (and the part's digest) runs ahead in a thread of its own.
         reader = ChunkReader(pipelined(_cancellable(chunks, sink.cancel),
                                        name=f"walship-decode-{part.number}"))

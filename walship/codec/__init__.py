@@ -5,11 +5,18 @@ header of :mod:`walship.codec.header`; decoding reads the header and undoes the 
 reverse, so no listing or side channel is ever needed to decode an object. Both directions
 stream in bounded memory.
 
-Every object also has a *plaintext digest*, kept in its metadata by the caller: SHA-256 (or, with
-a key, HMAC-SHA256 under the key's digest key) of a domain tag, the object's name and the
-plaintext. It lets a duplicate push be judged without downloading, and decoding checks it, so an
-unencrypted object that was truncated, corrupted or swapped for another is rejected even where
-zstd alone would not notice (a zstd stream cut at a block boundary decodes "successfully").
+Every object also has an *object digest* in its metadata (``walship_sha256``): the SHA-256 of a
+domain tag, the object's name and the stored bytes (header included), computed as they are
+stored (:class:`StoredForm`). Decoding checks it over every byte it reads, so an object that was
+truncated, corrupted or swapped for another is rejected even where zstd alone would not notice
+(a zstd stream cut at a block boundary decodes "successfully"). It hashes the compressed bytes,
+a fraction of the plaintext, and needs no key, so ``wal-verify --deep`` can check an encrypted
+archive's integrity without it. An encrypted object is authenticated by its AEAD tags besides:
+the header and the name are associated data of every chunk.
+
+Objects written by walship before 0.1.0's object digest carry a *plaintext digest* instead
+(``walship_digest``: SHA-256, or HMAC-SHA256 under the key's digest key, of a domain tag, the
+name and the plaintext); decoding still checks it when it is the only one.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from walship.codec.header import AES_256_GCM, SALT_BYTES, ZSTD, Header, Readable
@@ -31,8 +38,10 @@ DEFAULT_LEVEL = 1
 # (measured with bench/codec_levels.py; see docs/benchmarks.md).
 TUNED_PARAMETERS: dict[int, dict[str, int]] = {1: {"min_match": 5}}
 DEFAULT_CHUNK_LOG2 = 18  # 256 KiB encryption chunks
-DIGEST_METADATA = "walship_digest"
+OBJECT_DIGEST_METADATA = "walship_sha256"
+DIGEST_METADATA = "walship_digest"  # the plaintext digest of older objects
 _DOMAIN = b"walship v1 object\x00"
+_OBJECT_DOMAIN = b"walship v1 stored\x00"
 _OUT_SIZE = 1 << 20
 
 
@@ -46,8 +55,14 @@ class Codec:
 
     # -- digests ---------------------------------------------------------------------------------
     def digester(self, name: str) -> PlaintextDigest:
-        """A fresh digest of plaintext for the object ``name``."""
+        """A fresh plaintext digest for the object ``name`` (the older objects' kind)."""
         return PlaintextDigest(self.key, name)
+
+    def stored_form(self, name: str, chunks: Iterable[bytes], *, size_hint: int | None = None,
+                    salt: bytes | None = None) -> StoredForm:
+        """The stored form of the plaintext ``chunks``, to hand to ``Storage.put`` with its
+        ``metadata`` (see :class:`StoredForm`)."""
+        return StoredForm(name, self.encode(name, chunks, size_hint=size_hint, salt=salt))
 
     # -- encoding --------------------------------------------------------------------------------
     def encode(self, name: str, chunks: Iterable[bytes], *, size_hint: int | None = None,
@@ -84,15 +99,21 @@ class Codec:
         yield out
 
     # -- decoding --------------------------------------------------------------------------------
-    def decode(self, name: str, source: Readable, digest: str | None) -> Iterator[bytes]:
+    def decode(self, name: str, source: Readable, metadata: Mapping[str, str]
+               ) -> Iterator[bytes]:
         """Yield the plaintext of the stored object ``name`` read from ``source``.
 
-        ``digest`` is the object's plaintext digest from its metadata; the whole plaintext is
-        checked against it before the generator finishes, so a consumer must treat the data as
-        unverified until the iteration ends without an exception.
+        ``metadata`` is the object's; its digest is checked once every byte has been read,
+        before the generator finishes, so a consumer must treat the data as unverified until
+        the iteration ends without an exception.
         """
         import zstandard
 
+        object_digest = metadata.get(OBJECT_DIGEST_METADATA)
+        hashing = None
+        if object_digest is not None:
+            hashing = _HashingReader(source, ObjectDigest(name))
+            source = hashing
         header = Header.read(source, name)
         reader: Readable = source
         if self.key is not None and not header.encrypted:
@@ -113,31 +134,89 @@ class Codec:
             reader = DecryptingReader(source, self.key.object_key(header.salt),
                                       header.encode() + name.encode(), 1 << header.chunk_log2,
                                       name)
-        check = self.digester(name)
-        if digest is None or not check.compatible(digest):
-            raise KeyMismatch(f"object {name} cannot be verified",
-                              "its metadata has no digest made with the configured key"
-                              if digest else "its metadata has no digest",
-                              "configure the key the archive was written with")
+        check = None  # the plaintext digest, for an unencrypted object with nothing else
+        if hashing is None and not header.encrypted:
+            digest = metadata.get(DIGEST_METADATA)
+            check = self.digester(name)
+            if digest is None or not check.compatible(digest):
+                raise KeyMismatch(f"object {name} cannot be verified",
+                                  "its metadata has no digest made with the configured key"
+                                  if digest else "its metadata has no digest",
+                                  "configure the key the archive was written with")
         try:
             plain = zstandard.ZstdDecompressor().stream_reader(
                 reader, read_size=1 << 17, read_across_frames=False, closefd=False)
             while chunk := plain.read(_OUT_SIZE):
-                check.update(chunk)
+                if check is not None:
+                    check.update(chunk)
                 yield chunk
             if reader.read(1):
                 raise IntegrityError(f"object {name} is damaged", "data follows its end")
         except zstandard.ZstdError as error:
             raise IntegrityError(f"object {name} is damaged", f"zstd: {error}",
                                  "the stored object is corrupt") from None
-        if not hmac.compare_digest(check.hexdigest(), digest):
+        if hashing is not None:
+            if hashing.read(1):  # (the digest covers every byte of the object)
+                raise IntegrityError(f"object {name} is damaged", "data follows its end")
+            intact = hmac.compare_digest(hashing.digest.hexdigest(), object_digest or "")
+        else:
+            intact = check is None or hmac.compare_digest(
+                check.hexdigest(), metadata.get(DIGEST_METADATA) or "")
+        if not intact:
             raise IntegrityError(f"object {name} is damaged", "its content does not match its "
                                  "digest (truncated, corrupted or swapped)",
                                  "the stored object is corrupt")
 
 
+class StoredForm:
+    """The stored bytes of one object, as an iterable for ``Storage.put``; once it has been
+    iterated, ``size`` is their number and :meth:`metadata` the object's metadata (its object
+    digest), which ``put`` asks for only after the data."""
+
+    def __init__(self, name: str, chunks: Iterable[bytes]) -> None:
+        self._chunks = chunks
+        self._digest = ObjectDigest(name)
+        self.size = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            self._digest.update(chunk)
+            self.size += len(chunk)
+            yield chunk
+
+    def metadata(self) -> dict[str, str]:
+        return {OBJECT_DIGEST_METADATA: self._digest.hexdigest()}
+
+
+class ObjectDigest:
+    """SHA-256 of the domain tag, the name and the stored bytes, as ``sha256:<hex>``."""
+
+    def __init__(self, name: str) -> None:
+        self._hash = hashlib.sha256(_OBJECT_DOMAIN + name.encode() + b"\x00")
+
+    def update(self, data: bytes) -> None:
+        self._hash.update(data)
+
+    def hexdigest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+
+class _HashingReader:
+    """Passes reads through, hashing every byte."""
+
+    def __init__(self, source: Readable, digest: ObjectDigest) -> None:
+        self._source = source
+        self.digest = digest
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self._source.read(n)
+        self.digest.update(data)
+        return data
+
+
 class PlaintextDigest:
-    """SHA-256, or HMAC-SHA256 with a key, of the domain tag, the name and the plaintext.
+    """SHA-256, or HMAC-SHA256 with a key, of the domain tag, the name and the plaintext (the
+    digest of objects written before the object digest; still checked when it is the only one).
 
     Rendered as ``sha256:<hex>`` or ``hmac-sha256:<key id>:<hex>``.
     """
