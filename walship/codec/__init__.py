@@ -14,7 +14,7 @@ a fraction of the plaintext, and needs no key, so ``wal-verify --deep`` can chec
 archive's integrity without it. An encrypted object is authenticated by its AEAD tags besides:
 the header and the name are associated data of every chunk.
 
-Objects written by walship before 0.1.0's object digest carry a *plaintext digest* instead
+Objects written before walship had the object digest carry a *plaintext digest* instead
 (``walship_digest``: SHA-256, or HMAC-SHA256 under the key's digest key, of a domain tag, the
 name and the plaintext); decoding still checks it when it is the only one.
 """
