@@ -91,6 +91,35 @@ def test_recovery_is_fed_from_the_cache(env, capsys, monkeypatch):
     assert from_cache >= 30, from_cache
 
 
+def test_first_call_hands_its_lookup_to_a_new_worker(env, capsys):
+    """The first call of a recovery starts the worker and lets it do the lookup (it would import
+    the storage SDK anyway), instead of running the full program as well."""
+    restore, originals = env
+    status, err = fetch(restore, "00000003.history", capsys)  # recovery asks for this first
+    assert status == 1 and "asked by the prefetch worker" in err, err
+    assert spool.worker_alive(str(cache_of(restore)))
+    stop_worker(restore)
+    assert wait_for(lambda: not spool.worker_alive(str(cache_of(restore))))
+    status, err = fetch(restore, name(5), capsys)
+    assert status == 0 and "delivered from prefetch cache" in err, err
+    assert (restore / "RECOVERYXLOG").read_bytes() == originals[name(5)]
+
+
+def test_prefetch_off_starts_no_worker(env, capsys, monkeypatch, tmp_path):
+    restore, originals = env
+    monkeypatch.setenv("WALSHIP_PREFETCH", "0")
+    status, err = fetch(restore, name(1), capsys)
+    assert status == 0 and "prefetch" not in err, err
+    assert not spool.worker_alive(str(cache_of(restore)))
+    monkeypatch.delenv("WALSHIP_PREFETCH")  # ... and off in the config file
+    config = tmp_path / "walship.toml"
+    config.write_text("prefetch = 0\n")
+    monkeypatch.setenv("WALSHIP_CONFIG", str(config))
+    status, err = fetch(restore, name(2), capsys)
+    assert status == 0 and "prefetch" not in err, err
+    assert not spool.worker_alive(str(cache_of(restore)))
+
+
 def test_cache_never_exceeds_its_bound(env, capsys, monkeypatch):
     restore, originals = env
     monkeypatch.setenv("WALSHIP_PREFETCH", "64")

@@ -46,6 +46,16 @@ def wal_fetch(name: str, destination: str) -> int | None:
     settings = spool.settings_fingerprint()
     try:
         size = spool.deliver_cached(cache, name, destination, settings)
+        if size is None and not spool.worker_alive(cache) and spool.prefetch_enabled():
+            # No worker yet (the first call of a recovery): start it and hand it the lookup,
+            # rather than start the full program here as well (the worker pays the storage
+            # SDK's import once, for this call and every later one).
+            os.makedirs(cache, exist_ok=True)
+            if len(name) == 24 and spool.read_text(os.path.join(cache, "want")) is None:
+                spool.want(cache, name, spool.DEFAULT_SEGMENT_SIZE)  # a guess: see prefetch
+            spool.start_worker(cache)
+            if not spool.await_worker(cache, spool.START_SECONDS):
+                return None
         if size is None:
             verdict = spool.ask(cache, name, settings)
             if verdict == "missing":

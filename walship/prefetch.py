@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from walship.config import Settings
 
 IDLE_SECONDS = 30.0
-DEFAULT_SEGMENT_SIZE = 16 << 20  # PostgreSQL's default wal_segment_size
+DEFAULT_SEGMENT_SIZE = spool.DEFAULT_SEGMENT_SIZE
 POLL_SECONDS = 0.01
 RETRY_SECONDS = 0.5
 ANSWER_KEEP_SECONDS = 30.0  # a looked-up file waits this long for its caller

@@ -401,6 +401,44 @@ def worker_alive(cache: str) -> bool:
     return _flock_held(os.path.join(cache, "worker.lock"))
 
 
+DEFAULT_SEGMENT_SIZE = 16 << 20  # PostgreSQL's default wal_segment_size
+START_SECONDS = 2.0  # a worker just started takes its lock within this (it imports little first)
+
+
+def prefetch_enabled() -> bool:
+    """Whether the configuration leaves prefetching on (the ``prefetch`` setting, from the
+    environment or the config file, is not 0). False when unsure: the full program decides."""
+    value = os.environ.get("WALSHIP_PREFETCH")
+    if value is None:
+        path = os.environ.get("WALSHIP_CONFIG") or CONFIG_FILE
+        try:
+            handle = open(path, "rb")
+        except FileNotFoundError:
+            return not os.environ.get("WALSHIP_CONFIG")  # an explicit file must exist
+        except OSError:
+            return False
+        import tomllib
+
+        try:
+            with handle:
+                value = str(tomllib.load(handle).get("prefetch", 1))
+        except (OSError, ValueError):
+            return False
+    return value.strip().isdigit() and int(value) > 0
+
+
+def await_worker(cache: str, seconds: float) -> bool:
+    """Wait up to ``seconds`` for a prefetch worker to hold its lock; whether one does."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not worker_alive(cache):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
 def start_worker(cache: str) -> None:
     """Start the prefetch worker, detached, unless one is running."""
     if worker_alive(cache):
