@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -120,26 +121,40 @@ def test_prefetch_off_starts_no_worker(env, capsys, monkeypatch, tmp_path):
     assert not spool.worker_alive(str(cache_of(restore)))
 
 
-def test_cache_never_exceeds_its_bound(env, capsys, monkeypatch):
+@pytest.mark.parametrize("prefetch,cache_mb,bound", [(64, 16, 16), (4, 64, 4)])
+def test_cache_never_exceeds_its_bound(env, capsys, monkeypatch, prefetch, cache_mb, bound):
+    """The window is bounded by ``prefetch`` segments and by ``cache_max_mb``; the segment the
+    first call looks up (outside the window) counts against it too."""
     restore, originals = env
-    monkeypatch.setenv("WALSHIP_PREFETCH", "64")
-    monkeypatch.setenv("WALSHIP_CACHE_MAX_MB", "16")
-    assert fetch(restore, name(1), capsys)[0] == 0
+    monkeypatch.setenv("WALSHIP_PREFETCH", str(prefetch))
+    monkeypatch.setenv("WALSHIP_CACHE_MAX_MB", str(cache_mb))
     cache = cache_of(restore)
-    expected = {name(k) for k in range(2, 18)}
-    biggest = 0
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        entries = list(cache.iterdir())
-        files = [p for p in entries if p.name.startswith("0000") and "." not in p.name]
-        hidden = [p for p in entries if p.name.startswith(".")]
-        biggest = max(biggest, len(files) + len(hidden))
-        if sealed(restore) == expected:
-            break
-        time.sleep(0.005)
-    time.sleep(0.5)  # the worker must not go past the bound once the window is full
+    expected = {name(k) for k in range(2, 2 + bound)}
+    sizes = []
+    stop = threading.Event()
+
+    def sample() -> None:  # from before the first call: its own lookup counts too
+        while not stop.is_set():
+            try:
+                entries = os.listdir(cache)
+            except FileNotFoundError:
+                entries = []
+            # segment data: cached segments (NAME) and downloads (.NAME.walship-...)
+            sizes.append(sum(1 for e in entries if len(e) == 24 or ".walship-" in e))
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        assert fetch(restore, name(1), capsys)[0] == 0
+        wait_for(lambda: sealed(restore) == expected, 30)
+        time.sleep(0.5)  # the worker must not go past the bound once the window is full
+    finally:
+        stop.set()
+        sampler.join()
     assert sealed(restore) == expected
-    assert biggest <= 16, biggest
+    biggest = max(sizes)
+    assert biggest <= bound, biggest
 
 
 def test_corrupt_cached_file_is_never_delivered(env, capsys):
@@ -323,14 +338,14 @@ def test_a_request_left_by_a_dead_caller_is_answered_once(env):
     try:
         (cache / "ask" / "00000007.history.ask").write_text(
             f"abc123 {spool.settings_fingerprint()}\n")
-        assert worker.serve_asks() is True
+        assert worker.serve_asks([]) is True
         for future in list(worker.asks.values()):
             future.result(timeout=20)
         answer = (cache / "ask" / "00000007.history.answer").read_text().split()
         assert answer == ["abc123", "missing"]
-        assert worker.serve_asks() is False and not worker.asks  # not looked up again
+        assert worker.serve_asks([]) is False and not worker.asks  # not looked up again
         (cache / "ask" / "00000007.history.ask").unlink()
-        worker.serve_asks()
+        worker.serve_asks([])
         assert worker.served == {}
     finally:
         worker.pool.shutdown(wait=True)

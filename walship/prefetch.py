@@ -120,7 +120,29 @@ class Worker:
             spool.write_atomically(os.path.join(self.cache, "ask", f"{name}.answer"),
                                    f"{nonce} {verdict}\n")
 
-    def serve_asks(self) -> bool:
+    def in_use(self) -> set[str]:
+        """Segments holding, or about to hold, a file in the cache: cached, being downloaded
+        for the window, being looked up for a call."""
+        used = set(self.inflight) | {name for name in self.asks if len(name) == 24}
+        for entry in os.listdir(self.cache):
+            if len(entry) == 24 and entry.isalnum():
+                used.add(entry)
+        return used
+
+    def make_room(self, window: list[str]) -> None:
+        """Before a segment is looked up for a call: if the cache is full, drop the farthest
+        downloaded segments of the window (they are downloaded again when there is room), so
+        that the segments on disk never outnumber the window."""
+        excess = len(self.in_use()) + 1 - len(window)
+        for name in reversed(window):
+            if excess <= 0:
+                return
+            if name not in self.inflight and name not in self.asks \
+                    and os.path.exists(os.path.join(self.cache, name)):
+                spool.drop_cached(self.cache, name)
+                excess -= 1
+
+    def serve_asks(self, window: list[str]) -> bool:
         """Start a lookup for every new request; whether any request is waiting."""
         for name, future in list(self.asks.items()):
             if future.done():
@@ -145,6 +167,8 @@ class Worker:
             if name in self.asks or name in self.inflight:
                 continue  # answered once the download running for it ends
             self.served[name] = fields[0]
+            if len(name) == 24 and not os.path.exists(os.path.join(self.cache, f"{name}.ok")):
+                self.make_room(window)
             self.asks[name] = self.pool.submit(self.lookup, name, fields[0], fields[1])
         return waiting or bool(self.asks)
 
@@ -173,15 +197,16 @@ class Worker:
                     else:
                         print(f"walship: prefetch {name}: {error}", file=sys.stderr, flush=True)
         now = time.monotonic()
-        # Downloads still running for segments that left the window (PostgreSQL moved on
-        # faster) count against the bound too: at most len(window) segments on disk.
-        room = len(window) - sum(1 for name in self.inflight if name not in keep)
+        # Everything that occupies the cache counts against the window: downloads still running
+        # for segments that left it (PostgreSQL moved on faster), and segments looked up for
+        # calls (the one a call waits for lies before the window) until their caller takes
+        # them. At most len(window) segments are on disk.
+        room = len(window) - len(self.in_use())
         for name in window:
             if room <= 0:
                 break
-            if name in self.inflight or os.path.exists(os.path.join(self.cache, f"{name}.ok")):
-                room -= 1
-                continue
+            if name in self.inflight or os.path.exists(os.path.join(self.cache, name)):
+                continue  # (counted in in_use)
             if self.retry_at.get(name, 0) > now:
                 break  # not archived yet (or failing): nothing after it is either
             open(os.path.join(self.cache, f"{name}.inflight"), "w").close()  # queued
@@ -200,7 +225,10 @@ class Worker:
         while True:
             want = _read_want(self.cache)
             now = time.monotonic()
-            if want != last_want or self.serve_asks():
+            # (calls' lookups first: the one a call waits for takes its place before the window
+            # is filled)
+            asked = self.serve_asks(_window(want, self.depth, self.max_bytes))
+            if want != last_want or asked:
                 last_want, last_change = want, now
             idle = now - last_change > IDLE_SECONDS
             self.step(None if idle else want)  # idle: empty the cache, start nothing
