@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import random
 import tarfile
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -15,7 +17,7 @@ from walship.backup import layout
 from walship.backup.manifest import (DirectoryEntry, FileEntry, LinkEntry, Manifest,
                                      ManifestError, PartEntry, Tablespace, format_tablespace_map,
                                      parse_backup_label, parse_tablespace_map)
-from walship.backup.parts import ChunkReader, PartWriter, SourceFile, plan_parts
+from walship.backup.parts import PartWriter, SourceFile, TarReader, plan_parts
 from walship.backup.restore import (RecoveryTarget, choose_backup, make_target,
                                     recovery_settings, rewrite_auto_conf)
 from walship.backup.scan import excluded, unlogged
@@ -235,14 +237,45 @@ def test_a_file_that_changes_size_is_stored_with_its_announced_size(tmp_path):
     assert writer.entries[0].sha256 == hashlib.sha256(b"b" * 1000).hexdigest()
 
 
-def test_chunk_reader():
-    reader = ChunkReader(iter([b"abc", b"", b"defgh", b"ij"]))
-    assert reader.read(2) == b"ab"
-    assert reader.read(4) == b"cdef"
-    assert reader.read(100) == b"ghij"
-    assert reader.read(1) == b""
-    reader = ChunkReader(iter([b"abc", b"def"]))
-    assert reader.read(1) == b"a" and reader.drain() == 5 and reader.total == 6
+def _read_back(data: bytes, cuts: list[int]) -> tuple[dict[str, bytes], TarReader]:
+    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+    reader = TarReader(iter(pieces))
+    seen = {}
+    for member, content in reader.members():
+        assert member.isreg()
+        seen[member.name] = b"".join(content)
+    return seen, reader
+
+
+@pytest.mark.parametrize("split", ["whole", "bytes", "random"])
+def test_tar_reader_reads_what_the_part_writer_writes(tmp_path, split):
+    (tmp_path / "big").write_bytes(os.urandom(700_001))
+    (tmp_path / "empty").write_bytes(b"")
+    files = [SourceFile("deep/" + "long" * 40, str(tmp_path / "big"), 700_001),
+             SourceFile("empty", str(tmp_path / "empty"), 0),
+             SourceFile("n\u00e9", "", 3, b"abc")]
+    data = b"".join(PartWriter(1, files).stream())
+    rng = random.Random(7)
+    cuts = {"whole": [], "bytes": list(range(1, 3000)) + list(range(700_000, 703_000)),
+            "random": sorted(rng.sample(range(1, len(data)), 200))}[split]
+    seen, reader = _read_back(data, cuts)
+    assert seen == {"deep/" + "long" * 40: (tmp_path / "big").read_bytes(), "empty": b"",
+                    "n\u00e9": b"abc"}
+    assert reader.drain() == 0 and reader.total == len(data)
+
+
+def test_tar_reader_refuses_damaged_streams(tmp_path):
+    files = [SourceFile("a", "", 5000, os.urandom(5000)), SourceFile("b", "", 9, b"123456789")]
+    data = b"".join(PartWriter(1, files).stream())
+    for cut in (100, 512, 3000, len(data) - 512, len(data) - 1):
+        with pytest.raises(tarfile.ReadError):
+            _read_back(data[:cut], [])
+    header = bytearray(data)
+    header[10] ^= 0xFF  # the header checksum no longer matches
+    with pytest.raises(tarfile.TarError):
+        _read_back(bytes(header), [])
+    with pytest.raises(tarfile.TarError):
+        _read_back(data[:5632] + bytes(512) + data[6144:], [])  # a lone zero block inside
 
 
 def test_recovery_target_parsing_and_settings():

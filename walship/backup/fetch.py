@@ -32,7 +32,7 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from walship.backup import catalog
 from walship.backup.manifest import (BACKUP_LABEL, PG_CONTROL, PG_VERSION, TABLESPACE_MAP,
                                      Manifest, PartEntry, format_tablespace_map,
                                      parse_tablespace_map)
-from walship.backup.parts import READ_SIZE, Cancelled
+from walship.backup.parts import Cancelled
 from walship.backup.progress import NullProgress, Progress
 from walship.backup.unpack import PartSink, read_parts
 from walship.errors import IntegrityError, StorageError, UsageError
@@ -201,7 +201,7 @@ class _Writer(PartSink):
         if self.owner is not None:
             os.chown(path, self.owner.uid, self.owner.gid, follow_symlinks=False)
 
-    def member(self, part: PartEntry, member: tarfile.TarInfo, data: tarfile.ExFileObject
+    def member(self, part: PartEntry, member: tarfile.TarInfo, data: Iterator[memoryview]
                ) -> None:
         entry = self.claim(part, member)
         import hashlib
@@ -209,7 +209,7 @@ class _Writer(PartSink):
         digest = hashlib.sha256()
         size = 0
         if entry.path in DEFERRED:
-            content = data.read()
+            content = b"".join(data)
             digest.update(content)
             size = len(content)
             self.verify(entry, digest.hexdigest(), size)
@@ -224,7 +224,7 @@ class _Writer(PartSink):
         except OSError as error:
             raise StorageError(f"cannot create {path}", os.strerror(error.errno or 0)) from None
         with open(fd, "wb", buffering=0) as out:
-            while chunk := data.read(READ_SIZE):
+            for chunk in data:
                 if self.cancel.is_set():
                     raise Cancelled(entry.path)
                 digest.update(chunk)

@@ -8,8 +8,8 @@ had when it was opened: a file that grows while read is cut there, one that shri
 with zeros (an online backup; WAL replay repairs both). The SHA-256 and size of the bytes
 actually stored are recorded for the manifest.
 
-:class:`ChunkReader` turns an iterator of bytes (a decoding download) into the ``read(n)``
-object that ``tarfile.open(mode="r|")`` needs.
+:class:`TarReader` reads such a stream back from an iterator of chunks (a decoding download),
+handing out file data as slices of the chunks rather than copies.
 """
 
 from __future__ import annotations
@@ -154,46 +154,115 @@ class PartWriter:
                                       digest.hexdigest(), self.number))
 
 
-class ChunkReader:
-    """A ``read(n)`` file object over an iterator of byte chunks."""
+class TarReader:
+    """Reads a part's tar stream from an iterator of byte chunks (a decoding download), handing
+    out each member's data as slices of those chunks, without copying them.
+
+    It reads what :class:`PartWriter` writes: ustar headers, pax extended headers (``path``,
+    ``size``) before a member that needs one, and the end-of-archive marker; anything else
+    raises :class:`tarfile.ReadError`. ``total`` counts the bytes read.
+    """
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
-        self._buffer = b""
-        self._offset = 0
+        self._view = memoryview(b"")
+        self._left = 0  # bytes of the current member's data not yet handed out
         self.total = 0
 
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            out = [self._buffer[self._offset:]]
-            out.extend(self._chunks)
-            self._buffer, self._offset = b"", 0
-            data = b"".join(out)
-            self.total += len(data)
-            return data
-        while len(self._buffer) - self._offset < n:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                break
-            if self._offset:
-                self._buffer = self._buffer[self._offset:]
-                self._offset = 0
-            self._buffer = self._buffer + chunk if self._buffer else chunk
-        data = self._buffer[self._offset:self._offset + n]
-        self._offset += len(data)
-        if self._offset >= len(self._buffer):
-            self._buffer, self._offset = b"", 0
-        self.total += len(data)
-        return data
+    def _next_chunk(self) -> bool:
+        for chunk in self._chunks:
+            if chunk:
+                self._view = memoryview(chunk)
+                return True
+        return False
+
+    def _take(self, n: int) -> bytes:
+        """Exactly ``n`` bytes (copied: headers only), or ReadError at the end of the stream."""
+        parts = []
+        while n:
+            if not self._view and not self._next_chunk():
+                raise tarfile.ReadError("the tar stream ends early")
+            piece = self._view[:n]
+            self._view = self._view[len(piece):]
+            parts.append(piece.tobytes())
+            n -= len(piece)
+            self.total += len(piece)
+        return b"".join(parts)
+
+    def _data(self) -> Iterator[memoryview]:
+        while self._left:
+            if not self._view and not self._next_chunk():
+                raise tarfile.ReadError("the tar stream ends inside a file")
+            piece = self._view[:self._left]
+            self._view = self._view[len(piece):]
+            self._left -= len(piece)
+            self.total += len(piece)
+            yield piece
+
+    def members(self) -> Iterator[tuple[tarfile.TarInfo, Iterator[memoryview]]]:
+        """Each member's header and an iterator over its data (to be consumed before the next
+        member is asked for; what is left of it is skipped)."""
+        while True:
+            block = self._take(BLOCK)
+            if block == _ZERO_BLOCK:
+                if self._take(BLOCK) != _ZERO_BLOCK:
+                    raise tarfile.ReadError("a lone zero block inside the tar stream")
+                return
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            if info.type == tarfile.XHDTYPE:
+                overrides = _pax_records(self._take(tar_size(info.size))[:info.size])
+                info = tarfile.TarInfo.frombuf(self._take(BLOCK), "utf-8", "surrogateescape")
+                if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE):
+                    raise tarfile.ReadError("two extended headers in a row")
+                if "path" in overrides:
+                    info.name = overrides["path"]
+                if "size" in overrides:
+                    if not overrides["size"].isdigit():
+                        raise tarfile.ReadError("an invalid size in an extended header")
+                    info.size = int(overrides["size"])
+            elif info.type not in tarfile.REGULAR_TYPES + (tarfile.DIRTYPE, tarfile.SYMTYPE,
+                                                           tarfile.LNKTYPE):
+                raise tarfile.ReadError(f"an unexpected tar header of type {info.type!r}")
+            self._left = info.size if info.isreg() else 0
+            yield info, self._data()
+            for _ in self._data():  # whatever the consumer left
+                pass
+            padding = tar_size(info.size) - info.size if info.isreg() else 0
+            if padding:
+                self._take(padding)
 
     def drain(self) -> int:
-        """Consume the rest (so a verifying generator runs to its end); return its length."""
-        left = len(self._buffer) - self._offset
-        self._buffer, self._offset = b"", 0
+        """Consume the rest of the chunks (so a verifying generator runs to its end); return
+        how many bytes that was."""
+        left = len(self._view)
+        self._view = memoryview(b"")
         for chunk in self._chunks:
             left += len(chunk)
         self.total += left
         return left
+
+
+_ZERO_BLOCK = bytes(BLOCK)
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """The records ``"<length> <key>=<value>\\n"`` of a pax extended header."""
+    records: dict[str, str] = {}
+    position = 0
+    while position < len(data):
+        space = data.find(b" ", position)
+        length = data[position:space]
+        if space < 0 or not length.isdigit() or int(length) < space - position + 3 \
+                or position + int(length) > len(data):
+            raise tarfile.ReadError("a malformed extended header")
+        record = data[space + 1:position + int(length)]
+        if not record.endswith(b"\n") or b"=" not in record:
+            raise tarfile.ReadError("a malformed extended header")
+        key, _, value = record[:-1].partition(b"=")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8",
+                                                                         "surrogateescape")
+        position += int(length)
+    return records
 
 
 _DONE = object()

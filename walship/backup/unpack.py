@@ -18,7 +18,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 from walship.archive import Archive
 from walship.backup.manifest import FileEntry, Manifest, PartEntry
-from walship.backup.parts import READ_SIZE, Cancelled, ChunkReader, pipelined
+from walship.backup.parts import Cancelled, TarReader, pipelined
 from walship.backup.progress import NullProgress, Progress
 from walship.errors import IntegrityError, NotFound
 
@@ -75,20 +75,21 @@ class PartSink:
         """Files the manifest lists that no part held (call once every part is read)."""
         return set(self.expected) - self.seen
 
-    def member(self, part: PartEntry, member: tarfile.TarInfo, data: tarfile.ExFileObject
+    def member(self, part: PartEntry, member: tarfile.TarInfo, data: Iterator[memoryview]
                ) -> None:
+        """Handle the regular file ``member``, whose content ``data`` yields in pieces."""
         raise NotImplementedError
 
 
 class HashSink(PartSink):
     """Checks every file's SHA-256 and size, and writes nothing."""
 
-    def member(self, part: PartEntry, member: tarfile.TarInfo, data: tarfile.ExFileObject
+    def member(self, part: PartEntry, member: tarfile.TarInfo, data: Iterator[memoryview]
                ) -> None:
         entry = self.claim(part, member)
         digest = hashlib.sha256()
         size = 0
-        while chunk := data.read(READ_SIZE):
+        for chunk in data:
             if self.cancel.is_set():
                 raise Cancelled(entry.path)
             digest.update(chunk)
@@ -115,22 +116,17 @@ def read_part(archive: Archive, part: PartEntry, sink: PartSink) -> int:
     with download:
         chunks = archive.codec.decode(part.key, download, download.info.metadata)
         # Decoding (and the part's digest) runs ahead in a thread of its own.
-        reader = ChunkReader(pipelined(_cancellable(chunks, sink.cancel),
-                                       name=f"walship-decode-{part.number}"))
+        reader = TarReader(pipelined(_cancellable(chunks, sink.cancel),
+                                     name=f"walship-decode-{part.number}"))
         try:
-            # (bufsize: tarfile's stream reads 10 KiB at a time by default, copying as it goes)
-            with tarfile.open(fileobj=reader, mode="r|",  # type: ignore[call-overload]
-                              bufsize=READ_SIZE) as tar:
-                for member in tar:
-                    data = tar.extractfile(member)
-                    if data is None:
-                        sink.claim(part, member)  # raises: not a regular file
-                        continue
-                    sink.member(part, member, data)
+            for member, data in reader.members():
+                if not member.isreg():
+                    sink.claim(part, member)  # raises: not a regular file
+                sink.member(part, member, data)
+            reader.drain()  # runs the decoder to its end: the part's digest is checked there
         except tarfile.TarError as error:
             raise IntegrityError(f"part {part.number} ({part.key}) is not a valid tar stream",
                                  str(error), "the stored part is corrupt") from None
-        reader.drain()  # runs the decoder to its end: the part's digest is checked there
         if reader.total != part.size:
             raise IntegrityError(f"part {part.key} has {reader.total} bytes",
                                  f"the manifest says {part.size}")
