@@ -89,6 +89,15 @@ def peak_rss_kib(pid: int) -> int | None:
     return None
 
 
+def cpu_seconds() -> float:
+    """CPU time used by the whole machine so far (all processes, user + system), from
+    /proc/stat: measured around a run, it tells whether the run was CPU-bound."""
+    with open("/proc/stat") as handle:
+        fields = handle.readline().split()[1:]
+    busy = sum(int(v) for i, v in enumerate(fields[:8]) if i not in (3, 4))  # not idle, iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def kill_strays(path: Path) -> dict[int, int | None]:
     """Terminate leftover processes of a run (by pid); return their peak RSS (KiB)."""
     pids = _processes_under(path)
@@ -300,6 +309,7 @@ class Bench:
                 conn.query("ALTER SYSTEM SET archive_command = '"
                            + command.replace("'", "''") + "'")
                 started = time.perf_counter()
+                cpu_started = cpu_seconds()
                 conn.query("SELECT pg_reload_conf()")
                 deadline = started + self.args.timeout
                 while True:
@@ -313,6 +323,7 @@ class Bench:
                             f"{cluster.log_tail()}")
                     time.sleep(POLL)
                 seconds = time.perf_counter() - started
+                cpu = cpu_seconds() - cpu_started
                 failed = int(conn.value("SELECT failed_count FROM pg_stat_archiver"))
         finally:
             cluster.stop()
@@ -322,7 +333,8 @@ class Bench:
         if blobs < len(t.backlog):
             raise RuntimeError(f"{tool.label}: {blobs} blobs stored for {len(t.backlog)} "
                                "segments")
-        return {"seconds": seconds, "failed": failed, "blobs": blobs, "bytes": stored}
+        return {"seconds": seconds, "failed": failed, "blobs": blobs, "bytes": stored,
+                "cpu": cpu}
 
     # (b) ---------------------------------------------------------------------------------------
     def feed(self, tool: Tool, repeat: int) -> dict:
@@ -344,6 +356,7 @@ class Bench:
         sampler = CacheSampler(wal / "walship" / "prefetch") if tool.key == "walship" else None
         try:
             started = time.perf_counter()
+            cpu_started = cpu_seconds()
             for name in t.backlog:
                 command = template.replace("%f", name).replace("%p", "pg_wal/RECOVERYXLOG")
                 call = time.perf_counter()
@@ -361,6 +374,7 @@ class Bench:
                                        f"{(run_dir / 'stderr.log').read_text()[-3000:]}")
                 os.rename(wal / "RECOVERYXLOG", wal / name)
             seconds = time.perf_counter() - started
+            cpu = cpu_seconds() - cpu_started
         finally:
             stderr.close()
             if sampler:
@@ -370,7 +384,7 @@ class Bench:
             if not filecmp.cmp(wal / name, t.data / "pg_wal" / name, shallow=False):
                 raise RuntimeError(f"{tool.label}: restored {name} differs from the original")
         shutil.rmtree(fake)
-        return {"seconds": seconds, "call_median": statistics.median(calls),
+        return {"seconds": seconds, "cpu": cpu, "call_median": statistics.median(calls),
                 "call_max": max(calls), "rss_kib_max": max(rss),
                 "worker_rss_kib": max((v or 0) for v in workers.values()) if workers else None,
                 "verified": len(t.backlog),
@@ -402,6 +416,7 @@ class Bench:
         pgcluster.chown_tree(data)
         try:
             started = time.perf_counter()
+            cpu_started = cpu_seconds()
             cluster.start(env=env, wait=False)
             deadline = started + self.args.timeout
             conn = None
@@ -425,6 +440,7 @@ class Bench:
                     conn = None
                 time.sleep(POLL)
             seconds = time.perf_counter() - started
+            cpu = cpu_seconds() - cpu_started
             counts = conn.value(CHECK_SQL)
             conn.close()
         finally:
@@ -438,7 +454,7 @@ class Bench:
             raise RuntimeError(f"{key}: recovery did not replay {t.backlog[-1]}:\n"
                                f"{logtext[-3000:]}")
         shutil.rmtree(data)
-        return {"seconds": seconds}
+        return {"seconds": seconds, "cpu": cpu}
 
     # (d) ---------------------------------------------------------------------------------------
     def peak_rss(self, walship: Walship, pgbackrest: PgBackRestSync, barman: Barman) -> dict:
@@ -559,6 +575,13 @@ def fmt_samples(values: list[float], digits: int = 2) -> str:
     return ", ".join(f"{v:.{digits}f}" for v in values)
 
 
+def cpu_column(runs: list[dict]) -> str:
+    """Median CPU seconds the whole machine used during the runs (all processes: the tool,
+    PostgreSQL, Azurite), out of 2 x the wall time available on two cores."""
+    values = [r["cpu"] for r in runs if r.get("cpu") is not None]
+    return f"{median(values):.2f}" if values else "-"
+
+
 def render(results: dict, info: dict) -> tuple[str, str]:
     """(plain table for the terminal, markdown for docs/benchmarks.md)."""
     n = info["segments"]
@@ -593,9 +616,10 @@ def render(results: dict, info: dict) -> tuple[str, str]:
         secs = [r["seconds"] for r in runs]
         m = median(secs)
         rows.append([labels[key], f"{m:.2f}", f"{n / m:.1f}",
-                     f"{m / ws:.2f}" if ws else "-", fmt_samples(secs)])
+                     f"{m / ws:.2f}" if ws else "-", fmt_samples(secs), cpu_column(runs)])
     table(f"(a) Archive drain: {n} .ready segments ({raw_mib:.0f} MiB of WAL)",
-          ["tool", "median s", "segments/s", "time vs walship", "runs (s)"], rows)
+          ["tool", "median s", "segments/s", "time vs walship", "runs (s)",
+           "machine CPU s"], rows)
 
     feed = results["feed"]
     ws = median([r["seconds"] for r in feed["walship"]]) if "walship" in feed else None
@@ -606,10 +630,10 @@ def render(results: dict, info: dict) -> tuple[str, str]:
         rows.append([labels[key], f"{m:.2f}", f"{n / m:.1f}",
                      f"{median([r['call_median'] for r in runs]) * 1000:.0f}",
                      f"{max(r['call_max'] for r in runs) * 1000:.0f}",
-                     f"{m / ws:.2f}" if ws else "-", fmt_samples(secs)])
+                     f"{m / ws:.2f}" if ws else "-", fmt_samples(secs), cpu_column(runs)])
     table(f"(b) Restore feed: {n} segments, one restore_command at a time, in order",
           ["tool", "median s", "segments/s", "median ms/call", "max ms/call",
-           "time vs walship", "runs (s)"], rows)
+           "time vs walship", "runs (s)", "machine CPU s"], rows)
 
     rec = results["recovery"]
     floor = median([r["seconds"] for r in rec["cp"]]) if "cp" in rec else None
@@ -619,10 +643,10 @@ def render(results: dict, info: dict) -> tuple[str, str]:
         secs = [r["seconds"] for r in runs]
         m = median(secs)
         rows.append([labels[key], f"{m:.2f}", f"{m / floor:.2f}" if floor else "-",
-                     f"{m / ws:.2f}" if ws else "-", fmt_samples(secs)])
+                     f"{m / ws:.2f}" if ws else "-", fmt_samples(secs), cpu_column(runs)])
     table(f"(c) Recovery: base backup + {info['replayed']} segments replayed, pg_ctl start "
           "until promoted", ["restore_command", "median s", "time vs cp", "time vs walship",
-                             "runs (s)"], rows)
+                             "runs (s)", "machine CPU s"], rows)
 
     rows = []
     for key, (blobs, size) in results["stored"].items():
@@ -761,6 +785,7 @@ def target_rows(results: dict, info: dict) -> list[list[str]]:
 
 
 def write_doc(path: Path, markdown: str, info: dict, command: str) -> None:
+    notes = kept_notes(path)
     v = info["versions"]
     m = info["machine"]
     if info["pgbackrest_verify_tls"]:
@@ -811,7 +836,7 @@ The machine is a shared virtual machine whose load the harness does not control,
 are noisy: read the medians and the same-run ratios, not one run.
 
 {markdown}
-## Method
+{notes}## Method
 
 * **One Azurite** (blob service only, 127.0.0.1, HTTPS with a self-signed certificate, a fresh
   `--location`) serves all tools; each tool and run has its own container. The machine's two
@@ -848,6 +873,9 @@ are noisy: read the medians and the same-run ratios, not one run.
   (plus an archive row without async). barman-cloud with `--zstd --compression-level 3`; its
   restore once at defaults and once with its read-ahead (`--parallel 3 --spool-dir`).
   PostgreSQL with `fsync = off` (the same for all; the tools' own writes are not affected).
+* **Machine CPU s**: CPU time the whole machine used during a run (all processes: the tool,
+  PostgreSQL, Azurite, the harness), from `/proc/stat`. Two cores give at most twice the wall
+  time: a run near that is CPU-bound, and the tool that needs less CPU per segment wins.
 * **TLS**: all over HTTPS. walship and barman-cloud verify Azurite's certificate (given as
   `REQUESTS_CA_BUNDLE` / `SSL_CERT_FILE`). {tls}
 * **Peak RSS**: `/usr/bin/time -f %M` around one push and one fetch per tool (pgBackRest without
@@ -883,6 +911,21 @@ are noisy: read the medians and the same-run ratios, not one run.
   `SELECT count(*) || '/' || sum(abalance) FROM pgbench_accounts` exactly as the source did.
 """
     path.write_text(text)
+
+
+NOTES_HEADING = "## What the figures say"
+
+
+def kept_notes(path: Path) -> str:
+    """The hand-written analysis section of the existing report (between its heading and
+    "## Method"), carried over into the new report: it is edited by hand after a run."""
+    try:
+        old = path.read_text()
+    except FileNotFoundError:
+        return ""
+    start = old.find(NOTES_HEADING)
+    end = old.find("## Method", start)
+    return old[start:end] if start >= 0 and end > start else ""
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -1018,7 +1061,8 @@ def main() -> int:
             for tool in order:
                 out = bench.drain(tool, r)
                 res["drain"].setdefault(tool.key, []).append(out)
-                log(f"(a) drain {tool.label} run {r}: {out['seconds']:.2f} s, "
+                log(f"(a) drain {tool.label} run {r}: {out['seconds']:.2f} s "
+                    f"(machine CPU {out['cpu']:.2f} s), "
                     f"{out['blobs']} blobs, {out['bytes'] / 2**20:.1f} MiB, "
                     f"{out['failed']} failed calls")
         res["drain"] = {t.key: res["drain"][t.key] for t in drain_tools}
@@ -1032,7 +1076,8 @@ def main() -> int:
             for tool in order:
                 out = bench.feed(tool, r)
                 res["feed"].setdefault(tool.key, []).append(out)
-                log(f"(b) feed {tool.label} run {r}: {out['seconds']:.2f} s, median call "
+                log(f"(b) feed {tool.label} run {r}: {out['seconds']:.2f} s "
+                    f"(machine CPU {out['cpu']:.2f} s), median call "
                     f"{out['call_median'] * 1000:.0f} ms, {out['verified']} files identical")
         res["feed"] = {t.key: res["feed"][t.key] for t in feed_tools}
 
@@ -1044,7 +1089,8 @@ def main() -> int:
                 out = bench.recovery(tool, r)
                 key = tool.key if tool else "cp"
                 res["recovery"].setdefault(key, []).append(out)
-                log(f"(c) recovery {info['labels'][key]} run {r}: {out['seconds']:.2f} s")
+                log(f"(c) recovery {info['labels'][key]} run {r}: {out['seconds']:.2f} s "
+                    f"(machine CPU {out['cpu']:.2f} s)")
         res["recovery"] = {k: res["recovery"][k] for k in
                            ["cp", "walship", *[t.key for t in extra], "pgbackrest-async",
                             "barman", "barman-parallel"]}
