@@ -35,6 +35,7 @@ DEFAULT_SEGMENT_SIZE = spool.DEFAULT_SEGMENT_SIZE
 POLL_SECONDS = 0.01
 RETRY_SECONDS = 0.5
 ANSWER_KEEP_SECONDS = 30.0  # a looked-up file waits this long for its caller
+NICE = 10  # the worker's CPU priority increment (see main)
 STUCK_SECONDS = 300.0  # storage timeouts and retries end a download well before
 
 
@@ -248,6 +249,12 @@ def main(cache: str) -> int:
         return 0  # another worker owns this cache
     os.ftruncate(lock, 0)
     os.write(lock, f"{os.getpid()}\n".encode())
+    try:
+        # Below PostgreSQL's startup process and the calls it makes, which wait: replay is
+        # what recovery waits for, and the window only has to keep ahead of it on average.
+        os.nice(NICE)
+    except OSError:
+        pass
     for entry in os.listdir(cache):  # left by a worker that died: unverified or unsealed
         if entry.endswith(".inflight") or ".walship-" in entry or ".tmp" in entry:
             spool.drop_cached(cache, entry.split(".inflight")[0])
