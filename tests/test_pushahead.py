@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from walship import fastpath, pushahead, spool
 from walship.archive import Archive
 from walship.codec import Codec
 from walship.config import load_settings
+from walship.storage import open_storage
 from walship.storage.memory import MemoryStorage
 
 SIZE = 1 << 20
@@ -117,3 +119,64 @@ def test_off_pushes_only_its_own_file(setup):
     wal_dir, names, storage, archive = setup
     pushahead.push(archive, load_settings({"push_ahead": 0}), str(wal_dir / names[0]))
     assert list(storage.puts) == [f"wal/{names[0]}"]
+
+
+def test_first_call_of_a_backlog_hands_its_file_to_a_background_pusher(tmp_path, monkeypatch,
+                                                                        capsys):
+    """With more files ready than one call pushes ahead, the first call starts the background
+    pusher and lets it upload its file (one storage SDK import instead of two); every file is
+    stored once, and later calls answer from the pusher's records."""
+    for var in list(os.environ):
+        if var.startswith(("WALSHIP_", "AZURE_")):
+            monkeypatch.delenv(var)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.setenv("WALSHIP_REPO", f"file://{repo}")
+    monkeypatch.setenv("WALSHIP_CONFIG", os.devnull)
+    monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "3")
+    wal_dir = tmp_path / "pg_wal"
+    (wal_dir / "archive_status").mkdir(parents=True)
+    names = [f"0000000100000000{n:08X}" for n in range(1, 11)]
+    data = {}
+    for name in names:
+        data[name] = os.urandom(1000) + bytes(SIZE - 1000)
+        (wal_dir / name).write_bytes(data[name])
+        (wal_dir / "archive_status" / f"{name}.ready").touch()
+    try:
+        for name in names:
+            assert fastpath.wal_push(str(wal_dir / name)), name
+            os.rename(wal_dir / "archive_status" / f"{name}.ready",
+                      wal_dir / "archive_status" / f"{name}.done")
+        err = capsys.readouterr().err
+        assert f"{names[0]} pushed by the background pusher it started" in err, err
+        assert err.count("already pushed ahead") == len(names) - 1, err
+    finally:
+        deadline = time.monotonic() + 30
+        while spool.pusher_alive(str(wal_dir)) and time.monotonic() < deadline:
+            time.sleep(0.05)  # it exits once idle
+    archive = Archive(open_storage(f"file://{repo}"), Codec())
+    for name in names:
+        archive.fetch_wal(name, tmp_path / "out")
+        assert (tmp_path / "out").read_bytes() == data[name]
+
+
+def test_no_backlog_or_push_ahead_off_starts_no_pusher(tmp_path, monkeypatch):
+    for var in list(os.environ):
+        if var.startswith(("WALSHIP_", "AZURE_")):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("WALSHIP_REPO", f"file://{tmp_path}")
+    monkeypatch.setenv("WALSHIP_CONFIG", os.devnull)
+    wal_dir = tmp_path / "pg_wal"
+    (wal_dir / "archive_status").mkdir(parents=True)
+    for n in range(1, 5):  # 4 ready files: no backlog for push_ahead 8
+        (wal_dir / "archive_status" / f"0000000100000000{n:08X}.ready").touch()
+    assert not spool.backlog_for_pusher(str(wal_dir))
+    for n in range(5, 12):
+        (wal_dir / "archive_status" / f"0000000100000000{n:08X}.ready").touch()
+    assert spool.backlog_for_pusher(str(wal_dir))
+    monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "0")
+    assert not spool.backlog_for_pusher(str(wal_dir))
+    monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "8")
+    monkeypatch.setenv("WALSHIP_REPO", "memory://x")  # no other process can reach it
+    assert not spool.backlog_for_pusher(str(wal_dir))
+

@@ -18,6 +18,10 @@ def _log(action: str, name: str, outcome: str, size: int, started: float) -> Non
           f"seconds={time.monotonic() - started:.3f}", file=sys.stderr, flush=True)
 
 
+TAKE_UP_SECONDS = 10.0  # for a pusher just started to import, connect and take a file up
+RACE_SECONDS = 2.0  # for a running pusher to take up a file a call asks for before it does
+
+
 def _plain_name(name: str) -> bool:
     return bool(name) and "/" not in name and not name.startswith(".")
 
@@ -26,13 +30,33 @@ def wal_push(path: str) -> bool:
     started = time.monotonic()
     if not _plain_name(os.path.basename(path)):
         return False
+    settings = spool.settings_fingerprint()
+    wal_dir = os.path.dirname(path) or "."
+    outcome = "already pushed ahead"
     try:
-        if not spool.take_pushed(path, spool.settings_fingerprint()):
-            return False
+        if not spool.take_pushed(path, settings):
+            name = os.path.basename(path)
+            if spool.pusher_alive(wal_dir):
+                wait = RACE_SECONDS  # it takes ready files up in order: this one is next
+            elif spool.backlog_for_pusher(wal_dir):
+                # The first call of a backlog: start the background pusher and let it upload
+                # this file with the others, rather than start the full program here as well
+                # (the pusher pays the storage SDK's import once, for every call).
+                os.makedirs(spool.spool_dir(wal_dir), exist_ok=True)
+                spool.start_pusher(wal_dir)
+                if not spool.await_pusher(wal_dir, spool.START_SECONDS):
+                    return False
+                wait = TAKE_UP_SECONDS
+                outcome = "pushed by the background pusher it started"
+            else:
+                return False
+            if not spool.await_taken_up(wal_dir, name, wait) \
+                    or not spool.take_pushed(path, settings):
+                return False
         size = os.stat(path).st_size
     except OSError:
         return False
-    _log("wal-push", os.path.basename(path), "already pushed ahead", size, started)
+    _log("wal-push", os.path.basename(path), outcome, size, started)
     return True
 
 

@@ -14,7 +14,6 @@ the cache, once nobody has asked for anything for ``IDLE_SECONDS``.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sys
 import time
@@ -243,9 +242,7 @@ class Worker:
 def main(cache: str) -> int:
     os.makedirs(cache, exist_ok=True)
     lock = os.open(os.path.join(cache, "worker.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not spool.take_lock(lock):
         return 0  # another worker owns this cache
     os.ftruncate(lock, 0)
     os.write(lock, f"{os.getpid()}\n".encode())

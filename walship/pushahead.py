@@ -234,9 +234,7 @@ def main(wal_dir: str) -> int:
     root = spool.spool_dir(wal_dir)
     os.makedirs(root, exist_ok=True)
     alive = os.open(os.path.join(root, "pusher.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(alive, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not spool.take_lock(alive):
         return 0  # another pusher serves this pg_wal
     os.ftruncate(alive, 0)
     os.write(alive, f"{os.getpid()}\n".encode())

@@ -116,6 +116,21 @@ def _flock_held(path: str) -> bool:
     return False
 
 
+def take_lock(fd: int) -> bool:
+    """Take the flock of a helper process (worker, pusher) on ``fd``; False if another process
+    holds it. A liveness probe (:func:`_flock_held`) holds it for microseconds, so a refusal
+    is tried again for a moment before it is believed."""
+    import time
+
+    for _ in range(10):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.005)
+    return False
+
+
 def pusher_alive(wal_dir: str) -> bool:
     """Whether a background pusher (``python -m walship.pushahead``) runs for this pg_wal."""
     return _flock_held(os.path.join(spool_dir(wal_dir), "pusher.lock"))
@@ -139,6 +154,28 @@ def await_pushed(wal_dir: str, name: str) -> None:
                 return
             checked = now
         time.sleep(0.002)
+
+
+def await_taken_up(wal_dir: str, name: str, seconds: float) -> bool:
+    """Wait up to ``seconds`` for the background pusher to start uploading ``name`` (its
+    ``pushing/<name>`` marker) or to have recorded it; False if it does not, or dies."""
+    import time
+
+    root = spool_dir(wal_dir)
+    marker = os.path.join(root, "pushing", name)
+    record = os.path.join(root, "pushed", name)
+    deadline = checked = time.monotonic()
+    deadline += seconds
+    while not (os.path.exists(marker) or os.path.exists(record)):
+        now = time.monotonic()
+        if now > deadline:
+            return False
+        if now - checked > 0.05:
+            if not pusher_alive(wal_dir):
+                return os.path.exists(marker) or os.path.exists(record)
+            checked = now
+        time.sleep(0.002)
+    return True
 
 
 def start_pusher(wal_dir: str) -> None:
@@ -405,34 +442,82 @@ DEFAULT_SEGMENT_SIZE = 16 << 20  # PostgreSQL's default wal_segment_size
 START_SECONDS = 2.0  # a worker just started takes its lock within this (it imports little first)
 
 
+def light_setting(name: str, variable: str) -> str | None:
+    """The setting ``name`` from the environment (``variable``) or the config file, read
+    without the full program; None if unset. Raises ValueError when it cannot be told (an
+    unreadable or invalid file): the caller then leaves the call to the full program."""
+    value = os.environ.get(variable)
+    if value is not None:
+        return value
+    path = os.environ.get("WALSHIP_CONFIG") or CONFIG_FILE
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        if os.environ.get("WALSHIP_CONFIG"):
+            raise ValueError("the config file named by WALSHIP_CONFIG is missing") from None
+        return None
+    except OSError as error:
+        raise ValueError(str(error)) from None
+    import tomllib
+
+    try:
+        with handle:
+            value = tomllib.load(handle).get(name)
+    except (OSError, ValueError) as error:
+        raise ValueError(str(error)) from None
+    return None if value is None else str(value)
+
+
+def _count_setting(name: str, variable: str) -> int:
+    """A count setting (push_ahead, prefetch), default on; 0 when it cannot be told."""
+    try:
+        value = light_setting(name, variable)
+    except ValueError:
+        return 0
+    if value is None:
+        return 8
+    return int(value) if value.strip().isdigit() else 0
+
+
 def prefetch_enabled() -> bool:
     """Whether the configuration leaves prefetching on (the ``prefetch`` setting, from the
     environment or the config file, is not 0). False when unsure: the full program decides."""
-    value = os.environ.get("WALSHIP_PREFETCH")
-    if value is None:
-        path = os.environ.get("WALSHIP_CONFIG") or CONFIG_FILE
-        try:
-            handle = open(path, "rb")
-        except FileNotFoundError:
-            return not os.environ.get("WALSHIP_CONFIG")  # an explicit file must exist
-        except OSError:
-            return False
-        import tomllib
+    return _count_setting("prefetch", "WALSHIP_PREFETCH") > 0
 
-        try:
-            with handle:
-                value = str(tomllib.load(handle).get("prefetch", 1))
-        except (OSError, ValueError):
-            return False
-    return value.strip().isdigit() and int(value) > 0
+
+def backlog_for_pusher(wal_dir: str) -> bool:
+    """Whether a background pusher is due: push-ahead is on, the repository is one other
+    processes can reach, and more files are ready than one call pushes ahead (the condition
+    under which :func:`walship.pushahead.push` starts one)."""
+    ahead = _count_setting("push_ahead", "WALSHIP_PUSH_AHEAD")
+    try:
+        repo = light_setting("repo", "WALSHIP_REPO")
+    except ValueError:
+        return False
+    if ahead <= 0 or not repo or repo.startswith("memory:"):
+        return False
+    try:
+        entries = os.listdir(os.path.join(wal_dir, "archive_status"))
+    except OSError:
+        return False
+    return sum(1 for entry in entries if entry.endswith(".ready")) > ahead + 1
 
 
 def await_worker(cache: str, seconds: float) -> bool:
     """Wait up to ``seconds`` for a prefetch worker to hold its lock; whether one does."""
+    return _await_held(os.path.join(cache, "worker.lock"), seconds)
+
+
+def await_pusher(wal_dir: str, seconds: float) -> bool:
+    """Wait up to ``seconds`` for a background pusher to hold its lock; whether one does."""
+    return _await_held(os.path.join(spool_dir(wal_dir), "pusher.lock"), seconds)
+
+
+def _await_held(lock: str, seconds: float) -> bool:
     import time
 
     deadline = time.monotonic() + seconds
-    while not worker_alive(cache):
+    while not _flock_held(lock):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.002)
