@@ -106,6 +106,15 @@ def test_first_call_hands_its_lookup_to_a_new_worker(env, capsys):
     assert (restore / "RECOVERYXLOG").read_bytes() == originals[name(5)]
 
 
+def test_a_call_with_no_wal_name_starts_nothing(env, capsys, monkeypatch, tmp_path):
+    place = tmp_path / "elsewhere"
+    place.mkdir()
+    monkeypatch.chdir(place)
+    status = main(["wal-fetch", "RECOVERYXLOG", "x"])
+    assert status >= 126 and "not a WAL file name" in capsys.readouterr().err
+    assert list(place.iterdir()) == []  # no cache directory, no worker
+
+
 def test_prefetch_off_starts_no_worker(env, capsys, monkeypatch, tmp_path):
     restore, originals = env
     monkeypatch.setenv("WALSHIP_PREFETCH", "0")
