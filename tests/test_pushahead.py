@@ -121,18 +121,12 @@ def test_off_pushes_only_its_own_file(setup):
     assert list(storage.puts) == [f"wal/{names[0]}"]
 
 
-def test_first_call_of_a_backlog_hands_its_file_to_a_background_pusher(tmp_path, monkeypatch,
-                                                                        capsys):
+def test_first_call_of_a_backlog_hands_its_file_to_a_background_pusher(
+        file_repo_env, tmp_path, monkeypatch, capsys):
     """With more files ready than one call pushes ahead, the first call starts the background
     pusher and lets it upload its file (one storage SDK import instead of two); every file is
     stored once, and later calls answer from the pusher's records."""
-    for var in list(os.environ):
-        if var.startswith(("WALSHIP_", "AZURE_")):
-            monkeypatch.delenv(var)
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    monkeypatch.setenv("WALSHIP_REPO", f"file://{repo}")
-    monkeypatch.setenv("WALSHIP_CONFIG", os.devnull)
+    repo = file_repo_env
     monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "3")
     wal_dir = tmp_path / "pg_wal"
     (wal_dir / "archive_status").mkdir(parents=True)
@@ -160,12 +154,7 @@ def test_first_call_of_a_backlog_hands_its_file_to_a_background_pusher(tmp_path,
         assert (tmp_path / "out").read_bytes() == data[name]
 
 
-def test_no_backlog_or_push_ahead_off_starts_no_pusher(tmp_path, monkeypatch):
-    for var in list(os.environ):
-        if var.startswith(("WALSHIP_", "AZURE_")):
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("WALSHIP_REPO", f"file://{tmp_path}")
-    monkeypatch.setenv("WALSHIP_CONFIG", os.devnull)
+def test_no_backlog_or_push_ahead_off_starts_no_pusher(file_repo_env, tmp_path, monkeypatch):
     wal_dir = tmp_path / "pg_wal"
     (wal_dir / "archive_status").mkdir(parents=True)
     for n in range(1, 5):  # 4 ready files: no backlog for push_ahead 8

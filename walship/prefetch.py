@@ -205,8 +205,8 @@ class Worker:
         for name in window:
             if room <= 0:
                 break
-            if name in self.inflight or os.path.exists(os.path.join(self.cache, name)):
-                continue  # (counted in in_use)
+            if name in self.inflight or os.path.exists(os.path.join(self.cache, f"{name}.ok")):
+                continue  # (counted in in_use; an unsealed leftover is downloaded over)
             if self.retry_at.get(name, 0) > now:
                 break  # not archived yet (or failing): nothing after it is either
             open(os.path.join(self.cache, f"{name}.inflight"), "w").close()  # queued
