@@ -42,7 +42,8 @@ def manifest(**changes) -> Manifest:
         files=(FileEntry("PG_VERSION", 3, 0o600, 1764036000.5, SHA, 1),
                FileEntry("backup_label", 200, 0o600, 1764036000.0, SHA, 2),
                FileEntry("global/pg_control", 8192, 0o600, 1764036000.0, SHA, 2)),
-        parts=(PartEntry(1, "backups/20261125T020000Z/part.00001", 2048, 100, 1),
+        parts=(PartEntry(1, "backups/20261125T020000Z/part.00001", 2048, 100, 1,
+                         "sha256:" + "ab" * 32),
                PartEntry(2, "backups/20261125T020000Z/part.00002", 10240, 400, 2)),
         walship_version="0.1.0")
     return replace(base, **changes)

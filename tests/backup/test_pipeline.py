@@ -7,6 +7,7 @@ import hashlib
 import os
 import sys
 import threading
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -260,6 +261,59 @@ def test_damaged_part_fails_and_leaves_nothing_startable(tmp_path, damage):
         fetch_backup(archive, m.name, target, tablespace_map={16400: str(new_ts)})
     assert target.is_dir() and os.listdir(target) == []
     assert not new_ts.exists()
+
+
+def test_a_part_replaced_by_a_consistent_object_is_refused(tmp_path):
+    """A part swapped for another well-formed object, with a digest of its own that matches it:
+    the digest the manifest records for the part does not, so nothing is restored (backup-fetch
+    relies on that check instead of hashing every file again)."""
+    (tmp_path / "repo").mkdir()
+    archive = Archive(open_storage(f"file://{tmp_path / 'repo'}"), Codec())
+    data, ts = make_cluster(tmp_path)
+    push_wal_names(archive, ["000000010000000000000002"])
+    m = push_backup(archive, FakeSource(data, ts), part_size=1 << 20).manifest
+    part = max(m.parts, key=lambda p: p.size)
+    assert part.digest and part.digest.startswith("sha256:")
+    with archive.storage.get(part.key) as download:
+        plain = bytearray(b"".join(archive.codec.decode(part.key, download,
+                                                        download.info.metadata)))
+    plain[len(plain) // 2] ^= 0x20  # inside a file's data: a valid tar stream still
+    archive.storage.delete(part.key)
+    forged = archive.codec.stored_form(part.key, [bytes(plain)])
+    archive.storage.put(part.key, forged, metadata=forged.metadata)
+    target = tmp_path / "restored"
+    with pytest.raises(IntegrityError, match="does not match its digest"):
+        fetch_backup(archive, m.name, target, tablespace_map={16400: str(tmp_path / "t2")})
+    assert not target.exists()
+
+
+def test_a_manifest_without_part_digests_is_fetched_with_every_file_hashed(tmp_path):
+    """Backups written before manifests recorded part digests: every file is checked against
+    its SHA-256, and a damaged file is caught that way."""
+    (tmp_path / "repo").mkdir()
+    archive = Archive(open_storage(f"file://{tmp_path / 'repo'}"), Codec())
+    data, ts = make_cluster(tmp_path)
+    push_wal_names(archive, ["000000010000000000000002"])
+    m = push_backup(archive, FakeSource(data, ts), part_size=1 << 20).manifest
+    old = replace(m, parts=tuple(replace(p, digest=None) for p in m.parts))
+    archive.storage.delete(layout.manifest_key(m.name))
+    catalog.store_manifest(archive, old)
+    assert all(p.digest is None for p in catalog.load_manifest(archive, m.name).parts)
+    target = tmp_path / "restored"
+    fetch_backup(archive, m.name, target, tablespace_map={16400: str(tmp_path / "t2")})
+    assert sha(target / "base/5/16384") == sha(data / "base/5/16384")
+    # a file damaged inside a part whose own digest was made to match
+    part = max(m.parts, key=lambda p: p.size)
+    with archive.storage.get(part.key) as download:
+        plain = bytearray(b"".join(archive.codec.decode(part.key, download,
+                                                        download.info.metadata)))
+    plain[len(plain) // 2] ^= 0x20
+    archive.storage.delete(part.key)
+    forged = archive.codec.stored_form(part.key, [bytes(plain)])
+    archive.storage.put(part.key, forged, metadata=forged.metadata)
+    with pytest.raises(IntegrityError, match="SHA-256"):
+        fetch_backup(archive, m.name, tmp_path / "again",
+                     tablespace_map={16400: str(tmp_path / "t3")})
 
 
 def test_fetch_refuses_non_empty_directories(archive, tmp_path):

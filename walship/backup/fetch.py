@@ -1,7 +1,9 @@
 """``backup-fetch``: download a base backup into a data directory, verifying every byte.
 
-Every part is decoded through the codec (its name-bound digest checked) and every file is
-checked against the SHA-256 and size in the manifest; the parts download ``parallel`` at a time
+Every part is decoded through the codec, its stored bytes checked against the object digest
+the manifest records for it, so every byte written is checked against the manifest (parts of
+older manifests, which lack that digest, have each file checked against its SHA-256 instead),
+and every file's size and place are checked; the parts download ``parallel`` at a time
 (:mod:`walship.backup.unpack`, shared with ``backup-verify``; here the sink writes the files).
 Tablespaces go to their original location or a remapped one (``pg_tblspc/<oid>`` links and
 ``tablespace_map`` agree).
@@ -165,6 +167,8 @@ def _owner_for(target: Path, manifest: Manifest) -> _Owner | None:
 class _Writer(PartSink):
     """Writes verified files into the new data directory (shared by the part workers)."""
 
+    rehash = False  # a part checked against the manifest's digest covers its files
+
     def __init__(self, root: Path, manifest: Manifest, owner: _Owner | None,
                  progress: Progress, cancel: threading.Event) -> None:
         super().__init__(manifest, progress, cancel)
@@ -206,17 +210,15 @@ class _Writer(PartSink):
         entry = self.claim(part, member)
         import hashlib
 
-        digest = hashlib.sha256()
         size = 0
-        if entry.path in DEFERRED:
+        if entry.path in DEFERRED:  # small, and kept until the end: always checked on its own
             content = b"".join(data)
-            digest.update(content)
-            size = len(content)
-            self.verify(entry, digest.hexdigest(), size)
+            self.verify(entry, hashlib.sha256(content).hexdigest(), len(content))
             with self._lock:
                 self.deferred[entry.path] = content
-            self.advance(size)
+            self.advance(len(content))
             return
+        digest = hashlib.sha256() if self.must_hash(part) else None
         path = self.root / entry.path
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
@@ -227,11 +229,14 @@ class _Writer(PartSink):
             for chunk in data:
                 if self.cancel.is_set():
                     raise Cancelled(entry.path)
-                digest.update(chunk)
+                if digest is not None:
+                    digest.update(chunk)
                 out.write(chunk)
                 size += len(chunk)
                 self.advance(len(chunk))
-            self.verify(entry, digest.hexdigest(), size)
+            # (without its own hash, the file is checked with its part, against the manifest)
+            self.verify(entry, digest.hexdigest() if digest is not None else entry.sha256,
+                        size)
         os.utime(path, (entry.mtime, entry.mtime))
         self.own(path)
         with self._lock:

@@ -75,13 +75,16 @@ class Tablespace:
 
 @dataclass(frozen=True)
 class PartEntry:
-    """One stored part: ``size`` plaintext (tar) bytes, ``stored_size`` bytes in the repository."""
+    """One stored part: ``size`` plaintext (tar) bytes, ``stored_size`` bytes in the repository,
+    and ``digest``, the object digest of those stored bytes (see :mod:`walship.codec`; absent
+    in manifests written before walship recorded it)."""
 
     number: int
     key: str
     size: int
     stored_size: int
     files: int
+    digest: str | None = None
 
 
 def _time(text: str) -> datetime:
@@ -184,7 +187,8 @@ class Manifest:
             "files": [{"path": f.path, "size": f.size, "mode": f.mode, "mtime": f.mtime,
                        "sha256": f.sha256, "part": f.part} for f in self.files],
             "parts": [{"number": p.number, "key": p.key, "size": p.size,
-                       "stored_size": p.stored_size, "files": p.files} for p in self.parts],
+                       "stored_size": p.stored_size, "files": p.files,
+                       **({"digest": p.digest} if p.digest else {})} for p in self.parts],
             "totals": {"files": len(self.files), "size": self.size,
                        "stored_size": self.stored_size, "parts": len(self.parts)},
             **self.extra,
@@ -242,7 +246,8 @@ class Manifest:
                                       float(f["mtime"]), str(f["sha256"]), int(f["part"]))
                             for f in doc["files"]),
                 parts=tuple(PartEntry(int(p["number"]), str(p["key"]), int(p["size"]),
-                                      int(p["stored_size"]), int(p["files"]))
+                                      int(p["stored_size"]), int(p["files"]),
+                                      str(p["digest"]) if p.get("digest") else None)
                             for p in doc["parts"]),
                 extra={k: v for k, v in doc.items() if k not in known},
             )

@@ -35,6 +35,7 @@ from walship.backup.parts import (DEFAULT_PART_SIZE, Cancelled, PartWriter, Sour
 from walship.backup.progress import Progress
 from walship.backup.scan import Scan, scan
 from walship.backup.source import BackupSource, ServerInfo, StopResult
+from walship.codec import OBJECT_DIGEST_METADATA
 from walship.errors import IntegrityError, UsageError, WalshipError
 
 Log = Callable[[str], None]
@@ -79,7 +80,8 @@ def store_part(archive: Archive, name: str, number: int, files: Sequence[SourceF
     plaintext = pipelined(writer.stream(), name=f"walship-read-{number}")
     stored = archive.codec.stored_form(key, plaintext)
     archive.storage.put(key, stored, metadata=stored.metadata)
-    return _StoredPart(PartEntry(number, key, writer.size, stored.size, len(writer.entries)),
+    return _StoredPart(PartEntry(number, key, writer.size, stored.size, len(writer.entries),
+                                 stored.metadata()[OBJECT_DIGEST_METADATA]),
                        tuple(writer.entries), tuple(writer.skipped))
 
 

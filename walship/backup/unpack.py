@@ -3,9 +3,14 @@ manifest, handing each file's bytes to a *sink*.
 
 Shared by ``backup-fetch`` (its sink writes the files into a data directory) and
 ``backup-verify`` (:class:`HashSink` only hashes them). Whatever the sink, the same checks run:
-every part is decoded through the codec (its object digest checked at the end of the stream) and must be a tar stream of exactly the size the manifest records; every member must be
-a regular file the manifest lists in that part, with its size, seen once; the sink checks each
-file's SHA-256. Parts are read ``parallel`` at a time; the first failure cancels the others.
+every part is decoded through the codec, its stored bytes checked against the object digest the
+manifest records for it (or, for manifests without one, the part's own); it must be a tar stream
+of exactly the size the manifest records; every member must be a regular file the manifest lists
+in that part, with its size, seen once. A part checked against the manifest's digest has every
+byte checked against the manifest, so ``backup-fetch`` need not hash each file again
+(:attr:`PartSink.rehash`); ``backup-verify`` and parts without it check each file's SHA-256.
+Nothing a fetch writes counts until its part's check has passed: a failure removes it all.
+Parts are read ``parallel`` at a time; the first failure cancels the others.
 """
 
 from __future__ import annotations
@@ -20,12 +25,16 @@ from walship.archive import Archive
 from walship.backup.manifest import FileEntry, Manifest, PartEntry
 from walship.backup.parts import Cancelled, TarReader, pipelined
 from walship.backup.progress import NullProgress, Progress
+from walship.codec import OBJECT_DIGEST_METADATA
 from walship.errors import IntegrityError, NotFound
 
 
 class PartSink:
     """Receives the files of a backup's parts (shared by the part workers); subclasses
-    implement :meth:`member`, which must read ``data`` to its end and call :meth:`verify`."""
+    implement :meth:`member`, which must read ``data`` to its end and, when :meth:`must_hash`
+    says so, hash it and call :meth:`verify`."""
+
+    rehash = True  # check each file's SHA-256 even in a part the manifest's digest covers
 
     def __init__(self, manifest: Manifest, progress: Progress | None = None,
                  cancel: threading.Event | None = None) -> None:
@@ -63,6 +72,10 @@ class PartSink:
         with self._lock:
             self.done += n
             self._progress.advance(n)
+
+    def must_hash(self, part: PartEntry) -> bool:
+        """Whether the files of ``part`` need their own SHA-256 checked."""
+        return self.rehash or not part.digest
 
     @staticmethod
     def verify(entry: FileEntry, sha256: str, size: int) -> None:
@@ -114,7 +127,11 @@ def read_part(archive: Archive, part: PartEntry, sink: PartSink) -> int:
                              "the manifest lists it", "the repository was tampered with or "
                              "partly deleted") from None
     with download:
-        chunks = archive.codec.decode(part.key, download, download.info.metadata)
+        # The manifest's digest of the part, when it has one, is what the stored bytes must
+        # match: every byte of the part is then checked against the (verified) manifest.
+        metadata = ({OBJECT_DIGEST_METADATA: part.digest} if part.digest
+                    else download.info.metadata)
+        chunks = archive.codec.decode(part.key, download, metadata)
         # Decoding (and the part's digest) runs ahead in a thread of its own.
         reader = TarReader(pipelined(_cancellable(chunks, sink.cancel),
                                      name=f"walship-decode-{part.number}"))
