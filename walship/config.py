@@ -17,6 +17,7 @@ from typing import Any
 
 from walship.codec import DEFAULT_LEVEL
 from walship.errors import ConfigError
+from walship.spool import DEFAULT_PREFETCH, DEFAULT_PUSH_AHEAD
 from walship.storage import AzureCredentials, StorageOptions
 
 DEFAULT_CONFIG_FILE = "/etc/walship/walship.toml"
@@ -29,8 +30,8 @@ _OPTIONS: dict[str, tuple[str, type, Any]] = {
     "storage_retries": ("WALSHIP_STORAGE_RETRIES", int, 4),
     "storage_timeout": ("WALSHIP_STORAGE_TIMEOUT", float, 30.0),
     "log_level": ("WALSHIP_LOG_LEVEL", str, "info"),
-    "push_ahead": ("WALSHIP_PUSH_AHEAD", int, 8),
-    "prefetch": ("WALSHIP_PREFETCH", int, 8),
+    "push_ahead": ("WALSHIP_PUSH_AHEAD", int, DEFAULT_PUSH_AHEAD),
+    "prefetch": ("WALSHIP_PREFETCH", int, DEFAULT_PREFETCH),
     "parallel": ("WALSHIP_PARALLEL", int, 3),
     "cache_max_mb": ("WALSHIP_CACHE_MAX_MB", int, 1024),
 }
@@ -54,8 +55,8 @@ class Settings:
     storage_retries: int = 4
     storage_timeout: float = 30.0
     log_level: str = "info"
-    push_ahead: int = 8
-    prefetch: int = 8
+    push_ahead: int = DEFAULT_PUSH_AHEAD
+    prefetch: int = DEFAULT_PREFETCH
     parallel: int = 3
     cache_max_mb: int = 1024
     azure: AzureCredentials = field(default_factory=AzureCredentials)

@@ -295,7 +295,10 @@ def drop_cached(cache: str, name: str) -> None:
 # full program to download it a second time.
 WAIT_SECONDS = 120.0
 GRACE_SECONDS = 0.5
-_PREFETCH_DEFAULT = 8
+# Defaults of the push_ahead and prefetch settings (walship.config uses these too: the fast
+# path reads the settings without the full program).
+DEFAULT_PUSH_AHEAD = 8
+DEFAULT_PREFETCH = 8
 
 
 def _in_window(cache: str, name: str) -> bool:
@@ -308,7 +311,7 @@ def _in_window(cache: str, name: str) -> bool:
     if size <= 0 or want[:8] != name[:8]:
         return False
     try:
-        depth = int(os.environ.get("WALSHIP_PREFETCH", _PREFETCH_DEFAULT))
+        depth = int(os.environ.get("WALSHIP_PREFETCH", DEFAULT_PREFETCH))
         per_id = 0x100000000 // size
         ahead = ((int(name[8:16], 16) * per_id + int(name[16:], 16))
                  - (int(want[8:16], 16) * per_id + int(want[16:], 16)))
@@ -468,28 +471,28 @@ def light_setting(name: str, variable: str) -> str | None:
     return None if value is None else str(value)
 
 
-def _count_setting(name: str, variable: str) -> int:
-    """A count setting (push_ahead, prefetch), default on; 0 when it cannot be told."""
+def _count_setting(name: str, variable: str, default: int) -> int:
+    """A count setting (push_ahead, prefetch); 0 when it cannot be told."""
     try:
         value = light_setting(name, variable)
     except ValueError:
         return 0
     if value is None:
-        return 8
+        return default
     return int(value) if value.strip().isdigit() else 0
 
 
 def prefetch_enabled() -> bool:
     """Whether the configuration leaves prefetching on (the ``prefetch`` setting, from the
     environment or the config file, is not 0). False when unsure: the full program decides."""
-    return _count_setting("prefetch", "WALSHIP_PREFETCH") > 0
+    return _count_setting("prefetch", "WALSHIP_PREFETCH", DEFAULT_PREFETCH) > 0
 
 
 def backlog_for_pusher(wal_dir: str) -> bool:
     """Whether a background pusher is due: push-ahead is on, the repository is one other
     processes can reach, and more files are ready than one call pushes ahead (the condition
     under which :func:`walship.pushahead.push` starts one)."""
-    ahead = _count_setting("push_ahead", "WALSHIP_PUSH_AHEAD")
+    ahead = _count_setting("push_ahead", "WALSHIP_PUSH_AHEAD", DEFAULT_PUSH_AHEAD)
     try:
         repo = light_setting("repo", "WALSHIP_REPO")
     except ValueError:
