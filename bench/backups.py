@@ -204,6 +204,7 @@ class BackupBench:
                       BarmanBackup(barman, self.work, self.sockdir, self.data)]
         self.cluster: Cluster | None = None
         self.conn: Connection | None = None
+        self.restored: list[Path] = []
 
     # -- the source cluster --------------------------------------------------------------------
     def build(self, scale: int) -> dict:
@@ -274,7 +275,11 @@ class BackupBench:
                "restored_bytes": restored}
         if validate:
             out["check"] = self.validate(tool, target)
-        shutil.rmtree(target)
+        # Kept until the section ends (see pgcluster.settle_removals: deleting it now would
+        # slow down the file creations of the next tool's restore), and flushed, so that its
+        # writeback does not run during the next timed command.
+        self.restored.append(target)
+        os.sync()
         return out
 
     def validate(self, tool: BackupTool, target: Path) -> str:
@@ -311,6 +316,7 @@ class BackupBench:
 
     def run(self, repeat: int) -> dict:
         results: dict[str, list[dict]] = {t.key: [] for t in self.tools}
+        pgcluster.settle_removals(self.log)
         for r in range(1, repeat + 1):
             order = self.tools[(r - 1) % 3:] + self.tools[:(r - 1) % 3]
             for tool in order:
@@ -325,6 +331,9 @@ class BackupBench:
         return results
 
     def close(self) -> None:
+        for target in self.restored:
+            pgcluster.remove_tree(target)
+        self.restored.clear()
         if self.conn is not None:
             self.conn.close()
             self.conn = None
