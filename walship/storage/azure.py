@@ -5,12 +5,12 @@ as the blob's metadata, so data and metadata become visible together, atomically
 
 Promises:
 
-* **Create-only puts, no partial object ever visible.** An object of up to 4 MiB is sent as one
-  conditional Put Blob (``If-None-Match: *``). A larger one is staged as 4 MiB uncommitted blocks
-  (a few in flight at once, so memory stays bounded) and made visible by one conditional Put
-  Block List (``If-None-Match: *``): until that commit nothing is listed or readable under the
-  key, and a put that fails or is killed before it leaves only uncommitted blocks, which Azure
-  discards. A taken key is found by the conditional request itself (no HEAD on the hot path)
+* **Create-only puts, no partial object ever visible.** An object of up to 17 MiB (the stored
+  form of any WAL segment) is sent as one conditional Put Blob (``If-None-Match: *``). A larger
+  one is staged as 4 MiB uncommitted blocks (a few in flight at once, so memory stays bounded)
+  and made visible by one conditional Put Block List (``If-None-Match: *``): until that commit
+  nothing is listed or readable under the key, and a put that fails or is killed before it
+  leaves only uncommitted blocks, which Azure discards. A taken key is found by the conditional request itself (no HEAD on the hot path)
   and reported as :class:`~walship.errors.AlreadyExists`, the stored blob untouched.
 * **Bounded retries.** Transient failures (connection errors, timeouts, 408, 5xx) are retried by
   the SDK's own exponential retry policy, ``options.retries`` times with short back-offs, each
