@@ -267,6 +267,7 @@ class BackupBench:
         target = self.work / f"restore-{tool.key}-{repeat}"
         make_dir(target)
         os.chmod(target, 0o700)
+        pgcluster.cold_cache()
         fetch_s, fetch_rss, _ = tool.fetch(target)
         files, restored = tree_bytes(target)
         out = {"push_seconds": push_s, "push_rss_kib": push_rss, "fetch_seconds": fetch_s,

@@ -185,6 +185,19 @@ def settle_removals(log=None) -> None:
         time.sleep(wait)
 
 
+def cold_cache() -> bool:
+    """Flush dirty data and empty the page cache (as root), so that every tool's restore
+    starts as on a fresh server: nothing of the previous run left to write back, no file of
+    the tool already in memory. False where the kernel does not allow it."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
 def copy_tree(src: Path, dst: Path) -> None:
     """cp -a (keeps the postgres ownership and modes; PostgreSQL insists on 0700 data dirs)."""
     if dst.exists():

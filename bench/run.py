@@ -925,9 +925,10 @@ are noisy: read the medians and the same-run ratios, not one run.
   (every part checked against the digest the manifest records, every file against its size,
   then one `syncfs`), `pgbackrest restore --pg1-path=DIR` (`process-max=2`),
   `barman-cloud-restore URL SERVER ID DIR` (the ID looked up first with
-  `barman-cloud-backup-list`, outside the timing). Restored directories are flushed (`sync`)
-  after each run, outside the timing, and deleted only when the section ends; the section starts
-  61 s after the harness last deleted anything. The reason: this machine's root filesystem is
+  `barman-cloud-backup-list`, outside the timing). Every restore starts as on a fresh server:
+  before it, outside the timing, the harness runs `sync` and empties the page cache
+  (`/proc/sys/vm/drop_caches`). Restored directories are deleted only when the section ends,
+  and the section starts 61 s after the harness last deleted anything. The reason: this machine's root filesystem is
   ext4 without a journal, which does not reuse an inode deleted within the last 60 s and scans
   past every such inode when it creates a file, so a restore run right after deleting the
   previous one (977 files) took 1.10-1.22 s instead of 0.59-0.63 s for walship: a cost of
