@@ -1015,8 +1015,9 @@ def main() -> int:
         info, res = saved["info"], saved["results"]
         text, markdown = render(res, info)
         print(text)
-        write_doc(args.docs, markdown, info, info["command"])
-        log(f"wrote {args.docs} from {args.render_json}")
+        if not args.no_docs:
+            write_doc(args.docs, markdown, info, info["command"])
+            log(f"wrote {args.docs} from {args.render_json}")
         return 0
     if os.geteuid() != 0:
         raise SystemExit("run as root: servers run as the postgres user")
