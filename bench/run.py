@@ -89,6 +89,19 @@ def peak_rss_kib(pid: int) -> int | None:
     return None
 
 
+def process_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by the processes ``pids`` (gone ones: 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds() -> float:
     """CPU time used by the whole machine so far (all processes, user + system), from
     /proc/stat: measured around a run, it tells whether the run was CPU-bound."""
@@ -356,9 +369,12 @@ class Bench:
         wal = fake / "pg_wal"
         stderr = open(run_dir / "stderr.log", "ab")
         sampler = CacheSampler(wal / "walship" / "prefetch") if sample else None
+        server = _processes_under(self.azurite.location)
         try:
             started = time.perf_counter()
             cpu_started = cpu_seconds()
+            calls_started = os.times()
+            server_started = process_cpu(server)
             for name in t.backlog:
                 command = template.replace("%f", name).replace("%p", "pg_wal/RECOVERYXLOG")
                 call = time.perf_counter()
@@ -377,6 +393,13 @@ class Bench:
                 os.rename(wal / "RECOVERYXLOG", wal / name)
             seconds = time.perf_counter() - started
             cpu = cpu_seconds() - cpu_started
+            calls_ended = os.times()
+            # where the CPU went: the calls (the harness's children: sh and the tool's
+            # command), the detached helpers they started, Azurite
+            calls_cpu = (calls_ended.children_user + calls_ended.children_system
+                         - calls_started.children_user - calls_started.children_system)
+            server_cpu = process_cpu(server) - server_started
+            helpers_cpu = process_cpu(_processes_under(run_dir))
         finally:
             stderr.close()
             if sampler:
@@ -386,7 +409,9 @@ class Bench:
             if not filecmp.cmp(wal / name, t.data / "pg_wal" / name, shallow=False):
                 raise RuntimeError(f"{tool.label}: restored {name} differs from the original")
         pgcluster.remove_tree(fake)
-        return {"seconds": seconds, "cpu": cpu, "call_median": statistics.median(calls),
+        return {"seconds": seconds, "cpu": cpu, "calls_cpu": calls_cpu,
+                "helpers_cpu": helpers_cpu, "server_cpu": server_cpu,
+                "call_median": statistics.median(calls),
                 "call_max": max(calls), "rss_kib_max": max(rss),
                 "worker_rss_kib": max((v or 0) for v in workers.values()) if workers else None,
                 "verified": len(t.backlog),
@@ -648,6 +673,22 @@ def render(results: dict, info: dict) -> tuple[str, str]:
           ["tool", "median s", "segments/s", "median ms/call", "max ms/call",
            "time vs walship", "runs (s)", "machine CPU s"], rows)
 
+    rows = []
+    for key, runs in feed.items():
+        if not all("calls_cpu" in r for r in runs):
+            continue  # (results from before this was measured)
+        parts = {f: median([r[f] for r in runs]) for f in
+                 ("cpu", "calls_cpu", "helpers_cpu", "server_cpu")}
+        rest = parts["cpu"] - parts["calls_cpu"] - parts["helpers_cpu"] - parts["server_cpu"]
+        rows.append([labels[key]] + [f"{parts[f] / n * 1000:.1f}" for f in
+                                     ("cpu", "calls_cpu", "helpers_cpu", "server_cpu")]
+                    + [f"{rest / n * 1000:.1f}"])
+    if rows:
+        table("(b) Where the CPU of a feed went, in ms per segment (medians of the runs)",
+              ["tool", "machine", "calls (sh and the command)",
+               "detached helpers (prefetch worker, async process)", "Azurite",
+               "other (kernel threads, the harness, helpers that exited)"], rows)
+
     rec = results["recovery"]
     floor = median([r["seconds"] for r in rec["cp"]]) if "cp" in rec else None
     ws = median([r["seconds"] for r in rec["walship"]]) if "walship" in rec else None
@@ -894,7 +935,10 @@ are noisy: read the medians and the same-run ratios, not one run.
   PostgreSQL with `fsync = off` (the same for all; the tools' own writes are not affected).
 * **Machine CPU s**: CPU time the whole machine used during a run (all processes: the tool,
   PostgreSQL, Azurite, the harness), from `/proc/stat`. Two cores give at most twice the wall
-  time: a run near that is CPU-bound, and the tool that needs less CPU per segment wins.
+  time: a run near that is CPU-bound, and the tool that needs less CPU per segment wins. For
+  (b) it is split: the calls (CPU of the harness's children: `sh` and the tool's command), the
+  detached helpers still running at the end of the run (`/proc/PID/stat`), Azurite's node
+  process, and the rest.
 * **TLS**: all over HTTPS. walship and barman-cloud verify Azurite's certificate (given as
   `REQUESTS_CA_BUNDLE` / `SSL_CERT_FILE`). {tls}
 * **Peak RSS**: `/usr/bin/time -f %M` around one push and one fetch per tool (pgBackRest without
