@@ -191,8 +191,9 @@ class Archive:
                         time.monotonic() - started)
 
     def _holds_wal(self) -> bool:
-        """Whether the repository holds any WAL, which makes a missing file authoritative."""
-        for _ in self.storage.list(layout.WAL_PREFIX):
+        """Whether the repository holds any WAL, which makes a missing file authoritative
+        (one small request: a listing of at most one object)."""
+        for _ in self.storage.list(layout.WAL_PREFIX, limit=1):
             return True
         return False
 

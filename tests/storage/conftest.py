@@ -14,7 +14,8 @@ from walship.storage.memory import MemoryStorage
 def storage(request, tmp_path, monkeypatch):
     """``azure-small-requests``: Azure with 1 MiB thresholds, so that every object of more
     than 1 MiB goes up as staged blocks and comes back in several ranged GETs (the default
-    thresholds send the test objects in one request each way)."""
+    thresholds send the test objects in one request each way), and listings with a limit
+    come in pages of 2."""
     if request.param == "memory":
         url = f"memory://{uuid.uuid4().hex}"
         backend = open_storage(url)
@@ -33,6 +34,7 @@ def storage(request, tmp_path, monkeypatch):
             monkeypatch.setattr(azure, "SINGLE_GET_MAX", 1 << 20)
             monkeypatch.setattr(azure, "BLOCK_SIZE", 1 << 20)
             monkeypatch.setattr(azure, "DOWNLOAD_CHUNK", 1 << 20)
+            monkeypatch.setattr(azure, "LIST_PAGE_MAX", 2)  # a limit spans several pages
         azure_repo = request.getfixturevalue("azure_repository")
         backend = azure_repo.open()
         yield backend

@@ -103,6 +103,19 @@ def test_list_is_sorted_filtered_and_complete(storage):
     assert list(storage.list("zzz")) == []
 
 
+def test_list_stops_at_its_limit(storage):
+    keys = [f"wal/{n:024X}" for n in range(1, 6)]
+    for key in reversed(keys):
+        storage.put(key, [b"x"])
+    storage.put("backups/b/manifest", [b"y"])
+    assert [i.key for i in storage.list("wal/", limit=1)] == keys[:1]
+    assert [i.key for i in storage.list("wal/", limit=3)] == keys[:3]
+    assert [i.key for i in storage.list("wal/", limit=50)] == keys
+    assert list(storage.list("wal/", limit=0)) == []
+    assert [i.key for i in storage.list("", limit=1)] == ["backups/b/manifest"]
+    assert list(storage.list("zzz", limit=1)) == []
+
+
 def test_delete_is_idempotent(storage):
     storage.put("d", [b"x"])
     storage.delete("d")

@@ -95,7 +95,7 @@ def list_backups(archive: Archive) -> list[BackupEntry]:
 
 
 def name_taken(archive: Archive, name: str) -> bool:
-    for _ in archive.storage.list(layout.backup_prefix(name)):
+    for _ in archive.storage.list(layout.backup_prefix(name), limit=1):
         return True
     return False
 

@@ -63,6 +63,7 @@ BLOCK_SIZE = 4 * 1024 * 1024  # staged block size for larger objects
 BLOCKS_IN_FLIGHT = 3  # concurrent block uploads per put (memory: about 4 blocks)
 SINGLE_GET_MAX = 17 * 1024 * 1024  # bytes of the first GET: all of any object up to this
 DOWNLOAD_CHUNK = 4 * 1024 * 1024  # bytes per further ranged GET while streaming a download
+LIST_PAGE_MAX = 5000  # the service's largest List Blobs page
 # Back-offs between retries: about 2, 2.75, 3.9, 5.6 ... seconds (+-0.5 s jitter).
 _INITIAL_BACKOFF = 0.5
 _INCREMENT_BASE = 1.5
@@ -431,18 +432,27 @@ class AzureStorage:
         return ObjectInfo(key, int(props.size), dict(props.metadata or {}),
                           _timestamp(props.last_modified))
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", *, limit: int | None = None) -> Iterator[ObjectInfo]:
         base = f"{self.prefix}/" if self.prefix else ""
         what = f"cannot list {prefix or 'objects'} in {self.url}"
+        page: dict[str, int] = {}
+        if limit is not None:
+            if limit <= 0:
+                return
+            page["results_per_page"] = min(limit, LIST_PAGE_MAX)
+        listed = 0
         try:
             pages = self._container.list_blobs(name_starts_with=base + prefix,
-                                               include=["metadata"])
+                                               include=["metadata"], **page)
             for props in pages:  # Azure lists in lexicographic (key) order
                 key = props.name[len(base):]
                 if not _is_key(key):
                     continue  # not an object walship could have written (or can read)
                 yield ObjectInfo(key, int(props.size), dict(props.metadata or {}),
                                  _timestamp(props.last_modified))
+                listed += 1
+                if listed == limit:
+                    return
         except _SDK_ERRORS as error:
             raise self._fail(error, what) from error
 

@@ -123,9 +123,11 @@ class Storage(Protocol):
         :class:`~walship.errors.NotFound`."""
         ...
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", *, limit: int | None = None) -> Iterator[ObjectInfo]:
         """Yield every complete object whose key starts with ``prefix``, sorted by key, with
-        its size, metadata and ``modified`` time.
+        its size, metadata and ``modified`` time; only the first ``limit`` of them when
+        ``limit`` is given, which the backend asks its service for and no more (a check for
+        "any object under this prefix" is one small request, whatever the prefix holds).
 
         Objects being written (not yet visible to ``get``) are never listed.
         """

@@ -215,18 +215,24 @@ class LocalStorage:
         handle.close()  # type: ignore[attr-defined]
         return info
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", *, limit: int | None = None) -> Iterator[ObjectInfo]:
         if not self.root.is_dir():
             raise RepositoryMissing(f"repository directory {self.root} does not exist",
                                     hint="create the directory or mount the volume")
+        if limit is not None and limit <= 0:
+            return
         start = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         base = self.root.joinpath(*start.split("/")) if start else self.root
-        for key in self._walk(base, start):
+        listed = 0
+        for key in self._walk(base, start):  # lazily: a limit reads no more than it needs
             if key.startswith(prefix):
                 try:
                     yield self.head(key)
                 except NotFound:  # deleted while listing
                     continue
+                listed += 1
+                if listed == limit:
+                    return
 
     def _walk(self, directory: Path, rel: str) -> Iterator[str]:
         """Yield the keys below ``directory`` in key order, lazily, one directory at a time."""

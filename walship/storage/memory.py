@@ -55,9 +55,11 @@ class MemoryStorage:
         body, meta, modified = self._lookup(key)
         return ObjectInfo(key, len(body), dict(meta), modified)
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", *, limit: int | None = None) -> Iterator[ObjectInfo]:
         with _LOCK:
             items = sorted((k, v) for k, v in self._objects.items() if k.startswith(prefix))
+        if limit is not None:
+            items = items[:max(0, limit)]
         for key, (body, meta, modified) in items:
             yield ObjectInfo(key, len(body), dict(meta), modified)
 
