@@ -358,3 +358,49 @@ def test_a_request_left_by_a_dead_caller_is_answered_once(env):
         assert worker.served == {}
     finally:
         worker.pool.shutdown(wait=True)
+
+
+def test_window_misses_back_off_and_never_list_the_repository(env, monkeypatch):
+    """A worker reaching past the end of the archive (a standby waiting for WAL) asks for the
+    next segment ever less often, and never lists the repository for it; a call's lookup
+    still proves its "not found" with one listing of at most one object."""
+    from walship import prefetch
+
+    restore, _ = env
+    cache = cache_of(restore)
+    (cache / "ask").mkdir(parents=True)
+    monkeypatch.setattr(prefetch, "RETRY_SECONDS", 0.05)
+    monkeypatch.setattr(prefetch, "RETRY_MAX_SECONDS", 0.2)
+    worker = prefetch.Worker(str(cache))
+    storage = worker.archive.storage
+    gets: list[str] = []
+    lists: list[tuple[str, int | None]] = []
+    real_get, real_list = storage.get, storage.list
+
+    def get(key):
+        gets.append(key)
+        return real_get(key)
+
+    def listing(prefix="", *, limit=None):
+        lists.append((prefix, limit))
+        return real_list(prefix, limit=limit)
+
+    monkeypatch.setattr(storage, "get", get)
+    monkeypatch.setattr(storage, "list", listing)
+    try:
+        want = (name(40), SEGMENT)  # the last segment archived: the window lies beyond it
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            worker.step(want)
+            time.sleep(0.005)
+        next_one = sum(1 for key in gets if key.endswith(name(41)))
+        # without a back-off: one attempt every 0.05 s, about 30; with it: 0.05, 0.1, 0.2,
+        # then every 0.2 s, about 9
+        assert 4 <= next_one <= 13, gets
+        assert lists == []
+        assert worker.failures[name(41)] >= 4
+        worker.lookup(name(41), "n1", worker.fingerprint)
+        assert (cache / "ask" / f"{name(41)}.answer").read_text().split() == ["n1", "missing"]
+        assert lists == [("wal/", 1)]
+    finally:
+        worker.pool.shutdown(wait=True)

@@ -153,8 +153,15 @@ class Archive:
                               "repository? Give each cluster its own repository")
 
     # -- fetch ---------------------------------------------------------------------------------
-    def fetch_wal(self, name: str, destination: str | os.PathLike[str]) -> Transfer:
-        """Write the archived file ``name`` to ``destination``, complete and verified."""
+    def fetch_wal(self, name: str, destination: str | os.PathLike[str], *,
+                  prove_absence: bool = True) -> Transfer:
+        """Write the archived file ``name`` to ``destination``, complete and verified.
+
+        A missing ``name`` raises :class:`NotFound` only once the repository is seen to hold
+        WAL at all (else :class:`RepositoryMissing`: an empty or wrong repository proves
+        nothing); ``prove_absence=False`` skips that request, for a caller to whom "not found"
+        only means "not archived yet" (the prefetch worker reaching ahead of the archive).
+        """
         started = time.monotonic()
         info = archive_name(name)
         key = layout.wal_key(name)
@@ -162,7 +169,7 @@ class Archive:
         try:
             download = self.storage.get(key)
         except NotFound:
-            if not self._holds_wal():
+            if prove_absence and not self._holds_wal():
                 raise RepositoryMissing(f"the repository {self.storage.url} holds no WAL at "
                                         "all", f"so the absence of {name} proves nothing",
                                         "check the repository URL, prefix and mount") from None

@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 IDLE_SECONDS = 30.0
 DEFAULT_SEGMENT_SIZE = spool.DEFAULT_SEGMENT_SIZE
 POLL_SECONDS = 0.01
-RETRY_SECONDS = 0.5
+RETRY_SECONDS = 0.5  # after a window download fails, doubling while it keeps failing ...
+RETRY_MAX_SECONDS = 8.0  # ... up to this: a standby waiting for WAL polls gently (a call
+# that needs the segment asks for it at once, whatever the back-off)
 ANSWER_KEEP_SECONDS = 30.0  # a looked-up file waits this long for its caller
 NICE = 10  # the worker's CPU priority increment (see main)
 STUCK_SECONDS = 300.0  # storage timeouts and retries end a download well before
@@ -77,14 +79,16 @@ class Worker:
                                        thread_name_prefix="prefetch")
         self.inflight: dict[str, Future[None]] = {}
         self.retry_at: dict[str, float] = {}
+        self.failures: dict[str, int] = {}  # name -> window downloads failed in a row
         self.asks: dict[str, Future[None]] = {}  # lookups asked for by calls (spool.ask)
         self.answered: dict[str, float] = {}  # name -> when: its cache entry is kept a while
         self.served: dict[str, str] = {}  # name -> nonce answered (a dead caller's
         # request stays behind: it is answered once, not again at every step)
 
-    def fetch(self, name: str) -> None:
+    def fetch(self, name: str, *, prove_absence: bool = True) -> None:
         """Download ``name`` into the cache, verified, and seal it."""
-        self.archive.fetch_wal(name, os.path.join(self.cache, name))
+        self.archive.fetch_wal(name, os.path.join(self.cache, name),
+                               prove_absence=prove_absence)
         spool.seal_cached(self.cache, name, self.fingerprint)
 
     def download(self, name: str) -> None:
@@ -92,7 +96,9 @@ class Worker:
         # for this segment waits for it instead of downloading it a second time.
         marker = os.path.join(self.cache, f"{name}.inflight")
         try:
-            self.fetch(name)
+            # (a window segment not found is only not archived yet: no listing to prove the
+            # repository holds WAL, which a call's own lookup still does)
+            self.fetch(name, prove_absence=False)
         except BaseException:
             spool.drop_cached(self.cache, name)
             raise
@@ -190,12 +196,20 @@ class Worker:
             if future.done():
                 del self.inflight[name]
                 error = future.exception()
-                if error is not None:
-                    self.retry_at[name] = time.monotonic() + RETRY_SECONDS
+                if error is None:
+                    self.failures.pop(name, None)
+                    self.retry_at.pop(name, None)
+                else:
+                    failures = self.failures[name] = self.failures.get(name, 0) + 1
+                    self.retry_at[name] = time.monotonic() + min(
+                        RETRY_MAX_SECONDS, RETRY_SECONDS * 2 ** (failures - 1))
                     if isinstance(error, NotFound):  # tells waiting calls not to wait for it
                         open(os.path.join(self.cache, f"{name}.missing"), "w").close()
                     else:
                         print(f"walship: prefetch {name}: {error}", file=sys.stderr, flush=True)
+        for table in (self.retry_at, self.failures):  # (bounded by the window)
+            for name in [name for name in table if name not in keep]:
+                del table[name]
         now = time.monotonic()
         # Everything that occupies the cache counts against the window: downloads still running
         # for segments that left it (PostgreSQL moved on faster), and segments looked up for
