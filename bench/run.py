@@ -11,7 +11,7 @@ Measures, in one run on one Azurite:
   (c) recovery: a base backup taken part-way through the backlog, recovered with each tool's
       restore_command until promotion, and with a plain `cp` from a directory (the floor);
   (d) bytes stored per tool; peak RSS of single push and fetch calls.
-Each timed measurement runs --repeat times (default 3); tables show medians. Writes
+Each timed measurement runs --repeat times (default 5); tables show medians. Writes
 docs/benchmarks.md after a full run (not with --quick). Everything runs under /tmp/walship-bench-*
 and is removed afterwards (servers stopped, Azurite killed), also on errors or Ctrl-C.
 """
@@ -1011,8 +1011,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--replay", type=int, default=32,
                    help="segments the recovery (c) replays, at least (default 32)")
     p.add_argument("--scale", type=int, default=30, help="pgbench -i scale (default 30)")
-    p.add_argument("--repeat", type=int, default=3,
-                   help="runs of each timed measurement; medians are reported (default 3)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="runs of each timed measurement; medians are reported (default 5: this shared machine is noisy)")
     p.add_argument("--quick", action="store_true",
                    help="development: 16 segments, 8 replayed, --repeat 1, no docs written")
     p.add_argument("--walship", default=str(Path(sys.executable).parent / "walship"),
@@ -1193,7 +1193,7 @@ def main() -> int:
         extra = [f"--segments {args.segments}" if args.segments != 64 else "",
                  f"--replay {args.replay}" if args.replay != 32 else "",
                  f"--scale {args.scale}" if args.scale != 30 else "",
-                 f"--repeat {args.repeat}" if args.repeat != 3 else "",
+                 f"--repeat {args.repeat}" if args.repeat != 5 else "",
                  "--no-sync-row" if args.no_sync_row else "",
                  f"--backup-scale {args.backup_scale}" if args.backup_scale != 30 else "",
                  "--no-backups" if args.no_backups else "",
