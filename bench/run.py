@@ -1012,7 +1012,8 @@ def parse_args() -> argparse.Namespace:
                    help="segments the recovery (c) replays, at least (default 32)")
     p.add_argument("--scale", type=int, default=30, help="pgbench -i scale (default 30)")
     p.add_argument("--repeat", type=int, default=5,
-                   help="runs of each timed measurement; medians are reported (default 5: this shared machine is noisy)")
+                   help="runs of each timed measurement; medians are reported (default 5: "
+                   "this shared machine is noisy)")
     p.add_argument("--quick", action="store_true",
                    help="development: 16 segments, 8 replayed, --repeat 1, no docs written")
     p.add_argument("--walship", default=str(Path(sys.executable).parent / "walship"),
