@@ -972,11 +972,11 @@ are noisy: read the medians and the same-run ratios, not one run.
   `barman-cloud-backup-list`, outside the timing). Every restore starts as on a fresh server:
   before it, outside the timing, the harness runs `sync` and empties the page cache
   (`/proc/sys/vm/drop_caches`). Restored directories are deleted only when the section ends,
-  and the section starts 61 s after the harness last deleted anything. The reason: this machine's root filesystem is
-  ext4 without a journal, which does not reuse an inode deleted within the last 60 s and scans
-  past every such inode when it creates a file, so a restore run right after deleting the
-  previous one (977 files) took 1.10-1.22 s instead of 0.59-0.63 s for walship: a cost of
-  whichever tool came next, not of the tool.
+  and the section starts 61 s after the harness last deleted anything. The reason: this
+  machine's root filesystem is ext4 without a journal, which does not reuse an inode deleted
+  within the last 60 s and scans past every such inode when it creates a file, so a restore
+  run right after deleting the previous one (977 files) took 1.10-1.22 s instead of
+  0.59-0.63 s for walship: a cost of whichever tool came next, not of the tool.
 * **(g) Check**: the first restore of each tool is started as a server with that tool's own
   `restore_command`, `recovery.signal`, `recovery_target = 'immediate'` and
   `recovery_target_action = 'promote'`; once promoted it must answer

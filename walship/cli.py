@@ -131,8 +131,7 @@ def check(state: _State) -> int:
     archive = state.archive()
     from walship import layout
 
-    count = sum(1 for _ in zip(range(1000), archive.storage.list(layout.WAL_PREFIX,
-                                                                limit=1000)))
+    count = sum(1 for _ in archive.storage.list(layout.WAL_PREFIX, limit=1000))
     click.echo(f"repository {archive.storage.url}: reachable, "
                f"{count if count < 1000 else '1000+'} WAL files")
     return ExitStatus.OK

@@ -10,8 +10,9 @@ Promises:
   one is staged as 4 MiB uncommitted blocks (a few in flight at once, so memory stays bounded)
   and made visible by one conditional Put Block List (``If-None-Match: *``): until that commit
   nothing is listed or readable under the key, and a put that fails or is killed before it
-  leaves only uncommitted blocks, which Azure discards. A taken key is found by the conditional request itself (no HEAD on the hot path)
-  and reported as :class:`~walship.errors.AlreadyExists`, the stored blob untouched.
+  leaves only uncommitted blocks, which Azure discards. A taken key is found by the conditional
+  request itself (no HEAD on the hot path) and reported as
+  :class:`~walship.errors.AlreadyExists`, the stored blob untouched.
 * **Bounded retries.** Transient failures (connection errors, timeouts, 408, 5xx) are retried by
   the SDK's own exponential retry policy, ``options.retries`` times with short back-offs, each
   request limited to ``options.timeout`` seconds to connect and per read. What still fails is
