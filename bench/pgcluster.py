@@ -161,8 +161,9 @@ _last_removal = 0.0
 # block is dirty), and finds that out by scanning: creating a file then costs time in proportion
 # to the files deleted lately nearby. Measured here, a backup-fetch of 977 files took 0.59-0.63 s
 # into a fresh directory and 1.10-1.22 s right after deleting the previous restore: a cost of
-# the machine, paid by whichever tool comes next. Timed phases that create many files start
-# after settle_removals().
+# the machine, paid by whichever tool comes next. In a feed after 4000 deletions, walship's
+# prefetch worker (which creates a few files per segment) took 28.6-29.4 ms of CPU per segment
+# instead of 22.5-23.3. Timed phases that create files start after settle_removals().
 RECENT_DELETION_SECONDS = 61.0
 
 

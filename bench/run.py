@@ -972,7 +972,8 @@ are noisy: read the medians and the same-run ratios, not one run.
   `barman-cloud-backup-list`, outside the timing). Every restore starts as on a fresh server:
   before it, outside the timing, the harness runs `sync` and empties the page cache
   (`/proc/sys/vm/drop_caches`). Restored directories are deleted only when the section ends,
-  and the section starts 61 s after the harness last deleted anything. The reason: this
+  and the section starts 61 s after the harness last deleted anything (so do (b) and (c),
+  whose helpers create files for every segment). The reason: this
   machine's root filesystem is ext4 without a journal, which does not reuse an inode deleted
   within the last 60 s and scans past every such inode when it creates a file, so a restore
   run right after deleting the previous one (977 files) took 1.10-1.22 s instead of
@@ -1144,6 +1145,7 @@ def main() -> int:
                          for t in drain_tools}
 
         feed_tools = [walship, *extra, pgbr, barman, barman_par]
+        pgcluster.settle_removals(log)  # (the drain runs deleted thousands of files)
         for r in range(1, args.repeat + 1):
             k = (r - 1) % len(feed_tools)
             order = feed_tools[k:] + feed_tools[:k]
@@ -1162,6 +1164,7 @@ def main() -> int:
                 f"{out['cache_max_bytes'] / 2**20:.1f} MiB, {out['cache_samples']} samples")
 
         rec_tools: list[Tool | None] = [None, walship, *extra, pgbr, barman, barman_par]
+        pgcluster.settle_removals(log)
         for r in range(1, args.repeat + 1):
             k = (r - 1) % len(rec_tools)
             order = rec_tools[k:] + rec_tools[:k]
