@@ -311,7 +311,7 @@ def _in_window(cache: str, name: str) -> bool:
     if size <= 0 or want[:8] != name[:8]:
         return False
     try:
-        depth = int(os.environ.get("WALSHIP_PREFETCH", DEFAULT_PREFETCH))
+        depth = _count_setting("prefetch", "WALSHIP_PREFETCH", DEFAULT_PREFETCH)
         per_id = 0x100000000 // size
         ahead = ((int(name[8:16], 16) * per_id + int(name[16:], 16))
                  - (int(want[8:16], 16) * per_id + int(want[16:], 16)))
