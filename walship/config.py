@@ -34,6 +34,7 @@ _OPTIONS: dict[str, tuple[str, type, Any]] = {
     "prefetch": ("WALSHIP_PREFETCH", int, DEFAULT_PREFETCH),
     "parallel": ("WALSHIP_PARALLEL", int, 3),
     "cache_max_mb": ("WALSHIP_CACHE_MAX_MB", int, 1024),
+    "azure_transport": ("WALSHIP_AZURE_TRANSPORT", str, "auto"),
 }
 _AZURE: dict[str, str] = {
     "connection_string": "AZURE_STORAGE_CONNECTION_STRING",
@@ -59,6 +60,7 @@ class Settings:
     prefetch: int = DEFAULT_PREFETCH
     parallel: int = 3
     cache_max_mb: int = 1024
+    azure_transport: str = "auto"
     azure: AzureCredentials = field(default_factory=AzureCredentials)
     config_file: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -76,7 +78,7 @@ class Settings:
 
     def storage_options(self) -> StorageOptions:
         return StorageOptions(retries=self.storage_retries, timeout=self.storage_timeout,
-                              azure=self.azure)
+                              azure=self.azure, azure_transport=self.azure_transport)
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(setting, value with secrets masked, source) for every setting."""
@@ -116,6 +118,10 @@ def _convert(name: str, kind: type, value: Any, source: str) -> Any:
         raise ConfigError(f"invalid parallel {converted} in {source}", "use 1 to 64")
     if name == "cache_max_mb" and not 16 <= converted <= 1 << 20:
         raise ConfigError(f"invalid cache_max_mb {converted} in {source}", "use at least 16")
+    if name == "azure_transport" and converted not in ("auto", "sdk"):
+        raise ConfigError(f"invalid azure_transport {converted!r} in {source}",
+                          "it is auto (REST for an account key or SAS token, the SDK otherwise) "
+                          "or sdk (the Azure SDK for everything)", "leave it at auto")
     if name == "log_level" and converted not in ("debug", "info", "error"):
         raise ConfigError(f"invalid log_level {converted!r} in {source}",
                           "use debug, info or error")

@@ -10,12 +10,15 @@ from walship.storage import open_storage
 from walship.storage.memory import MemoryStorage
 
 
-@pytest.fixture(params=["memory", "file", "azure", "azure-small-requests"])
+@pytest.fixture(params=["memory", "file", "azure", "azure-sdk", "azure-sas",
+                        "azure-small-requests"])
 def storage(request, tmp_path, monkeypatch):
-    """``azure-small-requests``: Azure with 1 MiB thresholds, so that every object of more
-    than 1 MiB goes up as staged blocks and comes back in several ranged GETs (the default
-    thresholds send the test objects in one request each way), and listings with a limit
-    come in pages of 2."""
+    """``azure`` speaks REST with the account key (the default for a connection string) and
+    ``azure-sas`` with a SAS token. ``azure-small-requests`` has 1 MiB thresholds, so that every
+    object of more than 1 MiB goes up as staged blocks (through the SDK, next to REST for the
+    rest), and listings with a limit come in pages of 2 (the default thresholds send the test
+    objects in one request). ``azure-sdk`` goes through the Azure SDK for everything, with the
+    same small thresholds, so that objects also come back in several ranged GETs."""
     if request.param == "memory":
         url = f"memory://{uuid.uuid4().hex}"
         backend = open_storage(url)
@@ -27,7 +30,7 @@ def storage(request, tmp_path, monkeypatch):
         backend = open_storage(f"file://{root}")
         yield backend
     else:
-        if request.param == "azure-small-requests":
+        if request.param in ("azure-small-requests", "azure-sdk"):
             from walship.storage import azure
 
             monkeypatch.setattr(azure, "SINGLE_PUT_MAX", 1 << 20)
@@ -36,6 +39,9 @@ def storage(request, tmp_path, monkeypatch):
             monkeypatch.setattr(azure, "DOWNLOAD_CHUNK", 1 << 20)
             monkeypatch.setattr(azure, "LIST_PAGE_MAX", 2)  # a limit spans several pages
         azure_repo = request.getfixturevalue("azure_repository")
-        backend = azure_repo.open()
+        if request.param == "azure-sas":
+            backend = azure_repo.open_with_sas()
+        else:
+            backend = azure_repo.open(transport="sdk" if request.param == "azure-sdk" else "auto")
         yield backend
     backend.close()

@@ -1,26 +1,186 @@
-"""What the Azure backend asks of the service, beyond the contract every backend meets."""
+"""What the Azure backend asks of the service, beyond the contract every backend meets, and how
+it picks its transport (REST, or the SDK)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 
-def test_a_limited_listing_asks_for_no_more_than_its_limit(azure_repository, monkeypatch):
-    """Whether a repository holds any WAL is one request for one entry, however much it
-    holds (a full page is up to 5000 entries with their metadata)."""
-    backend = azure_repository.open()
-    try:
-        for n in range(1, 4):
-            backend.put(f"wal/{n:024X}", [b"x"])
-        asked: list[dict] = []
-        real = backend._container.list_blobs
+import pytest
+
+from walship.errors import Unavailable
+from walship.storage import AzureCredentials, StorageOptions, azure_rest
+from walship.storage.azure import AzureStorage
+
+
+def _limited_listing_requests(backend, monkeypatch) -> tuple[list[dict], list[dict]]:
+    """(page sizes asked for by ``list(limit=1)``, and by a full ``list``)."""
+    asked: list[dict] = []
+    if backend._rest is not None:
+        real = backend._rest.call
+
+        def call(method, path, query=None, **kwargs):
+            asked.append(dict(query or {}))
+            return real(method, path, query, **kwargs)
+
+        monkeypatch.setattr(backend._rest, "call", call)
+        size = "maxresults"
+    else:
+        real_list = backend._container.list_blobs
 
         def list_blobs(**kwargs):
             asked.append(kwargs)
-            return real(**kwargs)
+            return real_list(**kwargs)
 
         monkeypatch.setattr(backend._container, "list_blobs", list_blobs)
-        assert [i.key for i in backend.list("wal/", limit=1)] == [f"wal/{1:024X}"]
-        assert asked[-1]["results_per_page"] == 1
-        assert len(list(backend.list("wal/"))) == 3
-        assert "results_per_page" not in asked[-1]
-    finally:
-        backend.close()
+        size = "results_per_page"
+    limited = [i.key for i in backend.list("wal/", limit=1)]
+    first = [a.get(size) for a in asked]
+    asked.clear()
+    everything = [i.key for i in backend.list("wal/")]
+    return (limited, first), (everything, [a.get(size) for a in asked])
+
+
+@pytest.mark.parametrize("transport", ["auto", "sdk"])
+def test_a_limited_listing_asks_for_no_more_than_its_limit(azure_repository, monkeypatch,
+                                                           transport):
+    """Whether a repository holds any WAL is one request for one entry, however much it
+    holds (a full page is up to 5000 entries with their metadata)."""
+    backend = azure_repository.open(transport)
+    assert (backend._rest is not None) == (transport == "auto")
+    for n in range(1, 4):
+        backend.put(f"wal/{n:024X}", [b"x"])
+    (limited, sizes), (everything, full_sizes) = _limited_listing_requests(backend, monkeypatch)
+    assert limited == [f"wal/{1:024X}"]
+    assert sizes == [1] if transport == "sdk" else sizes == ["1"]
+    assert len(everything) == 3
+    assert full_sizes == [None]
+
+
+def test_the_transport_follows_the_credentials(monkeypatch):
+    """REST for a key or a SAS token; the SDK for token credentials, for a proxy, and when asked."""
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    key = "a2V5"  # base64 of "key"
+
+    def transport(creds: AzureCredentials, choice: str = "auto") -> str:
+        backend = AzureStorage("azure://box/p", StorageOptions(azure=creds,
+                                                               azure_transport=choice))
+        try:
+            return "rest" if backend._rest is not None else "sdk"
+        finally:
+            backend.close()
+
+    shared = AzureCredentials(account="acct", account_key=key)
+    sas = AzureCredentials(account="acct", sas_token="sv=2021&sig=abc")
+    string = AzureCredentials(connection_string="DefaultEndpointsProtocol=https;AccountName="
+                              f"acct;AccountKey={key};EndpointSuffix=core.windows.net")
+    assert transport(shared) == transport(sas) == transport(string) == "rest"
+    assert transport(shared, "sdk") == "sdk"
+    assert transport(AzureCredentials(account="acct")) == "sdk"  # DefaultAzureCredential
+    assert transport(AzureCredentials(connection_string="UseDevelopmentStorage=true")) == "sdk"
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert transport(shared) == "sdk"
+
+
+def test_endpoints_of_connection_strings():
+    key = "a2V5"
+    public = azure_rest.endpoint_from(
+        "connection_string", connection_string=f"AccountName=acct;AccountKey={key}")
+    assert public is not None
+    assert (public.scheme, public.host, public.port, public.base_path, public.account,
+            public.key) == ("https", "acct.blob.core.windows.net", None, "", "acct", b"key")
+    emulator = azure_rest.endpoint_from(
+        "connection_string", connection_string="DefaultEndpointsProtocol=http;AccountName=dev;"
+        f"AccountKey={key};BlobEndpoint=http://127.0.0.1:10000/dev;")
+    assert emulator is not None
+    assert (emulator.host, emulator.port, emulator.base_path) == ("127.0.0.1", 10000, "/dev")
+    assert "key" not in repr(emulator) and "a2V5" not in repr(emulator)
+    assert azure_rest.endpoint_from("connection_string",
+                                    connection_string="AccountName=acct;AccountKey=not base64!"
+                                    ) is None
+
+
+def test_http_dates_match_the_standard_library():
+    from email.utils import formatdate
+
+    for when in (0.0, 951782400.0, 951868799.0, 1795665600.0, 1798761599.0, 4107542400.0):
+        assert azure_rest.http_date(when) == formatdate(when, usegmt=True)
+        assert azure_rest.parse_http_date(azure_rest.http_date(when)) == when
+    assert azure_rest.parse_http_date("garbage") is None
+
+
+def _cut_after(download, nbytes: int) -> None:
+    """Make the first response of ``download`` fail after ``nbytes`` bytes, as a dropped
+    connection does."""
+    body = download._body
+    response = body._response
+    real = response.read
+    state = {"sent": 0}
+
+    def read(n=-1):
+        if state["sent"] >= nbytes:
+            raise ConnectionResetError("connection reset by peer (test)")
+        data = real(min(n, nbytes - state["sent"]))
+        state["sent"] += len(data)
+        return data
+
+    response.read = read
+
+
+def test_a_download_cut_midway_resumes_where_it_stopped(azure_repository, monkeypatch):
+    monkeypatch.setattr(azure_rest, "backoff", lambda attempt: 0.0)
+    backend = azure_repository.open()
+    data = os.urandom(3 << 20)
+    backend.put("wal/000000010000000000000001", [data])
+    with backend.get("wal/000000010000000000000001") as download:
+        _cut_after(download, 1 << 20)
+        assert download.read() == data
+        assert download._body._attempts == 1  # one retry: the resumed, ranged GET
+
+
+def test_a_blob_replaced_during_a_download_fails_the_read(azure_repository, monkeypatch):
+    """The resumed GET must match the first response's ETag: never half of one object and
+    half of another."""
+    monkeypatch.setattr(azure_rest, "backoff", lambda attempt: 0.0)
+    backend = azure_repository.open()
+    key = "wal/000000010000000000000002"
+    backend.put(key, [os.urandom(2 << 20)])
+    with backend.get(key) as download:
+        first = download.read(1 << 20)
+        assert len(first) == 1 << 20
+        azure_repository.replace_raw(key, os.urandom(2 << 20))
+        _cut_after(download, 0)
+        with pytest.raises(Unavailable, match="changed while it was being read"):
+            download.read()
+
+
+def test_a_reading_process_never_imports_the_sdk(azure_repository, tmp_path):
+    """wal-fetch, its prefetch worker and backup-fetch only read: the SDK's import (140 ms
+    and more) is not paid for a key or a SAS token."""
+    backend = azure_repository.open()
+    backend.put("wal/000000010000000000000003", [b"payload"], metadata=lambda: {"a": "b"})
+    script = tmp_path / "reader.py"
+    script.write_text(
+        "import json, sys\n"
+        "from walship.storage import open_storage, StorageOptions, AzureCredentials\n"
+        "opts = StorageOptions(azure=AzureCredentials(connection_string=sys.argv[2]))\n"
+        "s = open_storage(sys.argv[1], opts)\n"
+        "with s.get('wal/000000010000000000000003') as d:\n"
+        "    body = d.read()\n"
+        "keys = [i.key for i in s.list('wal/')]\n"
+        "info = s.head('wal/000000010000000000000003')\n"
+        "s.close()\n"
+        "print(json.dumps([body.decode(), keys, info.metadata, info.size,\n"
+        "                  sorted(m for m in sys.modules if m.startswith('azure'))]))\n")
+    out = subprocess.run([sys.executable, str(script), azure_repository.url,
+                          azure_repository.azurite.connection_string],
+                         capture_output=True, text=True, check=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if "PROXY" not in k.upper()})
+    body, keys, metadata, size, modules = json.loads(out.stdout)
+    assert (body, keys, metadata, size) == ("payload", ["wal/000000010000000000000003"],
+                                            {"a": "b"}, 7)
+    assert modules == []

@@ -35,11 +35,13 @@ class AzureCredentials:
 
 @dataclass(frozen=True)
 class StorageOptions:
-    """How a backend talks to its storage: retry budget and per-request timeout (seconds)."""
+    """How a backend talks to its storage: retry budget, per-request timeout (seconds), and
+    for Azure the credentials and transport (:mod:`walship.storage.azure`)."""
 
     retries: int = 4
     timeout: float = 30.0
     azure: AzureCredentials = field(default_factory=AzureCredentials)
+    azure_transport: str = "auto"  # "auto": REST for shared key and SAS, else the SDK; "sdk"
 
 
 def open_storage(url: str, options: StorageOptions | None = None) -> Storage:

@@ -13,16 +13,27 @@ Promises:
   leaves only uncommitted blocks, which Azure discards. A taken key is found by the conditional
   request itself (no HEAD on the hot path) and reported as
   :class:`~walship.errors.AlreadyExists`, the stored blob untouched.
-* **Bounded retries.** Transient failures (connection errors, timeouts, 408, 5xx) are retried by
-  the SDK's own exponential retry policy, ``options.retries`` times with short back-offs, each
-  request limited to ``options.timeout`` seconds to connect and per read. What still fails is
-  :class:`~walship.errors.Unavailable`.
+* **Bounded retries.** Transient failures (connection errors, timeouts, 408, 429, 5xx) are
+  retried ``options.retries`` times with the same short exponential back-offs on either
+  transport, each request limited to ``options.timeout`` seconds to connect and per read. What
+  still fails is :class:`~walship.errors.Unavailable`.
 * **Honest "not found".** Only ``BlobNotFound`` is :class:`~walship.errors.NotFound`; a missing
   container is :class:`~walship.errors.RepositoryMissing`, an authentication or permission
   failure :class:`~walship.errors.StorageError`.
 * **No secret leaks.** Keys, SAS tokens and connection strings never appear in ``url``, in a
-  ``repr`` or in an error message (SDK messages are reduced and stripped of query strings).
-  TLS certificates are always verified (the SDK honours ``REQUESTS_CA_BUNDLE``).
+  ``repr`` or in an error message (messages are reduced and stripped of query strings).
+  TLS certificates are always verified (both transports honour ``REQUESTS_CA_BUNDLE``).
+
+Two transports (``azure_transport``), one behaviour, one contract test suite:
+
+* ``auto`` (the default): with an account key or a SAS token, reads, single-request puts and
+  deletions speak the REST API directly (:mod:`walship.storage.azure_rest`, the standard
+  library alone), so that wal-fetch, the prefetch worker, the background pusher and
+  backup-fetch never import the SDK (140-300 ms) nor pay its per-request overhead (about 4 ms
+  of CPU). Staged block uploads of larger objects, token credentials and an HTTP proxy in the
+  environment go through the SDK.
+* ``sdk``: everything through azure-storage-blob, a fallback should an endpoint ever disagree
+  with the REST transport.
 
 Credentials (:class:`~walship.storage.AzureCredentials`), first usable wins: a connection
 string (its ``BlobEndpoint`` may name a custom endpoint such as Azurite); an account with its
@@ -41,16 +52,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from azure.core import MatchConditions
-from azure.core.exceptions import (AzureError, ClientAuthenticationError, HttpResponseError,
-                                   ResourceExistsError, ResourceModifiedError,
-                                   ServiceRequestError,
-                                   ServiceResponseError)
-from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient, ExponentialRetry
-
 from walship.errors import (AlreadyExists, ConfigError, NotFound, RepositoryMissing,
                             StorageError, Unavailable, WalshipError)
-from walship.storage import AzureCredentials, StorageOptions
+from walship.storage import AzureCredentials, StorageOptions, azure_rest
+from walship.storage.azure_rest import NetworkFailure, ServiceFailure
 from walship.storage.base import MetadataSource, ObjectInfo, check_key, check_metadata
 
 # One request per object whenever the object fits: every request costs a round trip, a
@@ -132,6 +137,8 @@ def resolve_auth(creds: AzureCredentials) -> ResolvedAuth:
 
 def _client_options(options: StorageOptions) -> dict[str, Any]:
     """Pipeline settings: bounded SDK retries with short back-offs, per-request timeouts."""
+    from azure.storage.blob import ExponentialRetry
+
     retries = max(0, int(options.retries))
     policy = ExponentialRetry(initial_backoff=_INITIAL_BACKOFF,  # type: ignore[arg-type]
                               increment_base=_INCREMENT_BASE,  # type: ignore[arg-type]
@@ -149,8 +156,10 @@ def _client_options(options: StorageOptions) -> dict[str, Any]:
     }
 
 
-def _build_client(auth: ResolvedAuth, options: StorageOptions) -> tuple[BlobServiceClient, Any]:
-    """The service client for ``auth``, and the credential object to close with it (if any)."""
+def _build_client(auth: ResolvedAuth, options: StorageOptions) -> tuple[Any, Any]:
+    """The SDK's service client for ``auth``, and the credential object to close with it."""
+    from azure.storage.blob import BlobServiceClient
+
     kwargs = _client_options(options)
     if auth.method == "connection_string":
         try:
@@ -195,6 +204,8 @@ def _redact(text: str) -> str:
 
 def _reason(error: BaseException) -> str:
     """A short, secret-free description of an SDK or network error."""
+    from azure.core.exceptions import HttpResponseError
+
     if isinstance(error, HttpResponseError) and error.status_code:
         code = getattr(error, "error_code", None) or ""
         message = (error.message or "").split("\n", 1)[0] if isinstance(error.message, str) \
@@ -215,10 +226,10 @@ def _error_code(error: BaseException) -> str:
     return str(getattr(code, "value", code) or "")
 
 
-def _translate(error: BaseException, what: str, *, where: str) -> WalshipError:
-    """Map an Azure SDK (or network) error to walship's storage errors."""
-    code = _error_code(error)
-    status = getattr(error, "status_code", None)
+def translate_failure(what: str, *, where: str, status: int | None, code: str, reason: str,
+                      denied: bool = False, conflict: bool = False) -> WalshipError:
+    """Map a failed request (its HTTP status and ``x-ms-error-code``, or neither for a network
+    failure) to walship's storage errors; both transports report through here."""
     if code == "ContainerNotFound":
         return RepositoryMissing(what, f"container {where} does not exist, so whether the "
                                  "object exists cannot be told",
@@ -226,33 +237,67 @@ def _translate(error: BaseException, what: str, *, where: str) -> WalshipError:
     if code == "BlobNotFound":
         return NotFound(what, "no such blob")
     if code in ("BlobAlreadyExists", "ConditionNotMet") or (
-            isinstance(error, (ResourceExistsError, ResourceModifiedError))
-            and status in (409, 412) and not code):
+            conflict and status in (409, 412) and not code):
         return AlreadyExists(what, "the key is taken; the stored object is unchanged")
-    if isinstance(error, ClientAuthenticationError) or status in (401, 403):
-        return StorageError(what, f"access denied: {_reason(error)}", _AUTH_HINT)
-    if isinstance(error, HttpResponseError) and status is not None:
+    if denied or status in (401, 403):
+        return StorageError(what, f"access denied: {reason}", _AUTH_HINT)
+    if status is not None:
         if status == 408 or status == 429 or status >= 500:
-            return Unavailable(what, f"{_reason(error)} (after retries)",
+            return Unavailable(what, f"{reason} (after retries)",
                                "the storage service keeps failing; retry later")
         if status == 404:
             # A 404 that names neither the blob nor the container proves nothing.
-            return StorageError(what, _reason(error), "check the account URL and endpoint")
-        return StorageError(what, _reason(error))
-    if isinstance(error, (ServiceRequestError, ServiceResponseError, AzureError, OSError)):
-        return Unavailable(what, f"{_reason(error)} (after retries)",
-                           "check the network path to the storage account and the endpoint")
-    return StorageError(what, _reason(error))
+            return StorageError(what, reason, "check the account URL and endpoint")
+        return StorageError(what, reason)
+    return Unavailable(what, f"{reason} (after retries)",
+                       "check the network path to the storage account and the endpoint")
 
 
-_SDK_ERRORS: tuple[type[BaseException], ...] = (AzureError, OSError)
-try:  # a connection dropped mid-body surfaces from requests/urllib3 themselves
-    import requests
-    import urllib3
+def _translate(error: BaseException, what: str, *, where: str) -> WalshipError:
+    """Map an Azure SDK (or network) error to walship's storage errors."""
+    from azure.core.exceptions import (AzureError, ClientAuthenticationError,
+                                       HttpResponseError, ResourceExistsError,
+                                       ResourceModifiedError)
 
-    _SDK_ERRORS += (requests.RequestException, urllib3.exceptions.HTTPError)
-except ImportError:  # pragma: no cover - the SDK may run on another transport
-    pass
+    code = _error_code(error)
+    status = getattr(error, "status_code", None) if isinstance(error, HttpResponseError) else None
+    if status is None and not code and not isinstance(error, (AzureError, OSError)):
+        return StorageError(what, _reason(error))  # neither a reply nor a network failure
+    return translate_failure(what, where=where, status=status, code=code, reason=_reason(error),
+                             denied=isinstance(error, ClientAuthenticationError),
+                             conflict=isinstance(error, (ResourceExistsError,
+                                                         ResourceModifiedError)))
+
+
+def _rest_failure(error: ServiceFailure | NetworkFailure, what: str, *, where: str,
+                  conflict: bool = False) -> WalshipError:
+    """Map a failure of the REST transport to walship's storage errors."""
+    if isinstance(error, ServiceFailure):
+        return translate_failure(what, where=where, status=error.status, code=error.code,
+                                 reason=_redact(str(error)), conflict=conflict)
+    return translate_failure(what, where=where, status=None, code="",
+                             reason=_redact(str(error)))
+
+
+_SDK_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _sdk_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions an SDK call may raise (imported with the SDK, on first need)."""
+    global _SDK_ERRORS
+    if not _SDK_ERRORS:
+        from azure.core.exceptions import AzureError
+
+        errors: tuple[type[BaseException], ...] = (AzureError, OSError)
+        try:  # a connection dropped mid-body surfaces from requests/urllib3 themselves
+            import requests
+            import urllib3
+
+            errors += (requests.RequestException, urllib3.exceptions.HTTPError)
+        except ImportError:  # pragma: no cover - the SDK may run on another transport
+            pass
+        _SDK_ERRORS = errors
+    return _SDK_ERRORS
 
 
 def _timestamp(value: object) -> float | None:
@@ -282,7 +327,7 @@ class AzureDownload:
             chunk = next(self._chunks, None)
         except WalshipError:
             raise
-        except _SDK_ERRORS as error:
+        except _sdk_errors() as error:
             self.close()
             raise _translate(error, self._what, where=self._where) from error
         if chunk is None:
@@ -358,19 +403,46 @@ class AzureStorage:
         self.url = f"azure://{container}/{prefix}" if prefix else f"azure://{container}"
         self.options = options
         self.auth = resolve_auth(options.azure)
-        self._service, self._credential = _build_client(self.auth, options)
-        self._container: ContainerClient = self._service.get_container_client(container)
-        self._where = f"{container!r} of account {self._service.account_name or '?'}"
+        self._service: Any = None
+        self._credential: Any = None
+        self._container_client: Any = None
+        self._rest: azure_rest.Client | None = None
+        endpoint = None
+        if options.azure_transport != "sdk":
+            endpoint = azure_rest.endpoint_from(
+                self.auth.method, connection_string=self.auth.connection_string,
+                account_url=self.auth.account_url, account=self.auth.account,
+                secret=self.auth.secret)
+        if endpoint is not None:
+            self._rest = azure_rest.Client(endpoint, retries=options.retries,
+                                           timeout=options.timeout)
+            account = endpoint.account
+        else:
+            account = self._sdk().account_name
+        self._where = f"{container!r} of account {account or '?'}"
 
     def __repr__(self) -> str:
-        return f"AzureStorage({self.url!r}, auth={self.auth.method})"
+        transport = "rest" if self._rest is not None else "sdk"
+        return f"AzureStorage({self.url!r}, auth={self.auth.method}, transport={transport})"
 
     # -- helpers -------------------------------------------------------------------------------
+    def _sdk(self) -> Any:
+        """The SDK's service client, built (and the SDK imported) on first need."""
+        if self._service is None:
+            self._service, self._credential = _build_client(self.auth, self.options)
+        return self._service
+
+    @property
+    def _container(self) -> Any:
+        if self._container_client is None:
+            self._container_client = self._sdk().get_container_client(self.container)
+        return self._container_client
+
     def _name(self, key: str) -> str:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _blob(self, key: str) -> BlobClient:
+    def _blob(self, key: str) -> Any:
         return self._container.get_blob_client(self._name(key))
 
     def _fail(self, error: BaseException, what: str) -> WalshipError:
@@ -379,7 +451,7 @@ class AzureStorage:
     # -- the protocol --------------------------------------------------------------------------
     def put(self, key: str, data: Iterable[bytes], *,
             metadata: MetadataSource | None = None) -> ObjectInfo:
-        blob = self._blob(key)
+        name = self._name(key)
         what = f"cannot store {key} in {self.url}"
         buffer = bytearray()
         uploader: _BlockUploader | None = None
@@ -389,17 +461,30 @@ class AzureStorage:
                 size += len(chunk)
                 buffer += chunk
                 if uploader is None and len(buffer) > SINGLE_PUT_MAX:
-                    uploader = _BlockUploader(blob, self._fail, what)  # too big for one request
+                    # too big for one request
+                    uploader = _BlockUploader(self._blob(key), self._fail, what)
                 if uploader is not None:
                     while len(buffer) > BLOCK_SIZE:  # a full block and more to come: send it
                         uploader.stage(bytes(buffer[:BLOCK_SIZE]))
                         del buffer[:BLOCK_SIZE]
             meta = dict(check_metadata(metadata() if metadata else {}))
-            if uploader is None:
+            if uploader is None and self._rest is not None:
+                headers = {"x-ms-blob-type": "BlockBlob", "If-None-Match": "*",
+                           "Content-Type": "application/octet-stream",
+                           "Content-Length": str(len(buffer)),
+                           **azure_rest.metadata_headers(meta)}
                 try:
-                    blob.upload_blob(bytes(buffer), length=len(buffer), overwrite=False,
-                                     metadata=meta, max_concurrency=1)
-                except _SDK_ERRORS as error:
+                    self._rest.call("PUT", self._rest.path(self.container, name),
+                                    headers=headers, body=bytes(buffer))
+                except (ServiceFailure, NetworkFailure) as error:
+                    raise _rest_failure(error, what, where=self._where, conflict=True) \
+                        from None
+            elif uploader is None:
+                try:
+                    self._blob(key).upload_blob(bytes(buffer), length=len(buffer),
+                                                overwrite=False, metadata=meta,
+                                                max_concurrency=1)
+                except _sdk_errors() as error:
                     raise self._fail(error, what) from error
             else:
                 if buffer:
@@ -411,68 +496,162 @@ class AzureStorage:
                 uploader.shutdown()
         return ObjectInfo(key, size, meta)
 
-    def get(self, key: str) -> AzureDownload:
-        blob = self._blob(key)
+    def get(self, key: str) -> AzureDownload | RestDownload:
         what = f"cannot read {key} from {self.url}"
+        if self._rest is not None:
+            path = self._rest.path(self.container, self._name(key))
+            try:
+                response, conn, attempts = self._rest.send("GET", path, stream=True)
+            except (ServiceFailure, NetworkFailure) as error:
+                raise _rest_failure(error, what, where=self._where) from None
+            size = azure_rest.size_of(response)
+            headers = {k.lower(): v for k, v in response.getheaders()}
+            info = ObjectInfo(key, size, azure_rest.metadata_of(headers),
+                              azure_rest.parse_http_date(headers.get("last-modified")))
+            body = azure_rest.Download(self._rest, path, response, conn, attempts, size)
+            return RestDownload(info, body, what, self._where)
+        blob = self._blob(key)
         try:
             downloader = blob.download_blob(max_concurrency=1)
             props = downloader.properties
             info = ObjectInfo(key, int(downloader.size), dict(props.metadata or {}),
                               _timestamp(props.last_modified))
             chunks = iter(downloader.chunks())
-        except _SDK_ERRORS as error:
+        except _sdk_errors() as error:
             raise self._fail(error, what) from error
         return AzureDownload(info, chunks, what, self._where)
 
     def head(self, key: str) -> ObjectInfo:
+        what = f"cannot describe {key} in {self.url}"
+        if self._rest is not None:
+            try:
+                reply = self._rest.call("HEAD", self._rest.path(self.container,
+                                                                self._name(key)))
+            except (ServiceFailure, NetworkFailure) as error:
+                raise _rest_failure(error, what, where=self._where) from None
+            return ObjectInfo(key, int(reply.headers.get("content-length") or 0),
+                              azure_rest.metadata_of(reply.headers),
+                              azure_rest.parse_http_date(reply.headers.get("last-modified")))
         blob = self._blob(key)
         try:
             props = blob.get_blob_properties()
-        except _SDK_ERRORS as error:
-            raise self._fail(error, f"cannot describe {key} in {self.url}") from error
+        except _sdk_errors() as error:
+            raise self._fail(error, what) from error
         return ObjectInfo(key, int(props.size), dict(props.metadata or {}),
                           _timestamp(props.last_modified))
 
     def list(self, prefix: str = "", *, limit: int | None = None) -> Iterator[ObjectInfo]:
+        if limit is not None and limit <= 0:
+            return
         base = f"{self.prefix}/" if self.prefix else ""
         what = f"cannot list {prefix or 'objects'} in {self.url}"
+        listed = 0
+        for name, size, meta, modified in (self._rest_listing(base + prefix, limit, what)
+                                           if self._rest is not None
+                                           else self._sdk_listing(base + prefix, limit, what)):
+            key = name[len(base):]  # Azure lists in lexicographic (key) order
+            if not _is_key(key):
+                continue  # not an object walship could have written (or can read)
+            yield ObjectInfo(key, size, meta, modified)
+            listed += 1
+            if listed == limit:
+                return
+
+    def _rest_listing(self, start: str, limit: int | None, what: str
+                      ) -> Iterator[tuple[str, int, dict[str, str], float | None]]:
+        assert self._rest is not None
+        query = {"restype": "container", "comp": "list", "prefix": start,
+                 "include": "metadata"}
+        if limit is not None:
+            query["maxresults"] = str(min(limit, LIST_PAGE_MAX))
+        while True:
+            try:
+                reply = self._rest.call("GET", self._rest.path(self.container), query=query)
+                blobs, marker = azure_rest.listing_page(reply.body)
+            except (ServiceFailure, NetworkFailure) as error:
+                raise _rest_failure(error, what, where=self._where) from None
+            except (ValueError, SyntaxError) as error:  # (xml.etree's ParseError, a bad number)
+                raise StorageError(what, f"the listing cannot be read: {error}") from None
+            yield from blobs
+            if not marker:
+                return
+            query["marker"] = marker
+
+    def _sdk_listing(self, start: str, limit: int | None, what: str
+                     ) -> Iterator[tuple[str, int, dict[str, str], float | None]]:
         page: dict[str, int] = {}
         if limit is not None:
-            if limit <= 0:
-                return
             page["results_per_page"] = min(limit, LIST_PAGE_MAX)
-        listed = 0
         try:
-            pages = self._container.list_blobs(name_starts_with=base + prefix,
-                                               include=["metadata"], **page)
-            for props in pages:  # Azure lists in lexicographic (key) order
-                key = props.name[len(base):]
-                if not _is_key(key):
-                    continue  # not an object walship could have written (or can read)
-                yield ObjectInfo(key, int(props.size), dict(props.metadata or {}),
-                                 _timestamp(props.last_modified))
-                listed += 1
-                if listed == limit:
-                    return
-        except _SDK_ERRORS as error:
+            for props in self._container.list_blobs(name_starts_with=start,
+                                                    include=["metadata"], **page):
+                yield (props.name, int(props.size), dict(props.metadata or {}),
+                       _timestamp(props.last_modified))
+        except _sdk_errors() as error:
             raise self._fail(error, what) from error
 
     def delete(self, key: str) -> None:
+        what = f"cannot delete {key} from {self.url}"
+        if self._rest is not None:
+            try:
+                self._rest.call("DELETE", self._rest.path(self.container, self._name(key)))
+            except (ServiceFailure, NetworkFailure) as error:
+                failure = _rest_failure(error, what, where=self._where)
+                if isinstance(failure, NotFound):
+                    return
+                raise failure from None
+            return
         blob = self._blob(key)
         try:
             blob.delete_blob()
-        except _SDK_ERRORS as error:
-            failure = self._fail(error, f"cannot delete {key} from {self.url}")
+        except _sdk_errors() as error:
+            failure = self._fail(error, what)
             if isinstance(failure, NotFound):
                 return
             raise failure from error
 
     def close(self) -> None:
+        if self._rest is not None:
+            self._rest.close()
         try:
-            self._service.close()
+            if self._service is not None:
+                self._service.close()
         finally:
             if self._credential is not None:
                 self._credential.close()
+
+
+class RestDownload:
+    """Streams one blob through the REST transport (:class:`azure_rest.Download`), with its
+    failures translated to walship's storage errors."""
+
+    def __init__(self, info: ObjectInfo, body: azure_rest.Download, what: str,
+                 where: str) -> None:
+        self.info = info
+        self._body = body
+        self._what = what
+        self._where = where
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            if n is None or n < 0:
+                parts = []
+                while piece := self._body.read(1 << 20):
+                    parts.append(piece)
+                return b"".join(parts)
+            return self._body.read(n) if n else b""
+        except (ServiceFailure, NetworkFailure) as error:
+            self._body.close()
+            raise _rest_failure(error, self._what, where=self._where) from None
+
+    def close(self) -> None:
+        self._body.close()
+
+    def __enter__(self) -> RestDownload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _is_key(key: str) -> bool:
@@ -487,7 +666,7 @@ def _is_key(key: str) -> bool:
 class _BlockUploader:
     """Stages blocks of one put on a small thread pool, at most a few in flight, then commits."""
 
-    def __init__(self, blob: BlobClient, fail: Callable[[BaseException, str], WalshipError],
+    def __init__(self, blob: Any, fail: Callable[[BaseException, str], WalshipError],
                  what: str) -> None:
         self._blob = blob
         self._fail = fail
@@ -501,7 +680,7 @@ class _BlockUploader:
     def _wait_one(self) -> None:
         try:
             self._in_flight.popleft().result()
-        except _SDK_ERRORS as error:
+        except _sdk_errors() as error:
             raise self._fail(error, self._what) from error
 
     def stage(self, block: bytes) -> None:
@@ -515,10 +694,12 @@ class _BlockUploader:
     def commit(self, metadata: dict[str, str]) -> None:
         while self._in_flight:
             self._wait_one()
+        from azure.core import MatchConditions
+
         try:
             self._blob.commit_block_list(self._ids, metadata=metadata,
                                          match_condition=MatchConditions.IfMissing)
-        except _SDK_ERRORS as error:
+        except _sdk_errors() as error:
             failure = self._fail(error, self._what)
             if _error_code(error) == "InvalidBlockList" and self._exists():
                 # A concurrent put committed first, and Azure dropped our uncommitted blocks.
@@ -528,7 +709,7 @@ class _BlockUploader:
     def _exists(self) -> bool:
         try:
             self._blob.get_blob_properties()
-        except _SDK_ERRORS:
+        except _sdk_errors():
             return False
         return True
 
@@ -539,4 +720,4 @@ class _BlockUploader:
         self._in_flight.clear()
 
 
-__all__ = ["AzureStorage", "AzureDownload", "ResolvedAuth", "resolve_auth"]
+__all__ = ["AzureStorage", "AzureDownload", "ResolvedAuth", "RestDownload", "resolve_auth"]
