@@ -710,13 +710,17 @@ def render(results: dict, info: dict) -> tuple[str, str]:
 
     rows = []
     for key, r in results["rss"].items():
+        feed_peaks = [f.get("worker_rss_kib") or 0 for f in results.get("feed", {}).get(key, [])]
         rows.append([labels[key], f"{r['push_kib'] / 1024:.0f}", f"{r['fetch_kib'] / 1024:.0f}",
                      f"{r['pusher_kib'] / 1024:.0f}" if r.get("pusher_kib") else "-",
-                     f"{r['worker_kib'] / 1024:.0f}" if r.get("worker_kib") else "-"])
+                     f"{r['worker_kib'] / 1024:.0f}" if r.get("worker_kib") else "-",
+                     f"{max(feed_peaks) / 1024:.0f}" if key == "walship" and any(feed_peaks)
+                     else "-"])
     if rows:
         table("Peak RSS of one call (MiB, /usr/bin/time -f %M) and of the helpers it starts",
               ["tool", "push", "fetch", "background pusher (separate process)",
-               "prefetch worker (separate process)"], rows)
+               "prefetch worker (separate process)",
+               "prefetch worker, largest over the feed runs of (b)"], rows)
 
     ws_feed = cache_runs(results)
     if ws_feed:
@@ -810,9 +814,13 @@ def target_rows(results: dict, info: dict) -> list[list[str]]:
                      "met" if w <= p else "MISSED"])
     rss = results.get("rss", {}).get("walship")
     if rss:
+        # the prefetch worker's peak over every feed run too (a whole feed, not 2 s of one)
+        feed_workers = [r.get("worker_rss_kib") or 0
+                        for r in results.get("feed", {}).get("walship", [])]
         for what, helper in (("push", "pusher"), ("fetch", "worker")):
             # the call's own peak, or the helper's it hands its work to, whichever is larger
-            v = max(rss[f"{what}_kib"], rss.get(f"{helper}_kib") or 0) / 1024
+            v = max([rss[f"{what}_kib"], rss.get(f"{helper}_kib") or 0]
+                    + (feed_workers if helper == "worker" else [])) / 1024
             rows.append([f"(d) peak RSS of one wal-{what} (or the {helper} it starts)",
                          f"{v:.0f} MiB", "<= 100 MiB", "met" if v <= 100 else "MISSED"])
     if cache_runs(results):
@@ -944,7 +952,8 @@ are noisy: read the medians and the same-run ratios, not one run.
 * **Peak RSS**: `/usr/bin/time -f %M` around one push and one fetch per tool (pgBackRest without
   async). walship's push runs in a `pg_wal` holding the backlog, so its push-ahead works as
   under PostgreSQL; its fetch starts the detached prefetch worker, whose own peak is read from
-  `/proc` before it is stopped. `%M` is the peak of the largest single process (for pgBackRest
+  `/proc` before it is stopped, as it is at the end of every feed run of (b): the target takes
+  the largest of them all. `%M` is the peak of the largest single process (for pgBackRest
   with `process-max=2` and barman-cloud with `-J 2`, of one of its processes, not their sum;
   walship's commands are one process with threads).
 * **Prefetch cache bound**: after the timed runs of (b), walship's feed runs again as many
