@@ -720,4 +720,4 @@ class _BlockUploader:
         self._in_flight.clear()
 
 
-__all__ = ["AzureStorage", "AzureDownload", "ResolvedAuth", "RestDownload", "resolve_auth"]
+__all__ = ["AzureDownload", "AzureStorage", "ResolvedAuth", "RestDownload", "resolve_auth"]

@@ -42,7 +42,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
-
 API_VERSION = "2021-08-06"  # a service version that Azure and Azurite both serve
 _RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
@@ -457,7 +456,7 @@ def size_of(response: http.client.HTTPResponse) -> int:
 
 def listing_page(body: bytes) -> tuple[list[tuple[str, int, dict[str, str], float | None]], str]:
     """(blobs as (name, size, metadata, modified), next marker) of one List Blobs reply."""
-    import xml.etree.ElementTree as ElementTree
+    from xml.etree import ElementTree
 
     root = ElementTree.fromstring(body)
     blobs = []
