@@ -184,3 +184,36 @@ def test_a_reading_process_never_imports_the_sdk(azure_repository, tmp_path):
     assert (body, keys, metadata, size) == ("payload", ["wal/000000010000000000000003"],
                                             {"a": "b"}, 7)
     assert modules == []
+
+
+@pytest.mark.parametrize("transport", ["auto", "sdk"])
+def test_a_wrong_key_is_access_denied_never_not_found(azure_repository, transport):
+    """The service checks every signature: a wrong key fails every request loudly (wal-fetch
+    then exits above 125), and never reads as "no such object" (exit 1 would end recovery)."""
+    from dataclasses import replace
+
+    from walship.errors import NotFound, StorageError
+
+    good = azure_repository.open()
+    good.put("wal/000000010000000000000004", [b"x"])
+    wrong_key = "d3Jvbmd3cm9uZ3dyb25nd3Jvbmd3cm9uZ3dyb25nd3Jvbmd3cm9uZw=="
+    text = azure_repository.azurite.connection_string
+    fields = dict(item.split("=", 1) for item in text.strip(";").split(";"))
+    fields["AccountKey"] = wrong_key
+    options = replace(azure_repository.options, azure_transport=transport,
+                      azure=AzureCredentials(connection_string=";".join(
+                          f"{k}={v}" for k, v in fields.items())))
+    bad = AzureStorage(azure_repository.url, options)
+    try:
+        for attempt in (lambda: bad.get("wal/000000010000000000000004"),
+                        lambda: bad.get("wal/000000010000000000000009"),
+                        lambda: list(bad.list("wal/")),
+                        lambda: bad.head("wal/000000010000000000000009"),
+                        lambda: bad.put("wal/000000010000000000000005", [b"y"])):
+            with pytest.raises(StorageError) as caught:
+                attempt()
+            assert not isinstance(caught.value, NotFound)
+            assert "access denied" in str(caught.value) or "403" in str(caught.value)
+            assert wrong_key not in str(caught.value)
+    finally:
+        bad.close()
