@@ -36,6 +36,7 @@ def test_defaults():
     ("[azure]\nkey = 'x'\n", "azure.key"),
     ("compression_level = 30\n", "compression_level"),
     ("storage_timeout = 'soon'\n", "storage_timeout"),
+    ("azure_transport = 'http2'\n", "azure_transport"),
     ("repo = [", "not valid TOML"),
 ])
 def test_bad_files_are_refused_in_one_line(tmp_path, text, match):
@@ -44,6 +45,12 @@ def test_bad_files_are_refused_in_one_line(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match) as info:
         load_settings({}, {}, str(conf))
     assert "\n" not in info.value.one_line()
+
+
+def test_the_azure_transport_reaches_the_storage_options():
+    assert load_settings({}, {}).storage_options().azure_transport == "auto"
+    chosen = load_settings({}, {"WALSHIP_AZURE_TRANSPORT": "sdk"})
+    assert chosen.storage_options().azure_transport == "sdk"
 
 
 def test_missing_explicit_file_is_an_error():
