@@ -217,3 +217,89 @@ def test_a_wrong_key_is_access_denied_never_not_found(azure_repository, transpor
             assert wrong_key not in str(caught.value)
     finally:
         bad.close()
+
+
+class _FlakyService:
+    """A local HTTP server that answers ``failures`` requests with ``status``, then 200 with
+    ``body``; it counts the requests it saw."""
+
+    def __init__(self, failures: int, status: int, body: bytes = b"data") -> None:
+        import http.server
+        import threading
+
+        service = self
+        self.failures, self.status, self.body, self.seen = failures, status, body, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):  # noqa: N802 - the http.server API
+                service.seen += 1
+                if service.seen <= service.failures:
+                    payload = b"<?xml version='1.0'?><Error><Code>ServerBusy</Code>" \
+                              b"<Message>busy?sig=SECRET</Message></Error>"
+                    self.send_response(service.status)
+                    self.send_header("x-ms-error-code", "ServerBusy")
+                else:
+                    payload = service.body
+                    self.send_response(200)
+                    self.send_header("x-ms-meta-walship_sha256", "sha256:x")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def storage(self, retries: int) -> AzureStorage:
+        port = self.server.server_address[1]
+        creds = AzureCredentials(connection_string=(
+            "DefaultEndpointsProtocol=http;AccountName=acct;AccountKey=a2V5;"
+            f"BlobEndpoint=http://127.0.0.1:{port}/acct;"))
+        return AzureStorage("azure://box/p", StorageOptions(retries=retries, timeout=5,
+                                                            azure=creds))
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_busy_replies_are_retried_then_reported_unavailable(monkeypatch):
+    """5xx replies are retried ``retries`` times, then the failure is Unavailable (wal-fetch
+    exits above 125); the error shows no query string from the service's message."""
+    monkeypatch.setattr(azure_rest, "backoff", lambda attempt: 0.0)
+    flaky = _FlakyService(failures=2, status=503, body=b"payload")
+    try:
+        backend = flaky.storage(retries=2)
+        with backend.get("wal/000000010000000000000001") as download:
+            assert download.read() == b"payload"
+        assert flaky.seen == 3
+        backend.close()
+        flaky.seen = 0
+        backend = flaky.storage(retries=1)
+        with pytest.raises(Unavailable, match="503") as caught:
+            backend.get("wal/000000010000000000000001")
+        assert flaky.seen == 2
+        assert "SECRET" not in str(caught.value)
+        backend.close()
+    finally:
+        flaky.close()
+
+
+def test_a_client_error_is_not_retried(monkeypatch):
+    monkeypatch.setattr(azure_rest, "backoff", lambda attempt: 0.0)
+    flaky = _FlakyService(failures=5, status=400)
+    try:
+        backend = flaky.storage(retries=4)
+        from walship.errors import StorageError
+
+        with pytest.raises(StorageError, match="400"):
+            backend.get("wal/000000010000000000000001")
+        assert flaky.seen == 1
+        backend.close()
+    finally:
+        flaky.close()
