@@ -134,6 +134,9 @@ def check(state: _State) -> int:
     count = sum(1 for _ in archive.storage.list(layout.WAL_PREFIX, limit=1000))
     click.echo(f"repository {archive.storage.url}: reachable, "
                f"{count if count < 1000 else '1000+'} WAL files")
+    transport = getattr(archive.storage, "transport", None)
+    if transport:
+        click.echo(f"transport: {transport}")
     return ExitStatus.OK
 
 

@@ -303,3 +303,15 @@ def test_a_client_error_is_not_retried(monkeypatch):
         backend.close()
     finally:
         flaky.close()
+
+
+def test_check_says_which_transport_it_uses(azure_repository, monkeypatch, capsys):
+    from walship.entry import main
+
+    for name, value in azure_repository.env.items():
+        monkeypatch.setenv(name, value)
+    for choice, shown in (("auto", "transport: rest (connection string)"),
+                          ("sdk", "transport: sdk (connection string)")):
+        monkeypatch.setenv("WALSHIP_AZURE_TRANSPORT", choice)
+        assert main(["check"]) == 0
+        assert shown in capsys.readouterr().out

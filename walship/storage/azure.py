@@ -421,9 +421,15 @@ class AzureStorage:
             account = self._sdk().account_name
         self._where = f"{container!r} of account {account or '?'}"
 
+    @property
+    def transport(self) -> str:
+        """How this repository is reached, for ``walship check``: ``rest`` or ``sdk``, and the
+        credential kind."""
+        kind = "rest" if self._rest is not None else "sdk"
+        return f"{kind} ({self.auth.method.replace('_', ' ')})"
+
     def __repr__(self) -> str:
-        transport = "rest" if self._rest is not None else "sdk"
-        return f"AzureStorage({self.url!r}, auth={self.auth.method}, transport={transport})"
+        return f"AzureStorage({self.url!r}, transport={self.transport})"
 
     # -- helpers -------------------------------------------------------------------------------
     def _sdk(self) -> Any:
