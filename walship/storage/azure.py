@@ -481,7 +481,7 @@ class AzureStorage:
                            **azure_rest.metadata_headers(meta)}
                 try:
                     self._rest.call("PUT", self._rest.path(self.container, name),
-                                    headers=headers, body=bytes(buffer))
+                                    headers=headers, body=buffer)  # (sent as is: no copy)
                 except (ServiceFailure, NetworkFailure) as error:
                     raise _rest_failure(error, what, where=self._where, conflict=True) \
                         from None

@@ -271,7 +271,8 @@ class Client:
         return target
 
     def send(self, method: str, path: str, query: Mapping[str, str] | None = None,
-             headers: Mapping[str, str] | None = None, body: bytes | None = None, *,
+             headers: Mapping[str, str] | None = None,
+             body: bytes | bytearray | None = None, *,
              stream: bool = False, attempts_used: int = 0
              ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection, int]:
         """Send one request, with the retries it deserves; return the response (its body still
@@ -317,7 +318,8 @@ class Client:
             raise ServiceFailure(response.status, code, detail)
 
     def call(self, method: str, path: str, query: Mapping[str, str] | None = None,
-             headers: Mapping[str, str] | None = None, body: bytes | None = None) -> Response:
+             headers: Mapping[str, str] | None = None,
+             body: bytes | bytearray | None = None) -> Response:
         """One request whose whole (small) reply is read."""
         attempt = 0
         while True:
