@@ -154,7 +154,7 @@ def test_a_blob_replaced_during_a_download_fails_the_read(azure_repository, monk
         assert len(first) == 1 << 20
         azure_repository.replace_raw(key, os.urandom(2 << 20))
         _cut_after(download, 0)
-        with pytest.raises(Unavailable, match="changed while it was being read"):
+        with pytest.raises(Unavailable, match="vanished or changed while it was read"):
             download.read()
 
 
@@ -315,3 +315,27 @@ def test_check_says_which_transport_it_uses(azure_repository, monkeypatch, capsy
         monkeypatch.setenv("WALSHIP_AZURE_TRANSPORT", choice)
         assert main(["check"]) == 0
         assert shown in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("transport", ["auto", "sdk"])
+def test_a_blob_deleted_during_a_download_is_never_not_found(azure_repository, monkeypatch,
+                                                             transport):
+    """Found, then gone halfway (a racing deletion): the read fails as Unavailable. NotFound
+    would make wal-fetch tell PostgreSQL that the archive ends here."""
+    from walship.errors import NotFound
+    from walship.storage import azure
+
+    monkeypatch.setattr(azure_rest, "backoff", lambda attempt: 0.0)
+    monkeypatch.setattr(azure, "SINGLE_GET_MAX", 1 << 20)  # the SDK reads in several GETs
+    monkeypatch.setattr(azure, "DOWNLOAD_CHUNK", 1 << 20)
+    backend = azure_repository.open(transport)
+    key = "wal/000000010000000000000007"
+    backend.put(key, [os.urandom(3 << 20)])
+    with backend.get(key) as download:
+        assert len(download.read(1 << 20)) == 1 << 20
+        azure_repository.container_client().delete_blob(azure_repository.blob_name(key))
+        if transport == "auto":
+            _cut_after(download, 0)
+        with pytest.raises(Unavailable, match="vanished or changed") as caught:
+            download.read()
+        assert not isinstance(caught.value, NotFound)

@@ -275,8 +275,23 @@ def _rest_failure(error: ServiceFailure | NetworkFailure, what: str, *, where: s
     if isinstance(error, ServiceFailure):
         return translate_failure(what, where=where, status=error.status, code=error.code,
                                  reason=_redact(str(error)), conflict=conflict)
+    if isinstance(error, azure_rest.ObjectChanged):
+        return Unavailable(what, _redact(str(error)), _CHANGED_HINT)
     return translate_failure(what, where=where, status=None, code="",
                              reason=_redact(str(error)))
+
+
+_CHANGED_HINT = "retry; if it persists, check what deletes or rewrites objects"
+
+
+def _mid_read(failure: WalshipError) -> WalshipError:
+    """A failure after the object was found and its reading began: never "not found" (which
+    wal-fetch would report to PostgreSQL as the end of the archive), whatever the service said
+    of a later range request (the object deleted or replaced while it was read)."""
+    if isinstance(failure, (NotFound, AlreadyExists)):
+        return Unavailable(failure.what, "the object vanished or changed while it was read",
+                           _CHANGED_HINT)
+    return failure
 
 
 _SDK_ERRORS: tuple[type[BaseException], ...] = ()
@@ -329,7 +344,7 @@ class AzureDownload:
             raise
         except _sdk_errors() as error:
             self.close()
-            raise _translate(error, self._what, where=self._where) from error
+            raise _mid_read(_translate(error, self._what, where=self._where)) from error
         if chunk is None:
             self._chunks = None
             if self._delivered != self.info.size:
@@ -648,7 +663,7 @@ class RestDownload:
             return self._body.read(n) if n else b""
         except (ServiceFailure, NetworkFailure) as error:
             self._body.close()
-            raise _rest_failure(error, self._what, where=self._where) from None
+            raise _mid_read(_rest_failure(error, self._what, where=self._where)) from None
 
     def close(self) -> None:
         self._body.close()

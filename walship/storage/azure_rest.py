@@ -92,6 +92,10 @@ class NetworkFailure(Exception):
     """The service could not be reached or stopped answering, after the retries."""
 
 
+class ObjectChanged(NetworkFailure):
+    """A download could not be resumed: the blob was deleted or replaced while it was read."""
+
+
 def endpoint_from(method: str, *, connection_string: str | None = None,
                   account_url: str | None = None, account: str | None = None,
                   secret: str | None = None) -> Endpoint | None:
@@ -422,8 +426,9 @@ class Download:
             response, conn, self._attempts = self._client.send(
                 "GET", self._path, headers=headers, stream=True, attempts_used=self._attempts)
         except ServiceFailure as failure:
-            if failure.status == 412:
-                raise NetworkFailure("the blob changed while it was being read") from None
+            if failure.status in (404, 412):
+                raise ObjectChanged(f"the object vanished or changed while it was read "
+                                    f"(HTTP {failure.status} {failure.code})".strip()) from None
             raise
         if response.status != 206:
             response.close()
@@ -478,6 +483,7 @@ def metadata_headers(metadata: Mapping[str, str]) -> dict[str, str]:
     return {f"{_META}{k}": v for k, v in metadata.items()}
 
 
-__all__ = ["Client", "Download", "Endpoint", "NetworkFailure", "Response", "ServiceFailure",
+__all__ = ["Client", "Download", "Endpoint", "NetworkFailure", "ObjectChanged", "Response",
+           "ServiceFailure",
            "endpoint_from", "http_date", "listing_page", "metadata_headers", "metadata_of",
            "parse_http_date", "size_of"]
