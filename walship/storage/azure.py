@@ -522,7 +522,7 @@ class AzureStorage:
         if self._rest is not None:
             path = self._rest.path(self.container, self._name(key))
             try:
-                response, conn, attempts = self._rest.send("GET", path, stream=True)
+                response, conn, attempts = self._rest.send("GET", path)
             except (ServiceFailure, NetworkFailure) as error:
                 raise _rest_failure(error, what, where=self._where) from None
             size = azure_rest.size_of(response)

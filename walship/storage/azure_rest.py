@@ -73,10 +73,6 @@ class Response:
     headers: Mapping[str, str]
     body: bytes = b""
 
-    @property
-    def error_code(self) -> str:
-        return self.headers.get("x-ms-error-code", "")
-
 
 class ServiceFailure(Exception):
     """A reply that was not a success, after the retries it deserved: status and error code
@@ -276,12 +272,11 @@ class Client:
 
     def send(self, method: str, path: str, query: Mapping[str, str] | None = None,
              headers: Mapping[str, str] | None = None,
-             body: bytes | bytearray | None = None, *,
-             stream: bool = False, attempts_used: int = 0
+             body: bytes | bytearray | None = None, *, attempts_used: int = 0
              ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection, int]:
-        """Send one request, with the retries it deserves; return the response (its body still
-        to read when ``stream``, else read and the connection given back), its connection, and
-        the retries used. A final failure raises :class:`ServiceFailure` or
+        """Send one request, with the retries it deserves; return the successful response (its
+        body still to read), its connection (for :meth:`finish` once the body is read), and
+        the retries used so far. A final failure raises :class:`ServiceFailure` or
         :class:`NetworkFailure`."""
         attempt = attempts_used
         while True:
@@ -305,15 +300,13 @@ class Client:
                 time.sleep(backoff(attempt))
                 attempt += 1
                 continue
-            if response.status < 300 or response.status == 304:
-                if not stream:
-                    self._finish(response, conn)
+            if response.status < 300:
                 return response, conn, attempt
             try:
                 detail = _error_message(response.read(64 * 1024))
             except (OSError, http.client.HTTPException):
                 detail = ""
-            self._finish(response, conn)
+            self.finish(response, conn)
             code = response.getheader("x-ms-error-code", "") or ""
             if response.status in _RETRIED_STATUS and attempt < self.retries:
                 time.sleep(backoff(attempt))
@@ -328,7 +321,7 @@ class Client:
         attempt = 0
         while True:
             response, conn, attempt = self.send(method, path, query, headers, body,
-                                                stream=True, attempts_used=attempt)
+                                                attempts_used=attempt)
             try:
                 data = response.read()
             except (OSError, http.client.HTTPException) as error:
@@ -338,11 +331,13 @@ class Client:
                 time.sleep(backoff(attempt))
                 attempt += 1
                 continue
-            self._finish(response, conn)
+            self.finish(response, conn)
             return Response(response.status, _headers(response), data)
 
-    def _finish(self, response: http.client.HTTPResponse,
-                conn: http.client.HTTPConnection) -> None:
+    def finish(self, response: http.client.HTTPResponse,
+               conn: http.client.HTTPConnection) -> None:
+        """Keep ``conn`` for the next request if ``response`` was read to its end, else close
+        it."""
         if response.isclosed() and not response.will_close:
             self.release(conn)
         else:
@@ -424,7 +419,7 @@ class Download:
             headers["If-Match"] = self._etag
         try:
             response, conn, self._attempts = self._client.send(
-                "GET", self._path, headers=headers, stream=True, attempts_used=self._attempts)
+                "GET", self._path, headers=headers, attempts_used=self._attempts)
         except ServiceFailure as failure:
             if failure.status in (404, 412):
                 raise ObjectChanged(f"the object vanished or changed while it was read "
@@ -444,7 +439,7 @@ class Download:
     def _done(self) -> None:
         if self._response is not None and self._conn is not None:
             self._response.read()  # (nothing left: lets the connection be reused)
-            self._client._finish(self._response, self._conn)
+            self._client.finish(self._response, self._conn)
         self._response = self._conn = None
 
     def close(self) -> None:
