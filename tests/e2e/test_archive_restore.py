@@ -12,11 +12,16 @@ import pytest
 pytestmark = [pytest.mark.e2e]
 
 
-@pytest.fixture(params=["file", "azure"])
+@pytest.fixture(params=["file", "azure", "azure-sdk"])
 def repository(request):
+    """``azure`` reaches Azurite through walship's REST transport (a connection string with a
+    key), ``azure-sdk`` through the Azure SDK, which token credentials and proxies use."""
     if request.param == "file":
         return request.getfixturevalue("file_repository")
-    return request.getfixturevalue("azure_repository")
+    repo = request.getfixturevalue("azure_repository")
+    if request.param == "azure-sdk":
+        repo.transport = "sdk"
+    return repo
 
 
 def archive_then_restore(pg, repo_env, *, target: str, wal_segsize: int | None = None,
