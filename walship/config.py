@@ -120,7 +120,7 @@ def _convert(name: str, kind: type, value: Any, source: str) -> Any:
         raise ConfigError(f"invalid cache_max_mb {converted} in {source}", "use at least 16")
     if name == "azure_transport" and converted not in ("auto", "sdk"):
         raise ConfigError(f"invalid azure_transport {converted!r} in {source}",
-                          "it is auto (REST for an account key or SAS token, the SDK otherwise) "
+                          "it is auto (REST for reads and small puts, the SDK for the rest) "
                           "or sdk (the Azure SDK for everything)", "leave it at auto")
     if name == "log_level" and converted not in ("debug", "info", "error"):
         raise ConfigError(f"invalid log_level {converted!r} in {source}",

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from walship.errors import Unavailable
+from walship.errors import ConfigError, Unavailable
 from walship.storage import AzureCredentials, StorageOptions, azure_rest
 from walship.storage.azure import AzureStorage
 
@@ -60,7 +60,8 @@ def test_a_limited_listing_asks_for_no_more_than_its_limit(azure_repository, mon
 
 
 def test_the_transport_follows_the_credentials(monkeypatch):
-    """REST for a key or a SAS token; the SDK for token credentials, for a proxy, and when asked."""
+    """REST for a key, a SAS token or an OAuth token over HTTPS; the SDK for a proxy, and when
+    asked."""
     for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
                  "all_proxy"):
         monkeypatch.delenv(name, raising=False)
@@ -80,7 +81,9 @@ def test_the_transport_follows_the_credentials(monkeypatch):
                               f"acct;AccountKey={key};EndpointSuffix=core.windows.net")
     assert transport(shared) == transport(sas) == transport(string) == "rest"
     assert transport(shared, "sdk") == "sdk"
-    assert transport(AzureCredentials(account="acct")) == "sdk"  # DefaultAzureCredential
+    assert transport(AzureCredentials(account="acct")) == "rest"  # DefaultAzureCredential
+    with pytest.raises(ConfigError, match="only sent over https"):  # never a token in clear
+        transport(AzureCredentials(account_url="http://127.0.0.1:1/acct"))
     assert transport(AzureCredentials(connection_string="UseDevelopmentStorage=true")) == "sdk"
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     assert transport(shared) == "sdk"
@@ -339,3 +342,117 @@ def test_a_blob_deleted_during_a_download_is_never_not_found(azure_repository, m
         with pytest.raises(Unavailable, match="vanished or changed") as caught:
             download.read()
         assert not isinstance(caught.value, NotFound)
+
+
+class _FakeIdentity:
+    """Stands in for DefaultAzureCredential: hands out tokens that Azurite's ``--oauth basic``
+    accepts (right audience and issuer, valid times; it does not check signatures)."""
+
+    made: list[_FakeIdentity] = []
+
+    def __init__(self, lifetime: float = 3600) -> None:
+        self.lifetime = lifetime
+        self.scopes: list[tuple[str, ...]] = []
+        self.closed = False
+        _FakeIdentity.made.append(self)
+
+    def get_token(self, *scopes, **kwargs):
+        import base64
+        import time
+
+        from azure.core.credentials import AccessToken
+
+        self.scopes.append(scopes)
+        now = int(time.time())
+
+        def part(value: dict) -> str:
+            return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+        claims = {"aud": "https://storage.azure.com", "iss": "https://sts.windows.net/"
+                  "ab1f708d-50f6-404c-a006-d71b2ac7a606/", "iat": now - 60, "nbf": now - 60,
+                  "exp": now + int(self.lifetime), "oid": "test"}
+        token = f"{part({'alg': 'RS256', 'typ': 'JWT'})}.{part(claims)}.c2ln"
+        return AccessToken(token, now + int(self.lifetime))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("transport", ["auto", "sdk"])
+def test_default_azure_credential_on_both_transports(azurite_oauth, monkeypatch, transport):
+    """A managed identity's tokens (DefaultAzureCredential) reach Azure Storage over REST as
+    over the SDK: every operation, a block upload included, one token for many requests, a
+    new one before it expires, and the credential closed with the repository."""
+    import azure.identity as identity_sdk
+    from azure.storage.blob import ContainerClient
+
+    from walship.storage import azure as backend_module
+
+    monkeypatch.setattr(identity_sdk, "DefaultAzureCredential", _FakeIdentity)
+    monkeypatch.setattr(azure_rest, "backoff", lambda attempt: 0.0)
+    monkeypatch.setattr(backend_module, "SINGLE_PUT_MAX", 1 << 20)  # the big one: SDK blocks
+    monkeypatch.setattr(backend_module, "BLOCK_SIZE", 1 << 20)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", azurite_oauth.ca_file)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    container = f"oauth-{transport}"
+    with ContainerClient.from_connection_string(azurite_oauth.connection_string,
+                                                container) as client:
+        if not client.exists():
+            client.create_container()
+    _FakeIdentity.made.clear()
+    backend = AzureStorage(f"azure://{container}/p", StorageOptions(
+        retries=1, timeout=5, azure=AzureCredentials(account_url=azurite_oauth.blob_endpoint),
+        azure_transport=transport))
+    assert backend.transport == f"{'rest' if transport == 'auto' else 'sdk'} (default)"
+    small, big = os.urandom(1000), os.urandom(3 << 20)
+    backend.put("wal/000000010000000000000001", [small], metadata=lambda: {"k": "v"})
+    backend.put("wal/000000010000000000000002", [big])
+    with backend.get("wal/000000010000000000000001") as download:
+        assert download.read() == small
+    with backend.get("wal/000000010000000000000002") as download:
+        assert download.read() == big
+    assert backend.head("wal/000000010000000000000001").metadata == {"k": "v"}
+    assert [i.key for i in backend.list("wal/")] == ["wal/000000010000000000000001",
+                                                     "wal/000000010000000000000002"]
+    backend.delete("wal/000000010000000000000001")
+    assert len(_FakeIdentity.made) == 1  # one identity, shared by both transports
+    identity = _FakeIdentity.made[0]
+    assert all(scopes == ("https://storage.azure.com/.default",) for scopes in identity.scopes)
+    if transport == "auto":
+        assert len(identity.scopes) <= 2  # (REST once, the SDK's block upload once)
+        import time
+
+        token, _ = backend._rest._bearer
+        backend._rest._bearer = (token, time.time() + 100)  # within the renewal margin
+        before = len(identity.scopes)
+        backend.head("wal/000000010000000000000002")  # renews it
+        backend.head("wal/000000010000000000000002")  # uses the new one
+        assert len(identity.scopes) == before + 1
+    backend.close()
+    assert identity.closed
+
+
+def test_a_missing_identity_is_access_denied(azurite_oauth, monkeypatch):
+    """No managed identity, no az login: the failure says so, as access denied (wal-fetch
+    exits above 125), not as a crash or as "not found"."""
+    import azure.identity
+
+    from walship.errors import NotFound, StorageError
+
+    class NoIdentity(_FakeIdentity):
+        def get_token(self, *scopes, **kwargs):
+            raise azure.identity.CredentialUnavailableError(
+                "DefaultAzureCredential failed to retrieve a token from the included "
+                "credentials.\nAttempted credentials: ...")
+
+    monkeypatch.setattr(azure.identity, "DefaultAzureCredential", NoIdentity)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", azurite_oauth.ca_file)
+    backend = AzureStorage("azure://nothing/p", StorageOptions(
+        retries=0, timeout=5, azure=AzureCredentials(account_url=azurite_oauth.blob_endpoint)))
+    with pytest.raises(StorageError, match="access denied: no OAuth token: "
+                       "DefaultAzureCredential failed") as caught:
+        backend.get("wal/000000010000000000000001")
+    assert not isinstance(caught.value, NotFound)
+    backend.close()

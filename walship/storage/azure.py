@@ -26,12 +26,13 @@ Promises:
 
 Two transports (``azure_transport``), one behaviour, one contract test suite:
 
-* ``auto`` (the default): with an account key or a SAS token, reads, single-request puts and
-  deletions speak the REST API directly (:mod:`walship.storage.azure_rest`, the standard
-  library alone), so that wal-fetch, the prefetch worker, the background pusher and
-  backup-fetch never import the SDK (140-300 ms) nor pay its per-request overhead (about 4 ms
-  of CPU). Staged block uploads of larger objects, token credentials and an HTTP proxy in the
-  environment go through the SDK.
+* ``auto`` (the default): with an account key, a SAS token or DefaultAzureCredential's OAuth
+  tokens (over https), reads, single-request puts and deletions speak the REST API directly
+  (:mod:`walship.storage.azure_rest`, the standard library alone), so that wal-fetch, the
+  prefetch worker, the background pusher and backup-fetch never import the blob SDK
+  (140-300 ms) nor pay its per-request overhead (about 4 ms of CPU). Staged block uploads of
+  larger objects and an HTTP proxy in the environment go through the SDK, with the same
+  credential object.
 * ``sdk``: everything through azure-storage-blob, a fallback should an endpoint ever disagree
   with the REST transport.
 
@@ -94,7 +95,7 @@ class ResolvedAuth:
     """Which credential path applies, and the values it needs. ``repr`` shows no secret.
 
     ``method`` is ``"connection_string"``, ``"shared_key"``, ``"sas"`` or ``"default"``
-    (DefaultAzureCredential, created only when the client is built).
+    (DefaultAzureCredential, created on the first request that needs a token).
     """
 
     method: str
@@ -156,8 +157,10 @@ def _client_options(options: StorageOptions) -> dict[str, Any]:
     }
 
 
-def _build_client(auth: ResolvedAuth, options: StorageOptions) -> tuple[Any, Any]:
-    """The SDK's service client for ``auth``, and the credential object to close with it."""
+def _build_client(auth: ResolvedAuth, options: StorageOptions,
+                  identity: Any = None) -> tuple[Any, Any]:
+    """The SDK's service client for ``auth``, and the credential object to close with it
+    (``identity``, the DefaultAzureCredential already made for the REST transport, if any)."""
     from azure.storage.blob import BlobServiceClient
 
     kwargs = _client_options(options)
@@ -181,15 +184,27 @@ def _build_client(auth: ResolvedAuth, options: StorageOptions) -> tuple[Any, Any
 
         credential = AzureSasCredential(auth.secret or "")
     else:
-        from azure.identity import DefaultAzureCredential
-
-        credential = closable = DefaultAzureCredential()
+        credential = closable = identity or _default_credential()
     try:
         client = BlobServiceClient(auth.account_url or "", credential=credential, **kwargs)
     except ValueError:
+        if auth.method == "default" and (auth.account_url or "").startswith("http://"):
+            raise ConfigError(f"token credentials over {_redact(auth.account_url or '')!r}",
+                              "an OAuth token (managed identity, az login) is only sent over "
+                              "https", "use an https:// AZURE_STORAGE_ACCOUNT_URL, or a key "
+                              "or SAS token") from None
         raise ConfigError(f"invalid Azure account URL {_redact(auth.account_url or '')!r}",
                           "it is not an http(s) URL", "check AZURE_STORAGE_ACCOUNT_URL") from None
     return client, closable
+
+
+STORAGE_SCOPE = "https://storage.azure.com/.default"  # the OAuth scope of Azure Storage
+
+
+def _default_credential() -> Any:
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential()
 
 
 # -- error translation ---------------------------------------------------------------------------
@@ -272,6 +287,9 @@ def _translate(error: BaseException, what: str, *, where: str) -> WalshipError:
 def _rest_failure(error: ServiceFailure | NetworkFailure, what: str, *, where: str,
                   conflict: bool = False) -> WalshipError:
     """Map a failure of the REST transport to walship's storage errors."""
+    if isinstance(error, azure_rest.TokenFailure):
+        return StorageError(what, f"access denied: no OAuth token: {error.message}",
+                            _AUTH_HINT)
     if isinstance(error, ServiceFailure):
         return translate_failure(what, where=where, status=error.status, code=error.code,
                                  reason=_redact(str(error)), conflict=conflict)
@@ -427,7 +445,7 @@ class AzureStorage:
             endpoint = azure_rest.endpoint_from(
                 self.auth.method, connection_string=self.auth.connection_string,
                 account_url=self.auth.account_url, account=self.auth.account,
-                secret=self.auth.secret)
+                secret=self.auth.secret, token=self._access_token)
         if endpoint is not None:
             self._rest = azure_rest.Client(endpoint, retries=options.retries,
                                            timeout=options.timeout)
@@ -450,8 +468,21 @@ class AzureStorage:
     def _sdk(self) -> Any:
         """The SDK's service client, built (and the SDK imported) on first need."""
         if self._service is None:
-            self._service, self._credential = _build_client(self.auth, self.options)
+            self._service, self._credential = _build_client(self.auth, self.options,
+                                                            self._credential)
         return self._service
+
+    def _access_token(self) -> tuple[str, float]:
+        """An OAuth token for Azure Storage from DefaultAzureCredential (made, and azure-identity
+        imported, on first need): the REST transport's token source."""
+        try:
+            if self._credential is None:
+                self._credential = _default_credential()
+            token = self._credential.get_token(STORAGE_SCOPE)
+        except Exception as error:  # noqa: BLE001 - azure-identity's errors say what is missing
+            first = str(error).strip().split("\n", 1)[0] or type(error).__name__
+            raise azure_rest.TokenFailure(_redact(first)) from None
+        return token.token, float(token.expires_on)
 
     @property
     def _container(self) -> Any:

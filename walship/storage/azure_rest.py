@@ -1,14 +1,15 @@
 """Azure Blob Storage's REST API spoken with the standard library alone, for the requests on
-the WAL and restore paths: Get Blob, Get Blob Properties, List Blobs and a single Put Blob.
+the WAL and restore paths: Get Blob, Get Blob Properties, List Blobs, a single Put Blob and
+Delete Blob.
 
 Why: importing the Azure SDK costs 140-300 ms (more than a whole prefetch window of segments),
 and each of its requests about 4 ms of CPU more than the request itself (measured: a 2 MB GET
 took 5.0 ms of client CPU through the SDK, 1.2 ms here). Every walship process that only
 reads (wal-fetch, its prefetch worker, backup-fetch, restore) or only puts small objects (the
 background pusher) then never imports it. :class:`walship.storage.azure.AzureStorage` uses this
-transport only for shared-key and SAS credentials with no HTTP proxy configured; token
-credentials (DefaultAzureCredential), proxies, staged block uploads and deletions go through
-the SDK, and ``azure_transport = "sdk"`` sends everything there.
+transport for a shared key, a SAS token, or OAuth tokens (DefaultAzureCredential, over HTTPS
+only; azure-identity is then imported for the tokens, not the blob SDK), with no HTTP proxy
+configured; a proxy, staged block uploads, and ``azure_transport = "sdk"`` go through the SDK.
 
 Promises (the same as the SDK path's):
 
@@ -20,7 +21,9 @@ Promises (the same as the SDK path's):
 * **Verified TLS**, against ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` when set (as the SDK's
   transport does) or ``SSL_CERT_FILE``, else against certifi's bundle, the SDK's default.
 * **No secret** in an error message, a ``repr`` or a log: the account key only signs
-  (SharedKey), a SAS token only travels in the request's query string, which no message shows.
+  (SharedKey), a SAS token only travels in the request's query string, which no message shows,
+  and an OAuth token only in the Authorization header; it is renewed TOKEN_MARGIN seconds
+  before it expires.
 * **Bounded memory.** A download streams from the socket, a listing holds one page.
 
 Only object keys that :func:`walship.storage.base.check_key` accepts reach this module, so a
@@ -38,7 +41,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
@@ -49,12 +52,14 @@ _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "A
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _META = "x-ms-meta-"
+TOKEN_MARGIN = 300.0  # seconds of validity left under which an OAuth token is renewed
 
 
 @dataclass(frozen=True)
 class Endpoint:
     """Where the account's blob service answers and how to authenticate to it: a shared key
-    (``key``) or a SAS token (``sas``). ``repr`` shows no secret."""
+    (``key``), a SAS token (``sas``) or an OAuth token source (``token``). ``repr`` shows no
+    secret."""
 
     scheme: str
     host: str
@@ -63,6 +68,9 @@ class Endpoint:
     account: str
     key: bytes | None = field(default=None, repr=False)
     sas: str | None = field(default=None, repr=False)
+    # OAuth: returns (access token, expiry in POSIX seconds), e.g. from DefaultAzureCredential
+    token: Callable[[], tuple[str, float]] | None = field(default=None, repr=False,
+                                                           compare=False)
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,15 @@ class ServiceFailure(Exception):
         self.code = code
 
 
+class TokenFailure(ServiceFailure):
+    """No OAuth token could be had (the identity is missing, not allowed, or its endpoint is
+    down): reported as access denied."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(401, "NoAccessToken", message)
+        self.message = message
+
+
 class NetworkFailure(Exception):
     """The service could not be reached or stopped answering, after the retries."""
 
@@ -94,14 +111,22 @@ class ObjectChanged(NetworkFailure):
 
 def endpoint_from(method: str, *, connection_string: str | None = None,
                   account_url: str | None = None, account: str | None = None,
-                  secret: str | None = None) -> Endpoint | None:
+                  secret: str | None = None,
+                  token: Callable[[], tuple[str, float]] | None = None) -> Endpoint | None:
     """The endpoint for one resolved credential (see :class:`~walship.storage.azure.ResolvedAuth`),
-    or None when this transport cannot serve it and the SDK must: token credentials, a proxy
-    in the environment, or a connection string it does not fully understand."""
+    or None when this transport cannot serve it and the SDK must: a proxy in the environment,
+    a connection string it does not fully understand, or token credentials without a
+    ``token`` source. OAuth bearer tokens travel only over HTTPS."""
     if any(os.environ.get(name) for name in _PROXY_VARIABLES):
         return None  # the SDK's transport honours proxies; this one does not
     if method == "connection_string":
         return _from_connection_string(connection_string or "")
+    if method == "default":
+        parts = urlsplit(account_url or "")
+        if token is None or parts.scheme != "https" or not parts.hostname or parts.query:
+            return None
+        return Endpoint(parts.scheme, parts.hostname, parts.port, parts.path.rstrip("/"),
+                        account or parts.hostname.split(".", 1)[0], token=token)
     if method not in ("shared_key", "sas") or not account_url or not secret:
         return None
     parts = urlsplit(account_url)
@@ -194,6 +219,7 @@ class Client:
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._context: ssl.SSLContext | None = None
+        self._bearer: tuple[str, float] | None = None  # (token, expiry) while valid
 
     # -- connections ---------------------------------------------------------------------------
     def _tls(self) -> ssl.SSLContext:
@@ -252,6 +278,9 @@ class Client:
             target += "?" + "&".join(f"{k}={quote(v, safe='')}" for k, v in query.items())
         if e.sas is not None:
             return target + ("&" if query else "?") + e.sas
+        if e.token is not None:
+            headers["Authorization"] = f"Bearer {self._access_token()}"
+            return target
         lowered = {k.lower(): v for k, v in headers.items()}
         length = lowered.get("content-length", "")
         canonical_headers = "".join(f"{k}:{v.strip()}\n" for k, v in sorted(lowered.items())
@@ -270,6 +299,17 @@ class Client:
         headers["Authorization"] = f"SharedKey {e.account}:{signature}"
         return target
 
+    def _access_token(self) -> str:
+        """The OAuth token, fetched again once it has less than TOKEN_MARGIN seconds left."""
+        with self._lock:
+            bearer = self._bearer
+        if bearer is None or bearer[1] - time.time() < TOKEN_MARGIN:
+            assert self.endpoint.token is not None
+            bearer = self.endpoint.token()
+            with self._lock:
+                self._bearer = bearer
+        return bearer[0]
+
     def send(self, method: str, path: str, query: Mapping[str, str] | None = None,
              headers: Mapping[str, str] | None = None,
              body: bytes | bytearray | None = None, *, attempts_used: int = 0
@@ -280,10 +320,10 @@ class Client:
         :class:`NetworkFailure`."""
         attempt = attempts_used
         while True:
+            wanted = dict(headers or {})
+            target = self._sign(method, path, query or {}, wanted)  # (TokenFailure: no token)
             conn, reused = self._take()
             try:
-                wanted = dict(headers or {})
-                target = self._sign(method, path, query or {}, wanted)
                 conn.request(method, target, body=body, headers=wanted)
                 response = conn.getresponse()
             except ssl.SSLCertVerificationError as error:
@@ -479,6 +519,6 @@ def metadata_headers(metadata: Mapping[str, str]) -> dict[str, str]:
 
 
 __all__ = ["Client", "Download", "Endpoint", "NetworkFailure", "ObjectChanged", "Response",
-           "ServiceFailure",
+           "ServiceFailure", "TokenFailure",
            "endpoint_from", "http_date", "listing_page", "metadata_headers", "metadata_of",
            "parse_http_date", "size_of"]
