@@ -456,3 +456,22 @@ def test_a_missing_identity_is_access_denied(azurite_oauth, monkeypatch):
         backend.get("wal/000000010000000000000001")
     assert not isinstance(caught.value, NotFound)
     backend.close()
+
+
+def test_connections_are_kept_alive_but_not_once_long_idle(azure_repository, monkeypatch):
+    backend = azure_repository.open()
+    backend.put("wal/000000010000000000000001", [b"x"])
+    made = []
+    real = backend._rest._connect
+
+    def connect():
+        made.append(1)
+        return real()
+
+    monkeypatch.setattr(backend._rest, "_connect", connect)
+    for _ in range(3):
+        backend.head("wal/000000010000000000000001")
+    assert len(made) == 0  # the put's connection, kept alive
+    monkeypatch.setattr(azure_rest, "IDLE_SECONDS", 0.0)
+    backend.head("wal/000000010000000000000001")
+    assert len(made) == 1

@@ -53,6 +53,8 @@ _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _META = "x-ms-meta-"
 TOKEN_MARGIN = 300.0  # seconds of validity left under which an OAuth token is renewed
+IDLE_SECONDS = 60.0  # a kept-alive connection idle longer is not reused (Azure's load
+# balancers and NAT gateways drop idle flows after 4 minutes by default)
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,7 @@ class Client:
         self.endpoint = endpoint
         self.retries = max(0, int(retries))
         self.timeout = timeout
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[tuple[http.client.HTTPConnection, float]] = []  # (conn, idle since)
         self._lock = threading.Lock()
         self._context: ssl.SSLContext | None = None
         self._bearer: tuple[str, float] | None = None  # (token, expiry) while valid
@@ -247,20 +249,31 @@ class Client:
         return http.client.HTTPConnection(e.host, e.port, timeout=self.timeout)
 
     def _take(self) -> tuple[http.client.HTTPConnection, bool]:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
+        """A kept-alive connection idle for less than IDLE_SECONDS, else a new one (older ones
+        may have been dropped silently by a NAT or load balancer on the way, and a request on
+        them would hang until the timeout)."""
+        stale = []
+        try:
+            with self._lock:
+                while self._idle:
+                    conn, since = self._idle.pop()
+                    if time.monotonic() - since < IDLE_SECONDS:
+                        return conn, True
+                    stale.append(conn)
+        finally:
+            for conn in stale:
+                conn.close()
         return self._connect(), False
 
     def release(self, conn: http.client.HTTPConnection) -> None:
         """Give back a connection whose last response was read to its end."""
         with self._lock:
-            self._idle.append(conn)
+            self._idle.append((conn, time.monotonic()))
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn, _ in idle:
             conn.close()
 
     # -- requests ------------------------------------------------------------------------------
