@@ -137,6 +137,9 @@ def check(state: _State) -> int:
     transport = getattr(archive.storage, "transport", None)
     if transport:
         click.echo(f"transport: {transport}")
+    from walship.entry import installed_launcher
+
+    click.echo(f"launcher: {installed_launcher()}")
     return ExitStatus.OK
 
 

@@ -37,5 +37,22 @@ def main(argv: list[str] | None = None) -> int:
         return RECOVERY_FAILED if recovery else FAILED
 
 
+def installed_launcher(argv0: str | None = None) -> str:
+    """Which ``walship`` command is installed beside the running program (``walship check``
+    prints it): the native launcher that setup.py builds where a C compiler works, or this
+    Python program under that name."""
+    import os
+
+    command = os.path.join(os.path.dirname(os.path.abspath(argv0 or sys.argv[0])), "walship")
+    try:
+        with open(command, "rb") as handle:
+            native = handle.read(4) == b"\x7fELF"
+    except OSError:
+        return "unknown (no walship command beside this program)"
+    if native:
+        return "native (delivers prefetched segments without starting Python)"
+    return "python (no C compiler at install time: install gcc, then walship again)"
+
+
 if __name__ == "__main__":
     sys.exit(main())

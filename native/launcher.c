@@ -1,0 +1,334 @@
+/*
+ * walship's native launcher: the `walship` command where a C compiler was found at install time.
+ *
+ * PostgreSQL runs restore_command once per WAL segment and replays nothing while it waits. When
+ * the prefetch worker has already downloaded, verified and sealed the segment asked for, the
+ * whole call is a rename; starting a Python interpreter for it (about 8 ms of CPU and 9 ms of
+ * wall time on the machines we measure) would be nearly all of its cost. This program answers
+ * exactly that case, `walship wal-fetch <24-hex segment> <path>`, with the checks of
+ * walship.spool.deliver_cached, and hands every other call, unchanged, to the Python program
+ * (`walship-py`, installed beside it) by execv. Whenever it cannot answer with certainty it
+ * hands over, so it can make a call faster, never change its outcome.
+ *
+ * What it must agree on with walship/spool.py (tests/test_launcher.py checks both sides):
+ *   - the cache: <dirname of path>/walship/prefetch/;
+ *   - the seal <name>.ok: "<boot id> <inode> <size> <settings fingerprint>\n", valid while the
+ *     boot id is this boot's, the file has that inode and size, and its mtime is exactly
+ *     1970-01-01 00:00:01 (SEALED_MTIME_NS);
+ *   - the settings fingerprint: the first 32 hex digits of SHA-256 over "KEY=VALUE\0" for every
+ *     WALSHIP_* and AZURE_* variable in key order, then the config file's identity;
+ *   - a live worker holds an flock on worker.lock; `want` holds "<name> <size>\n";
+ *   - the log line written to stderr.
+ * Linux only (boot id, /proc/self/exe); built by setup.py with no library beyond libc.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+extern char **environ;
+
+#define PYTHON_PROGRAM "walship-py"
+#define CONFIG_FILE "/etc/walship/walship.toml"
+#define RECOVERY_FAILED 134 /* ExitStatus.RECOVERY_FAILED: recovery must stop, not end */
+#define FAILED 6
+#define SEALED_MTIME_SEC 1
+#define WAIT_SECONDS 120.0  /* spool.WAIT_SECONDS */
+
+/* ---- SHA-256 (FIPS 180-4) ------------------------------------------------------------------ */
+typedef struct {
+    uint32_t state[8];
+    uint64_t length;
+    unsigned char block[64];
+    size_t used;
+} sha256_ctx;
+
+static const uint32_t K[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+    0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+    0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+    0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+    0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+    0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+    0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+    0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+    0xc67178f2};
+
+#define ROTR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+
+static void sha256_block(sha256_ctx *c, const unsigned char *p) {
+    uint32_t w[64], s[8], t1, t2;
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 |
+               (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
+    for (int i = 16; i < 64; i++) {
+        uint32_t s0 = ROTR(w[i - 15], 7) ^ ROTR(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = ROTR(w[i - 2], 17) ^ ROTR(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    memcpy(s, c->state, sizeof s);
+    for (int i = 0; i < 64; i++) {
+        t1 = s[7] + (ROTR(s[4], 6) ^ ROTR(s[4], 11) ^ ROTR(s[4], 25)) +
+             ((s[4] & s[5]) ^ (~s[4] & s[6])) + K[i] + w[i];
+        t2 = (ROTR(s[0], 2) ^ ROTR(s[0], 13) ^ ROTR(s[0], 22)) +
+             ((s[0] & s[1]) ^ (s[0] & s[2]) ^ (s[1] & s[2]));
+        memmove(s + 1, s, 7 * sizeof s[0]);
+        s[4] += t1;
+        s[0] = t1 + t2;
+    }
+    for (int i = 0; i < 8; i++) c->state[i] += s[i];
+}
+
+static void sha256_init(sha256_ctx *c) {
+    static const uint32_t initial[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                                        0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+    memcpy(c->state, initial, sizeof initial);
+    c->length = 0;
+    c->used = 0;
+}
+
+static void sha256_update(sha256_ctx *c, const void *data, size_t n) {
+    const unsigned char *p = data;
+    c->length += n;
+    while (n > 0) {
+        size_t take = 64 - c->used < n ? 64 - c->used : n;
+        memcpy(c->block + c->used, p, take);
+        c->used += take;
+        p += take;
+        n -= take;
+        if (c->used == 64) {
+            sha256_block(c, c->block);
+            c->used = 0;
+        }
+    }
+}
+
+static void sha256_hex(sha256_ctx *c, char out[65]) {
+    uint64_t bits = c->length * 8;
+    unsigned char pad = 0x80, zero = 0, tail[8];
+    sha256_update(c, &pad, 1);
+    while (c->used != 56) sha256_update(c, &zero, 1);
+    for (int i = 0; i < 8; i++) tail[i] = (unsigned char)(bits >> (56 - 8 * i));
+    sha256_update(c, tail, 8);
+    for (int i = 0; i < 8; i++) sprintf(out + 8 * i, "%08x", c->state[i]);
+}
+
+/* ---- settings fingerprint (spool.settings_fingerprint) ------------------------------------- */
+static size_t key_length(const char *entry) {
+    const char *eq = strchr(entry, '=');
+    return eq ? (size_t)(eq - entry) : strlen(entry);
+}
+
+static int by_key(const void *a, const void *b) {
+    const char *x = *(const char *const *)a, *y = *(const char *const *)b;
+    size_t nx = key_length(x), ny = key_length(y);
+    int order = memcmp(x, y, nx < ny ? nx : ny);
+    return order ? order : (nx > ny) - (nx < ny);
+}
+
+/* Writes the fingerprint into out; -1 where it cannot be told exactly as Python would. */
+static int settings_fingerprint(char out[33]) {
+    size_t count = 0, total = 0;
+    for (char **e = environ; *e; e++) total++;
+    const char **chosen = malloc((total + 1) * sizeof *chosen);
+    if (!chosen) return -1;
+    for (char **e = environ; *e; e++)
+        if ((!strncmp(*e, "WALSHIP_", 8) || !strncmp(*e, "AZURE_", 6)) && strchr(*e, '='))
+            chosen[count++] = *e;
+    qsort(chosen, count, sizeof *chosen, by_key);
+    sha256_ctx c;
+    sha256_init(&c);
+    for (size_t i = 0; i < count; i++) {
+        if (i > 0 && by_key(&chosen[i - 1], &chosen[i]) == 0) {
+            free(chosen); /* a variable set twice: leave it to Python's reading of it */
+            return -1;
+        }
+        sha256_update(&c, chosen[i], strlen(chosen[i]) + 1); /* "KEY=VALUE\0" */
+    }
+    free(chosen);
+    const char *config = getenv("WALSHIP_CONFIG");
+    if (!config || !*config) config = CONFIG_FILE;
+    struct stat st;
+    char identity[PATH_MAX + 96];
+    if (stat(config, &st) == 0) {
+        long long mtime_ns = (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec;
+        int n = snprintf(identity, sizeof identity, "%s:%llu:%lld:%lld", config,
+                         (unsigned long long)st.st_ino, mtime_ns, (long long)st.st_size);
+        if (n < 0 || (size_t)n >= sizeof identity) return -1;
+        sha256_update(&c, identity, (size_t)n);
+    } else {
+        sha256_update(&c, "no config file", 14);
+    }
+    char hex[65];
+    sha256_hex(&c, hex);
+    memcpy(out, hex, 32);
+    out[32] = '\0';
+    return 0;
+}
+
+/* ---- the prefetch cache (spool.deliver_cached) --------------------------------------------- */
+static int read_small(const char *path, char *buffer, size_t size) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = read(fd, buffer, size - 1);
+    close(fd);
+    if (n < 0) return -1;
+    buffer[n] = '\0';
+    return (int)n;
+}
+
+static int worker_alive(const char *cache) {
+    char lock[PATH_MAX];
+    snprintf(lock, sizeof lock, "%s/worker.lock", cache);
+    int fd = open(lock, O_RDWR | O_CLOEXEC);
+    if (fd < 0) return 0;
+    int held = flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+    close(fd); /* releases a lock we may have taken */
+    return held;
+}
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+static int exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+/* While the worker is downloading the segment (its .inflight marker), wait for the seal, as
+ * spool.await_sealed does. Returns 1 when the seal is there, 0 when it is not coming (the
+ * marker went without it, the worker died, time is up): then Python takes the call. */
+static int await_seal(const char *cache, const char *name, const char *seal) {
+    char marker[PATH_MAX + 16];
+    snprintf(marker, sizeof marker, "%s/%s.inflight", cache, name);
+    double started = now(), checked = started;
+    const struct timespec pause = {0, 2000000};
+    while (!exists(seal)) {
+        if (!exists(marker)) return exists(seal);
+        double t = now();
+        if (t - started > WAIT_SECONDS) return 0;
+        if (t - checked > 0.05) {
+            if (!worker_alive(cache)) return exists(seal);
+            checked = t;
+        }
+        nanosleep(&pause, NULL);
+    }
+    return 1;
+}
+
+static int segment_name(const char *name) {
+    if (strlen(name) != 24) return 0;
+    for (const char *p = name; *p; p++)
+        if (!((*p >= '0' && *p <= '9') || (*p >= 'A' && *p <= 'F'))) return 0;
+    return 1;
+}
+
+/* 0: delivered. -1: not answered here (nothing was changed). */
+static int deliver(const char *name, const char *destination) {
+    double started = now();
+    if (!segment_name(name)) return -1;
+    char dir[PATH_MAX], cache[PATH_MAX], path[PATH_MAX], seal[PATH_MAX];
+    const char *slash = strrchr(destination, '/');
+    if (!slash) {
+        strcpy(dir, ".");
+    } else if (slash == destination) {
+        strcpy(dir, "/");
+    } else {
+        if ((size_t)(slash - destination) >= sizeof dir) return -1;
+        memcpy(dir, destination, (size_t)(slash - destination));
+        dir[slash - destination] = '\0';
+    }
+    if ((size_t)snprintf(cache, sizeof cache, "%s/walship/prefetch", dir) >= sizeof cache ||
+        (size_t)snprintf(path, sizeof path, "%s/%s", cache, name) >= sizeof path ||
+        (size_t)snprintf(seal, sizeof seal, "%s.ok", path) >= sizeof seal)
+        return -1;
+    if (!worker_alive(cache)) return -1; /* Python starts one */
+    if (!await_seal(cache, name, seal)) return -1;
+
+    char text[256], boot[64], ino[32], size[32], settings[64], extra[2];
+    if (read_small(seal, text, sizeof text) < 0 ||
+        sscanf(text, "%63s %31s %31s %63s %1s", boot, ino, size, settings, extra) != 4)
+        return -1;
+    char this_boot[64], fingerprint[33];
+    if (read_small("/proc/sys/kernel/random/boot_id", this_boot, sizeof this_boot) <= 0)
+        return -1;
+    this_boot[strcspn(this_boot, " \t\r\n")] = '\0';
+    if (!this_boot[0] || strcmp(boot, this_boot) != 0) return -1;
+    if (settings_fingerprint(fingerprint) != 0 || strcmp(settings, fingerprint) != 0) return -1;
+
+    struct stat st;
+    char st_ino[32], st_size[32];
+    if (stat(path, &st) != 0) return -1;
+    snprintf(st_ino, sizeof st_ino, "%llu", (unsigned long long)st.st_ino);
+    snprintf(st_size, sizeof st_size, "%lld", (long long)st.st_size);
+    if (strcmp(ino, st_ino) || strcmp(size, st_size) || st.st_mtim.tv_sec != SEALED_MTIME_SEC ||
+        st.st_mtim.tv_nsec != 0)
+        return -1;
+
+    /* Delivered with the present as its mtime, like any file just written. */
+    if (utimensat(AT_FDCWD, path, NULL, 0) != 0) return -1;
+    if (rename(path, destination) != 0) return -1;
+    unlink(seal);
+
+    /* Move the prefetch window (spool.want); the segment is delivered whatever happens here. */
+    char want[PATH_MAX], temp[PATH_MAX + 32], line[64];
+    int n = snprintf(line, sizeof line, "%s %s\n", name, st_size);
+    if ((size_t)snprintf(want, sizeof want, "%s/want", cache) < sizeof want &&
+        (size_t)snprintf(temp, sizeof temp, "%s.tmp%ld", want, (long)getpid()) < sizeof temp) {
+        int fd = open(temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (fd >= 0) {
+            int ok = write(fd, line, (size_t)n) == n;
+            close(fd);
+            if (!ok || rename(temp, want) != 0) unlink(temp);
+        }
+    }
+    fprintf(stderr,
+            "walship: wal-fetch %s delivered from prefetch cache in=%s out=%s seconds=%.3f\n",
+            name, st_size, st_size, now() - started);
+    return 0;
+}
+
+/* ---- everything else: the Python program ---------------------------------------------------- */
+static int recovery_call(int argc, char **argv) {
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "wal-fetch")) return 1;
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc == 4 && !strcmp(argv[1], "wal-fetch") && deliver(argv[2], argv[3]) == 0) return 0;
+
+    char self[PATH_MAX], program[PATH_MAX + sizeof PYTHON_PROGRAM];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n > 0) {
+        self[n] = '\0';
+    } else if (strchr(argv[0], '/') && strlen(argv[0]) < sizeof self) {
+        strcpy(self, argv[0]);
+    } else {
+        self[0] = '\0';
+    }
+    char *slash = strrchr(self, '/');
+    if (slash) {
+        slash[1] = '\0';
+        snprintf(program, sizeof program, "%s%s", self, PYTHON_PROGRAM);
+        argv[0] = program;
+        execv(program, argv);
+    }
+    fprintf(stderr,
+            "walship: ERROR: cannot start %s beside the walship launcher: %s "
+            "(hint: reinstall walship)\n",
+            slash ? program : PYTHON_PROGRAM, slash ? strerror(errno) : "its path is unknown");
+    return recovery_call(argc, argv) ? RECOVERY_FAILED : FAILED;
+}

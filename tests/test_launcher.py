@@ -1,0 +1,244 @@
+"""The native launcher (native/launcher.c): it delivers a sealed, intact segment from the
+prefetch cache exactly when walship.spool would, and hands every other call, unchanged, to the
+Python program beside it. Built here from the tree's source with the machine's C compiler."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from walship import spool
+
+ROOT = Path(__file__).resolve().parent.parent
+SEGMENT = "0000000100000000000000AB"
+SIZE = 1 << 20
+
+
+def _compiler() -> str | None:
+    return next((found for found in map(shutil.which, ("cc", "gcc")) if found), None)
+
+
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory) -> Path:
+    """The launcher, compiled with warnings as errors, and a stand-in ``walship-py`` beside it
+    that records the arguments it was handed and exits 42."""
+    compiler = _compiler()
+    if compiler is None:
+        pytest.skip("no C compiler: walship installs its Python launcher instead")
+    bin_dir = tmp_path_factory.mktemp("bin")
+    binary = bin_dir / "walship"
+    subprocess.run([compiler, "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(binary),
+                    str(ROOT / "native" / "launcher.c")], check=True)
+    stand_in = bin_dir / "walship-py"
+    stand_in.write_text('#!/bin/sh\nprintf "%s\\n" "$0" "$@" > "${0%/*}/handed-over"\nexit 42\n')
+    stand_in.chmod(0o755)
+    return binary
+
+
+@pytest.fixture
+def site(tmp_path, launcher):
+    """A pg_wal with a live worker (this test holds its lock) and a clean environment."""
+    (launcher.parent / "handed-over").unlink(missing_ok=True)
+    wal = tmp_path / "pg_wal"
+    cache = Path(spool.cache_dir(str(wal)))
+    cache.mkdir(parents=True)
+    lock = os.open(cache / "worker.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("WALSHIP_", "AZURE_"))}
+    env.update(WALSHIP_REPO=f"file://{tmp_path}/repo", WALSHIP_CONFIG=str(tmp_path / "none"))
+    yield wal, cache, env
+    os.close(lock)
+
+
+def seal(cache: Path, env: dict[str, str], name: str = SEGMENT) -> bytes:
+    data = os.urandom(64) + bytes(SIZE - 64)
+    (cache / name).write_bytes(data)
+    spool.seal_cached(str(cache), name, spool.settings_fingerprint(env))
+    return data
+
+
+def call(launcher: Path, env: dict[str, str], *args: str, cwd: Path | None = None):
+    return subprocess.run([str(launcher), *args], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=cwd)
+
+
+def handed_over(launcher: Path) -> list[str] | None:
+    record = launcher.parent / "handed-over"
+    return record.read_text().splitlines()[1:] if record.exists() else None
+
+
+def test_delivers_a_sealed_segment_without_python(launcher, site):
+    wal, cache, env = site
+    data = seal(cache, env)
+    done = call(launcher, env, "wal-fetch", SEGMENT, str(wal / "RECOVERYXLOG"))
+    assert done.returncode == 0, done.stderr
+    assert handed_over(launcher) is None
+    assert (wal / "RECOVERYXLOG").read_bytes() == data
+    assert time.time() - (wal / "RECOVERYXLOG").stat().st_mtime < 60  # not the seal's date
+    assert not (cache / SEGMENT).exists() and not (cache / f"{SEGMENT}.ok").exists()
+    assert (cache / "want").read_text() == f"{SEGMENT} {SIZE}\n"  # the window moves on
+    assert f"wal-fetch {SEGMENT} delivered from prefetch cache in={SIZE}" in done.stderr
+
+
+def test_relative_destination_as_postgresql_passes_it(launcher, site):
+    wal, cache, env = site
+    data = seal(cache, env)
+    done = call(launcher, env, "wal-fetch", SEGMENT, "pg_wal/RECOVERYXLOG", cwd=wal.parent)
+    assert done.returncode == 0 and handed_over(launcher) is None, done.stderr
+    assert (wal / "RECOVERYXLOG").read_bytes() == data
+
+
+@pytest.mark.parametrize("variables", [
+    {},
+    {"AZURE_STORAGE_CONNECTION_STRING": "AccountName=a;AccountKey=k==;", "WALSHIP_KEY": "x y"},
+    # Python orders keys, not "KEY=VALUE" strings: "-" sorts before "=", so these differ.
+    {"WALSHIP_A": "1", "WALSHIP_A-B": "2", "WALSHIP_A_B": "3", "AZURE_": ""},
+    {"WALSHIP_PREFETCH": "8", "WALSHIP_LABEL": "café ☕", "WALSHIP_EMPTY": ""},
+    {"WALSHIP_CONFIG": ""},  # empty: the default file, as in Python
+    {"WALSHIP_CONFIG": "CONFIG"},  # an existing file: its identity counts
+])
+def test_settings_fingerprint_agrees_with_python(launcher, site, tmp_path, variables):
+    wal, cache, env = site
+    config = tmp_path / "walship.toml"
+    config.write_text('repo = "file:///x"\n')
+    env.update({key: str(config) if value == "CONFIG" else value
+                for key, value in variables.items()})
+    seal(cache, env)
+    done = call(launcher, env, "wal-fetch", SEGMENT, str(wal / "RECOVERYXLOG"))
+    assert (done.returncode, handed_over(launcher)) == (0, None), done.stderr
+
+
+def _other_settings(cache, env, tmp_path):
+    env["WALSHIP_REPO"] += "-elsewhere"
+
+
+def _config_changed(cache, env, tmp_path):
+    Path(env["WALSHIP_CONFIG"]).write_text("# now it exists\n")
+
+
+def _content_changed(cache, env, tmp_path):
+    with open(cache / SEGMENT, "r+b") as handle:
+        handle.write(b"x")  # same size and inode, but the mtime moves
+
+
+def _replaced(cache, env, tmp_path):
+    shutil.copy(cache / SEGMENT, tmp_path / "copy")
+    os.utime(tmp_path / "copy", ns=(spool.SEALED_MTIME_NS,) * 2)
+    os.replace(tmp_path / "copy", cache / SEGMENT)  # same bytes and mtime, another inode
+
+
+def _other_boot(cache, env, tmp_path):
+    text = (cache / f"{SEGMENT}.ok").read_text().split()
+    (cache / f"{SEGMENT}.ok").write_text(" ".join(["0" * 36, *text[1:]]) + "\n")
+
+
+def _extra_field(cache, env, tmp_path):
+    (cache / f"{SEGMENT}.ok").write_text((cache / f"{SEGMENT}.ok").read_text().strip() + " x\n")
+
+
+def _no_worker(cache, env, tmp_path):
+    (cache / "worker.lock").rename(cache / "worker.lock.gone")  # its holder keeps the old file
+
+
+@pytest.mark.parametrize("change", [_other_settings, _config_changed, _content_changed, _replaced,
+                                    _other_boot, _extra_field, _no_worker])
+def test_hands_over_whenever_the_seal_does_not_hold(launcher, site, tmp_path, change):
+    wal, cache, env = site
+    seal(cache, env)
+    change(cache, env, tmp_path)
+    args = ["wal-fetch", SEGMENT, str(wal / "RECOVERYXLOG")]
+    done = call(launcher, env, *args)
+    assert done.returncode == 42 and handed_over(launcher) == args, done.stderr
+    assert not (wal / "RECOVERYXLOG").exists() and (cache / SEGMENT).exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["wal-fetch", "00000002.history", "pg_wal/RECOVERYHISTORY"],
+    ["wal-fetch", SEGMENT.lower(), "pg_wal/RECOVERYXLOG"],
+    ["wal-fetch", f"{SEGMENT}.partial", "pg_wal/RECOVERYXLOG"],
+    ["wal-fetch", SEGMENT, "pg_wal/RECOVERYXLOG", "--debug"],
+    ["wal-push", "pg_wal/000000010000000000000001"],
+    ["status", "--dbname", "host=/tmp"],
+    [],
+])
+def test_other_calls_go_to_python_unchanged(launcher, site, args):
+    wal, cache, env = site
+    seal(cache, env)
+    done = call(launcher, env, *args, cwd=wal.parent)
+    assert done.returncode == 42 and handed_over(launcher) == args, done.stderr
+    assert (cache / SEGMENT).exists()
+
+
+def test_waits_for_a_segment_being_downloaded(launcher, site):
+    wal, cache, env = site
+    marker = cache / f"{SEGMENT}.inflight"
+    marker.touch()
+
+    def worker() -> None:
+        time.sleep(0.4)
+        seal(cache, env)
+        marker.unlink()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    started = time.monotonic()
+    done = call(launcher, env, "wal-fetch", SEGMENT, str(wal / "RECOVERYXLOG"))
+    thread.join()
+    assert done.returncode == 0 and handed_over(launcher) is None, done.stderr
+    assert time.monotonic() - started >= 0.4
+    assert (wal / "RECOVERYXLOG").stat().st_size == SIZE
+
+
+def test_a_download_that_ends_unsealed_goes_to_python(launcher, site):
+    wal, cache, env = site
+    marker = cache / f"{SEGMENT}.inflight"
+    marker.touch()
+    threading.Timer(0.3, marker.unlink).start()
+    done = call(launcher, env, "wal-fetch", SEGMENT, str(wal / "RECOVERYXLOG"))
+    assert done.returncode == 42, done.stderr
+
+
+@pytest.mark.parametrize("args, status", [
+    (["wal-fetch", SEGMENT, "pg_wal/RECOVERYXLOG"], 134),  # recovery stops, never ends early
+    (["wal-push", "pg_wal/000000010000000000000001"], 6),
+])
+def test_without_its_python_program_it_fails_loudly(launcher, site, tmp_path, args, status):
+    wal, cache, env = site
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(launcher, alone / "walship")
+    done = call(alone / "walship", env, *args, cwd=wal.parent)
+    assert done.returncode == status
+    assert "cannot start" in done.stderr and "reinstall walship" in done.stderr
+
+
+def test_installed_command_is_the_launcher_where_a_compiler_exists(launcher):
+    """The installation under test (WALSHIP_TEST_BIN, as PostgreSQL calls it) was built with the
+    launcher, since this machine has a C compiler; the Python program sits beside it."""
+    from tests.fixtures.postgres import _find_walship
+
+    installed = _find_walship()
+    if installed is None:
+        pytest.skip("walship is not installed as a command here")
+    with open(installed, "rb") as handle:
+        assert handle.read(4) == b"\x7fELF", f"{installed} is not the native launcher"
+    assert os.access(Path(installed).with_name("walship-py"), os.X_OK)
+
+
+def test_check_tells_which_launcher_is_installed(tmp_path):
+    from walship.entry import installed_launcher
+
+    program = tmp_path / "walship-py"
+    assert installed_launcher(str(program)).startswith("unknown")
+    (tmp_path / "walship").write_bytes(b"\x7fELF\x02\x01\x01")
+    assert installed_launcher(str(program)).startswith("native")
+    (tmp_path / "walship").write_text("#!/usr/bin/python3\n")
+    assert installed_launcher(str(program)).startswith("python (no C compiler")
