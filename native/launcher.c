@@ -1,14 +1,18 @@
 /*
  * walship's native launcher: the `walship` command where a C compiler was found at install time.
  *
- * PostgreSQL runs restore_command once per WAL segment and replays nothing while it waits. When
- * the prefetch worker has already downloaded, verified and sealed the segment asked for, the
- * whole call is a rename; starting a Python interpreter for it (about 8 ms of CPU and 9 ms of
- * wall time on the machines we measure) would be nearly all of its cost. This program answers
- * exactly that case, `walship wal-fetch <24-hex segment> <path>`, with the checks of
- * walship.spool.deliver_cached, and hands every other call, unchanged, to the Python program
- * (`walship-py`, installed beside it) by execv. Whenever it cannot answer with certainty it
- * hands over, so it can make a call faster, never change its outcome.
+ * PostgreSQL runs restore_command and archive_command once per WAL file, one call at a time;
+ * replay, or archiving, waits for each. When the work of a call was already done ahead, the call
+ * itself is a few system calls, and starting a Python interpreter for it (about 8 ms of CPU and
+ * 9 ms of wall time on the machines we measure) would be nearly all of its cost. This program
+ * answers exactly those calls:
+ *   - `walship wal-fetch <24-hex segment> <path>` when the prefetch worker has sealed that
+ *     segment in its cache: the checks of walship.spool.deliver_cached, then a rename;
+ *   - `walship wal-push <path>` when the background pusher has recorded that file as durably
+ *     stored and the file still matches the record: walship.spool.take_pushed;
+ * and hands every other call, unchanged, to the Python program (`walship-py`, installed beside
+ * it) by execv. Whenever it cannot answer with certainty it hands over, so it can make a call
+ * faster, never change its outcome.
  *
  * What it must agree on with walship/spool.py (tests/test_launcher.py checks both sides):
  *   - the cache: <dirname of path>/walship/prefetch/;
@@ -18,7 +22,11 @@
  *   - the settings fingerprint: the first 32 hex digits of SHA-256 over "KEY=VALUE\0" for every
  *     WALSHIP_* and AZURE_* variable in key order, then the config file's identity;
  *   - a live worker holds an flock on worker.lock; `want` holds "<name> <size>\n";
- *   - the log line written to stderr.
+ *   - the push record <dirname of path>/walship/pushed/<name>: "<file fingerprint> <settings
+ *     fingerprint>\n", the file fingerprint being "<size>:<mtime ns>:<inode>:<first 16 hex
+ *     digits of SHA-256 over the first 8 KiB and the last 8 KiB>"; the pusher's marker
+ *     pushing/<name> and its lock pusher.lock;
+ *   - the log lines written to stderr.
  * Linux only (boot id, /proc/self/exe); built by setup.py with no library beyond libc.
  */
 #define _GNU_SOURCE
@@ -186,9 +194,10 @@ static int read_small(const char *path, char *buffer, size_t size) {
     return (int)n;
 }
 
-static int worker_alive(const char *cache) {
-    char lock[PATH_MAX];
-    snprintf(lock, sizeof lock, "%s/worker.lock", cache);
+/* Whether some process holds an flock on <dir>/<file> (spool._flock_held). */
+static int lock_held(const char *dir, const char *file) {
+    char lock[PATH_MAX + 32];
+    snprintf(lock, sizeof lock, "%s/%s", dir, file);
     int fd = open(lock, O_RDWR | O_CLOEXEC);
     if (fd < 0) return 0;
     int held = flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK;
@@ -220,7 +229,7 @@ static int await_seal(const char *cache, const char *name, const char *seal) {
         double t = now();
         if (t - started > WAIT_SECONDS) return 0;
         if (t - checked > 0.05) {
-            if (!worker_alive(cache)) return exists(seal);
+            if (!lock_held(cache, "worker.lock")) return exists(seal);
             checked = t;
         }
         nanosleep(&pause, NULL);
@@ -235,26 +244,33 @@ static int segment_name(const char *name) {
     return 1;
 }
 
+/* The directory part of path, as os.path.dirname(path) or "." (-1 when too long). */
+static int parent_dir(const char *path, char dir[PATH_MAX]) {
+    const char *slash = strrchr(path, '/');
+    if (!slash) {
+        strcpy(dir, ".");
+        return 0;
+    }
+    const char *end = slash;
+    while (end > path && end[-1] == '/') end--; /* dirname drops trailing slashes ... */
+    if (end == path) end = slash + 1;            /* ... but keeps a root of slashes */
+    if ((size_t)(end - path) >= PATH_MAX) return -1;
+    memcpy(dir, path, (size_t)(end - path));
+    dir[end - path] = '\0';
+    return 0;
+}
+
 /* 0: delivered. -1: not answered here (nothing was changed). */
 static int deliver(const char *name, const char *destination) {
     double started = now();
     if (!segment_name(name)) return -1;
     char dir[PATH_MAX], cache[PATH_MAX], path[PATH_MAX], seal[PATH_MAX];
-    const char *slash = strrchr(destination, '/');
-    if (!slash) {
-        strcpy(dir, ".");
-    } else if (slash == destination) {
-        strcpy(dir, "/");
-    } else {
-        if ((size_t)(slash - destination) >= sizeof dir) return -1;
-        memcpy(dir, destination, (size_t)(slash - destination));
-        dir[slash - destination] = '\0';
-    }
-    if ((size_t)snprintf(cache, sizeof cache, "%s/walship/prefetch", dir) >= sizeof cache ||
+    if (parent_dir(destination, dir) != 0 ||
+        (size_t)snprintf(cache, sizeof cache, "%s/walship/prefetch", dir) >= sizeof cache ||
         (size_t)snprintf(path, sizeof path, "%s/%s", cache, name) >= sizeof path ||
         (size_t)snprintf(seal, sizeof seal, "%s.ok", path) >= sizeof seal)
         return -1;
-    if (!worker_alive(cache)) return -1; /* Python starts one */
+    if (!lock_held(cache, "worker.lock")) return -1; /* Python starts one */
     if (!await_seal(cache, name, seal)) return -1;
 
     char text[256], boot[64], ino[32], size[32], settings[64], extra[2];
@@ -300,6 +316,105 @@ static int deliver(const char *name, const char *destination) {
     return 0;
 }
 
+/* ---- push-ahead records (spool.take_pushed) -------------------------------------------------- */
+/* fastpath._plain_name: a segment, .partial, .history or .backup file name. */
+static int hex_run(const char *p, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!((p[i] >= '0' && p[i] <= '9') || (p[i] >= 'A' && p[i] <= 'F'))) return 0;
+    return 1;
+}
+
+static int plain_name(const char *name) {
+    size_t n = strlen(name);
+    if (n == 16 && !strcmp(name + 8, ".history")) return hex_run(name, 8);
+    if (n < 24 || !hex_run(name, 24)) return 0;
+    const char *suffix = name + 24;
+    return !*suffix || !strcmp(suffix, ".partial") ||
+           (strlen(suffix) == 16 && suffix[0] == '.' && hex_run(suffix + 1, 8) &&
+            !strcmp(suffix + 9, ".backup"));
+}
+
+#define EDGE 8192
+
+/* spool.file_fingerprint: "<size>:<mtime ns>:<inode>:<16 hex digits>". */
+static int file_fingerprint(const char *path, char *out, size_t size) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    struct stat st;
+    unsigned char buffer[2 * EDGE];
+    size_t have = 0;
+    int ok = fstat(fd, &st) == 0;
+    while (ok && have < EDGE) { /* the first 8 KiB */
+        ssize_t n = read(fd, buffer + have, EDGE - have);
+        if (n < 0) ok = 0;
+        if (n <= 0) break;
+        have += (size_t)n;
+    }
+    if (ok && st.st_size > EDGE) { /* then the last 8 KiB, never twice the same bytes */
+        off_t from = st.st_size - EDGE > EDGE ? st.st_size - EDGE : EDGE;
+        size_t start = have;
+        while (ok && have < start + EDGE) {
+            ssize_t n = pread(fd, buffer + have, start + EDGE - have,
+                              from + (off_t)(have - start));
+            if (n < 0) ok = 0;
+            if (n <= 0) break;
+            have += (size_t)n;
+        }
+    }
+    close(fd);
+    if (!ok) return -1;
+    sha256_ctx c;
+    char hex[65];
+    sha256_init(&c);
+    sha256_update(&c, buffer, have);
+    sha256_hex(&c, hex);
+    long long mtime_ns = (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec;
+    int n = snprintf(out, size, "%lld:%lld:%llu:%.16s", (long long)st.st_size, mtime_ns,
+                     (unsigned long long)st.st_ino, hex);
+    return n > 0 && (size_t)n < size ? 0 : -1;
+}
+
+/* 0: the file was pushed ahead and is unchanged (its record is consumed). -1: not answered
+ * here; the record, if any, is left for Python, which reads it again. */
+static int already_pushed(const char *wal_path) {
+    double started = now();
+    char wal_dir[PATH_MAX], spool[PATH_MAX], record[PATH_MAX], marker[PATH_MAX];
+    const char *name = strrchr(wal_path, '/');
+    name = name ? name + 1 : wal_path;
+    if (!plain_name(name) || parent_dir(wal_path, wal_dir) != 0 ||
+        (size_t)snprintf(spool, sizeof spool, "%s/walship", wal_dir) >= sizeof spool ||
+        (size_t)snprintf(record, sizeof record, "%s/pushed/%s", spool, name) >= sizeof record ||
+        (size_t)snprintf(marker, sizeof marker, "%s/pushing/%s", spool, name) >= sizeof marker)
+        return -1;
+    if (!exists(record)) { /* spool.await_pushed: the pusher is uploading it right now */
+        if (!exists(marker) || !lock_held(spool, "pusher.lock")) return -1;
+        double checked = started;
+        const struct timespec pause = {0, 2000000};
+        while (exists(marker) && !exists(record)) {
+            double t = now();
+            if (t - started > WAIT_SECONDS) return -1;
+            if (t - checked > 0.05) {
+                if (!lock_held(spool, "pusher.lock")) break;
+                checked = t;
+            }
+            nanosleep(&pause, NULL);
+        }
+    }
+    char text[256], recorded[160], settings[64], extra[2];
+    if (read_small(record, text, sizeof text) < 0 ||
+        sscanf(text, "%159s %63s %1s", recorded, settings, extra) != 2)
+        return -1;
+    char fingerprint[33], file[160];
+    if (settings_fingerprint(fingerprint) != 0 || strcmp(settings, fingerprint) != 0 ||
+        file_fingerprint(wal_path, file, sizeof file) != 0 || strcmp(recorded, file) != 0)
+        return -1;
+    if (unlink(record) != 0) return -1; /* consumed: PostgreSQL asks once per file */
+    long long size = atoll(file);
+    fprintf(stderr, "walship: wal-push %s already pushed ahead in=%lld out=%lld seconds=%.3f\n",
+            name, size, size, now() - started);
+    return 0;
+}
+
 /* ---- everything else: the Python program ---------------------------------------------------- */
 static int recovery_call(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
@@ -309,6 +424,7 @@ static int recovery_call(int argc, char **argv) {
 
 int main(int argc, char **argv) {
     if (argc == 4 && !strcmp(argv[1], "wal-fetch") && deliver(argv[2], argv[3]) == 0) return 0;
+    if (argc == 3 && !strcmp(argv[1], "wal-push") && already_pushed(argv[2]) == 0) return 0;
 
     char self[PATH_MAX], program[PATH_MAX + sizeof PYTHON_PROGRAM];
     ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);

@@ -242,3 +242,91 @@ def test_check_tells_which_launcher_is_installed(tmp_path):
     assert installed_launcher(str(program)).startswith("native")
     (tmp_path / "walship").write_text("#!/usr/bin/python3\n")
     assert installed_launcher(str(program)).startswith("python (no C compiler")
+
+
+# -- wal-push: records of files pushed ahead ----------------------------------------------------
+@pytest.fixture
+def pushed_site(tmp_path, launcher):
+    (launcher.parent / "handed-over").unlink(missing_ok=True)
+    wal = tmp_path / "pg_wal"
+    wal.mkdir()
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("WALSHIP_", "AZURE_"))}
+    env.update(WALSHIP_REPO=f"file://{tmp_path}/repo", WALSHIP_CONFIG=str(tmp_path / "none"))
+    return wal, env
+
+
+def record(wal: Path, name: str, size: int, env: dict[str, str]) -> Path:
+    path = wal / name
+    path.write_bytes(os.urandom(size))
+    spool.record_pushed(str(wal), name, spool.file_fingerprint(str(path)),
+                        spool.settings_fingerprint(env))
+    return Path(spool.spool_dir(str(wal))) / "pushed" / name
+
+
+@pytest.mark.parametrize("name, size", [
+    ("000000010000000000000001", SIZE),
+    ("000000010000000000000002", 12_000),  # the two 8 KiB edges overlap: read once
+    ("000000010000000000000003", 8192),
+    ("00000002.history", 42),
+    ("000000010000000000000004.partial", SIZE),
+    ("000000010000000000000004.00000028.backup", 300),
+    ("000000010000000000000005", 0),
+])
+def test_push_recorded_ahead_is_answered_without_python(launcher, pushed_site, name, size):
+    wal, env = pushed_site
+    entry = record(wal, name, size, env)
+    done = call(launcher, env, "wal-push", f"pg_wal/{name}", cwd=wal.parent)
+    assert (done.returncode, handed_over(launcher)) == (0, None), done.stderr
+    assert not entry.exists()  # consumed: PostgreSQL asks once per file
+    assert f"wal-push {name} already pushed ahead in={size}" in done.stderr
+
+
+def _touched(wal, name, env):
+    with open(wal / name, "r+b") as handle:
+        handle.seek(5000)
+        handle.write(b"changed")  # inside neither 8 KiB edge: the mtime tells
+
+
+def _settings_changed(wal, name, env):
+    env["WALSHIP_REPO"] += "-elsewhere"
+
+
+def _unrecorded(wal, name, env):
+    os.unlink(Path(spool.spool_dir(str(wal))) / "pushed" / name)
+
+
+@pytest.mark.parametrize("change", [_touched, _settings_changed, _unrecorded])
+def test_push_hands_over_unless_the_record_holds(launcher, pushed_site, change):
+    wal, env = pushed_site
+    name = "000000010000000000000001"
+    record(wal, name, 3 * 8192, env)
+    change(wal, name, env)
+    done = call(launcher, env, "wal-push", str(wal / name))
+    assert done.returncode == 42 and handed_over(launcher) == ["wal-push", str(wal / name)]
+
+
+def test_push_waits_for_the_pusher_uploading_the_file(launcher, pushed_site):
+    wal, env = pushed_site
+    name = "000000010000000000000001"
+    root = Path(spool.spool_dir(str(wal)))
+    (root / "pushing").mkdir(parents=True)
+    (root / "pushing" / name).touch()
+    lock = os.open(root / "pusher.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    (wal / name).write_bytes(os.urandom(SIZE))
+
+    def pusher() -> None:
+        time.sleep(0.4)
+        spool.record_pushed(str(wal), name, spool.file_fingerprint(str(wal / name)),
+                            spool.settings_fingerprint(env))
+        (root / "pushing" / name).unlink()
+
+    thread = threading.Thread(target=pusher)
+    thread.start()
+    try:
+        done = call(launcher, env, "wal-push", str(wal / name))
+    finally:
+        thread.join()
+        os.close(lock)
+    assert (done.returncode, handed_over(launcher)) == (0, None), done.stderr
