@@ -21,7 +21,8 @@
  *     1970-01-01 00:00:01 (SEALED_MTIME_NS);
  *   - the settings fingerprint: the first 32 hex digits of SHA-256 over "KEY=VALUE\0" for every
  *     WALSHIP_* and AZURE_* variable in key order, then the config file's identity;
- *   - a live worker holds an flock on worker.lock; `want` holds "<name> <size>\n";
+ *   - a live worker holds an flock on worker.lock; `want` holds "<name> <size>\n", and a
+ *     byte written to the FIFO `wake` after it is changed wakes the worker;
  *   - the push record <dirname of path>/walship/pushed/<name>: "<file fingerprint> <settings
  *     fingerprint>\n", the file fingerprint being "<size>:<mtime ns>:<inode>:<first 16 hex
  *     digits of SHA-256 over the first 8 KiB and the last 8 KiB>"; the pusher's marker
@@ -244,6 +245,19 @@ static int segment_name(const char *name) {
     return 1;
 }
 
+/* spool.wake_worker: a byte on the worker's FIFO makes it read `want` now. */
+static void wake_worker(const char *cache) {
+    char path[PATH_MAX + 8];
+    snprintf(path, sizeof path, "%s/wake", cache);
+    int fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return; /* no worker listens */
+    struct stat st;
+    if (fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode) && write(fd, "!", 1) < 0) {
+        /* full: the worker has bytes to read, so it is awake anyway */
+    }
+    close(fd);
+}
+
 /* The directory part of path, as os.path.dirname(path) or "." (-1 when too long). */
 static int parent_dir(const char *path, char dir[PATH_MAX]) {
     const char *slash = strrchr(path, '/');
@@ -310,6 +324,7 @@ static int deliver(const char *name, const char *destination) {
             if (!ok || rename(temp, want) != 0) unlink(temp);
         }
     }
+    wake_worker(cache);
     fprintf(stderr,
             "walship: wal-fetch %s delivered from prefetch cache in=%s out=%s seconds=%.3f\n",
             name, st_size, st_size, now() - started);

@@ -78,7 +78,11 @@ def handed_over(launcher: Path) -> list[str] | None:
 def test_delivers_a_sealed_segment_without_python(launcher, site):
     wal, cache, env = site
     data = seal(cache, env)
+    os.mkfifo(cache / spool.WAKE, 0o600)
+    wake = os.open(cache / spool.WAKE, os.O_RDWR | os.O_NONBLOCK)
     done = call(launcher, env, "wal-fetch", SEGMENT, str(wal / "RECOVERYXLOG"))
+    assert os.read(wake, 16) == b"!"  # the worker is woken to move its window
+    os.close(wake)
     assert done.returncode == 0, done.stderr
     assert handed_over(launcher) is None
     assert (wal / "RECOVERYXLOG").read_bytes() == data

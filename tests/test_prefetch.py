@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from walship import spool
+from walship import prefetch, spool
 from walship.entry import main
 
 SEGMENT = 1 << 20  # wal_segment_size = 1 MB: the smallest, for speed
@@ -402,5 +402,43 @@ def test_window_misses_back_off_and_never_list_the_repository(env, monkeypatch):
         worker.lookup(name(41), "n1", worker.fingerprint)
         assert (cache / "ask" / f"{name(41)}.answer").read_text().split() == ["n1", "missing"]
         assert lists == [("wal/", 1)]
+    finally:
+        worker.pool.shutdown(wait=True)
+
+
+def test_worker_sleeps_until_a_call_wakes_it(env, monkeypatch):
+    """An idle worker sleeps on its FIFO instead of polling: a call's ``want`` (or lookup
+    request) wakes it at once, as does the end of one of its own downloads."""
+    restore, _ = env
+    cache = cache_of(restore)
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(prefetch, "WAKE_SECONDS", 30.0)
+    worker = prefetch.Worker(str(cache))
+    try:
+        assert worker.poll_seconds == 30.0
+        timer = threading.Timer(0.2, spool.want, (str(cache), name(5), SEGMENT))
+        timer.start()
+        began = time.monotonic()
+        worker.sleep()
+        assert time.monotonic() - began < 10
+        timer = threading.Timer(0.2, worker._ended, (None,))
+        timer.start()
+        began = time.monotonic()
+        worker.sleep()
+        assert time.monotonic() - began < 10
+    finally:
+        worker.pool.shutdown(wait=True)
+
+
+def test_worker_without_a_fifo_polls(env):
+    restore, _ = env
+    cache = cache_of(restore)
+    cache.mkdir(parents=True)
+    (cache / spool.WAKE).write_text("not a FIFO")
+    worker = prefetch.Worker(str(cache))
+    try:
+        assert worker.poll_seconds == prefetch.POLL_SECONDS
+        spool.wake_worker(str(cache))  # writes nothing into a regular file
+        assert (cache / spool.WAKE).read_text() == "not a FIFO"
     finally:
         worker.pool.shutdown(wait=True)

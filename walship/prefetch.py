@@ -15,6 +15,8 @@ the cache, once nobody has asked for anything for ``IDLE_SECONDS``.
 from __future__ import annotations
 
 import os
+import select
+import stat
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +33,8 @@ if TYPE_CHECKING:
 
 IDLE_SECONDS = 30.0
 DEFAULT_SEGMENT_SIZE = spool.DEFAULT_SEGMENT_SIZE
-POLL_SECONDS = 0.01
+POLL_SECONDS = 0.01  # how often the worker looks for requests where it has no wake FIFO ...
+WAKE_SECONDS = 0.1  # ... and how often it steps anyway with one (retries, idleness)
 RETRY_SECONDS = 0.5  # after a window download fails, doubling while it keeps failing ...
 RETRY_MAX_SECONDS = 8.0  # ... up to this: a standby waiting for WAL polls gently (a call
 # that needs the segment asks for it at once, whatever the back-off)
@@ -84,6 +87,29 @@ class Worker:
         self.answered: dict[str, float] = {}  # name -> when: its cache entry is kept a while
         self.served: dict[str, str] = {}  # name -> nonce answered (a dead caller's
         # request stays behind: it is answered once, not again at every step)
+        # The worker sleeps until a call writes to the wake FIFO, a download or lookup ends
+        # (a byte on a pipe of its own), or its poll interval has passed.
+        self.wake_fds, self.poll_seconds = _wake_fifo(cache)
+        self._ended_r, self._ended_w = os.pipe()
+        os.set_blocking(self._ended_r, False)
+        os.set_blocking(self._ended_w, False)
+        self.wake_fds.append(self._ended_r)
+
+    def _ended(self, _: object) -> None:
+        try:
+            os.write(self._ended_w, b"!")
+        except OSError:
+            pass  # full: the worker will wake anyway
+
+    def sleep(self) -> None:
+        """Until something happens, or the poll interval passes."""
+        ready, _, _ = select.select(self.wake_fds, [], [], self.poll_seconds)
+        for fd in ready:
+            try:
+                while os.read(fd, 4096):
+                    pass
+            except BlockingIOError:
+                pass
 
     def fetch(self, name: str, *, prove_absence: bool = True) -> None:
         """Download ``name`` into the cache, verified, and seal it."""
@@ -176,6 +202,7 @@ class Worker:
             if len(name) == 24 and not os.path.exists(os.path.join(self.cache, f"{name}.ok")):
                 self.make_room(window)
             self.asks[name] = self.pool.submit(self.lookup, name, fields[0], fields[1])
+            self.asks[name].add_done_callback(self._ended)
         return waiting or bool(self.asks)
 
     def step(self, want: tuple[str, int] | None) -> None:
@@ -183,7 +210,7 @@ class Worker:
         keep = set(window)
         keep.update(name.split(".", 1)[0] for name in (*self.asks, *self.answered))
         for entry in os.listdir(self.cache):
-            if entry in ("want", "worker.lock", "worker.log", "ask") \
+            if entry in ("want", "worker.lock", "worker.log", "ask", spool.WAKE) \
                     or entry.startswith("want.tmp"):
                 continue
             base = entry.lstrip(".").split(".", 1)[0]  # NAME, NAME.ok, .NAME.walship-x, ...
@@ -230,6 +257,7 @@ class Worker:
                 pass
             room -= 1
             self.inflight[name] = self.pool.submit(self.download, name)
+            self.inflight[name].add_done_callback(self._ended)
 
     def run(self) -> bool:
         """Until nobody has asked for anything for IDLE_SECONDS; then the cache is emptied and
@@ -250,7 +278,26 @@ class Worker:
                 return True
             if now - last_change > IDLE_SECONDS + STUCK_SECONDS:
                 return False
-            time.sleep(POLL_SECONDS)
+            self.sleep()
+
+
+def _wake_fifo(cache: str) -> tuple[list[int], float]:
+    """Open the cache's wake FIFO (:func:`walship.spool.wake_worker`), made if missing, for
+    reading; also for writing, so that it never reads as closed between two callers. Where
+    no FIFO can be made, the worker polls instead."""
+    path = os.path.join(cache, spool.WAKE)
+    try:
+        try:
+            os.mkfifo(path, 0o600)
+        except FileExistsError:
+            pass
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            os.close(fd)
+            return [], POLL_SECONDS
+    except OSError:
+        return [], POLL_SECONDS
+    return [fd], WAKE_SECONDS
 
 
 def main(cache: str) -> int:

@@ -17,6 +17,8 @@ cached segment is a rename within one filesystem::
     prefetch/<name>.inflight   the worker is downloading <name> (or has queued it)
     prefetch/<name>.missing    the worker's last attempt found no <name> (calls need not wait)
     prefetch/want          "<name> <segment size>": the segment PostgreSQL asked for last
+    prefetch/wake          a FIFO the worker reads: a call writes a byte to it after changing
+                           ``want`` or ``ask/`` (see :func:`wake_worker`)
     prefetch/ask/<name>.ask     "<nonce> <settings fingerprint>": a call asks the worker to
                            look <name> up in the repository now ...
     prefetch/ask/<name>.answer  ... and "<nonce> found|missing|error", the worker's answer
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 
 try:  # CPython's own SHA-256: hashlib would load OpenSSL, 2 ms of every call
     from _sha256 import sha256  # type: ignore[import-not-found]  # Python 3.11
@@ -404,6 +407,7 @@ def ask(cache: str, name: str, settings: str) -> str | None:
         write_atomically(request, f"{nonce} {settings}\n")
     except OSError:
         return None
+    wake_worker(cache)
     import time
 
     started = checked = time.monotonic()
@@ -434,6 +438,26 @@ def ask(cache: str, name: str, settings: str) -> str | None:
 def want(cache: str, name: str, segment_size: int) -> None:
     """Tell the prefetch worker which segment PostgreSQL asked for last."""
     write_atomically(os.path.join(cache, "want"), f"{name} {segment_size}\n")
+    wake_worker(cache)
+
+
+WAKE = "wake"  # the worker's FIFO: a byte written to it wakes the worker at once
+
+
+def wake_worker(cache: str) -> None:
+    """Wake the prefetch worker to read ``want`` and ``ask/`` now rather than at its next
+    poll; nothing happens when no worker listens (the FIFO has no reader, or is missing)."""
+    try:
+        fd = os.open(os.path.join(cache, WAKE), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            os.write(fd, b"!")
+    except OSError:
+        pass  # full: the worker has bytes to read, so it is awake anyway
+    finally:
+        os.close(fd)
 
 
 def worker_alive(cache: str) -> bool:
