@@ -6,8 +6,11 @@
  * itself is a few system calls, and starting a Python interpreter for it (about 8 ms of CPU and
  * 9 ms of wall time on the machines we measure) would be nearly all of its cost. This program
  * answers exactly those calls:
- *   - `walship wal-fetch <24-hex segment> <path>` when the prefetch worker has sealed that
- *     segment in its cache: the checks of walship.spool.deliver_cached, then a rename;
+ *   - `walship wal-fetch <name> <path>` while a prefetch worker runs: a file it has sealed in
+ *     its cache is delivered with the checks of walship.spool.deliver_cached and a rename;
+ *     one it neither holds nor is downloading (a history file, the end of the archive) it
+ *     looks up now, asked through ask/ as walship.spool.ask does. Its fresh "missing" is the
+ *     only "not found" (exit 1) this program ever gives;
  *   - `walship wal-push <path>` when the background pusher has recorded that file as durably
  *     stored and the file still matches the record: walship.spool.take_pushed;
  * and hands every other call, unchanged, to the Python program (`walship-py`, installed beside
@@ -23,6 +26,8 @@
  *     WALSHIP_* and AZURE_* variable in key order, then the config file's identity;
  *   - a live worker holds an flock on worker.lock; `want` holds "<name> <size>\n", and a
  *     byte written to the FIFO `wake` after it is changed wakes the worker;
+ *   - a lookup: ask/<name>.ask holds "<nonce> <settings fingerprint>\n", the worker answers
+ *     in ask/<name>.answer "<nonce> found|missing|error\n";
  *   - the push record <dirname of path>/walship/pushed/<name>: "<file fingerprint> <settings
  *     fingerprint>\n", the file fingerprint being "<size>:<mtime ns>:<inode>:<first 16 hex
  *     digits of SHA-256 over the first 8 KiB and the last 8 KiB>"; the pusher's marker
@@ -51,6 +56,7 @@ extern char **environ;
 #define FAILED 6
 #define SEALED_MTIME_SEC 1
 #define WAIT_SECONDS 120.0  /* spool.WAIT_SECONDS */
+#define ASK_SECONDS 60.0    /* spool.ASK_SECONDS */
 
 /* ---- SHA-256 (FIPS 180-4) ------------------------------------------------------------------ */
 typedef struct {
@@ -274,64 +280,6 @@ static int parent_dir(const char *path, char dir[PATH_MAX]) {
     return 0;
 }
 
-/* 0: delivered. -1: not answered here (nothing was changed). */
-static int deliver(const char *name, const char *destination) {
-    double started = now();
-    if (!segment_name(name)) return -1;
-    char dir[PATH_MAX], cache[PATH_MAX], path[PATH_MAX], seal[PATH_MAX];
-    if (parent_dir(destination, dir) != 0 ||
-        (size_t)snprintf(cache, sizeof cache, "%s/walship/prefetch", dir) >= sizeof cache ||
-        (size_t)snprintf(path, sizeof path, "%s/%s", cache, name) >= sizeof path ||
-        (size_t)snprintf(seal, sizeof seal, "%s.ok", path) >= sizeof seal)
-        return -1;
-    if (!lock_held(cache, "worker.lock")) return -1; /* Python starts one */
-    if (!await_seal(cache, name, seal)) return -1;
-
-    char text[256], boot[64], ino[32], size[32], settings[64], extra[2];
-    if (read_small(seal, text, sizeof text) < 0 ||
-        sscanf(text, "%63s %31s %31s %63s %1s", boot, ino, size, settings, extra) != 4)
-        return -1;
-    char this_boot[64], fingerprint[33];
-    if (read_small("/proc/sys/kernel/random/boot_id", this_boot, sizeof this_boot) <= 0)
-        return -1;
-    this_boot[strcspn(this_boot, " \t\r\n")] = '\0';
-    if (!this_boot[0] || strcmp(boot, this_boot) != 0) return -1;
-    if (settings_fingerprint(fingerprint) != 0 || strcmp(settings, fingerprint) != 0) return -1;
-
-    struct stat st;
-    char st_ino[32], st_size[32];
-    if (stat(path, &st) != 0) return -1;
-    snprintf(st_ino, sizeof st_ino, "%llu", (unsigned long long)st.st_ino);
-    snprintf(st_size, sizeof st_size, "%lld", (long long)st.st_size);
-    if (strcmp(ino, st_ino) || strcmp(size, st_size) || st.st_mtim.tv_sec != SEALED_MTIME_SEC ||
-        st.st_mtim.tv_nsec != 0)
-        return -1;
-
-    /* Delivered with the present as its mtime, like any file just written. */
-    if (utimensat(AT_FDCWD, path, NULL, 0) != 0) return -1;
-    if (rename(path, destination) != 0) return -1;
-    unlink(seal);
-
-    /* Move the prefetch window (spool.want); the segment is delivered whatever happens here. */
-    char want[PATH_MAX], temp[PATH_MAX + 32], line[64];
-    int n = snprintf(line, sizeof line, "%s %s\n", name, st_size);
-    if ((size_t)snprintf(want, sizeof want, "%s/want", cache) < sizeof want &&
-        (size_t)snprintf(temp, sizeof temp, "%s.tmp%ld", want, (long)getpid()) < sizeof temp) {
-        int fd = open(temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-        if (fd >= 0) {
-            int ok = write(fd, line, (size_t)n) == n;
-            close(fd);
-            if (!ok || rename(temp, want) != 0) unlink(temp);
-        }
-    }
-    wake_worker(cache);
-    fprintf(stderr,
-            "walship: wal-fetch %s delivered from prefetch cache in=%s out=%s seconds=%.3f\n",
-            name, st_size, st_size, now() - started);
-    return 0;
-}
-
-/* ---- push-ahead records (spool.take_pushed) -------------------------------------------------- */
 /* fastpath._plain_name: a segment, .partial, .history or .backup file name. */
 static int hex_run(const char *p, size_t n) {
     for (size_t i = 0; i < n; i++)
@@ -349,6 +297,133 @@ static int plain_name(const char *name) {
             !strcmp(suffix + 9, ".backup"));
 }
 
+/* spool.write_atomically: text into path through a temporary file and a rename. */
+static int write_atomically(const char *path, const char *text) {
+    char temp[PATH_MAX + 32];
+    if ((size_t)snprintf(temp, sizeof temp, "%s.tmp%ld", path, (long)getpid()) >= sizeof temp)
+        return -1;
+    int fd = open(temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return -1;
+    size_t n = strlen(text);
+    int ok = write(fd, text, n) == (ssize_t)n;
+    close(fd);
+    if (ok && rename(temp, path) == 0) return 0;
+    unlink(temp);
+    return -1;
+}
+
+/* spool.ask: have the running worker look name up in the repository now. 1: found (then it
+ * is sealed in the cache); 0: missing (the repository, asked after this call began, says so);
+ * -1: no answer (no worker, other settings, an error, time is up): Python finds out itself. */
+static int ask(const char *cache, const char *name, const char *settings) {
+    char directory[PATH_MAX], request[PATH_MAX + 32], answer[PATH_MAX + 32];
+    if ((size_t)snprintf(directory, sizeof directory, "%s/ask", cache) >= sizeof directory)
+        return -1;
+    snprintf(request, sizeof request, "%s/%s.ask", directory, name);
+    snprintf(answer, sizeof answer, "%s/%s.answer", directory, name);
+    unsigned char random[8];
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t got = read(fd, random, sizeof random);
+    close(fd);
+    if (got != (ssize_t)sizeof random) return -1;
+    char nonce[17], line[128];
+    for (int i = 0; i < 8; i++) sprintf(nonce + 2 * i, "%02x", random[i]);
+    snprintf(line, sizeof line, "%s %s\n", nonce, settings);
+    if ((mkdir(directory, 0777) != 0 && errno != EEXIST) || write_atomically(request, line) != 0)
+        return -1;
+    wake_worker(cache);
+    int verdict = -1;
+    double started = now(), checked = started;
+    const struct timespec pause = {0, 1000000};
+    for (;;) {
+        char text[128], seen[64], word[16], extra[2];
+        if (read_small(answer, text, sizeof text) >= 0 &&
+            sscanf(text, "%63s %15s %1s", seen, word, extra) == 2 && !strcmp(seen, nonce)) {
+            verdict = !strcmp(word, "found") ? 1 : !strcmp(word, "missing") ? 0 : -1;
+            break;
+        }
+        double t = now();
+        if (t - started > ASK_SECONDS) break;
+        if (t - checked > 0.05) {
+            if (!lock_held(cache, "worker.lock")) break;
+            checked = t;
+        }
+        nanosleep(&pause, NULL);
+    }
+    unlink(request);
+    unlink(answer);
+    return verdict;
+}
+
+/* fastpath.wal_fetch, for a worker that runs: 0 delivered from the cache, 1 not found (the
+ * worker's fresh lookup says so), -1 not answered here (nothing was changed). */
+static int fetch(const char *name, const char *destination) {
+    double started = now();
+    if (!plain_name(name)) return -1;
+    char dir[PATH_MAX], cache[PATH_MAX], path[PATH_MAX], seal[PATH_MAX];
+    if (parent_dir(destination, dir) != 0 ||
+        (size_t)snprintf(cache, sizeof cache, "%s/walship/prefetch", dir) >= sizeof cache ||
+        (size_t)snprintf(path, sizeof path, "%s/%s", cache, name) >= sizeof path ||
+        (size_t)snprintf(seal, sizeof seal, "%s.ok", path) >= sizeof seal)
+        return -1;
+    if (!lock_held(cache, "worker.lock")) return -1; /* Python starts one */
+    char fingerprint[33];
+    if (settings_fingerprint(fingerprint) != 0) return -1;
+    if (!await_seal(cache, name, seal)) {
+        /* Neither cached nor being downloaded (a history file, the end of the archive, a
+         * download that failed): the worker looks it up now, with its warm connection. */
+        int verdict = ask(cache, name, fingerprint);
+        if (verdict < 0) return -1;
+        if (verdict == 0) {
+            fprintf(stderr,
+                    "walship: wal-fetch %s not found in the archive (asked by the prefetch "
+                    "worker) seconds=%.3f\n",
+                    name, now() - started);
+            return 1;
+        }
+    }
+
+    char text[256], boot[64], ino[32], size[32], settings[64], extra[2];
+    if (read_small(seal, text, sizeof text) < 0 ||
+        sscanf(text, "%63s %31s %31s %63s %1s", boot, ino, size, settings, extra) != 4)
+        return -1;
+    char this_boot[64];
+    if (read_small("/proc/sys/kernel/random/boot_id", this_boot, sizeof this_boot) <= 0)
+        return -1;
+    this_boot[strcspn(this_boot, " \t\r\n")] = '\0';
+    if (!this_boot[0] || strcmp(boot, this_boot) != 0 || strcmp(settings, fingerprint) != 0)
+        return -1;
+
+    struct stat st;
+    char st_ino[32], st_size[32];
+    if (stat(path, &st) != 0) return -1;
+    snprintf(st_ino, sizeof st_ino, "%llu", (unsigned long long)st.st_ino);
+    snprintf(st_size, sizeof st_size, "%lld", (long long)st.st_size);
+    if (strcmp(ino, st_ino) || strcmp(size, st_size) || st.st_mtim.tv_sec != SEALED_MTIME_SEC ||
+        st.st_mtim.tv_nsec != 0)
+        return -1;
+
+    /* Delivered with the present as its mtime, like any file just written. */
+    if (utimensat(AT_FDCWD, path, NULL, 0) != 0) return -1;
+    if (rename(path, destination) != 0) return -1;
+    unlink(seal);
+
+    if (segment_name(name)) {
+        /* Move the prefetch window (spool.want); delivered whatever happens here. */
+        char want[PATH_MAX], line[64];
+        snprintf(line, sizeof line, "%s %s\n", name, st_size);
+        if ((size_t)snprintf(want, sizeof want, "%s/want", cache) < sizeof want)
+            write_atomically(want, line);
+        wake_worker(cache);
+    }
+    fprintf(stderr,
+            "walship: wal-fetch %s delivered from prefetch cache in=%s out=%s seconds=%.3f\n",
+            name, st_size, st_size, now() - started);
+    return 0;
+}
+
+/* ---- push-ahead records (spool.take_pushed) -------------------------------------------------- */
 #define EDGE 8192
 
 /* spool.file_fingerprint: "<size>:<mtime ns>:<inode>:<16 hex digits>". */
@@ -438,7 +513,10 @@ static int recovery_call(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
-    if (argc == 4 && !strcmp(argv[1], "wal-fetch") && deliver(argv[2], argv[3]) == 0) return 0;
+    if (argc == 4 && !strcmp(argv[1], "wal-fetch")) {
+        int status = fetch(argv[2], argv[3]);
+        if (status >= 0) return status;
+    }
     if (argc == 3 && !strcmp(argv[1], "wal-push") && already_pushed(argv[2]) == 0) return 0;
 
     char self[PATH_MAX], program[PATH_MAX + sizeof PYTHON_PROGRAM];

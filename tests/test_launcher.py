@@ -165,9 +165,8 @@ def test_hands_over_whenever_the_seal_does_not_hold(launcher, site, tmp_path, ch
 
 
 @pytest.mark.parametrize("args", [
-    ["wal-fetch", "00000002.history", "pg_wal/RECOVERYHISTORY"],
     ["wal-fetch", SEGMENT.lower(), "pg_wal/RECOVERYXLOG"],
-    ["wal-fetch", f"{SEGMENT}.partial", "pg_wal/RECOVERYXLOG"],
+    ["wal-fetch", "000000010000000000000001.gz", "pg_wal/RECOVERYXLOG"],
     ["wal-fetch", SEGMENT, "pg_wal/RECOVERYXLOG", "--debug"],
     ["wal-push", "pg_wal/000000010000000000000001"],
     ["status", "--dbname", "host=/tmp"],
@@ -201,12 +200,16 @@ def test_waits_for_a_segment_being_downloaded(launcher, site):
     assert (wal / "RECOVERYXLOG").stat().st_size == SIZE
 
 
-def test_a_download_that_ends_unsealed_goes_to_python(launcher, site):
+def test_a_download_that_ends_unsealed_is_looked_up_again(launcher, site):
+    """The worker's download failed: the call asks the worker to look the segment up; the
+    worker's answer decides (here an error: Python takes the call)."""
     wal, cache, env = site
     marker = cache / f"{SEGMENT}.inflight"
     marker.touch()
     threading.Timer(0.3, marker.unlink).start()
+    thread = answer_lookups(cache, env, "error")
     done = call(launcher, env, "wal-fetch", SEGMENT, str(wal / "RECOVERYXLOG"))
+    thread.join()
     assert done.returncode == 42, done.stderr
 
 
@@ -216,6 +219,7 @@ def test_a_download_that_ends_unsealed_goes_to_python(launcher, site):
 ])
 def test_without_its_python_program_it_fails_loudly(launcher, site, tmp_path, args, status):
     wal, cache, env = site
+    (cache / "worker.lock").rename(cache / "gone")  # no worker: straight to Python
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(launcher, alone / "walship")
@@ -334,3 +338,67 @@ def test_push_waits_for_the_pusher_uploading_the_file(launcher, pushed_site):
         thread.join()
         os.close(lock)
     assert (done.returncode, handed_over(launcher)) == (0, None), done.stderr
+
+
+# -- wal-fetch: lookups by the worker (spool.ask) -------------------------------------------------
+def answer_lookups(cache: Path, env: dict[str, str], verdict: str, *, seal_first: bool = False,
+                   nonce: str | None = None) -> threading.Thread:
+    """Play the worker's part of spool.ask once: check the request's settings fingerprint
+    against Python's, then answer it."""
+    def worker() -> None:
+        directory = cache / "ask"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            requests = list(directory.glob("*.ask")) if directory.exists() else []
+            if requests:
+                request = requests[0]
+                fields = request.read_text().split()
+                name = request.name[:-len(".ask")]
+                answer = verdict if fields[1] == spool.settings_fingerprint(env) else "error"
+                if seal_first and answer == "found":
+                    seal(cache, env, name)
+                spool.write_atomically(str(directory / f"{name}.answer"),
+                                       f"{nonce or fields[0]} {answer}\n")
+                return
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("name", ["00000002.history", SEGMENT, f"{SEGMENT}.partial"])
+def test_a_fresh_missing_from_the_worker_is_not_found(launcher, site, name):
+    wal, cache, env = site
+    thread = answer_lookups(cache, env, "missing")
+    done = call(launcher, env, "wal-fetch", name, str(wal / "RECOVERYXLOG"))
+    thread.join()
+    assert (done.returncode, handed_over(launcher)) == (1, None), done.stderr
+    assert f"wal-fetch {name} not found in the archive (asked by the prefetch worker)" \
+        in done.stderr
+    assert not list((cache / "ask").iterdir())  # request and answer cleaned up
+
+
+def test_a_file_found_by_the_worker_is_delivered(launcher, site):
+    wal, cache, env = site
+    thread = answer_lookups(cache, env, "found", seal_first=True)
+    done = call(launcher, env, "wal-fetch", "00000002.history", str(wal / "RECOVERYHISTORY"))
+    thread.join()
+    assert (done.returncode, handed_over(launcher)) == (0, None), done.stderr
+    assert (wal / "RECOVERYHISTORY").stat().st_size == SIZE
+    assert not (cache / "want").exists()  # only segments move the window
+
+
+@pytest.mark.parametrize("verdict, nonce", [("error", None), ("maybe", None),
+                                            ("missing", "0123456789abcdef")])
+def test_any_other_answer_goes_to_python(launcher, site, verdict, nonce):
+    """An error, an unknown word, or an answer to somebody else's request (another nonce):
+    never "not found"."""
+    wal, cache, env = site
+    thread = answer_lookups(cache, env, verdict, nonce=nonce)
+    if nonce:  # the real answer never comes: the worker dies, the call hands over
+        threading.Timer(0.5, lambda: (cache / "worker.lock").rename(cache / "gone")).start()
+    args = ["wal-fetch", "00000002.history", str(wal / "RECOVERYHISTORY")]
+    done = call(launcher, env, *args)
+    thread.join()
+    assert done.returncode == 42 and handed_over(launcher) == args, done.stderr
