@@ -442,3 +442,47 @@ def test_worker_without_a_fifo_polls(env):
         assert (cache / spool.WAKE).read_text() == "not a FIFO"
     finally:
         worker.pool.shutdown(wait=True)
+
+
+def test_last_segment_is_kept_at_the_end_of_the_archive(env, capsys):
+    """Recovery reads its last segment once more when it ends (to start the new timeline):
+    once the next segment is known to be missing, the worker keeps that last one cached, and
+    the cache still holds no more than the window."""
+    restore, originals = env
+    for n in (37, 38, 39, 40):
+        assert fetch(restore, name(n), capsys)[0] == 0
+    assert fetch(restore, name(41), capsys)[0] == 1  # the end of the archive
+    assert wait_for(lambda: name(40) in sealed(restore))
+    status, err = fetch(restore, name(40), capsys)
+    assert status == 0 and "prefetch cache" in err, err
+    assert (restore / "RECOVERYXLOG").read_bytes() == originals[name(40)]
+    assert len([p for p in cache_of(restore).iterdir() if len(p.name) == 24]) <= 8
+
+
+@pytest.mark.parametrize("start, seeded", [
+    ("000000010000000000000026", "000000010000000000000025"),
+    ("000000020000000100000000", "0000000200000000000000FF"),  # across a log id
+    ("000000010000000000000000", None),  # nothing before the first segment
+])
+def test_first_call_seeds_the_window_from_backup_label(tmp_path, start, seeded):
+    """A recovery asks for a history file first: the worker it starts is told to begin at the
+    base backup's first segment (the window starts after ``want``)."""
+    wal = tmp_path / "pg_wal"
+    cache = tmp_path / "pg_wal" / "walship" / "prefetch"
+    cache.mkdir(parents=True)
+    (tmp_path / "backup_label").write_text(
+        f"START WAL LOCATION: 0/26000028 (file {start})\nCHECKPOINT LOCATION: 0/26000060\n")
+    spool.seed_want(str(cache), "00000002.history", str(wal))
+    want = (cache / "want").read_text() if (cache / "want").exists() else None
+    assert want == (f"{seeded} {16 << 20}\n" if seeded else None)
+
+
+def test_seeding_never_overrides_a_call(tmp_path):
+    wal = tmp_path / "pg_wal"
+    cache = wal / "walship" / "prefetch"
+    cache.mkdir(parents=True)
+    spool.seed_want(str(cache), name(7), str(wal))
+    assert (cache / "want").read_text() == f"{name(7)} {16 << 20}\n"
+    (tmp_path / "backup_label").write_text(f"START WAL LOCATION: 0/1 (file {name(30)})\n")
+    spool.seed_want(str(cache), "00000002.history", str(wal))
+    assert (cache / "want").read_text() == f"{name(7)} {16 << 20}\n"

@@ -22,7 +22,7 @@ TAKE_UP_SECONDS = 10.0  # for a pusher just started to import, connect and take 
 RACE_SECONDS = 2.0  # for a running pusher to take up a file a call asks for before it does
 
 
-_HEX = frozenset("0123456789ABCDEF")
+_HEX = spool.HEX_DIGITS
 
 
 def _plain_name(name: str) -> bool:
@@ -89,8 +89,7 @@ def wal_fetch(name: str, destination: str) -> int | None:
             # rather than start the full program here as well (the worker pays the storage
             # SDK's import once, for this call and every later one).
             os.makedirs(cache, exist_ok=True)
-            if len(name) == 24 and spool.read_text(os.path.join(cache, "want")) is None:
-                spool.want(cache, name, spool.DEFAULT_SEGMENT_SIZE)  # a guess: see prefetch
+            spool.seed_want(cache, name, os.path.dirname(destination) or ".")
             spool.start_worker(cache)
             if not spool.await_worker(cache, spool.START_SECONDS):
                 return None

@@ -208,6 +208,13 @@ class Worker:
     def step(self, want: tuple[str, int] | None) -> None:
         window = _window(want, self.depth, self.max_bytes)
         keep = set(window)
+        # At the end of the archive (the next segment was not found), the segment PostgreSQL
+        # asked for last is kept in the cache, downloaded again: recovery reads it once more
+        # when it ends (to start the new timeline), and then finds it here.
+        last = want[0] if want is not None and window and os.path.exists(
+            os.path.join(self.cache, f"{window[0]}.missing")) else None
+        if last is not None:
+            keep.add(last)
         keep.update(name.split(".", 1)[0] for name in (*self.asks, *self.answered))
         for entry in os.listdir(self.cache):
             if entry in ("want", "worker.lock", "worker.log", "ask", spool.WAKE) \
@@ -243,6 +250,11 @@ class Worker:
         # calls (the one a call waits for lies before the window) until their caller takes
         # them. At most len(window) segments are on disk.
         room = len(window) - len(self.in_use())
+        if any(not future.done() for future in self.asks.values()):
+            room = 0  # a call waits for a lookup: no new download competes with it
+        if last is not None and room > 0 and self._due(last, now):
+            self._queue(last)
+            room -= 1
         for name in window:
             if room <= 0:
                 break
@@ -250,14 +262,22 @@ class Worker:
                 continue  # (counted in in_use; an unsealed leftover is downloaded over)
             if self.retry_at.get(name, 0) > now:
                 break  # not archived yet (or failing): nothing after it is either
-            open(os.path.join(self.cache, f"{name}.inflight"), "w").close()  # queued
-            try:
-                os.unlink(os.path.join(self.cache, f"{name}.missing"))
-            except FileNotFoundError:
-                pass
+            self._queue(name)
             room -= 1
-            self.inflight[name] = self.pool.submit(self.download, name)
-            self.inflight[name].add_done_callback(self._ended)
+
+    def _due(self, name: str, now: float) -> bool:
+        """Whether ``name`` is neither cached, nor being downloaded, nor waiting for a retry."""
+        return name not in self.inflight and self.retry_at.get(name, 0) <= now \
+            and not os.path.exists(os.path.join(self.cache, f"{name}.ok"))
+
+    def _queue(self, name: str) -> None:
+        open(os.path.join(self.cache, f"{name}.inflight"), "w").close()  # queued
+        try:
+            os.unlink(os.path.join(self.cache, f"{name}.missing"))
+        except FileNotFoundError:
+            pass
+        self.inflight[name] = self.pool.submit(self.download, name)
+        self.inflight[name].add_done_callback(self._ended)
 
     def run(self) -> bool:
         """Until nobody has asked for anything for IDLE_SECONDS; then the cache is emptied and
@@ -352,6 +372,7 @@ def fetch(archive: Archive, settings: Settings, name: str, destination: str) -> 
         # worker starts now, so that the next calls find it ready to answer them)
         cache = spool.cache_dir(os.path.dirname(destination) or ".")
         os.makedirs(cache, exist_ok=True)
+        spool.seed_want(cache, name, os.path.dirname(destination) or ".")
         spool.start_worker(cache)
         return archive.fetch_wal(name, destination)
     started = time.monotonic()

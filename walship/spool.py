@@ -45,6 +45,7 @@ except ImportError:
         from hashlib import sha256
 
 SPOOL = "walship"
+HEX_DIGITS = frozenset("0123456789ABCDEF")  # of WAL file names
 CONFIG_FILE = "/etc/walship/walship.toml"
 _EDGE = 8192
 
@@ -458,6 +459,39 @@ def wake_worker(cache: str) -> None:
         pass  # full: the worker has bytes to read, so it is awake anyway
     finally:
         os.close(fd)
+
+
+def seed_want(cache: str, name: str, wal_dir: str) -> None:
+    """Before the first call of a recovery starts the worker, tell it where to begin (unless
+    a call already did): the segment asked for, or, for a history file (which a recovery asks
+    for first), the segment before the one its base backup starts at (``backup_label`` in the
+    data directory above ``wal_dir``), so that the window holds the first segments before
+    PostgreSQL asks for them. PostgreSQL's default segment size is a guess until a download
+    tells the real one (a wrong guess only prefetches names that are never asked for)."""
+    if read_text(os.path.join(cache, "want")) is not None:
+        return
+    if len(name) == 24:
+        want(cache, name, DEFAULT_SEGMENT_SIZE)
+        return
+    label = read_text(os.path.join(os.path.dirname(os.path.abspath(wal_dir)), "backup_label"))
+    for line in (label or "").splitlines():
+        if line.startswith("START WAL LOCATION:") and "(file " in line:
+            start = line.split("(file ", 1)[1].rstrip(")").strip()
+            before = _previous_segment(start, DEFAULT_SEGMENT_SIZE)
+            if before is not None:
+                want(cache, before, DEFAULT_SEGMENT_SIZE)
+            return
+
+
+def _previous_segment(name: str, segment_size: int) -> str | None:
+    """The segment before ``name`` on its timeline (None: the first one, or not a name)."""
+    if len(name) != 24 or not HEX_DIGITS.issuperset(name):
+        return None
+    per_id = 0x100000000 // segment_size
+    number = int(name[8:16], 16) * per_id + int(name[16:], 16) - 1
+    if number < 0:
+        return None
+    return f"{name[:8]}{number // per_id:08X}{number % per_id:08X}"
 
 
 def worker_alive(cache: str) -> bool:
