@@ -122,7 +122,7 @@ def test_backup_under_pgbench_load_restores_consistent(pg, file_repository):
         assert load.poll() is None, "pgbench must still be writing when the backup ends"
         time.sleep(1)
     finally:
-        load.send_signal(signal.SIGINT)
+        load.send_signal(signal.SIGTERM)  # (a background job ignores SIGINT)
         load.wait(timeout=60)
     summary_line(push.stderr, "backup-push")
     archive_everything(primary)

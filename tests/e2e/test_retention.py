@@ -53,7 +53,7 @@ def test_delete_in_a_loop_beside_archiving_and_backups(pg, file_repository):
             time.sleep(1.5)
         assert load.poll() is None, "pgbench must still be writing"
     finally:
-        load.send_signal(signal.SIGINT)
+        load.send_signal(signal.SIGTERM)  # (a background job ignores SIGINT)
         load.wait(timeout=60)
         archive_everything(primary)
         time.sleep(0.5)  # one more pass of the deleter over the final state
