@@ -224,8 +224,8 @@ static int exists(const char *path) {
 }
 
 /* While the worker is downloading the segment (its .inflight marker), wait for the seal, as
- * spool.await_sealed does. Returns 1 when the seal is there, 0 when it is not coming (the
- * marker went without it, the worker died, time is up): then Python takes the call. */
+ * spool.await_sealed does. Returns 1 when the seal is there, 0 when it is not coming (no
+ * marker, or it went without a seal, the worker died, time is up): then the worker is asked. */
 static int await_seal(const char *cache, const char *name, const char *seal) {
     char marker[PATH_MAX + 16];
     snprintf(marker, sizeof marker, "%s/%s.inflight", cache, name);
@@ -241,13 +241,6 @@ static int await_seal(const char *cache, const char *name, const char *seal) {
         }
         nanosleep(&pause, NULL);
     }
-    return 1;
-}
-
-static int segment_name(const char *name) {
-    if (strlen(name) != 24) return 0;
-    for (const char *p = name; *p; p++)
-        if (!((*p >= '0' && *p <= '9') || (*p >= 'A' && *p <= 'F'))) return 0;
     return 1;
 }
 
@@ -285,6 +278,10 @@ static int hex_run(const char *p, size_t n) {
     for (size_t i = 0; i < n; i++)
         if (!((p[i] >= '0' && p[i] <= '9') || (p[i] >= 'A' && p[i] <= 'F'))) return 0;
     return 1;
+}
+
+static int segment_name(const char *name) {
+    return strlen(name) == 24 && hex_run(name, 24);
 }
 
 static int plain_name(const char *name) {
