@@ -22,22 +22,19 @@ TAKE_UP_SECONDS = 10.0  # for a pusher just started to import, connect and take 
 RACE_SECONDS = 2.0  # for a running pusher to take up a file a call asks for before it does
 
 
-_HEX = spool.HEX_DIGITS
-
-
 def _plain_name(name: str) -> bool:
     """Whether ``name`` has the shape of a WAL file name (a segment, ``.partial``, ``.history``
     or ``.backup`` file; :mod:`walship.wal` has the full rules): anything else goes to the full
     program, which explains the error, and starts no helper process."""
     stem, _, suffix = name.partition(".")
     if len(stem) == 8 and suffix == "history":
-        return _HEX.issuperset(stem)
-    if len(stem) != 24 or not _HEX.issuperset(stem):
+        return spool.HEX_DIGITS.issuperset(stem)
+    if len(stem) != 24 or not spool.HEX_DIGITS.issuperset(stem):
         return False
     if suffix in ("", "partial"):
         return True
     offset, _, kind = suffix.partition(".")
-    return kind == "backup" and len(offset) == 8 and _HEX.issuperset(offset)
+    return kind == "backup" and len(offset) == 8 and spool.HEX_DIGITS.issuperset(offset)
 
 
 def wal_push(path: str) -> bool:
