@@ -260,6 +260,7 @@ class BackupBench:
     def run_once(self, tool: BackupTool, repeat: int, validate: bool) -> dict:
         self.use_archiver(tool)
         before = tool.blobs()
+        pgcluster.warm_memory(self.work, self.args.warm_mib)
         push_s, push_rss, _ = tool.push()
         after = tool.blobs()
         added = {k: v for k, v in after.items()
@@ -268,6 +269,7 @@ class BackupBench:
         make_dir(target)
         os.chmod(target, 0o700)
         pgcluster.cold_cache()
+        pgcluster.warm_memory(self.work, self.args.warm_mib)
         fetch_s, fetch_rss, _ = tool.fetch(target)
         files, restored = tree_bytes(target)
         out = {"push_seconds": push_s, "push_rss_kib": push_rss, "fetch_seconds": fetch_s,

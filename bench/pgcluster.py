@@ -186,6 +186,37 @@ def settle_removals(log=None) -> None:
         time.sleep(wait)
 
 
+def warm_memory(directory: Path, mib: int) -> float:
+    """Write a scratch file of ``mib`` MiB in ``directory`` and delete it; return the seconds
+    this took. Called right before every timed run, so that every run starts with the same
+    memory at hand.
+
+    Why: on a VM whose host takes back the memory its guest frees (free page reporting, as on
+    the Firecracker machines this harness runs on), the first write to a page the host took
+    back costs about 9 us, 2.4 s per GiB, where a page the guest used a moment ago costs
+    nothing extra. A run that restores 1 GiB of WAL right after a fast run reuses that run's
+    freed page cache; after a slow run or an idle wait (15 s is enough) it pays the host. In
+    a lab feed (b) with no wait between runs, pgBackRest took 1.07-1.67 s and walship
+    1.29-1.34 s; with 15 s idle before each run, 1.98-2.31 s and 1.83-2.08 s, about 1.3 s of
+    CPU more each; with 15 s idle and then this scratch file, 1.14-1.35 s and 1.08-1.20 s.
+    So every run starts warm, whatever ran before it (barman-cloud's slow runs, the waits of
+    settle_removals).
+    """
+    if mib <= 0:
+        return 0.0
+    started = time.perf_counter()
+    path = directory / ".warm-memory"
+    chunk = bytes(16 << 20)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(max(1, mib // 16)):
+            os.write(fd, chunk)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return time.perf_counter() - started
+
+
 def cold_cache() -> bool:
     """Flush dirty data and empty the page cache (as root), so that every tool's restore
     starts as on a fresh server: nothing of the previous run left to write back, no file of

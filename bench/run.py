@@ -321,6 +321,7 @@ class Bench:
             with cluster.connect() as conn:
                 conn.query("ALTER SYSTEM SET archive_command = '"
                            + command.replace("'", "''") + "'")
+                warmed = pgcluster.warm_memory(self.work, self.args.warm_mib)
                 started = time.perf_counter()
                 cpu_started = cpu_seconds()
                 conn.query("SELECT pg_reload_conf()")
@@ -347,7 +348,7 @@ class Bench:
             raise RuntimeError(f"{tool.label}: {blobs} blobs stored for {len(t.backlog)} "
                                "segments")
         return {"seconds": seconds, "failed": failed, "blobs": blobs, "bytes": stored,
-                "cpu": cpu}
+                "cpu": cpu, "warm_seconds": warmed}
 
     # (b) ---------------------------------------------------------------------------------------
     def feed(self, tool: Tool, repeat: int, sample: bool = False) -> dict:
@@ -370,6 +371,7 @@ class Bench:
         stderr = open(run_dir / "stderr.log", "ab")
         sampler = CacheSampler(wal / "walship" / "prefetch") if sample else None
         server = _processes_under(self.azurite.location)
+        warmed = pgcluster.warm_memory(self.work, self.args.warm_mib)
         try:
             started = time.perf_counter()
             cpu_started = cpu_seconds()
@@ -409,7 +411,7 @@ class Bench:
             if not filecmp.cmp(wal / name, t.data / "pg_wal" / name, shallow=False):
                 raise RuntimeError(f"{tool.label}: restored {name} differs from the original")
         pgcluster.remove_tree(fake)
-        return {"seconds": seconds, "cpu": cpu, "calls_cpu": calls_cpu,
+        return {"seconds": seconds, "cpu": cpu, "calls_cpu": calls_cpu, "warm_seconds": warmed,
                 "helpers_cpu": helpers_cpu, "server_cpu": server_cpu,
                 "call_median": statistics.median(calls),
                 "call_max": max(calls), "rss_kib_max": max(rss),
@@ -441,6 +443,7 @@ class Bench:
                           log_min_messages="log")
         (data / "recovery.signal").touch()
         pgcluster.chown_tree(data)
+        warmed = pgcluster.warm_memory(self.work, self.args.warm_mib)
         try:
             started = time.perf_counter()
             cpu_started = cpu_seconds()
@@ -481,7 +484,7 @@ class Bench:
             raise RuntimeError(f"{key}: recovery did not replay {t.backlog[-1]}:\n"
                                f"{logtext[-3000:]}")
         pgcluster.remove_tree(data)
-        return {"seconds": seconds, "cpu": cpu}
+        return {"seconds": seconds, "cpu": cpu, "warm_seconds": warmed}
 
     # (d) ---------------------------------------------------------------------------------------
     def peak_rss(self, walship: Walship, pgbackrest: PgBackRestSync, barman: Barman) -> dict:
@@ -866,6 +869,20 @@ def write_doc(path: Path, markdown: str, info: dict, command: str) -> None:
     backup_line = (f"one running pgbench cluster (scale {src['scale']}, {src['bytes'] / 1e6:.0f} MB "
                    f"in {src['files']} files outside pg_wal), backed up and restored by each tool "
                    "into the same Azurite." if src else "not measured in this run.")
+    warm_mib = info.get("warm_mib", 0)
+    warm_line = (f"""* **Warm memory**: right before every timed run (and every backup and restore of (e) and
+  (f)), outside the timing, the harness writes and deletes a {warm_mib} MiB scratch file. This
+  machine is a VM whose host takes back the memory the guest frees (free page reporting):
+  the first write to such a page costs about 9 us (2.4 s per GiB), a page used a moment ago
+  nothing. Without this, a run right after a fast run reused that run's freed page cache,
+  while a run after barman-cloud's slow runs or after an idle wait paid the host: in a lab
+  feed, 15 s idle before each run made pgBackRest's feed 1.98-2.31 s instead of 1.07-1.67 s
+  and walship's 1.83-2.08 s instead of 1.29-1.34 s. The order rotates, but in (b) pgBackRest
+  came right after walship in most rounds and walship never after pgBackRest. With the
+  scratch file, both took 1.08-1.35 s after the same waits. (Before 2026-11-26 the harness
+  did not do this.)
+""" if warm_mib else
+                 "* **Warm memory**: off in this run (`--warm-mib 0`).\n")
     text = f"""# Benchmarks: walship, pgBackRest and barman-cloud
 
 Measured by [`bench/run.py`](../bench/run.py) on {info['date']} (UTC), in one run against one
@@ -947,7 +964,7 @@ are noisy: read the medians and the same-run ratios, not one run.
   (b) it is split: the calls (CPU of the harness's children: `sh` and the tool's command), the
   detached helpers still running at the end of the run (`/proc/PID/stat`), Azurite's node
   process, and the rest.
-* **TLS**: all over HTTPS. walship and barman-cloud verify Azurite's certificate (given as
+{warm_line}* **TLS**: all over HTTPS. walship and barman-cloud verify Azurite's certificate (given as
   `REQUESTS_CA_BUNDLE` / `SSL_CERT_FILE`). {tls}
 * **Peak RSS**: `/usr/bin/time -f %M` around one push and one fetch per tool (pgBackRest without
   async). walship's push runs in a `pg_wal` holding the backlog, so its push-ahead works as
@@ -1039,6 +1056,10 @@ def parse_args() -> argparse.Namespace:
                    help="where to write the report (default docs/benchmarks.md)")
     p.add_argument("--no-docs", action="store_true", help="do not write the report")
     p.add_argument("--json", type=Path, help="also write the raw results as JSON")
+    p.add_argument("--warm-mib", type=int, default=1536, metavar="MIB",
+                   help="before every timed run, write and delete a scratch file this large "
+                        "so that every run starts with warm memory (see "
+                        "pgcluster.warm_memory; 0: off; default 1536)")
     p.add_argument("--timeout", type=float, default=600,
                    help="seconds allowed for one drain or recovery (default 600)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -1122,7 +1143,7 @@ def main() -> int:
                                                       capture_output=True, text=True)
                          .stdout.strip().replace("postgres (PostgreSQL) ", ""),
                          "azurite": azurite.version()},
-            "repeat": args.repeat, "scale": args.scale,
+            "repeat": args.repeat, "scale": args.scale, "warm_mib": args.warm_mib,
             "pgbackrest_verify_tls": PgBackRest.verify_tls(),
             "labels": {t.key: t.label for t in (walship, pgbr, pgbr_sync, barman, barman_par,
                                                  *([baseline] if baseline else []))}
