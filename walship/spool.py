@@ -197,8 +197,10 @@ def start_pusher(wal_dir: str) -> None:
 # glibc's malloc returns freed memory to the kernel as soon as the top of its heap holds more
 # than 128 KiB, and serves buffers of 128 KiB and more by mmap: a helper that moves every
 # segment through the same few buffers of up to 1 MiB (the HTTP reads, zstd's output) faulted
-# in about 730 fresh pages per segment, a sixth of its CPU (far more on a VM whose host
-# reclaims freed guest memory). Helpers live for minutes: they keep their heap instead.
+# in fresh pages for each. Measured in a lab (40 segments downloaded from Azurite by one
+# thread, three runs each way): 732 page faults per segment without these tunables, 1 with;
+# system CPU 4.3-13.5 ms per segment without, 3.3-3.4 ms with (the most on a VM whose host
+# takes back the memory its guest frees). Helpers live for minutes: they keep their heap.
 MALLOC_TUNABLES = ("glibc.malloc.trim_threshold=16777216", "glibc.malloc.mmap_threshold=4194304")
 
 
