@@ -291,7 +291,7 @@ def test_idle_worker_starts_nothing_and_never_outlives_a_hung_download(env, monk
         assert before and all(s in {name(n) for n in range(2, 12)} for s in before)
     finally:
         release.set()
-        worker.pool.shutdown(wait=True)
+        worker.close()
     # idle with nothing running: it returns cleanly, having started nothing new
     worker = prefetch.Worker(str(cache))
     worker.download = hang  # type: ignore[method-assign]
@@ -301,7 +301,7 @@ def test_idle_worker_starts_nothing_and_never_outlives_a_hung_download(env, monk
         assert not worker.inflight
     finally:
         release.set()
-        worker.pool.shutdown(wait=True)
+        worker.close()
 
 
 def test_warm_worker_answers_lookups_fresh_and_never_from_a_cache(env, capsys, tmp_path):
@@ -357,7 +357,7 @@ def test_a_request_left_by_a_dead_caller_is_answered_once(env):
         worker.serve_asks([])
         assert worker.served == {}
     finally:
-        worker.pool.shutdown(wait=True)
+        worker.close()
 
 
 def test_window_misses_back_off_and_never_list_the_repository(env, monkeypatch):
@@ -403,7 +403,7 @@ def test_window_misses_back_off_and_never_list_the_repository(env, monkeypatch):
         assert (cache / "ask" / f"{name(41)}.answer").read_text().split() == ["n1", "missing"]
         assert lists == [("wal/", 1)]
     finally:
-        worker.pool.shutdown(wait=True)
+        worker.close()
 
 
 def test_worker_sleeps_until_a_call_wakes_it(env, monkeypatch):
@@ -427,7 +427,18 @@ def test_worker_sleeps_until_a_call_wakes_it(env, monkeypatch):
         worker.sleep()
         assert time.monotonic() - began < 10
     finally:
-        worker.pool.shutdown(wait=True)
+        worker.close()
+
+
+def test_a_closed_worker_leaves_no_descriptor_open(env):
+    restore, _ = env
+    cache = cache_of(restore)
+    cache.mkdir(parents=True)
+    before = set(os.listdir("/proc/self/fd"))
+    worker = prefetch.Worker(str(cache))
+    assert len(set(os.listdir("/proc/self/fd")) - before) >= 3  # FIFO, pipe
+    worker.close()
+    assert set(os.listdir("/proc/self/fd")) <= before
 
 
 def test_worker_without_a_fifo_polls(env):
@@ -441,7 +452,7 @@ def test_worker_without_a_fifo_polls(env):
         spool.wake_worker(str(cache))  # writes nothing into a regular file
         assert (cache / spool.WAKE).read_text() == "not a FIFO"
     finally:
-        worker.pool.shutdown(wait=True)
+        worker.close()
 
 
 def test_last_segment_is_kept_at_the_end_of_the_archive(env, capsys):

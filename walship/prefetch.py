@@ -95,6 +95,21 @@ class Worker:
         os.set_blocking(self._ended_w, False)
         self.wake_fds.append(self._ended_r)
 
+    def close(self, *, wait: bool = True) -> None:
+        """Stop the download pool, waiting for the downloads running, then close the wake FIFO,
+        the pipe and the storage's connections. ``wait=False`` only cancels what has not
+        started, and closes nothing a running download still uses: the process exits next."""
+        self.pool.shutdown(wait=wait, cancel_futures=True)
+        if not wait:
+            return
+        for fd in {*self.wake_fds, self._ended_w}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.wake_fds = []
+        self.archive.storage.close()
+
     def _ended(self, _: object) -> None:
         try:
             os.write(self._ended_w, b"!")
@@ -345,9 +360,7 @@ def main(cache: str) -> int:
     try:
         clean = worker.run()
     finally:
-        worker.pool.shutdown(wait=clean, cancel_futures=True)
-        if clean:
-            worker.archive.storage.close()
+        worker.close(wait=clean)
     if not clean:  # a download hangs past every timeout: never outlive it
         print("walship: prefetch worker: downloads still running after "
               f"{STUCK_SECONDS:.0f} s idle; exiting", file=sys.stderr, flush=True)
