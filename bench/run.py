@@ -870,7 +870,8 @@ def write_doc(path: Path, markdown: str, info: dict, command: str) -> None:
                    f"in {src['files']} files outside pg_wal), backed up and restored by each tool "
                    "into the same Azurite." if src else "not measured in this run.")
     warm_mib = info.get("warm_mib", 0)
-    warm_line = (f"""* **Warm memory**: right before every timed run (and every backup and restore of (e) and
+    warm_line = (f"""\
+* **Warm memory**: right before every timed run (and every backup and restore of (e) and
   (f)), outside the timing, the harness writes and deletes a {warm_mib} MiB scratch file. This
   machine is a VM whose host takes back the memory the guest frees (free page reporting):
   the first write to such a page costs about 9 us (2.4 s per GiB), a page used a moment ago
@@ -880,9 +881,8 @@ def write_doc(path: Path, markdown: str, info: dict, command: str) -> None:
   and walship's 1.83-2.08 s instead of 1.29-1.34 s. The order rotates, but in (b) pgBackRest
   came right after walship in most rounds and walship never after pgBackRest. With the
   scratch file, both took 1.08-1.35 s after the same waits. (Before 2026-11-26 the harness
-  did not do this.)
-""" if warm_mib else
-                 "* **Warm memory**: off in this run (`--warm-mib 0`).\n")
+  did not do this.)""" if warm_mib else
+                 "* **Warm memory**: off in this run (`--warm-mib 0`).")
     text = f"""# Benchmarks: walship, pgBackRest and barman-cloud
 
 Measured by [`bench/run.py`](../bench/run.py) on {info['date']} (UTC), in one run against one
@@ -964,7 +964,8 @@ are noisy: read the medians and the same-run ratios, not one run.
   (b) it is split: the calls (CPU of the harness's children: `sh` and the tool's command), the
   detached helpers still running at the end of the run (`/proc/PID/stat`), Azurite's node
   process, and the rest.
-{warm_line}* **TLS**: all over HTTPS. walship and barman-cloud verify Azurite's certificate (given as
+{warm_line}
+* **TLS**: all over HTTPS. walship and barman-cloud verify Azurite's certificate (given as
   `REQUESTS_CA_BUNDLE` / `SSL_CERT_FILE`). {tls}
 * **Peak RSS**: `/usr/bin/time -f %M` around one push and one fetch per tool (pgBackRest without
   async). walship's push runs in a `pg_wal` holding the backlog, so its push-ahead works as

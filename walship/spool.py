@@ -225,9 +225,10 @@ def spawn_detached(module: str, argument: str, log_path: str) -> None:
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.posix_spawn(sys.executable, [sys.executable, "-m", module, argument],
-                       helper_environment(os.environ), file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0),
-                                                       (os.POSIX_SPAWN_DUP2, devnull, 1),
-                                                       (os.POSIX_SPAWN_DUP2, log, 2)],
+                       helper_environment(os.environ),
+                       file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0),
+                                     (os.POSIX_SPAWN_DUP2, devnull, 1),
+                                     (os.POSIX_SPAWN_DUP2, log, 2)],
                        setsid=True)
     finally:
         os.close(devnull)
@@ -509,7 +510,9 @@ def seed_want(cache: str, name: str, wal_dir: str) -> None:
 
 
 def _previous_segment(name: str, segment_size: int) -> str | None:
-    """The segment before ``name`` on its timeline (None: the first one, or not a name)."""
+    """The segment before ``name`` on its timeline (None: the first one, or not a name).
+    (:mod:`walship.wal` has the full model, but importing it would load ``dataclasses``,
+    ``enum`` and ``re`` into the fast path, which calls this.)"""
     if len(name) != 24 or not HEX_DIGITS.issuperset(name):
         return None
     per_id = 0x100000000 // segment_size
