@@ -26,6 +26,11 @@ def info(message: str, stream: TextIO | None = None) -> None:
     print(f"walship: {message}", file=stream or sys.stderr, flush=True)
 
 
+def warning(message: str, stream: TextIO | None = None) -> None:
+    """A misconfiguration worth seeing that does not stop the command."""
+    print(f"walship: WARNING: {message}", file=stream or sys.stderr, flush=True)
+
+
 def error(action: str, subject: str, exc: BaseException, *, debug: bool = False,
           stream: TextIO | None = None) -> None:
     """Log a failure in one line (plus a traceback in debug mode)."""
