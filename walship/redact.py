@@ -15,6 +15,7 @@ Standard library only (``re``): cheap to import. Masking twice changes nothing m
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 MASK = "<redacted>"
 _PATTERNS = [
@@ -22,8 +23,9 @@ _PATTERNS = [
     (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s'\"<>?#]*@"), r"\1" + MASK + "@"),
     # query strings (SAS tokens)
     (re.compile(r"\?(?!" + MASK + r")[^\s'\"<>)]*"), "?" + MASK),
-    # key-like values in connection strings and SAS tokens
-    (re.compile(r"(?i)\b(AccountKey|SharedAccessSignature|sig)=[^;&\s'\"]*"), r"\1=" + MASK),
+    # key-like values in connection strings and SAS tokens, and libpq's password keyword
+    (re.compile(r"(?i)\b(AccountKey|SharedAccessSignature|sig|password)=[^;&\s'\"]*"),
+     r"\1=" + MASK),
 ]
 
 
@@ -33,9 +35,12 @@ def mask_url(url: str) -> str:
     return redact(url, limit=1000)
 
 
-def redact(text: str, limit: int = 300) -> str:
-    """``text`` on one line, without query strings, user-info or key-like values, and at most
-    ``limit`` characters."""
+def redact(text: str, limit: int = 300, hide: Iterable[str] = ()) -> str:
+    """``text`` on one line, without query strings, user-info, key-like values or any of the
+    strings in ``hide`` (secrets a library may quote), and at most ``limit`` characters."""
+    for secret in hide:
+        if secret:
+            text = text.replace(secret, MASK)
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     text = " ".join(text.split())
