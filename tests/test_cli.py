@@ -325,3 +325,16 @@ def test_help_shows_the_real_compression_default(capsys):
     assert main(["--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert f"WALSHIP_COMPRESSION_LEVEL; default {DEFAULT_LEVEL}]" in out
+
+
+def test_an_unexpected_error_quoting_a_sas_url_is_masked(repo, monkeypatch, tmp_path, capsys):
+    from walship import archive
+
+    def boom(*args, **kwargs):
+        raise RuntimeError(f"GET https://a.blob.core.windows.net/c/x?sv=1&sig={SECRET} failed")
+
+    monkeypatch.setattr(archive.Archive, "fetch_wal", boom)
+    assert main(["wal-fetch", SEG, str(tmp_path / "x")]) == ExitStatus.RECOVERY_FAILED
+    err = capsys.readouterr().err
+    assert "internal error: RuntimeError" in err and SECRET not in err
+    assert "https://a.blob.core.windows.net/c/x?<redacted>" in err

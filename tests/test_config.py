@@ -124,7 +124,7 @@ def test_the_compression_hint_names_the_real_default(tmp_path):
 def test_urls_are_shown_without_user_info_or_query():
     s = load_settings({}, {"WALSHIP_REPO": "file://u:pw@host/x?sig=SECRET",
                            "AZURE_STORAGE_ACCOUNT_URL": "https://a.blob.core.windows.net/?sig=SEC"})
-    shown = dict((name, value) for name, value, _ in s.describe())
+    shown = {name: value for name, value, _ in s.describe()}
     assert shown["repo"] == "file://<redacted>@host/x?<redacted>"
     assert shown["azure.account_url"] == "https://a.blob.core.windows.net/?<redacted>"
 

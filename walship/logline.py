@@ -2,7 +2,8 @@
 
 Success: ``walship: wal-push 000000010000000000000003 stored in=16777216 out=901234 seconds=0.041``.
 Failure: ``walship: wal-fetch 000000010000000000000003: ERROR: what: why (hint: ...)``; a
-traceback follows only in debug mode. Lines never contain secrets: errors are built without them.
+traceback follows only in debug mode. Lines never contain secrets: errors are built without them,
+and an unexpected exception's text is masked (:func:`walship.redact.redact`).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def error(action: str, subject: str, exc: BaseException, *, debug: bool = False,
     if isinstance(exc, WalshipError):
         text = exc.one_line()
     else:
-        text = f"internal error: {type(exc).__name__}: {exc}".strip()
-        text = " ".join(text.split())
+        from walship.redact import redact  # a library's text may quote a URL with a SAS token
+
+        text = redact(f"internal error: {type(exc).__name__}: {exc}".strip(), limit=1000)
         if not debug:
             text += " (hint: run with --debug or WALSHIP_LOG_LEVEL=debug for a traceback)"
     where = f"{action} {subject}".strip()

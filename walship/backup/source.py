@@ -19,9 +19,9 @@ from datetime import datetime
 from typing import Protocol
 
 from walship import wal
+from walship.errors import StorageError, UsageError, WalshipError
 from walship.pgconn import connection_args, connection_secrets
 from walship.redact import redact
-from walship.errors import StorageError, UsageError, WalshipError
 
 MIN_VERSION = 100000
 
