@@ -28,8 +28,12 @@ def info(message: str, stream: TextIO | None = None) -> None:
 
 
 def warning(message: str, stream: TextIO | None = None) -> None:
-    """A misconfiguration worth seeing that does not stop the command."""
-    print(f"walship: WARNING: {message}", file=stream or sys.stderr, flush=True)
+    """A misconfiguration worth seeing that does not stop the command: nor does a failure to
+    print it (a closed or full stderr), which must not change the command's exit status."""
+    try:
+        print(f"walship: WARNING: {message}", file=stream or sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def error(action: str, subject: str, exc: BaseException, *, debug: bool = False,
