@@ -131,10 +131,7 @@ def keygen(output: str | None) -> int:
     try:
         stream.write(text)
         stream.flush()
-    except (OSError, ValueError) as error:
-        # Nothing more may be written there: leave no buffered key for the interpreter's exit
-        # to fail on again with a traceback-like message.
-        sys.stdout = None  # type: ignore[assignment]
+    except (OSError, ValueError) as error:  # a full disk, a closed pipe
         why = os.strerror(error.errno) if getattr(error, "errno", None) else str(error)
         raise UsageError("cannot write the key to standard output", why,
                          "walship keygen --output FILE") from None

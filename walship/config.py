@@ -121,10 +121,10 @@ def _convert(name: str, kind: type, value: Any, source: str) -> Any:
             isinstance(value, kind) or kind is float and isinstance(value, int)):
         shown = str(value).lower() if isinstance(value, bool) else repr(value)
         example = _OPTIONS[name][2] if name in _OPTIONS else None
+        hint = "" if example is None else f"e.g. {name} = " + (
+            repr(example) if isinstance(example, str) else str(example))
         raise ConfigError(f"invalid {name} {shown} in {source}", f"it must be {wanted}, not "
-                          f"{_toml_kind(value)}", f"e.g. {name} = "
-                          + (repr(example) if isinstance(example, str) else str(example))
-                          if example is not None else "")
+                          f"{_toml_kind(value)}", hint)
     else:
         converted = kind(value)
     if kind is float and not math.isfinite(converted):
