@@ -338,3 +338,13 @@ def test_an_unexpected_error_quoting_a_sas_url_is_masked(repo, monkeypatch, tmp_
     err = capsys.readouterr().err
     assert "internal error: RuntimeError" in err and SECRET not in err
     assert "https://a.blob.core.windows.net/c/x?<redacted>" in err
+
+
+def test_a_file_url_with_a_query_is_refused_not_ignored(repo, monkeypatch, capsys):
+    monkeypatch.setenv("WALSHIP_REPO", f"file://{repo}?sig={SECRET}")
+    assert main(["check"]) == ExitStatus.USAGE
+    err = capsys.readouterr().err
+    assert "no query string" in err and SECRET not in err and err.count("\n") == 1
+    monkeypatch.setenv("WALSHIP_REPO", f"file://{repo}%3Fx")  # an encoded ? is a name
+    assert main(["check"]) == ExitStatus.UNAVAILABLE
+    assert f"{repo}?x does not exist" in capsys.readouterr().err

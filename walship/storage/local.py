@@ -111,6 +111,10 @@ class LocalStorage:
             raise ConfigError(f"invalid repository URL {mask_url(url)!r}", "a file URL needs "
                               "an absolute path", "write it as file:///absolute/path (three "
                               "slashes)")
+        if parts.query or parts.fragment or url.endswith(("?", "#")):
+            raise ConfigError(f"invalid repository URL {mask_url(url)!r}", "a file URL has no "
+                              "query string or fragment", "write it as file:///absolute/path "
+                              "(a ? or # in a directory name as %3F or %23)")
         self.root = Path(unquote(parts.path))
         self.url = f"file://{self.root}"
 
