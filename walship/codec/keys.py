@@ -93,10 +93,11 @@ class EncryptionKey:
 def exposure(status: os.stat_result) -> str | None:
     """How a file holding a secret is open to other users, or None when it is private.
 
-    PostgreSQL's rule for its SSL key (and ssh's for private keys): a file owned by anyone but
-    root must give group and others nothing (0600 or less); a file owned by root may also let
-    its group read it (0640 or less, e.g. ``root:postgres``). Who runs walship does not matter:
-    root may read postgres's 0600 key, and a 0644 key is refused to root as well.
+    PostgreSQL's rule for its SSL key file: a file owned by anyone but root must give group and
+    others nothing (0600 or less, as ssh wants of a private key); a file owned by root may also
+    let its group read it (0640 or less: ``root:postgres`` shares it with the server's user
+    without letting that user change it). Who runs walship does not matter: root may read
+    postgres's 0600 key, and a 0644 key is refused to root as well.
     """
     allowed = 0o640 if status.st_uid == 0 else 0o600
     extra = stat.S_IMODE(status.st_mode) & 0o077 & ~allowed

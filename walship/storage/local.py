@@ -11,7 +11,8 @@ Directories created on the way are fsynced into their parents. Filesystems witho
 fall back to ``renameat2(RENAME_NOREPLACE)``.
 
 The root directory must exist: a missing root (an unmounted share, a typo) is
-:class:`~walship.errors.RepositoryMissing`, never "object not found".
+:class:`~walship.errors.RepositoryMissing`, never "object not found"; a root that is a file is
+a :class:`~walship.errors.ConfigError` that says so.
 """
 
 from __future__ import annotations
