@@ -95,10 +95,7 @@ def test_corrupt_object_aborts_recovery_and_writes_nothing(repo, wal_file, tmp_p
 def test_wrong_key_aborts_recovery(repo, wal_file, tmp_path, monkeypatch):
     key1, key2 = tmp_path / "k1", tmp_path / "k2"
     for key in (key1, key2):
-        with open(key, "w") as handle:
-            monkeypatch.setattr(sys, "stdout", handle)
-            assert main(["keygen"]) == 0
-    monkeypatch.setattr(sys, "stdout", sys.__stdout__)
+        assert main(["keygen", "--output", str(key)]) == 0
     assert key1.read_text() != key2.read_text()
     monkeypatch.setenv("WALSHIP_ENCRYPTION_KEY_FILE", str(key1))
     assert main(["wal-push", str(wal_file)]) == 0
@@ -185,3 +182,169 @@ def test_unreachable_azure_aborts_recovery_within_bounded_time(repo, monkeypatch
     assert status == ExitStatus.RECOVERY_UNAVAILABLE, err
     assert elapsed < 30, elapsed
     assert "c2VjcmV0" not in err and not (tmp_path / "out").exists()
+
+
+# -- secrets are never printed; bad input is one line and exit 2 --------------------------------
+SECRET = "S3CRETSIG"
+
+
+@pytest.mark.parametrize("env,status", [
+    ({"WALSHIP_REPO": f"file://user:pa55word@host/x?sig={SECRET}"}, ExitStatus.USAGE),
+    ({"WALSHIP_REPO": f"https://user:pa55word@host/x?sv=1&sig={SECRET}"}, ExitStatus.USAGE),
+    ({"WALSHIP_REPO": "azure://archive/c1", "AZURE_STORAGE_ACCOUNT_URL":
+      f"http://user:pa55word@127.0.0.1:9/devstoreaccount1?sv=1&sig={SECRET}"}, ExitStatus.USAGE),
+    ({"AZURE_STORAGE_ACCOUNT_URL": f"https://acct.blob.core.windows.net/?sv=1&sig={SECRET}",
+      "AZURE_STORAGE_SAS_TOKEN": f"sv=1&sig={SECRET}"}, ExitStatus.OK),
+    ({"AZURE_STORAGE_CONNECTION_STRING": "BlobEndpoint=https://acct.blob.core.windows.net/;"
+      f"SharedAccessSignature=sv=1&sig={SECRET}"}, ExitStatus.OK),
+])
+def test_check_never_prints_a_url_secret(repo, monkeypatch, capsys, env, status):
+    """User-info and query strings (SAS tokens) of every URL check prints are masked, in the
+    settings it lists and in its errors alike."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["check"]) == status
+    out = capsys.readouterr()
+    shown = out.out + out.err
+    assert SECRET not in shown and "pa55word" not in shown and "sig=" not in shown
+    assert "Traceback" not in shown and out.err.count("\n") == (status != 0)
+    if "AZURE_STORAGE_ACCOUNT_URL" in env or "://user" in env.get("WALSHIP_REPO", ""):
+        assert "<redacted>" in shown
+
+
+def test_keygen_output_is_private_and_never_overwrites(repo, tmp_path, capsys):
+    key = tmp_path / "key"
+    assert main(["keygen", "--output", str(key)]) == 0
+    assert key.stat().st_mode & 0o777 == 0o600
+    first = key.read_bytes()
+    assert first.startswith(b"walship-key-v1:") and first.decode().strip() not in \
+        capsys.readouterr().err
+    assert main(["keygen", "--output", str(key)]) == ExitStatus.USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err
+    assert key.read_bytes() == first and key.stat().st_mode & 0o777 == 0o600
+    target = tmp_path / "elsewhere"
+    (tmp_path / "link").symlink_to(target)  # never followed, not even to a new file
+    assert main(["keygen", "--output", str(tmp_path / "link")]) == ExitStatus.USAGE
+    assert not target.exists()
+    assert main(["keygen", "--output", str(tmp_path / "no" / "dir" / "key")]) == ExitStatus.USAGE
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("redirect", [">&-", ">/dev/full"])
+def test_keygen_to_a_closed_or_full_stdout_is_one_line(redirect):
+    import subprocess
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["sh", "-c", f'exec "$0" -m walship keygen {redirect}',
+                           sys.executable], stderr=subprocess.PIPE, text=True, cwd=source,
+                          timeout=60, check=False,
+                          env={**os.environ, "PYTHONPATH": str(source)})
+    assert done.returncode == ExitStatus.USAGE, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("walship: keygen: ERROR: cannot write the key")
+    assert "--output" in done.stderr
+
+
+def test_a_key_file_others_can_read_is_refused(repo, wal_file, tmp_path, capsys):
+    key = tmp_path / "key"
+    assert main(["keygen", "--output", str(key)]) == 0
+    capsys.readouterr()
+    os.chmod(key, 0o644)
+    os.environ["WALSHIP_ENCRYPTION_KEY_FILE"] = str(key)
+    try:
+        assert main(["wal-push", str(wal_file)]) == ExitStatus.USAGE
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "not private" in err and f"chmod 600 {key}" in err
+        assert main(["wal-fetch", SEG, str(tmp_path / "out")]) == ExitStatus.RECOVERY_USAGE
+        os.chmod(key, 0o600)
+        assert main(["wal-push", str(wal_file)]) == 0
+    finally:
+        del os.environ["WALSHIP_ENCRYPTION_KEY_FILE"]
+
+
+@pytest.mark.parametrize("mode,warned", [(0o644, True), (0o604, True), (0o600, False)])
+def test_a_config_file_others_can_read_warns_when_it_holds_a_secret(repo, tmp_path, monkeypatch,
+                                                                  capsys, mode, warned):
+    conf = tmp_path / "walship.toml"
+    conf.write_text(f'[azure]\nsas_token = "sv=1&sig={SECRET}"\n')
+    os.chmod(conf, mode)
+    monkeypatch.setenv("WALSHIP_CONFIG", str(conf))
+    assert main(["check"]) == 0  # a warning, never a failure
+    err = capsys.readouterr().err
+    assert SECRET not in err
+    if warned:
+        assert err.count("\n") == 1 and err.startswith("walship: WARNING: config file ")
+        assert "azure.sas_token" in err and f"chmod 600 {conf}" in err
+    else:
+        assert err == ""
+    conf.write_text('storage_retries = 2\n')  # no secret in it: nothing to say
+    os.chmod(conf, 0o644)
+    assert main(["check"]) == 0 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("text,env", [
+    (b"storage_timeout = true\n", {}),
+    (b"push_ahead = 3.7\n", {}),
+    (b"storage_timeout = nan\n", {}),
+    (b"storage_timeout = inf\n", {}),
+    (b"push_ahead = inf\n", {}),
+    (b"prefetch = -nan\n", {}),
+    (b"log_level = 1\n", {}),
+    (b"[azure]\naccount = 5\n", {}),
+    (b"repo = \"file:///x\xff\"\n", {}),  # not UTF-8
+    (b"", {"WALSHIP_STORAGE_TIMEOUT": "inf"}),
+    (b"", {"WALSHIP_STORAGE_TIMEOUT": "nan"}),
+    (b"", {"WALSHIP_PUSH_AHEAD": "inf"}),
+])
+def test_bad_settings_are_one_line_and_exit_2(repo, tmp_path, monkeypatch, capsys, text, env):
+    conf = tmp_path / "walship.toml"
+    conf.write_bytes(text)
+    monkeypatch.setenv("WALSHIP_CONFIG", str(conf))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["check"]) == ExitStatus.USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("ERROR: invalid" in err or "not valid TOML" in err), err
+    assert "internal error" not in err
+
+
+def test_a_repository_that_is_a_file_says_so(repo, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WALSHIP_REPO", "file:///etc/passwd")
+    assert main(["check"]) == ExitStatus.USAGE
+    err = capsys.readouterr().err
+    assert "/etc/passwd is a regular file" in err and "does not exist" not in err
+    assert main(["wal-fetch", SEG, str(tmp_path / "out")]) == ExitStatus.RECOVERY_USAGE
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_help_shows_the_real_compression_default(capsys):
+    from walship.codec import DEFAULT_LEVEL
+
+    assert main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"WALSHIP_COMPRESSION_LEVEL; default {DEFAULT_LEVEL}]" in out
+
+
+def test_an_unexpected_error_quoting_a_sas_url_is_masked(repo, monkeypatch, tmp_path, capsys):
+    from walship import archive
+
+    def boom(*args, **kwargs):
+        raise RuntimeError(f"GET https://a.blob.core.windows.net/c/x?sv=1&sig={SECRET} failed")
+
+    monkeypatch.setattr(archive.Archive, "fetch_wal", boom)
+    assert main(["wal-fetch", SEG, str(tmp_path / "x")]) == ExitStatus.RECOVERY_FAILED
+    err = capsys.readouterr().err
+    assert "internal error: RuntimeError" in err and SECRET not in err
+    assert "https://a.blob.core.windows.net/c/x?<redacted>" in err
+
+
+def test_a_file_url_with_a_query_is_refused_not_ignored(repo, monkeypatch, capsys):
+    monkeypatch.setenv("WALSHIP_REPO", f"file://{repo}?sig={SECRET}")
+    assert main(["check"]) == ExitStatus.USAGE
+    err = capsys.readouterr().err
+    assert "no query string" in err and SECRET not in err and err.count("\n") == 1
+    monkeypatch.setenv("WALSHIP_REPO", f"file://{repo}%3Fx")  # an encoded ? is a name
+    assert main(["check"]) == ExitStatus.UNAVAILABLE
+    assert f"{repo}?x does not exist" in capsys.readouterr().err

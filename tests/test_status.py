@@ -83,3 +83,22 @@ def test_prometheus_text_with_archiver_failures(tmp_path):
     write_textfile(target, "old\n")
     write_textfile(target, text)
     assert target.read_text() == text and os.listdir(tmp_path) == ["x.prom"]
+
+
+@pytest.mark.parametrize("dbname", [
+    "postgresql://walship:p%zzS3CRET@127.0.0.1:1/postgres",  # libpq quotes the bad token
+    "host=127.0.0.1 port=1 password=S3CRET sslmode=bogus",
+])
+def test_a_password_in_dbname_is_never_shown(dbname):
+    """libpq quotes parts of a malformed connection string in its errors; status and
+    backup-push mask the password it carries before printing them."""
+    from walship.backup.source import PostgresSource
+    from walship.errors import StorageError
+    from walship.status import read_archiver
+
+    stats = read_archiver(dbname, timeout=2)
+    assert not stats.known and "S3CRET" not in stats.reason
+    assert "cannot query the server" in stats.reason
+    with pytest.raises(StorageError) as caught:
+        PostgresSource(dbname)
+    assert "S3CRET" not in caught.value.one_line()

@@ -6,12 +6,14 @@ into exit statuses in exactly one place, :func:`run`, through :func:`walship.err
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 import click
 
 from walship import __version__, logline
+from walship.codec import DEFAULT_LEVEL
 from walship.config import Settings, load_settings
 from walship.errors import ExitStatus, NotFound, UsageError, exit_status
 
@@ -28,6 +30,8 @@ class _State:
     def settings(self) -> Settings:
         if self._settings is None:
             self._settings = load_settings(self.flags, config_file=self.config_file)
+            for warning in self._settings.warnings:
+                logline.warning(warning)
         return self._settings
 
     def archive(self):  # noqa: ANN201 - walship.archive.Archive, imported lazily
@@ -44,7 +48,7 @@ class _State:
 @click.option("--encryption-key-file", metavar="FILE", help="Encrypt and authenticate with "
               "the key in FILE (see keygen). [env WALSHIP_ENCRYPTION_KEY_FILE]")
 @click.option("--compression-level", type=int, metavar="N",
-              help="zstd level, 1-22. [env WALSHIP_COMPRESSION_LEVEL; default 3]")
+              help=f"zstd level, 1-22. [env WALSHIP_COMPRESSION_LEVEL; default {DEFAULT_LEVEL}]")
 @click.option("--debug", is_flag=True, default=None, help="Tracebacks on errors. "
               "[env WALSHIP_LOG_LEVEL=debug]")
 @click.version_option(__version__, prog_name="walship")
@@ -103,14 +107,69 @@ def wal_fetch(state: _State, name: str, destination: str) -> int:
 
 
 @cli.command("keygen")
-def keygen() -> int:
-    """Print a new random encryption key (redirect it into a file only walship can read)."""
+@click.option("--output", "-o", metavar="FILE", help="Write the key into FILE, a new file "
+              "of mode 0600 (an existing FILE is never overwritten), instead of stdout.")
+def keygen(output: str | None) -> int:
+    """Make a new random encryption key: into a new private FILE (--output), or on stdout."""
     from walship.codec.keys import EncryptionKey
 
-    if sys.stdout.isatty():
-        logline.info("this is a secret key: redirect it, e.g. walship keygen > /etc/walship/key")
-    sys.stdout.write(EncryptionKey.generate().to_text())
+    text = EncryptionKey.generate().to_text()
+    if output is not None:
+        _write_new_private_file(output, text.encode())
+        owner = (f"; it belongs to root: chown it to PostgreSQL's user (chown postgres "
+                 f"{output})" if os.geteuid() == 0 else "")
+        logline.info(f"keygen wrote a new key into {output} (mode 0600){owner}; keep a copy "
+                     "elsewhere: nothing encrypted with it can be read without it")
+        return ExitStatus.OK
+    stream = sys.stdout
+    if stream is None:  # started with stdout closed (walship keygen >&-)
+        raise UsageError("cannot write the key", "standard output is closed",
+                         "walship keygen --output FILE")
+    if stream.isatty():
+        logline.info("this is a secret key: write it into a file, e.g. "
+                     "walship keygen --output /etc/walship/key")
+    try:
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError) as error:  # a full disk, a closed pipe
+        why = os.strerror(error.errno) if getattr(error, "errno", None) else str(error)
+        raise UsageError("cannot write the key to standard output", why,
+                         "walship keygen --output FILE") from None
     return ExitStatus.OK
+
+
+def _write_new_private_file(path: str, data: bytes) -> None:
+    """Create ``path`` (never an existing file, nor through a symlink) with mode 0600, holding
+    ``data``, synced to disk; on failure nothing of it is left behind."""
+    import errno
+
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{path} already exists", "keygen never overwrites a file (it may "
+                         "hold the key your archive needs)", "choose a new file name") from None
+    except OSError as error:
+        hint = ("create the directory first" if error.errno == errno.ENOENT
+                else "check the directory's owner and permissions")
+        raise UsageError(f"cannot create {path}", os.strerror(error.errno or 0), hint) from None
+    try:
+        created = os.fstat(fd)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as error:
+        os.close(fd)
+        try:  # remove what this call created, and only that
+            now = os.lstat(path)
+            if (now.st_dev, now.st_ino) == (created.st_dev, created.st_ino):
+                os.unlink(path)
+        except OSError:
+            pass
+        raise UsageError(f"cannot write the key into {path}", os.strerror(error.errno or 0),
+                         "free space or choose another file system") from None
+    os.close(fd)
 
 
 @cli.command("check")

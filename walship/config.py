@@ -9,6 +9,7 @@ secrets masked. Nothing here ever prints or raises with a secret in it.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -64,6 +65,8 @@ class Settings:
     azure: AzureCredentials = field(default_factory=AzureCredentials)
     config_file: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    # one-line warnings about the configuration, for the command line to print (never raised)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def debug(self) -> bool:
@@ -81,32 +84,55 @@ class Settings:
                               azure=self.azure, azure_transport=self.azure_transport)
 
     def describe(self) -> list[tuple[str, str, str]]:
-        """(setting, value with secrets masked, source) for every setting."""
+        """(setting, value with secrets masked, source) for every setting: secret fields are
+        ``****``, URLs lose their user-info and query string (:func:`walship.redact.mask_url`)."""
+        from walship.redact import mask_url
+
         rows = []
         for name in _OPTIONS:
             value = getattr(self, name)
-            rows.append((name, "-" if value is None else str(value),
+            shown = "-" if value is None else str(value)
+            rows.append((name, mask_url(shown) if name == "repo" else shown,
                          self.sources.get(name, "default")))
         for name in _AZURE:
             value = getattr(self.azure, name)
             if value is None:
                 continue
-            shown = "****" if name in SECRET_FIELDS else value
+            shown = "****" if name in SECRET_FIELDS else mask_url(value)
             rows.append((f"azure.{name}", shown, self.sources.get(f"azure.{name}", "")))
         return rows
 
 
+_KINDS = {int: "a whole number", float: "a number", str: "text"}
+
+
 def _convert(name: str, kind: type, value: Any, source: str) -> Any:
-    try:
-        if kind is int and isinstance(value, bool):
-            raise ValueError
+    """``value`` as ``kind``, range-checked. Text (the environment, flags) is parsed; a TOML
+    value must already have the right type: ``true`` is no number and ``3.7`` no count, and
+    neither is quietly turned into one."""
+    wanted = _KINDS[kind]
+    if isinstance(value, str):
+        try:
+            converted = kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"invalid {name} {value!r} in {source}",
+                              f"it must be {wanted}") from None
+    elif isinstance(value, bool) or not (
+            isinstance(value, kind) or kind is float and isinstance(value, int)):
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)
+        example = _OPTIONS[name][2] if name in _OPTIONS else None
+        hint = "" if example is None else f"e.g. {name} = " + (
+            repr(example) if isinstance(example, str) else str(example))
+        raise ConfigError(f"invalid {name} {shown} in {source}", f"it must be {wanted}, not "
+                          f"{_toml_kind(value)}", hint)
+    else:
         converted = kind(value)
-    except (TypeError, ValueError):
+    if kind is float and not math.isfinite(converted):
         raise ConfigError(f"invalid {name} {value!r} in {source}",
-                          f"it must be {'a number' if kind in (int, float) else 'text'}") from None
+                          "it must be a finite number (not nan or inf)")
     if name == "compression_level" and not 1 <= converted <= 22:
         raise ConfigError(f"invalid compression_level {converted} in {source}",
-                          "zstd levels run from 1 to 22", "3 is the default")
+                          "zstd levels run from 1 to 22", f"{DEFAULT_LEVEL} is the default")
     if name == "storage_retries" and not 0 <= converted <= 20:
         raise ConfigError(f"invalid storage_retries {converted} in {source}", "use 0 to 20")
     if name == "storage_timeout" and not 0 < converted <= 3600:
@@ -128,11 +154,30 @@ def _convert(name: str, kind: type, value: Any, source: str) -> Any:
     return converted
 
 
-def _read_file(path: str, explicit: bool) -> dict[str, Any]:
+def _toml_kind(value: Any) -> str:
+    """What a TOML value is, in the words of an error message."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "a whole number"
+    if isinstance(value, float):
+        return "a fraction" if math.isfinite(value) else f"{value}"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date or time"
+
+
+def _read_file(path: str, explicit: bool) -> tuple[dict[str, Any], os.stat_result | None]:
+    """The file's settings, checked for unknown names, and its status (for the mode check)."""
     import tomllib
 
     try:
         with open(path, "rb") as handle:
+            status = os.fstat(handle.fileno())
             data = tomllib.load(handle)
     except FileNotFoundError:
         if explicit:
@@ -144,6 +189,10 @@ def _read_file(path: str, explicit: bool) -> dict[str, Any]:
                           "check its owner and permissions") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config file {path} is not valid TOML", str(error)) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML", f"it is not UTF-8 text "
+                          f"(byte 0x{error.object[error.start]:02x} at offset {error.start})",
+                          "save it as UTF-8") from None
     unknown = set(data) - set(_OPTIONS) - {"azure"}
     azure = data.get("azure", {})
     if not isinstance(azure, dict):
@@ -153,7 +202,30 @@ def _read_file(path: str, explicit: bool) -> dict[str, Any]:
         raise ConfigError(f"config file {path} has unknown settings: "
                           + ", ".join(sorted(unknown)), hint="see the README's configuration "
                           "reference")
-    return data
+    for name, value in azure.items():
+        if not isinstance(value, str):
+            raise ConfigError(f"invalid azure.{name} in config file {path}",
+                              f"it must be text, not {_toml_kind(value)}",
+                              "write it in quotes")
+    return data, status
+
+
+def _exposed_secrets(path: str, data: Mapping[str, Any],
+                     status: os.stat_result | None) -> tuple[str, ...]:
+    """A warning when the file holds a secret that other users can read (not an error: the
+    secret is out already, and refusing would stop archiving)."""
+    held = sorted(f"azure.{name}" for name, value in data.get("azure", {}).items()
+                  if name in SECRET_FIELDS and value)
+    if not held or status is None:
+        return ()
+    from walship.codec.keys import exposure
+
+    problem = exposure(status)
+    if problem is None:
+        return ()
+    warning = (f"config file {path} holds a secret ({', '.join(held)}) and {problem} (hint: "
+               f"chmod 600 {path}; owned by root it may also be 640, shared with its group)")
+    return (warning,)
 
 
 def load_settings(flags: Mapping[str, Any] | None = None,
@@ -164,7 +236,7 @@ def load_settings(flags: Mapping[str, Any] | None = None,
     environ = os.environ if environ is None else environ
     explicit = config_file or environ.get("WALSHIP_CONFIG")
     path = explicit or (DEFAULT_CONFIG_FILE if Path(DEFAULT_CONFIG_FILE).exists() else None)
-    data = _read_file(path, bool(explicit)) if path else {}
+    data, status = _read_file(path, bool(explicit)) if path else ({}, None)
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -186,9 +258,10 @@ def load_settings(flags: Mapping[str, Any] | None = None,
         if environ.get(env):
             azure[name], sources[f"azure.{name}"] = environ[env], env
         elif azure_file.get(name):
-            azure[name], sources[f"azure.{name}"] = str(azure_file[name]), f"file {path}"
+            azure[name], sources[f"azure.{name}"] = azure_file[name], f"file {path}"
+    warnings = _exposed_secrets(path, data, status) if path else ()
     return Settings(**values, azure=AzureCredentials(**azure), config_file=path,
-                    sources=sources)
+                    sources=sources, warnings=warnings)
 
 
 def setting_names() -> list[str]:

@@ -2,7 +2,8 @@
 
 Success: ``walship: wal-push 000000010000000000000003 stored in=16777216 out=901234 seconds=0.041``.
 Failure: ``walship: wal-fetch 000000010000000000000003: ERROR: what: why (hint: ...)``; a
-traceback follows only in debug mode. Lines never contain secrets: errors are built without them.
+traceback follows only in debug mode. Lines never contain secrets: errors are built without them,
+and an unexpected exception's text is masked (:func:`walship.redact.redact`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ def info(message: str, stream: TextIO | None = None) -> None:
     print(f"walship: {message}", file=stream or sys.stderr, flush=True)
 
 
+def warning(message: str, stream: TextIO | None = None) -> None:
+    """A misconfiguration worth seeing that does not stop the command: nor does a failure to
+    print it (a closed or full stderr), which must not change the command's exit status."""
+    try:
+        print(f"walship: WARNING: {message}", file=stream or sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def error(action: str, subject: str, exc: BaseException, *, debug: bool = False,
           stream: TextIO | None = None) -> None:
     """Log a failure in one line (plus a traceback in debug mode)."""
@@ -33,8 +43,9 @@ def error(action: str, subject: str, exc: BaseException, *, debug: bool = False,
     if isinstance(exc, WalshipError):
         text = exc.one_line()
     else:
-        text = f"internal error: {type(exc).__name__}: {exc}".strip()
-        text = " ".join(text.split())
+        from walship.redact import redact  # a library's text may quote a URL with a SAS token
+
+        text = redact(f"internal error: {type(exc).__name__}: {exc}".strip(), limit=1000)
         if not debug:
             text += " (hint: run with --debug or WALSHIP_LOG_LEVEL=debug for a traceback)"
     where = f"{action} {subject}".strip()

@@ -96,6 +96,10 @@ def read_archiver(dbname: str | None, timeout: int = 10) -> ArchiverStats:
     except psycopg.Error as error:
         text = str(error).strip()
         message = text.splitlines()[0] if text else type(error).__name__
+        from walship.pgconn import connection_secrets
+        from walship.redact import redact
+
+        message = redact(message, hide=connection_secrets(dbname))
         return ArchiverStats(False, f"cannot query the server: {message}")
     assert row is not None
     return ArchiverStats(True, "", int(row[0]), row[1], row[2], int(row[3]), row[4], row[5])

@@ -196,3 +196,47 @@ def test_key_text_round_trips_and_hides_secret():
         EncryptionKey.from_text("walship-key-v1:AAAA")
     with pytest.raises(ConfigError):
         EncryptionKey.from_text("not a key")
+
+
+def _status(mode: int, uid: int):
+    import os
+
+    return os.stat_result((0o100000 | mode, 0, 0, 1, uid, 0, 60, 0, 0, 0))
+
+
+@pytest.mark.parametrize("mode,uid,private", [
+    (0o600, 1000, True), (0o400, 1000, True), (0o700, 1000, True),
+    (0o640, 1000, False), (0o604, 1000, False), (0o620, 1000, False), (0o644, 1000, False),
+    (0o600, 0, True), (0o640, 0, True),  # root may share a key with its group (root:postgres)
+    (0o660, 0, False), (0o650, 0, False), (0o644, 0, False), (0o604, 0, False),
+])
+def test_which_key_files_are_private(mode, uid, private):
+    """PostgreSQL's rule for its SSL key file: 0600 or less, or 0640 or less owned by root."""
+    from walship.codec.keys import exposure
+
+    assert (exposure(_status(mode, uid)) is None) == private
+
+
+def test_key_file_errors_say_what_is_wrong_and_never_suggest_a_new_key(tmp_path):
+    import os
+
+    from walship.codec.keys import load_key_file
+
+    key = tmp_path / "key"
+    key.write_text(EncryptionKey.generate().to_text())
+    os.chmod(key, 0o600)
+    assert load_key_file(key)
+    os.chmod(key, 0o644)
+    with pytest.raises(ConfigError, match="not private") as caught:
+        load_key_file(key)
+    assert f"chmod 600 {key}" in caught.value.hint
+    for body, why in ((b"walship-key-v1:AAAA\n", "holds 3 bytes"),
+                      (b"\xff\xfe not text", "not ASCII"),
+                      (b"[azure]\n", "does not start with")):
+        key.write_bytes(body)
+        os.chmod(key, 0o600)
+        with pytest.raises(ConfigError, match=why) as caught:
+            load_key_file(key)
+        assert "not a walship key" in caught.value.what
+        assert "keygen >" not in caught.value.one_line()
+        assert "a new key cannot read" in caught.value.hint

@@ -475,3 +475,49 @@ def test_connections_are_kept_alive_but_not_once_long_idle(azure_repository, mon
     monkeypatch.setattr(azure_rest, "IDLE_SECONDS", 0.0)
     backend.head("wal/000000010000000000000001")
     assert len(made) == 1
+
+
+@pytest.mark.parametrize("transport", ["auto", "sdk"])
+@pytest.mark.parametrize("credential", ["account_key", "sas_token", "connection_string"])
+def test_a_credential_error_is_one_line_without_the_secret(azure_repository, monkeypatch,
+                                                           capsys, tmp_path, transport,
+                                                           credential):
+    """A wrong key or a forged SAS token: check and wal-fetch fail with one line each, which
+    names the problem and shows neither the key nor the signature."""
+    import os
+
+    from walship.entry import main
+    from walship.errors import ExitStatus
+
+    forged = "Zm9yZ2VkZm9yZ2VkZm9yZ2VkZm9yZ2VkZm9yZ2Vk"  # base64, as real keys and sigs are
+    azurite = azure_repository.azurite
+    azure_repository.open().put("wal/000000010000000000000001", [b"x"])
+    for name in list(os.environ):
+        if name.startswith(("WALSHIP_", "AZURE_")):
+            monkeypatch.delenv(name)
+    (tmp_path / "walship.toml").write_text("")
+    env = {"WALSHIP_REPO": azure_repository.url, "WALSHIP_CONFIG": str(tmp_path / "walship.toml"),
+           "WALSHIP_AZURE_TRANSPORT": transport, "WALSHIP_STORAGE_RETRIES": "1",
+           "WALSHIP_PREFETCH": "0"}
+    if credential == "account_key":
+        env.update(AZURE_STORAGE_ACCOUNT=azurite.account, AZURE_STORAGE_KEY=forged + "==",
+                   AZURE_STORAGE_ACCOUNT_URL=azurite.blob_endpoint)
+    elif credential == "sas_token":
+        env.update(AZURE_STORAGE_ACCOUNT_URL=azurite.blob_endpoint,
+                   AZURE_STORAGE_SAS_TOKEN="sv=2021-08-06&ss=b&srt=sco&sp=rwdlac&"
+                   f"se=2099-01-01T00:00:00Z&spr=https,http&sig={forged}%3D")
+    else:
+        env["AZURE_STORAGE_CONNECTION_STRING"] = azurite.connection_string.replace(
+            azurite.key, forged + "==")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["check"]) == ExitStatus.FAILED
+    assert main(["wal-fetch", "000000010000000000000001", str(tmp_path / "out")]) \
+        == ExitStatus.RECOVERY_FAILED
+    out = capsys.readouterr()
+    lines = out.err.splitlines()
+    assert len(lines) == 2, out.err
+    for line in lines:
+        assert "ERROR" in line and "access denied" in line, line
+    assert forged not in out.out + out.err and "sig=" not in out.out + out.err
+    assert not (tmp_path / "out").exists()

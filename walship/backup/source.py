@@ -19,8 +19,9 @@ from datetime import datetime
 from typing import Protocol
 
 from walship import wal
-from walship.pgconn import connection_args
 from walship.errors import StorageError, UsageError, WalshipError
+from walship.pgconn import connection_args, connection_secrets
+from walship.redact import redact
 
 MIN_VERSION = 100000
 
@@ -81,7 +82,8 @@ class PostgresSource:
         try:
             self._conn = psycopg.connect(conninfo, **kwargs)
         except psycopg.Error as error:
-            raise StorageError("cannot connect to PostgreSQL", _pg_message(error),
+            raise StorageError("cannot connect to PostgreSQL", redact(
+                _pg_message(error), hide=connection_secrets(dbname)),
                                "set PGHOST/PGPORT/PGUSER or pass --dbname") from None
         if log is not None:  # warnings only (e.g. "still waiting for ... to be archived")
             self._conn.add_notice_handler(

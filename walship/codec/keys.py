@@ -18,6 +18,7 @@ import binascii
 import hashlib
 import hmac
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,10 @@ from walship.errors import ConfigError
 
 KEY_PREFIX = "walship-key-v1:"
 KEY_BYTES = 32
+# A key that cannot be read must never be "fixed" with a new one: what the old key encrypted
+# could then no longer be read.
+_DAMAGED_HINT = ("check that it names the file walship keygen made, or restore that file from "
+                 "your copy; a new key cannot read what this one encrypted")
 
 
 def _hkdf_sha256(secret: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
@@ -44,7 +49,7 @@ class EncryptionKey:
     def __post_init__(self) -> None:
         if len(self.secret) != KEY_BYTES:
             raise ConfigError("invalid encryption key", f"it has {len(self.secret)} bytes, "
-                              f"not {KEY_BYTES}", "make a new one with walship keygen")
+                              f"not {KEY_BYTES}", _DAMAGED_HINT)
 
     @property
     def key_id(self) -> bytes:
@@ -73,23 +78,59 @@ class EncryptionKey:
         text = text.strip()
         if not text.startswith(KEY_PREFIX):
             raise ConfigError(f"{source} is not a walship key", f"it does not start with "
-                              f"{KEY_PREFIX}", "make one with: walship keygen > FILE")
+                              f"{KEY_PREFIX}", _DAMAGED_HINT)
         try:
             secret = base64.b64decode(text[len(KEY_PREFIX):], validate=True)
         except (binascii.Error, ValueError):
             raise ConfigError(f"{source} is not a walship key", "its base64 is malformed",
-                              "make one with: walship keygen > FILE") from None
+                              _DAMAGED_HINT) from None
+        if len(secret) != KEY_BYTES:
+            raise ConfigError(f"{source} is not a walship key", f"it holds {len(secret)} "
+                              f"bytes, not {KEY_BYTES}", _DAMAGED_HINT)
         return cls(secret)
 
 
+def exposure(status: os.stat_result) -> str | None:
+    """How a file holding a secret is open to other users, or None when it is private.
+
+    PostgreSQL's rule for its SSL key file: a file owned by anyone but root must give group and
+    others nothing (0600 or less, as ssh wants of a private key); a file owned by root may also
+    let its group read it (0640 or less: ``root:postgres`` shares it with the server's user
+    without letting that user change it). Who runs walship does not matter: root may read
+    postgres's 0600 key, and a 0644 key is refused to root as well.
+    """
+    allowed = 0o640 if status.st_uid == 0 else 0o600
+    extra = stat.S_IMODE(status.st_mode) & 0o077 & ~allowed
+    if not extra:
+        return None
+    who = " and ".join(name for name, bits in (("its group", 0o070), ("other users", 0o007))
+                       if extra & bits)
+    return f"{who} can get at it (mode {stat.S_IMODE(status.st_mode):04o})"
+
+
+def refuse_exposed_key(path: str | os.PathLike[str], status: os.stat_result) -> None:
+    """Raise :class:`ConfigError` when the key file ``status`` describes is open to others."""
+    problem = exposure(status)
+    if problem is not None:
+        raise ConfigError(f"encryption key file {path} is not private", problem,
+                          f"chmod 600 {path}; a key owned by root may also be 640, shared "
+                          f"with its group")
+
+
 def load_key_file(path: str | os.PathLike[str]) -> EncryptionKey:
-    """Read a key file, with a one-line error (never the key) when it cannot be used."""
+    """Read a key file, with a one-line error (never the key) when it cannot be used: it must
+    exist, be private (:func:`refuse_exposed_key`) and hold one key."""
     try:
+        refuse_exposed_key(path, os.stat(path))
         text = Path(path).read_text(encoding="ascii")
     except FileNotFoundError:
         raise ConfigError(f"encryption key file {path} does not exist", hint="check "
                           "WALSHIP_ENCRYPTION_KEY_FILE / --encryption-key-file") from None
-    except (OSError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError:
+        raise ConfigError(f"encryption key file {path} is not a walship key",
+                          "it is not ASCII text", _DAMAGED_HINT) from None
+    except OSError as error:
         raise ConfigError(f"cannot read encryption key file {path}",
-                          type(error).__name__, "check its owner and permissions") from None
+                          os.strerror(error.errno) if error.errno else type(error).__name__,
+                          "check its owner and permissions") from None
     return EncryptionKey.from_text(text, f"encryption key file {path}")

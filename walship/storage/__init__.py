@@ -48,7 +48,9 @@ def open_storage(url: str, options: StorageOptions | None = None) -> Storage:
     """Open the repository at ``url`` with the backend registered for its scheme."""
     scheme = urlsplit(url).scheme
     if scheme not in _BACKENDS:
-        raise ConfigError(f"unsupported repository URL {url!r}",
+        from walship.redact import mask_url
+
+        raise ConfigError(f"unsupported repository URL {mask_url(url)!r}",
                           f"unknown scheme {scheme!r}" if scheme else "no scheme",
                           "use file:///absolute/path or azure://container[/prefix]")
     module_name, class_name = _BACKENDS[scheme]

@@ -55,6 +55,7 @@ from urllib.parse import urlsplit
 
 from walship.errors import (AlreadyExists, ConfigError, NotFound, RepositoryMissing,
                             StorageError, Unavailable, WalshipError)
+from walship.redact import mask_url, redact
 from walship.storage import AzureCredentials, StorageOptions, azure_rest
 from walship.storage.azure_rest import NetworkFailure, ServiceFailure
 from walship.storage.base import MetadataSource, ObjectInfo, check_key, check_metadata
@@ -83,10 +84,6 @@ _ENV_HINT = ("set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT with
              "workload identity, az login)")
 _AUTH_HINT = ("check the Azure credentials (AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_KEY, "
               "AZURE_STORAGE_SAS_TOKEN or the identity's role on the container)")
-_SECRETS = [
-    re.compile(r"\?[^\s'\"<>)]*"),  # query strings (SAS tokens)
-    re.compile(r"(?i)(AccountKey|SharedAccessSignature|sig)=[^;&\s'\"]*"),
-]
 
 
 # -- credentials ---------------------------------------------------------------------------------
@@ -189,11 +186,11 @@ def _build_client(auth: ResolvedAuth, options: StorageOptions,
         client = BlobServiceClient(auth.account_url or "", credential=credential, **kwargs)
     except ValueError:
         if auth.method == "default" and (auth.account_url or "").startswith("http://"):
-            raise ConfigError(f"token credentials over {_redact(auth.account_url or '')!r}",
+            raise ConfigError(f"token credentials over {mask_url(auth.account_url or '')!r}",
                               "an OAuth token (managed identity, az login) is only sent over "
                               "https", "use an https:// AZURE_STORAGE_ACCOUNT_URL, or a key "
                               "or SAS token") from None
-        raise ConfigError(f"invalid Azure account URL {_redact(auth.account_url or '')!r}",
+        raise ConfigError(f"invalid Azure account URL {mask_url(auth.account_url or '')!r}",
                           "it is not an http(s) URL", "check AZURE_STORAGE_ACCOUNT_URL") from None
     return client, closable
 
@@ -210,11 +207,7 @@ def _default_credential() -> Any:
 # -- error translation ---------------------------------------------------------------------------
 def _redact(text: str) -> str:
     """``text`` on one line, without query strings or key-like values, and not too long."""
-    for pattern in _SECRETS:
-        text = pattern.sub(lambda m: m.group(0)[:1] + "<redacted>" if m.group(0)[0] == "?"
-                           else m.group(1) + "=<redacted>", text)
-    text = " ".join(text.split())
-    return text[:300]
+    return redact(text)
 
 
 def _reason(error: BaseException) -> str:

@@ -11,7 +11,8 @@ Directories created on the way are fsynced into their parents. Filesystems witho
 fall back to ``renameat2(RENAME_NOREPLACE)``.
 
 The root directory must exist: a missing root (an unmounted share, a typo) is
-:class:`~walship.errors.RepositoryMissing`, never "object not found".
+:class:`~walship.errors.RepositoryMissing`, never "object not found"; a root that is a file is
+a :class:`~walship.errors.ConfigError` that says so.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import errno
 import json
 import os
 import secrets
+import stat
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -27,6 +29,7 @@ from urllib.parse import unquote, urlsplit
 
 from walship.errors import (AlreadyExists, ConfigError, NotFound, RepositoryMissing,
                             StorageError, Unavailable)
+from walship.redact import mask_url
 from walship.storage.base import MetadataSource, ObjectInfo, check_key, check_metadata
 
 _FOOTER = struct.Struct(">I4s")
@@ -106,8 +109,13 @@ class LocalStorage:
     def __init__(self, url: str, options: object = None) -> None:
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-            raise ConfigError(f"invalid repository URL {url!r}", "a file URL needs an absolute "
-                              "path", "write it as file:///absolute/path (three slashes)")
+            raise ConfigError(f"invalid repository URL {mask_url(url)!r}", "a file URL needs "
+                              "an absolute path", "write it as file:///absolute/path (three "
+                              "slashes)")
+        if parts.query or parts.fragment or url.endswith(("?", "#")):
+            raise ConfigError(f"invalid repository URL {mask_url(url)!r}", "a file URL has no "
+                              "query string or fragment", "write it as file:///absolute/path "
+                              "(a ? or # in a directory name as %3F or %23)")
         self.root = Path(unquote(parts.path))
         self.url = f"file://{self.root}"
 
@@ -115,12 +123,26 @@ class LocalStorage:
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))
 
+    def _root_missing(self, why: str = "") -> Exception:
+        """The error for a root that is not a directory: absent (unmounted, a typo), so
+        :class:`RepositoryMissing`; or something else, such as a file: a :class:`ConfigError`
+        that says so."""
+        try:
+            mode = os.stat(self.root).st_mode
+        except OSError:
+            mode = None
+        if mode is not None and not stat.S_ISDIR(mode):
+            kind = "a regular file" if stat.S_ISREG(mode) else "not a directory"
+            return ConfigError(f"repository {self.url} is not a directory",
+                               f"{self.root} is {kind}",
+                               "point the repository at a directory: file:///absolute/dir")
+        return RepositoryMissing(f"repository directory {self.root} does not exist", why,
+                                 "create the directory or mount the volume")
+
     def _missing(self, key: str) -> Exception:
         """The right error for an absent file: NotFound only if the root itself is there."""
         if not self.root.is_dir():
-            return RepositoryMissing(f"repository directory {self.root} does not exist",
-                                     "so whether object " + key + " exists cannot be told",
-                                     "create the directory or mount the volume")
+            return self._root_missing("so whether object " + key + " exists cannot be told")
         return NotFound(f"object {key} not found in {self.url}")
 
     def _open(self, key: str) -> tuple[ObjectInfo, object]:
@@ -131,6 +153,8 @@ class LocalStorage:
         except IsADirectoryError:
             raise NotFound(f"object {key} not found in {self.url}", "it is a directory") from None
         except OSError as error:
+            if isinstance(error, NotADirectoryError) and not self.root.is_dir():
+                raise self._root_missing() from None
             raise _os_error(error, f"cannot open {key} in {self.url}") from error
         try:
             size = os.fstat(handle.fileno()).st_size
@@ -157,9 +181,7 @@ class LocalStorage:
             metadata: MetadataSource | None = None) -> ObjectInfo:
         target = self._path(key)
         if not self.root.is_dir():
-            raise RepositoryMissing(f"repository directory {self.root} does not exist",
-                                    "walship does not create the repository root",
-                                    "create the directory or mount the volume")
+            raise self._root_missing("walship does not create the repository root")
         if target.exists():  # cheap early answer; the link below is the real check
             raise AlreadyExists(f"object {key} already exists in {self.url}")
         self._make_parents(target.parent)
@@ -217,8 +239,7 @@ class LocalStorage:
 
     def list(self, prefix: str = "", *, limit: int | None = None) -> Iterator[ObjectInfo]:
         if not self.root.is_dir():
-            raise RepositoryMissing(f"repository directory {self.root} does not exist",
-                                    hint="create the directory or mount the volume")
+            raise self._root_missing()
         if limit is not None and limit <= 0:
             return
         start = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
