@@ -43,7 +43,7 @@ class _Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.pg_wal = pg_wal
         self.cache = pg_wal / "walship" / "prefetch"
-        self.samples: list[tuple[int, int]] = []  # (free bytes, window bytes in the cache)
+        self.samples: list[tuple[int, int]] = []  # (free bytes, segment bytes in the cache)
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -52,7 +52,7 @@ class _Sampler(threading.Thread):
                 st = os.statvfs(self.pg_wal)
                 cached = 0
                 for entry in os.scandir(self.cache) if self.cache.exists() else ():
-                    if len(entry.name.lstrip(".").split(".")[0]) == 24:
+                    if len(entry.name) == 24 or ".walship-" in entry.name:  # (not seals)
                         try:
                             cached += entry.stat().st_blocks * 512
                         except OSError:
@@ -103,6 +103,10 @@ def test_recovery_into_a_100_mib_pg_wal_with_prefetch_on(pg, file_repository):
                if cached > SEGMENT and free < floor - SEGMENT]
         assert not bad, bad[:20]
         assert sampler.samples and min(free for free, _ in sampler.samples) > 0
+        worker_log = (pg_wal / "walship" / "prefetch" / "worker.log").read_text()
+        assert "under the floor of 64 MiB and a segment: not caching ahead" in worker_log
+        print(f"min free {min(f for f, _ in sampler.samples) // MIB} MiB, most cached "
+              f"{max(c for _, c in sampler.samples) // MIB} MiB, {len(sampler.samples)} samples")
     finally:
         sampler.done.set()
         restored.stop("immediate")
