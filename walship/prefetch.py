@@ -503,11 +503,12 @@ def fetch(archive: Archive, settings: Settings, name: str, destination: str) -> 
 
     if settings.prefetch == 0:
         return archive.fetch_wal(name, destination)
+    kind = archive_name(name).kind
     wal_dir = os.path.dirname(destination) or "."
     cache = _open_cache(settings, wal_dir)
     if cache is None:
         return archive.fetch_wal(name, destination)
-    if archive_name(name).kind is not wal.FileKind.SEGMENT:
+    if kind is not wal.FileKind.SEGMENT:
         # (a history file, asked for before the first segment at the start of recovery: the
         # worker starts now, so that the next calls find it ready to answer them)
         _quietly(spool.seed_want, cache, name, wal_dir)
