@@ -467,12 +467,11 @@ def deliver_cached(cache: str, name: str, destination: str, settings: str, *,
     path = os.path.join(cache, name)
     if os.stat(os.path.dirname(destination) or ".").st_dev != os.stat(path).st_dev:
         # (the cache_dir setting put the cache on another filesystem: no rename across)
-        if not _copy_sealed(path, destination, size):
-            drop_cached(cache, name)  # it changed while it was copied
-            return None
-    else:
-        os.utime(path)  # delivered with the present as its mtime, like any file just written
-        os.replace(path, destination)
+        copied = _copy_sealed(path, destination, size)
+        drop_cached(cache, name)  # delivered, or changed while it was copied
+        return size if copied else None
+    os.utime(path)  # delivered with the present as its mtime, like any file just written
+    os.replace(path, destination)
     try:
         os.unlink(os.path.join(cache, f"{name}.ok"))
     except OSError:
