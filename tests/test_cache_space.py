@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -110,7 +111,7 @@ class FreeSpace(threading.Thread):
             st = os.statvfs(self.path)
             self.least = min(self.least, st.f_bavail * st.f_frsize)
 
-    def __enter__(self) -> FreeSpace:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
