@@ -62,13 +62,16 @@ class _Sampler(threading.Thread):
             self.samples.append((st.f_bavail * st.f_frsize, cached))
 
 
-def test_recovery_into_a_100_mib_pg_wal_with_prefetch_on(pg, file_repository):
-    settings = {"max_wal_size": "32MB", "min_wal_size": "32MB", "checkpoint_timeout": "1h"}
-    primary = pg.initdb(env=file_repository.env, **settings)
+SETTINGS = {"max_wal_size": "32MB", "min_wal_size": "32MB", "checkpoint_timeout": "1h"}
+
+
+def _archive_segments(pg, repository, count: int):
+    """A base backup, then ``count`` segments archived; (backup, md5 of the table's rows)."""
+    primary = pg.initdb(env=repository.env, **SETTINGS)
     primary.start()
     primary.psql("CREATE TABLE t (id int, v text)")
     backup = pg.basebackup(primary)
-    for i in range(36):  # 36 segments, a checkpoint every second: restartpoints in recovery
+    for i in range(count):  # a checkpoint every second segment: restartpoints in recovery
         primary.psql(f"INSERT INTO t SELECT g, md5(g::text) FROM generate_series({i * 500}, "
                      f"{i * 500 + 499}) g")
         if i % 2 == 1:
@@ -77,8 +80,12 @@ def test_recovery_into_a_100_mib_pg_wal_with_prefetch_on(pg, file_repository):
     expected = primary.psql("SELECT md5(string_agg(id || v, ',' ORDER BY id, v)) FROM t")
     primary.wait_archived(last)
     primary.stop()
+    return backup, expected
 
-    restored = pg.restore(backup, "restored", env=file_repository.env, **settings)
+
+def test_recovery_into_a_100_mib_pg_wal_with_prefetch_on(pg, file_repository):
+    backup, expected = _archive_segments(pg, file_repository, 36)
+    restored = pg.restore(backup, "restored", env=file_repository.env, **SETTINGS)
     pg_wal = _mount_small_pg_wal(restored, pg.user)
     sampler = _Sampler(pg_wal)
     try:
@@ -112,3 +119,34 @@ def test_recovery_into_a_100_mib_pg_wal_with_prefetch_on(pg, file_repository):
         restored.stop("immediate")
         _stop_prefetch_worker(pg_wal / "walship" / "prefetch")
         subprocess.run(["umount", "-l", str(pg_wal)], check=False)
+
+
+def test_recovery_with_the_cache_on_another_filesystem(pg, file_repository):
+    """cache_dir on a filesystem of its own (a tmpfs here): nothing of the cache under pg_wal
+    (out of pg_rewind's way), segments delivered from it by a copy, identical data."""
+    backup, expected = _archive_segments(pg, file_repository, 20)
+    home = pg.make_dir(pg.path / "cachehome", 0o700)
+    owner = f",uid={pg.user.pw_uid},gid={pg.user.pw_gid}" if pg.user else ""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=512m,mode=0700{owner}", "tmpfs",
+                    str(home)], check=True)
+    env = {**file_repository.env, "WALSHIP_CACHE_DIR": str(home)}
+    restored = pg.restore(backup, "restored", env=env, **SETTINGS)
+    try:
+        restored.start()
+        restored.wait_promoted(timeout=300)
+        assert restored.psql("SELECT md5(string_agg(id || v, ',' ORDER BY id, v)) FROM t") \
+            == expected
+        lines = [line for line in restored.log_text().splitlines()
+                 if "walship: wal-fetch " in line]
+        assert len(lines) >= 20 and not [line for line in lines if "ERROR" in line], lines
+        assert len([line for line in lines if "prefetch cache" in line]) >= 15, lines
+        pg_wal = restored.data / "pg_wal"
+        assert not (pg_wal / "walship").exists()
+        assert not [p for p in pg_wal.iterdir() if ".walship-" in p.name]
+        st = pg_wal.stat()
+        assert [p.name for p in home.iterdir()] == [f"pg_wal-{st.st_dev:x}-{st.st_ino:x}"]
+    finally:
+        restored.stop("immediate")
+        for cache in home.iterdir():
+            _stop_prefetch_worker(cache)
+        subprocess.run(["umount", "-l", str(home)], check=False)
