@@ -4,6 +4,7 @@ a copy). Small filesystems are tmpfs mounted by the tests (they run as root)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -215,6 +216,32 @@ def test_a_window_download_that_finds_no_space_pauses_the_window(repo, tmpfs, mo
         assert worker.inflight
     finally:
         worker.close()
+
+
+def test_a_lookup_whose_answer_finds_no_space_makes_room_and_says_error(repo, tmp_path,
+                                                                        monkeypatch):
+    """The caller waits for the answer: on a full filesystem the worker drops the segment it
+    looked up to make room for it, and answers "error" (the caller then downloads itself)."""
+    cache = tmp_path / "pg_wal" / "walship" / "prefetch"
+    (cache / "ask").mkdir(parents=True)
+    worker = prefetch.Worker(str(cache))
+    real = spool.write_atomically
+    failed: list[str] = []
+
+    def write_atomically(path: str, text: str) -> None:
+        if path.endswith(".answer") and not failed:
+            failed.append(text)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, text)
+
+    monkeypatch.setattr(spool, "write_atomically", write_atomically)
+    try:
+        worker.lookup(name(3), "0123abcd", worker.fingerprint)
+    finally:
+        worker.close()
+    assert failed == ["0123abcd found\n"]
+    assert (cache / "ask" / f"{name(3)}.answer").read_text() == "0123abcd error\n"
+    assert not (cache / name(3)).exists() and not (cache / f"{name(3)}.ok").exists()
 
 
 # -- a full filesystem -----------------------------------------------------------------------------

@@ -242,8 +242,15 @@ class Worker:
             _say(f"prefetch lookup {name}: {error}")
         finally:
             self.answered[name] = time.monotonic()
-            spool.write_atomically(os.path.join(self.cache, "ask", f"{name}.answer"),
-                                   f"{nonce} {verdict}\n")
+            answer = os.path.join(self.cache, "ask", f"{name}.answer")
+            try:
+                spool.write_atomically(answer, f"{nonce} {verdict}\n")
+            except OSError:  # (a full filesystem): the caller waits for an answer; make room
+                spool.drop_cached(self.cache, name)
+                try:
+                    spool.write_atomically(answer, f"{nonce} error\n")
+                except OSError:
+                    pass
 
     def in_use(self) -> set[str]:
         """Segments holding, or about to hold, a file in the cache: cached, being downloaded
