@@ -356,6 +356,20 @@ def test_a_missing_cache_dir_is_a_clear_configuration_error(repo, tmp_path, caps
     assert status == 130 and "invalid cache_dir" in err and "absolute path" in err, err
 
 
+def test_an_unwritable_cache_dir_is_said_and_the_call_downloads_itself(repo, tmp_path, capsys,
+                                                                       monkeypatch):
+    pg_wal = tmp_path / "pg_wal"
+    pg_wal.mkdir()
+    home = tmp_path / "cachehome"
+    home.mkdir()
+    cache = Path(spool.cache_dir(str(pg_wal), str(home)))
+    cache.write_text("not a directory\n")  # (as root, permissions would not stop us)
+    monkeypatch.setenv("WALSHIP_CACHE_DIR", str(home))
+    status, err = fetch(pg_wal / "RECOVERYXLOG", name(2), capsys)
+    assert status == 0 and f"cannot use the cache_dir {home}" in err, err
+    assert (pg_wal / "RECOVERYXLOG").read_bytes() == repo[name(2)]
+
+
 def test_cache_dir_as_the_fast_path_reads_it(tmp_path, monkeypatch):
     for var in ("WALSHIP_CACHE_DIR", "WALSHIP_CONFIG"):
         monkeypatch.delenv(var, raising=False)

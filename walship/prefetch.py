@@ -567,7 +567,11 @@ def _open_cache(settings: Settings, wal_dir: str) -> str | None:
                               hint="create it, writable by the postgres user only, or unset "
                               "cache_dir to keep the cache beside pg_wal") from None
         return None
-    except OSError:
+    except OSError as error:
+        if settings.cache_dir and not _no_space(error):  # (a full filesystem says so itself)
+            _say(f"wal-fetch: WARNING: cannot use the cache_dir {settings.cache_dir}: "
+                 f"{os.strerror(error.errno or 0)}; downloading straight to pg_wal (hint: "
+                 "make it writable by the postgres user)")
         return None
     return cache
 

@@ -324,7 +324,8 @@ def make_cache(cache: str) -> None:
     try:
         os.mkdir(cache, 0o700)
     except FileExistsError:
-        pass
+        if not os.path.isdir(cache):
+            raise NotADirectoryError(20, "Not a directory", cache) from None  # (ENOTDIR)
 
 
 # A sealed cache file's mtime: a date no write can produce. Whatever changes the file's content
