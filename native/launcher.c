@@ -18,7 +18,11 @@
  * faster, never change its outcome.
  *
  * What it must agree on with walship/spool.py (tests/test_launcher.py checks both sides):
- *   - the cache: <dirname of path>/walship/prefetch/;
+ *   - the cache: <dirname of path>/walship/prefetch/; with WALSHIP_CACHE_DIR (an absolute
+ *     path), <it>/pg_wal-<st_dev>-<st_ino> of <dirname of path>, both in lowercase hex
+ *     (spool.cache_dir); a config file that mentions cache_dir at all, or that exists but cannot
+ *     be read, hands the call to Python, which reads the setting (spool.configured_cache_dir);
+ *     a cache on another filesystem than <dirname of path> hands delivery to Python (a copy);
  *   - the seal <name>.ok: "<boot id> <inode> <size> <settings fingerprint>\n", valid while the
  *     boot id is this boot's, the file has that inode and size, and its mtime is exactly
  *     1970-01-01 00:00:01 (SEALED_MTIME_NS);
@@ -309,6 +313,49 @@ static int write_atomically(const char *path, const char *text) {
     return -1;
 }
 
+/* Whether the config file mentions cache_dir: 1 yes, 0 no (or it does not exist), -1 it cannot
+ * be read. */
+static int config_names_cache_dir(void) {
+    const char *config = getenv("WALSHIP_CONFIG");
+    if (!config || !*config) config = CONFIG_FILE;
+    int fd = open(config, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return errno == ENOENT ? 0 : -1;
+    static const char word[] = "cache_dir";
+    char buffer[65536];
+    size_t kept = 0;
+    for (;;) {
+        ssize_t n = read(fd, buffer + kept, sizeof buffer - kept);
+        if (n <= 0) {
+            close(fd);
+            return n < 0 ? -1 : 0;
+        }
+        size_t have = kept + (size_t)n;
+        if (memmem(buffer, have, word, sizeof word - 1)) {
+            close(fd);
+            return 1;
+        }
+        kept = have < sizeof word - 2 ? have : sizeof word - 2; /* a word across two reads */
+        memmove(buffer, buffer + have - kept, kept);
+    }
+}
+
+/* spool.cache_dir of dir, with the cache_dir setting as spool.configured_cache_dir reads it;
+ * -1 where it cannot be told here (then Python takes the call). */
+static int cache_path(const char *dir, char cache[PATH_MAX]) {
+    const char *configured = getenv("WALSHIP_CACHE_DIR");
+    int n;
+    if (configured && *configured) {
+        struct stat st;
+        if (configured[0] != '/' || stat(dir, &st) != 0) return -1;
+        n = snprintf(cache, PATH_MAX, "%s/pg_wal-%llx-%llx", configured,
+                     (unsigned long long)st.st_dev, (unsigned long long)st.st_ino);
+    } else {
+        if (config_names_cache_dir() != 0) return -1;
+        n = snprintf(cache, PATH_MAX, "%s/walship/prefetch", dir);
+    }
+    return n > 0 && n < PATH_MAX ? 0 : -1;
+}
+
 /* spool.ask: have the running worker look name up in the repository now. 1: found (then it
  * is sealed in the cache); 0: missing (the repository, asked after this call began, says so);
  * -1: no answer (no worker, other settings, an error, time is up): Python finds out itself. */
@@ -359,8 +406,7 @@ static int fetch(const char *name, const char *destination) {
     double started = now();
     if (!plain_name(name)) return -1;
     char dir[PATH_MAX], cache[PATH_MAX], path[PATH_MAX], seal[PATH_MAX];
-    if (parent_dir(destination, dir) != 0 ||
-        (size_t)snprintf(cache, sizeof cache, "%s/walship/prefetch", dir) >= sizeof cache ||
+    if (parent_dir(destination, dir) != 0 || cache_path(dir, cache) != 0 ||
         (size_t)snprintf(path, sizeof path, "%s/%s", cache, name) >= sizeof path ||
         (size_t)snprintf(seal, sizeof seal, "%s.ok", path) >= sizeof seal)
         return -1;
@@ -400,6 +446,9 @@ static int fetch(const char *name, const char *destination) {
     if (strcmp(ino, st_ino) || strcmp(size, st_size) || st.st_mtim.tv_sec != SEALED_MTIME_SEC ||
         st.st_mtim.tv_nsec != 0)
         return -1;
+    struct stat wal_dir;
+    if (stat(dir, &wal_dir) != 0 || wal_dir.st_dev != st.st_dev)
+        return -1; /* a cache on another filesystem: Python copies (spool._copy_sealed) */
 
     /* Delivered with the present as its mtime, like any file just written. */
     if (utimensat(AT_FDCWD, path, NULL, 0) != 0) return -1;

@@ -402,3 +402,92 @@ def test_any_other_answer_goes_to_python(launcher, site, verdict, nonce):
     done = call(launcher, env, *args)
     thread.join()
     assert done.returncode == 42 and handed_over(launcher) == args, done.stderr
+
+
+# -- the cache_dir setting (spool.cache_dir, spool.configured_cache_dir) ---------------------------
+@pytest.fixture
+def configured_site(tmp_path, launcher):
+    """A pg_wal whose cache is under WALSHIP_CACHE_DIR, with a live worker (this test holds its
+    lock), placed where Python puts it."""
+    (launcher.parent / "handed-over").unlink(missing_ok=True)
+    wal = tmp_path / "pg_wal"
+    wal.mkdir()
+    home = tmp_path / "cachehome"
+    home.mkdir()
+    cache = Path(spool.cache_dir(str(wal), str(home)))
+    cache.mkdir()
+    lock = os.open(cache / "worker.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("WALSHIP_", "AZURE_"))}
+    env.update(WALSHIP_REPO=f"file://{tmp_path}/repo", WALSHIP_CONFIG=str(tmp_path / "none"),
+               WALSHIP_CACHE_DIR=str(home))
+    yield wal, cache, env
+    os.close(lock)
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_delivers_from_the_cache_dir_python_uses(launcher, configured_site, relative):
+    wal, cache, env = configured_site
+    data = seal(cache, env)
+    destination = "pg_wal/RECOVERYXLOG" if relative else str(wal / "RECOVERYXLOG")
+    done = call(launcher, env, "wal-fetch", SEGMENT, destination, cwd=wal.parent)
+    assert (done.returncode, handed_over(launcher)) == (0, None), done.stderr
+    assert (wal / "RECOVERYXLOG").read_bytes() == data
+    assert (cache / "want").read_text() == f"{SEGMENT} {SIZE}\n"
+    assert not (wal / "walship").exists()
+
+
+def test_a_config_file_naming_cache_dir_goes_to_python(launcher, site, tmp_path):
+    """Only Python reads the config file's settings: the launcher does not guess where a
+    cache_dir set there puts the cache (even when the cache beside pg_wal is ready)."""
+    wal, cache, env = site
+    config = tmp_path / "walship.toml"
+    config.write_text('repo = "file:///x"\n' + "#" * 70000 + '\ncache_dir = "/var/cache/w"\n')
+    env["WALSHIP_CONFIG"] = str(config)  # (the word lies beyond the launcher's first read)
+    seal(cache, env)
+    args = ["wal-fetch", SEGMENT, str(wal / "RECOVERYXLOG")]
+    done = call(launcher, env, *args)
+    assert done.returncode == 42 and handed_over(launcher) == args, done.stderr
+    assert (cache / SEGMENT).exists()
+
+
+def test_a_relative_cache_dir_goes_to_python(launcher, configured_site):
+    wal, cache, env = configured_site
+    seal(cache, env)
+    env["WALSHIP_CACHE_DIR"] = "cachehome"
+    args = ["wal-fetch", SEGMENT, "pg_wal/RECOVERYXLOG"]
+    done = call(launcher, env, *args, cwd=wal.parent)
+    assert done.returncode == 42 and handed_over(launcher) == args, done.stderr
+
+
+def test_a_cache_on_another_filesystem_goes_to_python_sealed(launcher, tmp_path):
+    """No rename across filesystems: Python copies (spool._copy_sealed). The launcher leaves
+    the cached file exactly as sealed."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    (launcher.parent / "handed-over").unlink(missing_ok=True)
+    wal = tmp_path / "pg_wal"
+    wal.mkdir()
+    home = tmp_path / "cachehome"
+    home.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(home)], check=True)
+    lock = -1
+    try:
+        cache = Path(spool.cache_dir(str(wal), str(home)))
+        cache.mkdir()
+        lock = os.open(cache / "worker.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        env = {key: value for key, value in os.environ.items()
+               if not key.startswith(("WALSHIP_", "AZURE_"))}
+        env.update(WALSHIP_REPO=f"file://{tmp_path}/repo",
+                   WALSHIP_CONFIG=str(tmp_path / "none"), WALSHIP_CACHE_DIR=str(home))
+        seal(cache, env)
+        args = ["wal-fetch", SEGMENT, str(wal / "RECOVERYXLOG")]
+        done = call(launcher, env, *args)
+        assert done.returncode == 42 and handed_over(launcher) == args, done.stderr
+        assert spool.intact(str(cache), SEGMENT, spool.settings_fingerprint(env)) == SIZE
+    finally:
+        if lock >= 0:
+            os.close(lock)
+        subprocess.run(["umount", "-l", str(home)], check=False)

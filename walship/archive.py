@@ -15,6 +15,7 @@ recovery early.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import time
@@ -25,8 +26,8 @@ from typing import TYPE_CHECKING
 
 from walship import layout, wal
 from walship.codec import Codec
-from walship.errors import (AlreadyExists, ContentConflict, IntegrityError, KeyMismatch,
-                            NotFound, RepositoryMissing, StorageError, UsageError)
+from walship.errors import (AlreadyExists, ContentConflict, DiskFull, IntegrityError,
+                            KeyMismatch, NotFound, RepositoryMissing, StorageError, UsageError)
 from walship.storage.base import Storage
 
 if TYPE_CHECKING:
@@ -191,6 +192,11 @@ class Archive:
                                          "the archived object is damaged") from None
             # No fsync: PostgreSQL reads the file at once and, after a crash, fetches it again.
             os.replace(temp, destination)
+        except OSError as error:
+            _unlink_quietly(temp)
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full(str(destination.parent), name) from None
+            raise
         except BaseException:
             _unlink_quietly(temp)
             raise
@@ -216,6 +222,13 @@ def open_archive(settings: Settings) -> Archive:
         key = load_key_file(settings.encryption_key_file)
     storage = open_storage(settings.require_repo(), settings.storage_options())
     return Archive(storage, Codec(level=settings.compression_level, key=key))
+
+
+def disk_full(directory: str, name: str) -> DiskFull:
+    """The error of a file that could not be written for lack of space."""
+    return DiskFull(f"cannot write {name} into {directory}", "no space left on its filesystem",
+                    "free space there; walship's prefetch cache leaves cache_min_free_mb free "
+                    "and holds at most cache_max_mb")
 
 
 def _create(path: Path):  # noqa: ANN202 - a binary file object

@@ -35,6 +35,8 @@ _OPTIONS: dict[str, tuple[str, type, Any]] = {
     "prefetch": ("WALSHIP_PREFETCH", int, DEFAULT_PREFETCH),
     "parallel": ("WALSHIP_PARALLEL", int, 3),
     "cache_max_mb": ("WALSHIP_CACHE_MAX_MB", int, 1024),
+    "cache_min_free_mb": ("WALSHIP_CACHE_MIN_FREE_MB", int, None),
+    "cache_dir": ("WALSHIP_CACHE_DIR", str, None),
     "azure_transport": ("WALSHIP_AZURE_TRANSPORT", str, "auto"),
 }
 _AZURE: dict[str, str] = {
@@ -61,6 +63,8 @@ class Settings:
     prefetch: int = DEFAULT_PREFETCH
     parallel: int = 3
     cache_max_mb: int = 1024
+    cache_min_free_mb: int | None = None  # None: max_wal_size and two segments (prefetch.py)
+    cache_dir: str | None = None  # None: pg_wal/walship/prefetch
     azure_transport: str = "auto"
     azure: AzureCredentials = field(default_factory=AzureCredentials)
     config_file: str | None = None
@@ -144,6 +148,13 @@ def _convert(name: str, kind: type, value: Any, source: str) -> Any:
         raise ConfigError(f"invalid parallel {converted} in {source}", "use 1 to 64")
     if name == "cache_max_mb" and not 16 <= converted <= 1 << 20:
         raise ConfigError(f"invalid cache_max_mb {converted} in {source}", "use at least 16")
+    if name == "cache_min_free_mb" and not 0 <= converted <= 1 << 30:
+        raise ConfigError(f"invalid cache_min_free_mb {converted} in {source}",
+                          "use 0 or more MiB", "leave it unset: max_wal_size and two segments")
+    if name == "cache_dir" and (not converted.startswith("/") or any(
+            ord(c) < 32 for c in converted)):
+        raise ConfigError(f"invalid cache_dir in {source}", "it must be an absolute path, "
+                          "on one line", "name an existing directory the postgres user owns")
     if name == "azure_transport" and converted not in ("auto", "sdk"):
         raise ConfigError(f"invalid azure_transport {converted!r} in {source}",
                           "it is auto (REST for reads and small puts, the SDK for the rest) "

@@ -111,6 +111,12 @@ class StorageError(WalshipError):
     status = ExitStatus.FAILED
 
 
+class DiskFull(WalshipError):
+    """A local filesystem (pg_wal's, the prefetch cache's) has no space left for a file."""
+
+    status = ExitStatus.FAILED
+
+
 class IntegrityError(WalshipError):
     """An object failed verification: corrupt, truncated, reordered, swapped or tampered."""
 

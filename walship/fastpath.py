@@ -77,15 +77,16 @@ def wal_fetch(name: str, destination: str) -> int | None:
     started = time.monotonic()
     if not _plain_name(name):
         return None
-    cache = spool.cache_dir(os.path.dirname(destination) or ".")
     settings = spool.settings_fingerprint()
     try:
+        cache = spool.cache_dir(os.path.dirname(destination) or ".",
+                                spool.configured_cache_dir())
         size = spool.deliver_cached(cache, name, destination, settings)
         if size is None and not spool.worker_alive(cache) and spool.prefetch_enabled():
             # No worker yet (the first call of a recovery): start it and hand it the lookup,
             # rather than start the full program here as well (the worker pays the storage
             # SDK's import once, for this call and every later one).
-            os.makedirs(cache, exist_ok=True)
+            spool.make_cache(cache)
             spool.seed_want(cache, name, os.path.dirname(destination) or ".")
             spool.start_worker(cache)
             if not spool.await_worker(cache, spool.START_SECONDS):
@@ -101,10 +102,13 @@ def wal_fetch(name: str, destination: str) -> int | None:
                 size = spool.deliver_cached(cache, name, destination, settings, wait=False)
         if size is None:
             return None
+    except (OSError, ValueError):  # (ValueError: the cache_dir setting cannot be told)
+        return None
+    try:
         if len(name) == 24:  # a segment: move the window
             spool.want(cache, name, size)
         spool.start_worker(cache)
-    except OSError:
-        return None
+    except OSError:  # (a full filesystem): delivered all the same
+        pass
     _log("wal-fetch", name, "delivered from prefetch cache", size, started)
     return 0

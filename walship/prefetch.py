@@ -9,23 +9,32 @@ name and sealed (:func:`walship.spool.seal_cached`) only once complete and verif
 never cached: the end of the archive is asked again a moment later. The worker exits, emptying
 the cache, once nobody has asked for anything for ``IDLE_SECONDS``.
 
+The cache never takes the space PostgreSQL needs: a window download starts only while the
+cache's filesystem keeps :func:`free_space_floor` free with it and every download running
+counted as a whole segment; a download that finds the filesystem full pauses them all
+(``FULL_PAUSE_SECONDS``). Calls then download straight to pg_wal. A lookup for a call (the
+file PostgreSQL waits for) is not held back: it takes the space the call's own download would.
+
     python -m walship.prefetch CACHE_DIR
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import select
 import stat
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from typing import TYPE_CHECKING
 
 from walship import spool, wal
 from walship.archive import Transfer
-from walship.errors import NotFound
+from walship.errors import DiskFull, NotFound
 
 if TYPE_CHECKING:
     from walship.archive import Archive
@@ -41,6 +50,71 @@ RETRY_MAX_SECONDS = 8.0  # ... up to this: a standby waiting for WAL polls gentl
 ANSWER_KEEP_SECONDS = 30.0  # a looked-up file waits this long for its caller
 NICE = 10  # the worker's CPU priority increment (see main)
 STUCK_SECONDS = 300.0  # storage timeouts and retries end a download well before
+FULL_PAUSE_SECONDS = 5.0  # no window download for this long after one found no space
+DEFAULT_MAX_WAL_SIZE = 1 << 30  # PostgreSQL's default max_wal_size
+FLOOR_SEGMENTS = 2  # the floor's margin: a segment a call restores, the new timeline's first
+
+
+def free_space_floor(setting_mb: int | None, segment_size: int, max_wal_size: int | None) -> int:
+    """The bytes the cache leaves free on its filesystem: ``cache_min_free_mb`` when set, else
+    PostgreSQL's ``max_wal_size`` (its default, 1 GiB, where unknown) and two segments.
+
+    In archive recovery PostgreSQL keeps the segments it restores in pg_wal until a restartpoint
+    removes them, about ``max_wal_size`` of WAL apart; once promoted it writes up to about that
+    much between checkpoints; the two segments are the one a call restores straight into pg_wal
+    and the new timeline's first. What PostgreSQL already holds counts as used, so the floor
+    errs on the safe side by that much."""
+    if setting_mb is not None:
+        return setting_mb << 20
+    return (max_wal_size or DEFAULT_MAX_WAL_SIZE) + FLOOR_SEGMENTS * segment_size
+
+
+_MAX_WAL_SIZE = re.compile(r"\s*max_wal_size\s*=?\s*'?\s*(\d+)\s*(kB|MB|GB|TB)?\s*'?\s*(#.*)?",
+                           re.IGNORECASE)
+_UNITS = {None: 1 << 20, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40}
+
+
+def read_max_wal_size(data_dir: str | None) -> int | None:
+    """``max_wal_size`` in bytes as ``postgresql.conf`` and then ``postgresql.auto.conf`` in the
+    data directory set it (the last setting wins, as in PostgreSQL); None where not told there
+    (no data directory, the settings elsewhere: an ``include``, ``-c``, a configuration file
+    outside the data directory as on Debian). Read once, by the worker."""
+    if data_dir is None:
+        return None
+    found = None
+    for conf in ("postgresql.conf", "postgresql.auto.conf"):
+        try:
+            with open(os.path.join(data_dir, conf), "rb") as handle:
+                text = handle.read(1 << 20).decode(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            match = _MAX_WAL_SIZE.fullmatch(line)
+            if match:
+                found = int(match[1]) * _UNITS[match[2] and match[2].lower()]
+    return found
+
+
+def data_directory(cache: str) -> str | None:
+    """The data directory of the cluster the cache serves, where it can be told: above
+    ``pg_wal/walship/prefetch``, else the worker's working directory (PostgreSQL runs
+    restore_command in the data directory); None unless it holds ``PG_VERSION``."""
+    cache = os.path.abspath(cache)
+    candidates = [os.getcwd()]
+    if os.path.basename(os.path.dirname(cache)) == spool.SPOOL:
+        candidates.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(cache))))
+    for candidate in candidates:
+        if os.path.isfile(os.path.join(candidate, "PG_VERSION")):
+            return candidate
+    return None
+
+
+def _say(message: str) -> None:
+    """A line in the worker's log; never fails (the log may sit on a full filesystem)."""
+    try:
+        print(f"walship: {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def _window(want: tuple[str, int] | None, depth: int, max_bytes: int) -> list[str]:
@@ -78,6 +152,10 @@ class Worker:
         self.fingerprint = spool.settings_fingerprint()
         self.depth = self.settings.prefetch
         self.max_bytes = self.settings.cache_max_mb << 20
+        self.max_wal_size = None if self.settings.cache_min_free_mb is not None \
+            else read_max_wal_size(data_directory(cache))
+        self.full_until = 0.0  # no window download before (a download found no space)
+        self.held_back: int | None = None  # the free space last reported under the floor
         self.pool = ThreadPoolExecutor(max(1, self.settings.parallel),
                                        thread_name_prefix="prefetch")
         self.inflight: dict[str, Future[None]] = {}
@@ -161,11 +239,18 @@ class Worker:
             verdict = "missing"  # the repository says so, asked after the call began
         except BaseException as error:  # noqa: BLE001 - the caller then finds out itself
             spool.drop_cached(self.cache, name)
-            print(f"walship: prefetch lookup {name}: {error}", file=sys.stderr, flush=True)
+            _say(f"prefetch lookup {name}: {error}")
         finally:
             self.answered[name] = time.monotonic()
-            spool.write_atomically(os.path.join(self.cache, "ask", f"{name}.answer"),
-                                   f"{nonce} {verdict}\n")
+            answer = os.path.join(self.cache, "ask", f"{name}.answer")
+            try:
+                spool.write_atomically(answer, f"{nonce} {verdict}\n")
+            except OSError:  # (a full filesystem): the caller waits for an answer; make room
+                spool.drop_cached(self.cache, name)
+                try:
+                    spool.write_atomically(answer, f"{nonce} error\n")
+                except OSError:
+                    pass
 
     def in_use(self) -> set[str]:
         """Segments holding, or about to hold, a file in the cache: cached, being downloaded
@@ -253,9 +338,14 @@ class Worker:
                     self.retry_at[name] = time.monotonic() + min(
                         RETRY_MAX_SECONDS, RETRY_SECONDS * 2 ** (failures - 1))
                     if isinstance(error, NotFound):  # tells waiting calls not to wait for it
-                        open(os.path.join(self.cache, f"{name}.missing"), "w").close()
+                        try:
+                            open(os.path.join(self.cache, f"{name}.missing"), "w").close()
+                        except OSError:
+                            pass  # (a full filesystem: calls wait for nothing but a moment)
                     else:
-                        print(f"walship: prefetch {name}: {error}", file=sys.stderr, flush=True)
+                        if _no_space(error):
+                            self.full_until = time.monotonic() + FULL_PAUSE_SECONDS
+                        _say(f"prefetch {name}: {error}")
         for table in (self.retry_at, self.failures):  # (bounded by the window)
             for name in [name for name in table if name not in keep]:
                 del table[name]
@@ -267,6 +357,8 @@ class Worker:
         room = len(window) - len(self.in_use())
         if any(not future.done() for future in self.asks.values()):
             room = 0  # a call waits for a lookup: no new download competes with it
+        if room > 0 and want is not None:
+            room = min(room, self.space_for(want[1], now))
         if last is not None and room > 0 and self._due(last, now):
             self._queue(last)
             room -= 1
@@ -280,13 +372,43 @@ class Worker:
             self._queue(name)
             room -= 1
 
+    def space_for(self, segment_size: int, now: float) -> int:
+        """How many more segments may be downloaded into the cache while its filesystem keeps
+        the floor free, every download or lookup running counted as a whole segment."""
+        if now < self.full_until:
+            return 0
+        try:
+            st = os.statvfs(self.cache)
+        except OSError:
+            return 0
+        free = st.f_bavail * st.f_frsize
+        running = sum(not future.done() for future in (*self.inflight.values(),
+                                                        *self.asks.values()))
+        floor = free_space_floor(self.settings.cache_min_free_mb, segment_size,
+                                 self.max_wal_size)
+        room = max(0, (free - floor) // max(1, segment_size) - running)
+        if room == 0 and running == 0 and self.held_back is None:
+            self.held_back = free
+            _say(f"prefetch: {free >> 20} MiB free on the cache's filesystem, under the floor "
+                 f"of {floor >> 20} MiB and a segment: not caching ahead (calls download "
+                 "straight to pg_wal)")
+        elif room > 0 and self.held_back is not None:
+            self.held_back = None
+            _say(f"prefetch: {free >> 20} MiB free on the cache's filesystem: caching again")
+        return room
+
     def _due(self, name: str, now: float) -> bool:
         """Whether ``name`` is neither cached, nor being downloaded, nor waiting for a retry."""
         return name not in self.inflight and self.retry_at.get(name, 0) <= now \
             and not os.path.exists(os.path.join(self.cache, f"{name}.ok"))
 
     def _queue(self, name: str) -> None:
-        open(os.path.join(self.cache, f"{name}.inflight"), "w").close()  # queued
+        try:
+            open(os.path.join(self.cache, f"{name}.inflight"), "w").close()  # queued
+        except OSError as error:  # (a full filesystem): not queued, tried again later
+            if _no_space(error):
+                self.full_until = time.monotonic() + FULL_PAUSE_SECONDS
+            return
         try:
             os.unlink(os.path.join(self.cache, f"{name}.missing"))
         except FileNotFoundError:
@@ -314,6 +436,11 @@ class Worker:
             if now - last_change > IDLE_SECONDS + STUCK_SECONDS:
                 return False
             self.sleep()
+
+
+def _no_space(error: BaseException) -> bool:
+    return isinstance(error, DiskFull) or isinstance(error, OSError) \
+        and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _wake_fifo(cache: str) -> tuple[list[int], float]:
@@ -375,22 +502,26 @@ if __name__ == "__main__":
 def fetch(archive: Archive, settings: Settings, name: str, destination: str) -> Transfer:
     """wal-fetch through the prefetch cache: deliver ``name`` from the cache when the worker has
     it (waiting if it is downloading it right now), otherwise download it directly; either way
-    move the worker's window to ``name`` and make sure a worker runs."""
+    move the worker's window to ``name`` and make sure a worker runs. The cache's bookkeeping
+    never fails the call: where it cannot be written (a full filesystem), the call downloads
+    straight to ``destination``, which fails for lack of space only as
+    :class:`~walship.errors.DiskFull`."""
     from walship.archive import archive_name
 
     if settings.prefetch == 0:
         return archive.fetch_wal(name, destination)
-    if archive_name(name).kind is not wal.FileKind.SEGMENT:
+    kind = archive_name(name).kind
+    wal_dir = os.path.dirname(destination) or "."
+    cache = _open_cache(settings, wal_dir)
+    if cache is None:
+        return archive.fetch_wal(name, destination)
+    if kind is not wal.FileKind.SEGMENT:
         # (a history file, asked for before the first segment at the start of recovery: the
         # worker starts now, so that the next calls find it ready to answer them)
-        cache = spool.cache_dir(os.path.dirname(destination) or ".")
-        os.makedirs(cache, exist_ok=True)
-        spool.seed_want(cache, name, os.path.dirname(destination) or ".")
-        spool.start_worker(cache)
+        _quietly(spool.seed_want, cache, name, wal_dir)
+        _quietly(spool.start_worker, cache)
         return archive.fetch_wal(name, destination)
     started = time.monotonic()
-    cache = spool.cache_dir(os.path.dirname(destination) or ".")
-    os.makedirs(cache, exist_ok=True)
     fingerprint = spool.settings_fingerprint()
     inflight = os.path.join(cache, f"{name}.inflight")
     deadline = started + settings.storage_timeout * (settings.storage_retries + 1)
@@ -399,10 +530,13 @@ def fetch(archive: Archive, settings: Settings, name: str, destination: str) -> 
         time.sleep(0.005)  # being downloaded: wait rather than download it twice
     # (already waited for above; no grace here: after the fast path found the cached copy
     # corrupt, this call downloads it itself)
-    size = spool.deliver_cached(cache, name, destination, fingerprint, wait=False)
+    try:
+        size = spool.deliver_cached(cache, name, destination, fingerprint, wait=False)
+    except OSError:
+        size = None  # (no space for a copy from a cache elsewhere: the download says so)
     if size is not None:
-        spool.want(cache, name, size)
-        spool.start_worker(cache)
+        _quietly(spool.want, cache, name, size)
+        _quietly(spool.start_worker, cache)
         return Transfer("wal-fetch", name, "delivered from prefetch cache", size, size,
                         time.monotonic() - started)
     previous = _read_want(cache)
@@ -410,9 +544,42 @@ def fetch(archive: Archive, settings: Settings, name: str, destination: str) -> 
     # takes a while) is ready for PostgreSQL's next call. With no earlier call to tell the
     # segment size, PostgreSQL's default is assumed until this download tells the real one (a
     # wrong guess only prefetches names that are never asked for: a name is one segment).
-    spool.want(cache, name, previous[1] if previous is not None else DEFAULT_SEGMENT_SIZE)
-    spool.start_worker(cache)
+    _quietly(spool.want, cache, name, previous[1] if previous is not None
+             else DEFAULT_SEGMENT_SIZE)
+    _quietly(spool.start_worker, cache)
     result = archive.fetch_wal(name, destination)
-    spool.want(cache, name, result.bytes_out)
-    spool.start_worker(cache)
+    _quietly(spool.want, cache, name, result.bytes_out)
+    _quietly(spool.start_worker, cache)
     return result
+
+
+def _open_cache(settings: Settings, wal_dir: str) -> str | None:
+    """The cache directory for ``wal_dir``, made if missing; None where none can be made now
+    (a full filesystem, no ``wal_dir``): the call then downloads straight to pg_wal."""
+    try:
+        cache = spool.cache_dir(wal_dir, settings.cache_dir)
+        spool.make_cache(cache)
+    except FileNotFoundError:
+        if settings.cache_dir and not os.path.isdir(settings.cache_dir):
+            from walship.errors import ConfigError
+
+            raise ConfigError(f"the cache_dir {settings.cache_dir} does not exist",
+                              hint="create it, writable by the postgres user only, or unset "
+                              "cache_dir to keep the cache beside pg_wal") from None
+        return None
+    except OSError as error:
+        if settings.cache_dir and not _no_space(error):  # (a full filesystem says so itself)
+            _say(f"wal-fetch: WARNING: cannot use the cache_dir {settings.cache_dir}: "
+                 f"{os.strerror(error.errno or 0)}; downloading straight to pg_wal (hint: "
+                 "make it writable by the postgres user)")
+        return None
+    return cache
+
+
+def _quietly(action: Callable[..., object], *args: object) -> None:
+    """A step of a call's cache bookkeeping (the window, the worker): a failure (a full
+    filesystem) only costs the worker a hint; the call goes on."""
+    try:
+        action(*args)
+    except OSError:
+        pass

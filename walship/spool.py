@@ -4,7 +4,9 @@ Everything here is standard library only and cheap, because it is what a wal-pus
 call whose work was done ahead runs *instead of* the full program (see :mod:`walship.fastpath`).
 
 Layout, inside the directory that holds the WAL (``pg_wal/walship/``), so that delivering a
-cached segment is a rename within one filesystem::
+cached segment is a rename within one filesystem (with the ``cache_dir`` setting, ``prefetch/``
+is ``<cache_dir>/pg_wal-<device>-<inode of pg_wal>/`` instead, see :func:`cache_dir`; on
+another filesystem, delivery is a copy and a rename, see :func:`_copy_sealed`)::
 
     pushed/<name>          "<file fingerprint> <settings fingerprint>": <name> is durably stored
     pushing/<name>         the background pusher is uploading <name>
@@ -89,9 +91,16 @@ def file_fingerprint(path: str) -> str:
 def write_atomically(path: str, text: str) -> None:
     """Replace ``path`` with ``text`` (no fsync: spool entries are hints, never the only copy)."""
     temp = f"{path}.tmp{os.getpid()}"
-    with open(temp, "w") as handle:
-        handle.write(text)
-    os.replace(temp, path)
+    try:
+        with open(temp, "w") as handle:
+            handle.write(text)
+        os.replace(temp, path)
+    except OSError:
+        try:
+            os.unlink(temp)  # (a full filesystem leaves no empty temporary file behind)
+        except OSError:
+            pass
+        raise
 
 
 def read_text(path: str) -> str | None:
@@ -259,8 +268,64 @@ def take_pushed(wal_path: str, settings: str) -> bool:
 
 
 # -- prefetch cache ----------------------------------------------------------------------------
-def cache_dir(wal_dir: str) -> str:
-    return os.path.join(spool_dir(wal_dir), "prefetch")
+def cache_dir(wal_dir: str, configured: str | None = None) -> str:
+    """The prefetch cache of the WAL directory ``wal_dir``: ``<wal_dir>/walship/prefetch``; or,
+    with the ``cache_dir`` setting (``configured``), a directory of its own in there named
+    after the device and inode of ``wal_dir``: clusters sharing the setting never share a
+    cache, and a restore into a new directory starts with an empty one. (The native launcher
+    computes the same name.)"""
+    if not configured:
+        return os.path.join(spool_dir(wal_dir), "prefetch")
+    st = os.stat(wal_dir)
+    return os.path.join(configured, f"pg_wal-{st.st_dev:x}-{st.st_ino:x}")
+
+
+def configured_cache_dir() -> str | None:
+    """The ``cache_dir`` setting, read without the full program, as the native launcher reads
+    it: ``WALSHIP_CACHE_DIR`` when set and not empty, else the config file's, which is parsed
+    only when it mentions the setting at all (the launcher hands such calls to Python). None:
+    unset (the cache is beside pg_wal). Raises ValueError when it cannot be told."""
+    value = os.environ.get("WALSHIP_CACHE_DIR")
+    if value:
+        if not value.startswith("/"):
+            raise ValueError("WALSHIP_CACHE_DIR is not an absolute path")
+        return value
+    path = os.environ.get("WALSHIP_CONFIG") or CONFIG_FILE
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise ValueError(str(error)) from None
+    if b"cache_dir" not in text:
+        return None
+    import tomllib
+
+    try:
+        value = tomllib.loads(text.decode()).get("cache_dir")
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(str(error)) from None
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError("cache_dir is not an absolute path")
+    return value
+
+
+def make_cache(cache: str) -> None:
+    """Create the cache directory if missing. Beside pg_wal, ``walship/prefetch`` is walship's
+    own; elsewhere (the ``cache_dir`` setting) only the cache's own directory is made: the
+    configured directory must exist (FileNotFoundError)."""
+    if os.path.basename(cache) == "prefetch" \
+            and os.path.basename(os.path.dirname(cache)) == SPOOL:
+        os.makedirs(cache, exist_ok=True)
+        return
+    try:
+        os.mkdir(cache, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(cache):
+            raise NotADirectoryError(20, "Not a directory", cache) from None  # (ENOTDIR)
 
 
 # A sealed cache file's mtime: a date no write can produce. Whatever changes the file's content
@@ -401,6 +466,11 @@ def deliver_cached(cache: str, name: str, destination: str, settings: str, *,
             drop_cached(cache, name)  # changed since it was verified, or from another boot
         return None
     path = os.path.join(cache, name)
+    if os.stat(os.path.dirname(destination) or ".").st_dev != os.stat(path).st_dev:
+        # (the cache_dir setting put the cache on another filesystem: no rename across)
+        copied = _copy_sealed(path, destination, size)
+        drop_cached(cache, name)  # delivered, or changed while it was copied
+        return size if copied else None
     os.utime(path)  # delivered with the present as its mtime, like any file just written
     os.replace(path, destination)
     try:
@@ -408,6 +478,43 @@ def deliver_cached(cache: str, name: str, destination: str, settings: str, *,
     except OSError:
         pass
     return size
+
+
+def _copy_sealed(path: str, destination: str, size: int) -> bool:
+    """Deliver the sealed cache file ``path`` to ``destination`` on another filesystem: copied
+    (by the kernel, ``sendfile``) into a temporary file beside ``destination``, which is renamed
+    into place only if the cache file still carries its seal's mtime and size after the copy
+    (whatever changed it meanwhile moved its mtime): the destination appears complete and
+    verified, or not at all. False: it changed. The cache file is left for the caller."""
+    directory, base = os.path.split(destination)
+    temp = os.path.join(directory, f".{base}.walship-{os.urandom(4).hex()}")
+    source = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                copied = 0
+                while copied < size:
+                    sent = os.sendfile(out, source, copied, min(size - copied, 1 << 30))
+                    if sent <= 0:
+                        break
+                    copied += sent
+            finally:
+                os.close(out)
+            st = os.fstat(source)
+            if copied != size or st.st_size != size or st.st_mtime_ns != SEALED_MTIME_NS:
+                os.unlink(temp)
+                return False
+            os.replace(temp, destination)
+        except BaseException:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(source)
+    return True
 
 
 ASK_SECONDS = 60.0
