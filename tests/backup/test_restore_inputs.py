@@ -15,11 +15,12 @@ from tests.backup.test_pipeline import FakeSource, make_cluster, push_wal_names
 from tests.fixtures.postgres import chown_to
 
 from walship.archive import Archive
-from walship.backup import fetch
+from walship.backup import fetch, layout
 from walship.backup import restore as restore_module
 from walship.backup.fetch import parse_tablespace_mapping
 from walship.backup.push import push_backup
-from walship.backup.restore import make_target, recovery_settings, restore, rewrite_auto_conf
+from walship.backup.restore import (RecoveryTarget, make_target, recovery_settings, restore,
+                                    rewrite_auto_conf)
 from walship.cli import run
 from walship.codec import Codec
 from walship.errors import UsageError
@@ -74,6 +75,7 @@ def refused(argv: list[str], capsys) -> str:
     ("--target-lsn", "1/123456789"),
     ("--target-time", "2026-11-25 14:30:00+00\nx = 1"),
     ("--target-time", "yesterday"),
+    ("--target-time", "9999-12-31T23:59:59-01:00"),  # past year 9999 in UTC
 ])
 def test_restore_refuses_a_bad_target_and_writes_nothing(backed_up, tmp_path, capsys, option,
                                                          value):
@@ -88,6 +90,24 @@ def test_restore_refuses_two_targets_even_if_one_is_empty(backed_up, tmp_path, c
     line = refused(["restore", "--target-name", "", "--target-xid", "771", str(tmp_path / "r"),
                     "--tablespace-map", f"16400={tmp_path / 'ts2'}"], capsys)
     assert "at most one recovery target" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_target_built_by_hand_is_checked_too():
+    for kind, value in (("name", "a\nb"), ("name", ""), ("xid", "010"), ("bogus", "x"),
+                        ("time", "2026-11-25")):
+        with pytest.raises(UsageError):
+            RecoveryTarget(kind, value)
+    assert RecoveryTarget("name", "it's").settings() == {"recovery_target_name": "it's"}
+
+
+def test_backup_names_with_a_newline_are_no_backup_names(backed_up, tmp_path, capsys):
+    name = restore_module.catalog.list_backups(
+        Archive(open_storage(f"file://{backed_up}"), Codec()))[0].name
+    assert layout.is_backup_name(name) and not layout.is_backup_name(name + "\n")
+    assert "is not a backup name" in refused(
+        ["restore", str(tmp_path / "r"), "--backup", name + "\n", "--tablespace-map",
+         f"16400={tmp_path / 'ts2'}"], capsys)
     assert not (tmp_path / "r").exists()
 
 
@@ -151,6 +171,11 @@ def test_restore_refuses_a_directory_under_a_file(backed_up, tmp_path, capsys):
                  ["restore", str(plain)]):  # the file itself
         assert "is not a directory" in refused(argv + remap, capsys)
     assert plain.read_text() == "x" and not (tmp_path / "ts2").exists()
+    # a tablespace location under a file
+    line = refused(["restore", str(tmp_path / "r"), "--tablespace-map", f"16400={plain}/ts"],
+                   capsys)
+    assert "tablespace 16400 location" in line and "is not a directory" in line
+    assert not (tmp_path / "r").exists()
 
 
 def test_force_never_empties_an_arbitrary_directory(backed_up, tmp_path, capsys):

@@ -408,7 +408,7 @@ def fetch_backup(archive: Archive, name: str, directory: str | os.PathLike[str],
     writer = _Writer(root, manifest, owner, progress, threading.Event())
     _Cleanup.check(root, force=force, what="data directory")
     for oid, location in targets.items():
-        _Cleanup.check(location, force=False, what=f"tablespace {oid} location")
+        check_directory(location, force=False, what=f"tablespace {oid} location")
     try:
         cleanup.prepare(root)
         for location in targets.values():

@@ -42,6 +42,7 @@ from walship.backup.progress import Progress
 from walship.errors import NotFound, UsageError, WalshipError
 
 ACTIONS = ("pause", "promote", "shutdown")
+KINDS = ("latest", "immediate", "time", "lsn", "xid", "name")
 NAME_MAX_BYTES = 63  # a restore point name: MAXFNAMELEN - 1 in PostgreSQL's xlog_internal.h
 XID_MAX = (1 << 64) - 1  # recovery_target_xid may be epoch-qualified (a 64-bit xid8)
 MANAGED_SETTINGS = ("restore_command", "recovery_target", "recovery_target_time",
@@ -64,6 +65,19 @@ class RecoveryTarget:
     value: str = ""
     time: datetime | None = None
     lsn: wal.Lsn | None = None
+
+    def __post_init__(self) -> None:
+        # (the values a target writes are checked however it was built: make_target, a drill)
+        if self.kind not in KINDS:
+            raise UsageError(f"invalid recovery target kind {_shown(self.kind)}",
+                             f"use one of {', '.join(KINDS)}")
+        if self.kind == "xid":
+            parse_xid(self.value)
+        elif self.kind == "name":
+            parse_name(self.value)
+        elif self.kind == "time" and self.time is None or self.kind == "lsn" and self.lsn is None:
+            raise UsageError(f"recovery target {self.kind} without its parsed value",
+                             hint="build targets with make_target")
 
     def describe(self) -> str:
         return self.kind if self.kind in ("latest", "immediate") else f"{self.kind}:{self.value}"
@@ -118,6 +132,11 @@ def parse_time(text: str) -> datetime:
         raise UsageError(f"target time {_shown(text)} has no time zone",
                          "a time without one would be read differently by walship and by "
                          "the server", "add one: +00, Z, +01:00...")
+    try:
+        value.astimezone(timezone.utc)
+    except OverflowError:
+        raise UsageError(f"invalid target time {_shown(text)}", "it is out of range",
+                         hint) from None
     return value
 
 
