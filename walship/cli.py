@@ -434,6 +434,10 @@ def wal_verify(state: _State, deep: bool, wal_segment_size: int, as_json: bool) 
     from walship.errors import ArchiveIncomplete, IntegrityError
     from walship.verify import report_dict, verify_wal
 
+    if wal_segment_size not in [1 << n for n in range(11)]:
+        raise UsageError(f"invalid --wal-segment-size {wal_segment_size}",
+                         "a WAL segment size is a power of two from 1 to 1024 MiB",
+                         "PostgreSQL's default is 16 (see initdb --wal-segsize)")
     report = verify_wal(state.archive(), segment_size=wal_segment_size << 20, deep=deep,
                         parallel=state.settings.parallel)
     if as_json:
