@@ -178,6 +178,26 @@ def test_restore_refuses_a_directory_under_a_file(backed_up, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_directory_that_cannot_be_created_is_a_usage_error(backed_up, tmp_path, capsys):
+    for argv in (["restore", "/proc/walship-test/data", "--tablespace-map",
+                  f"16400={tmp_path / 'ts2'}"],
+                 ["restore", str(tmp_path / "r"), "--tablespace-map",
+                  "16400=/proc/walship-test/ts"]):
+        assert "cannot create" in refused(argv, capsys)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "ts2").exists()
+
+
+def test_empty_backup_name_and_occupied_tablespace(backed_up, tmp_path, capsys):
+    assert "is not a backup name" in refused(
+        ["restore", str(tmp_path / "r"), "--backup", "", "--tablespace-map",
+         f"16400={tmp_path / 'ts2'}"], capsys)
+    # the tablespace's original location is not empty: --force does not apply there
+    line = refused(["restore", str(tmp_path / "r"), "--force"], capsys)
+    assert "tablespace 16400 location" in line and "--tablespace-map" in line
+    assert "--force" not in line
+    assert not (tmp_path / "r").exists()
+
+
 def test_force_never_empties_an_arbitrary_directory(backed_up, tmp_path, capsys):
     home = tmp_path / "home"
     (home / "sub").mkdir(parents=True)

@@ -172,8 +172,10 @@ class _Cleanup:
                              "stop the server and remove the directory first")
         if not force:
             hint = ("a previous fetch into it was interrupted; " if MARKER in content
-                    else "") + "choose an empty directory, or pass --force to replace " \
-                               "its content"
+                    else "") + ("choose an empty directory, or pass --force to replace "
+                                "its content" if what == "data directory" else
+                                "map it to an empty directory with --tablespace-map "
+                                "OID=/new/place")
             raise UsageError(f"{what} {path} is not empty", hint=hint)
         if not _replaceable(path):
             raise UsageError(f"{what} {path} is not empty and not a PostgreSQL data directory",
@@ -181,7 +183,7 @@ class _Cleanup:
                              "or what an interrupted walship fetch left",
                              "choose an empty directory, or remove its content yourself")
 
-    def prepare(self, path: Path) -> None:
+    def prepare(self, path: Path, what: str = "data directory") -> None:
         """Create ``path`` or empty it (it passed :meth:`check`)."""
         if path.exists():
             _remove_content(path)
@@ -190,7 +192,13 @@ class _Cleanup:
         top = path
         while not top.parent.exists():
             top = top.parent
-        path.mkdir(parents=True, mode=0o700)
+        try:
+            path.mkdir(parents=True, mode=0o700)
+        except OSError as error:
+            if os.path.isdir(top):  # (parents=True: part of the way may have been made)
+                shutil.rmtree(top, ignore_errors=True)
+            raise UsageError(f"cannot create {what} {path}", os.strerror(error.errno or 0),
+                             "choose a place where walship may create a directory") from None
         self.trees.append(top)
 
     def undo(self) -> None:
@@ -411,8 +419,8 @@ def fetch_backup(archive: Archive, name: str, directory: str | os.PathLike[str],
         check_directory(location, force=False, what=f"tablespace {oid} location")
     try:
         cleanup.prepare(root)
-        for location in targets.values():
-            cleanup.prepare(location)
+        for oid, location in targets.items():
+            cleanup.prepare(location, f"tablespace {oid} location")
         os.chmod(root, writer.dir_mode)
         writer.own(root)
         writer.write_small(MARKER, f"walship backup-fetch {manifest.name}\n".encode())

@@ -289,7 +289,7 @@ def restore(archive: Archive, directory: str | os.PathLike[str], target: Recover
     if action not in ACTIONS:
         raise UsageError(f"invalid target action {action!r}", f"use one of {', '.join(ACTIONS)}")
     check_directory(directory, force=force)  # before the repository is even asked
-    if backup:
+    if backup is not None:  # (an empty name is refused, not taken for "choose one")
         manifest = catalog.resolve(archive, backup)
     else:
         manifests = [e.manifest for e in catalog.list_backups(archive) if e.manifest]
