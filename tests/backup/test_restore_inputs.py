@@ -336,7 +336,7 @@ def test_postgresql_reads_back_exactly_what_restore_wrote(pg, tmp_path):
     name = "it's a \\ 'quoted' \"point\"; x=1 # not a comment"
     walship = "/opt/my walship/it's 100%p/walship"
     restored = pg.make_dir(pg.path / "restored", 0o700)
-    restore(archive, restored, make_target(name=name), command=[walship],
+    restore(archive, restored, make_target(name=name), command=[walship], archive_mode_off=True,
             tablespace_map={16400: str(pg.make_dir(pg.path / "ts", 0o700))})
     (restored / "postgresql.conf").write_text("")
     chown_to(restored / "postgresql.conf", pg.user)
@@ -347,6 +347,7 @@ def test_postgresql_reads_back_exactly_what_restore_wrote(pg, tmp_path):
         return proc.stdout[:-1] if proc.returncode == 0 else ""
 
     assert show("recovery_target_name") == name
+    assert show("archive_mode") == "off"
     command = show("restore_command")
     # what PostgreSQL then runs, by its rules (%f, %p, %r, %% replaced, left to right), split
     # by the shell
