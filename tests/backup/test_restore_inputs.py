@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,8 @@ def test_a_target_built_by_hand_is_checked_too():
                         ("time", "2026-11-25")):
         with pytest.raises(UsageError):
             RecoveryTarget(kind, value)
+    with pytest.raises(UsageError, match="time zone"):
+        RecoveryTarget("time", "x", time=datetime(2026, 11, 25, 14, 30))
     assert RecoveryTarget("name", "it's").settings() == {"recovery_target_name": "it's"}
 
 

@@ -75,9 +75,10 @@ class RecoveryTarget:
             parse_xid(self.value)
         elif self.kind == "name":
             parse_name(self.value)
-        elif self.kind == "time" and self.time is None or self.kind == "lsn" and self.lsn is None:
-            raise UsageError(f"recovery target {self.kind} without its parsed value",
-                             hint="build targets with make_target")
+        elif self.kind == "time" and (self.time is None or self.time.tzinfo is None) \
+                or self.kind == "lsn" and self.lsn is None:
+            raise UsageError(f"recovery target {self.kind} without its parsed value (a time "
+                             "needs a time zone)", hint="build targets with make_target")
 
     def describe(self) -> str:
         return self.kind if self.kind in ("latest", "immediate") else f"{self.kind}:{self.value}"
