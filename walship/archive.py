@@ -57,6 +57,18 @@ def archive_name(name: str) -> wal.ArchiveFile:
                          "archive_command passes %p and restore_command %f %p") from None
 
 
+def check_destination(destination: str | os.PathLike[str]) -> None:
+    """Refuse an empty destination or one that is a directory, before anything is fetched
+    (restore_command passes %p, the path of the file to write)."""
+    if not os.fspath(destination):
+        raise UsageError("no wal-fetch destination given", "the destination is empty",
+                         "restore_command = 'walship wal-fetch %f %p'")
+    if os.path.isdir(destination) and not os.path.islink(destination):
+        raise UsageError(f"wal-fetch destination {destination} is a directory",
+                         "the destination is the path of the file to write, %p",
+                         "restore_command = 'walship wal-fetch %f %p'")
+
+
 class ByteCounter:
     """Counts the bytes of an iterable as it is consumed."""
 
@@ -165,6 +177,7 @@ class Archive:
         """
         started = time.monotonic()
         info = archive_name(name)
+        check_destination(destination)
         key = layout.wal_key(name)
         destination = Path(destination)
         try:

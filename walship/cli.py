@@ -18,6 +18,19 @@ from walship.config import Settings, load_settings
 from walship.errors import ExitStatus, NotFound, UsageError, exit_status
 
 
+class _Finite(click.FloatRange):
+    """A FloatRange that also refuses nan and infinity (nan passes every comparison)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 class _State:
     """What the group passes to its commands: the flags, resolved into settings on demand."""
 
@@ -95,8 +108,10 @@ def wal_fetch(state: _State, name: str, destination: str) -> int:
     file does not exist; 126 or more on any other failure, so that PostgreSQL stops recovery
     instead of ending it early.
     """
+    from walship.archive import check_destination
     from walship.prefetch import fetch
 
+    check_destination(destination)  # before the prefetch cache beside it is touched
     try:
         result = fetch(state.archive(), state.settings, name, destination)
     except NotFound:
@@ -219,7 +234,7 @@ def demo(keep: bool, segments: int) -> int:
               metavar="MIB", help="Target plaintext size of one part.")
 @click.option("--checkpoint", type=click.Choice(["fast", "spread"]), default="fast",
               show_default=True, help="Start at once, or spread the starting checkpoint.")
-@click.option("--wal-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+@click.option("--wal-timeout", type=_Finite(0, 86400), default=60.0, show_default=True,
               metavar="SECONDS", help="How long to wait for the WAL the backup needs to "
               "reach the repository before writing the manifest anyway (with a warning).")
 @click.pass_obj
@@ -305,7 +320,8 @@ def _tablespace_map(values: tuple[str, ...]) -> dict[int, str]:
 @click.argument("directory", metavar="DIR")
 @click.option("--tablespace-map", "mappings", multiple=True, metavar="OID=PATH",
               help="Restore tablespace OID to PATH instead of its original location.")
-@click.option("--force", is_flag=True, help="Replace the content of a non-empty DIR.")
+@click.option("--force", is_flag=True, help="Replace the content of DIR, if it is a "
+              "PostgreSQL data directory (PG_VERSION, global/) or an interrupted fetch.")
 @click.pass_obj
 def backup_fetch(state: _State, name: str, directory: str, mappings: tuple[str, ...],
                  force: bool) -> int:
@@ -314,12 +330,14 @@ def backup_fetch(state: _State, name: str, directory: str, mappings: tuple[str, 
     Nothing PostgreSQL could start on is left behind if any check fails. For point-in-time
     recovery use restore, which also writes the recovery settings.
     """
-    from walship.backup.fetch import fetch_backup
+    from walship.backup.fetch import check_directory, fetch_backup
     from walship.backup.progress import for_stderr
 
-    result = fetch_backup(state.archive(), name, directory, tablespace_map=_tablespace_map(
-        mappings), force=force, parallel=state.settings.parallel,
-        progress=for_stderr("backup-fetch"))
+    tablespace_map = _tablespace_map(mappings)
+    check_directory(directory, force=force)  # input errors before the repository is opened
+    result = fetch_backup(state.archive(), name, directory, tablespace_map=tablespace_map,
+                          force=force, parallel=state.settings.parallel,
+                          progress=for_stderr("backup-fetch"))
     logline.info(f"backup-fetch {result.manifest.name} delivered in={result.bytes_in} "
                  f"out={result.bytes_out} seconds={result.seconds:.3f} "
                  f"files={len(result.manifest.files)} parts={len(result.manifest.parts)} "
@@ -343,7 +361,8 @@ def backup_fetch(state: _State, name: str, directory: str, mappings: tuple[str, 
 @click.option("--backup", metavar="NAME", help="Use this backup instead of choosing one.")
 @click.option("--tablespace-map", "mappings", multiple=True, metavar="OID=PATH",
               help="Restore tablespace OID to PATH instead of its original location.")
-@click.option("--force", is_flag=True, help="Replace the content of a non-empty DIR.")
+@click.option("--force", is_flag=True, help="Replace the content of DIR, if it is a "
+              "PostgreSQL data directory (PG_VERSION, global/) or an interrupted fetch.")
 @click.option("--archive-mode", type=click.Choice(["preserve", "off"]), default="preserve",
               show_default=True, help="off: the restored server does not archive (keeps it "
               "from writing a new timeline into this repository).")
@@ -359,15 +378,18 @@ def restore(state: _State, directory: str, target_time: str | None, target_lsn: 
     'walship wal-fetch %f %p' and finds the repository like any wal-fetch: in its
     environment or the config file.
     """
+    from walship.backup.fetch import check_directory
     from walship.backup.progress import for_stderr
     from walship.backup.restore import make_target
     from walship.backup.restore import restore as run_restore
 
     target = make_target(time=target_time, lsn=target_lsn, xid=target_xid, name=target_name,
                          immediate=target_kind == "immediate")
+    tablespace_map = _tablespace_map(mappings)
+    check_directory(directory, force=force)  # input errors before the repository is opened
     result = run_restore(state.archive(), directory, target, action=target_action,
                          standby=standby, backup=backup,
-                         tablespace_map=_tablespace_map(mappings), force=force,
+                         tablespace_map=tablespace_map, force=force,
                          archive_mode_off=archive_mode == "off",
                          parallel=state.settings.parallel, progress=for_stderr("restore"))
     fetched = result.fetch
@@ -381,13 +403,13 @@ def restore(state: _State, directory: str, target_time: str | None, target_lsn: 
 @cli.command("delete")
 @click.option("--retain-full", type=click.IntRange(min=1), metavar="N",
               help="Keep the newest N complete backups.")
-@click.option("--retain-days", type=click.FloatRange(min=0), metavar="D",
+@click.option("--retain-days", type=_Finite(0, 36500), metavar="D",
               help="Keep every point of the last D days restorable: the backups stopping "
               "within them and the newest one before.")
 @click.option("--before", "before", metavar="NAME|TIME", help="Delete complete backups "
               "older than backup NAME, or than TIME (every point from TIME on stays "
               "restorable).")
-@click.option("--incomplete-grace", type=click.FloatRange(min=0), default=24.0,
+@click.option("--incomplete-grace", type=_Finite(0, 876000), default=24.0,
               show_default=True, metavar="HOURS", help="An incomplete backup written to "
               "within HOURS may be in progress: never deleted, and its WAL kept.")
 @click.option("--confirm", is_flag=True, help="Delete. Without it: a dry run that lists "
@@ -471,6 +493,10 @@ def wal_verify(state: _State, deep: bool, wal_segment_size: int, as_json: bool) 
     from walship.errors import ArchiveIncomplete, IntegrityError
     from walship.verify import report_dict, verify_wal
 
+    if wal_segment_size not in [1 << n for n in range(11)]:
+        raise UsageError(f"invalid --wal-segment-size {wal_segment_size}",
+                         "a WAL segment size is a power of two from 1 to 1024 MiB",
+                         "PostgreSQL's default is 16 (see initdb --wal-segsize)")
     report = verify_wal(state.archive(), segment_size=wal_segment_size << 20, deep=deep,
                         parallel=state.settings.parallel)
     if as_json:
@@ -599,11 +625,15 @@ def _age(seconds: float) -> str:
 
 
 def _subject(argv: list[str]) -> tuple[str, str]:
-    """The command name and its first argument, for error lines."""
+    """The command name and its first argument, for error lines (escaped if it is not
+    printable ASCII: the error stays one line)."""
     names = [a for a in argv if not a.startswith("-")]
     for i, word in enumerate(names):
         if word in cli.commands:
-            return word, names[i + 1] if i + 1 < len(names) else ""
+            subject = names[i + 1] if i + 1 < len(names) else ""
+            if not all(" " <= char <= "~" for char in subject):
+                subject = ascii(subject)
+            return word, subject
     return "", ""
 
 

@@ -332,6 +332,11 @@ def test_fetch_refuses_non_empty_directories(archive, tmp_path):
     assert not (tmp_path / "t2").exists()
     with pytest.raises(UsageError, match="no tablespace 1"):
         fetch_backup(archive, "LATEST", tmp_path / "t3", tablespace_map={1: "/x"})
+    with pytest.raises(UsageError, match="not a PostgreSQL data directory"):
+        fetch_backup(archive, "LATEST", target, tablespace_map=remap, force=True)
+    assert (target / "keep").exists()  # --force never empties an arbitrary directory
+    (target / "PG_VERSION").write_text("15\n")  # an old cluster: --force replaces it
+    (target / "global").mkdir()
     fetch_backup(archive, "LATEST", target, tablespace_map=remap, force=True)
     assert not (target / "keep").exists() and (target / "PG_VERSION").exists()
     (target / "postmaster.pid").write_text("1\n")
@@ -359,7 +364,7 @@ def test_restore_writes_recovery_settings_and_checks_wal(archive, tmp_path):
     assert "recovery_target_name = 'before'" in conf
     assert "recovery_target_action = 'promote'" in conf
     assert "recovery_target_timeline = 'latest'" in conf
-    assert "archive_mode = off" in conf
+    assert "archive_mode = 'off'" in conf
     with pytest.raises(NotFound, match="precedes"):
         restore(archive, tmp_path / "r2", make_target(time="2000-01-01T00:00:00Z"),
                 tablespace_map=remap)

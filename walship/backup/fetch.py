@@ -10,8 +10,12 @@ Tablespaces go to their original location or a remapped one (``pg_tblspc/<oid>``
 
 What it promises about the directory left behind:
 
-* a non-empty data directory is refused unless ``force`` (then its content is removed first;
-  a directory with a ``postmaster.pid`` is always refused); a non-empty tablespace location is
+* an empty name (which would mean the current directory) and a place under a file are refused;
+  a non-empty data directory is refused unless ``force``, and ``force`` only replaces one
+  that looks like a PostgreSQL data directory (``PG_VERSION`` and ``global/``) or what an
+  interrupted fetch left (its marker file), never an arbitrary directory; its content is then
+  removed without following any symbolic link (a link is removed, never its target); a
+  directory with a ``postmaster.pid`` is always refused; a non-empty tablespace location is
   always refused;
 * the files PostgreSQL needs to start, ``backup_label``, ``tablespace_map``,
   ``global/pg_control`` and, last, ``PG_VERSION``, are written only once everything else is
@@ -29,7 +33,9 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
+import stat
 import sys
 import tarfile
 import threading
@@ -72,16 +78,70 @@ class _Owner:
 
 
 def parse_tablespace_mapping(values: list[str] | tuple[str, ...]) -> dict[int, str]:
-    """``["16384=/new/place", ...]`` -> ``{16384: "/new/place"}`` (absolute paths only)."""
+    """``["16384=/new/place", ...]`` -> ``{16384: "/new/place"}``: an OID (a decimal number),
+    an absolute path without control characters, each OID and each path at most once."""
     mapping: dict[int, str] = {}
+    hint = "write OID=/absolute/new/location; walship backup-list --json shows the " \
+           "tablespaces of a backup"
     for value in values:
-        oid, sep, path = value.partition("=")
-        if not sep or not oid.strip().isdigit() or not path.startswith("/"):
-            raise UsageError(f"invalid tablespace mapping {value!r}",
-                             "write OID=/absolute/new/location", "see walship backup-list "
-                             "--json for the tablespaces of a backup")
-        mapping[int(oid)] = os.path.normpath(path)
+        shown = ascii(value)
+        oid_text, sep, path = value.partition("=")
+        if not sep:
+            raise UsageError(f"invalid tablespace mapping {shown}", "it has no '='", hint)
+        if not re.fullmatch(r"[1-9][0-9]{0,9}", oid_text) or int(oid_text) > 0xFFFFFFFF:
+            raise UsageError(f"invalid tablespace mapping {shown}",
+                             f"the OID {oid_text!a} is not a number from 1 to 4294967295",
+                             hint)
+        if not path.startswith("/"):
+            raise UsageError(f"invalid tablespace mapping {shown}",
+                             "the location is " + ("empty" if not path else "not absolute"),
+                             hint)
+        if any(char < " " or char == "\x7f" for char in path):
+            raise UsageError(f"invalid tablespace mapping {shown}",
+                             "the location contains a control character", hint)
+        oid, location = int(oid_text), os.path.normpath(path)
+        if oid in mapping:
+            raise UsageError(f"tablespace {oid} is mapped twice",
+                             f"to {mapping[oid]!a} and to {location!a}",
+                             "give one --tablespace-map per tablespace")
+        if location in mapping.values():
+            raise UsageError(f"two tablespaces are mapped to {location!a}",
+                             "each tablespace needs its own location", hint)
+        mapping[oid] = location
     return mapping
+
+
+def check_directory(directory: str | os.PathLike[str], *, force: bool = False,
+                    what: str = "data directory") -> Path:
+    """The absolute path of ``directory`` if a backup may be fetched into it (see the module
+    docstring); raise a :class:`UsageError` otherwise. Changes nothing."""
+    if not os.fspath(directory):
+        raise UsageError(f"no {what} given", "an empty name would mean the current directory",
+                         "name the directory to restore into")
+    root = Path(os.path.abspath(directory))
+    existing = root
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if existing != root and not existing.is_dir():
+        raise UsageError(f"{what} {root} cannot be created",
+                         f"{existing} is not a directory", "choose a directory path")
+    _Cleanup.check(root, force=force, what=what)
+    return root
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether ``--force`` may empty ``path``: it holds what an interrupted walship fetch left
+    (its marker), or it looks like a PostgreSQL data directory (``PG_VERSION`` and ``global/``,
+    neither a symbolic link)."""
+    def lstat_mode(name: str) -> int:
+        try:
+            return os.lstat(path / name).st_mode
+        except OSError:
+            return 0
+
+    if stat.S_ISREG(lstat_mode(MARKER)):
+        return True
+    return stat.S_ISREG(lstat_mode(PG_VERSION)) and stat.S_ISDIR(lstat_mode("global"))
 
 
 class _Cleanup:
@@ -96,8 +156,14 @@ class _Cleanup:
         """Refuse ``path`` unless it is absent, empty, or (``force``) replaceable; change
         nothing (every target is checked before any is touched)."""
         if path.is_symlink() or (path.exists() and not path.is_dir()):
-            raise UsageError(f"{what} {path} is not a directory")
-        content = sorted(os.listdir(path)) if path.exists() else []
+            raise UsageError(f"{what} {path} is not a directory",
+                             "it is " + ("a symbolic link" if path.is_symlink() else "a file"),
+                             "name a new or empty directory (no link)")
+        try:
+            content = sorted(os.listdir(path)) if path.exists() else []
+        except OSError as error:
+            raise UsageError(f"cannot read {what} {path}", os.strerror(error.errno or 0)
+                             ) from None
         if not content:
             return
         if (path / "postmaster.pid").exists():
@@ -106,11 +172,18 @@ class _Cleanup:
                              "stop the server and remove the directory first")
         if not force:
             hint = ("a previous fetch into it was interrupted; " if MARKER in content
-                    else "") + "choose an empty directory, or pass --force to replace " \
-                               "its content"
+                    else "") + ("choose an empty directory, or pass --force to replace "
+                                "its content" if what == "data directory" else
+                                "map it to an empty directory with --tablespace-map "
+                                "OID=/new/place")
             raise UsageError(f"{what} {path} is not empty", hint=hint)
+        if not _replaceable(path):
+            raise UsageError(f"{what} {path} is not empty and not a PostgreSQL data directory",
+                             "--force only replaces a data directory (PG_VERSION and global/) "
+                             "or what an interrupted walship fetch left",
+                             "choose an empty directory, or remove its content yourself")
 
-    def prepare(self, path: Path) -> None:
+    def prepare(self, path: Path, what: str = "data directory") -> None:
         """Create ``path`` or empty it (it passed :meth:`check`)."""
         if path.exists():
             _remove_content(path)
@@ -119,7 +192,13 @@ class _Cleanup:
         top = path
         while not top.parent.exists():
             top = top.parent
-        path.mkdir(parents=True, mode=0o700)
+        try:
+            path.mkdir(parents=True, mode=0o700)
+        except OSError as error:
+            if os.path.isdir(top):  # (parents=True: part of the way may have been made)
+                shutil.rmtree(top, ignore_errors=True)
+            raise UsageError(f"cannot create {what} {path}", os.strerror(error.errno or 0),
+                             "choose a place where walship may create a directory") from None
         self.trees.append(top)
 
     def undo(self) -> None:
@@ -133,11 +212,19 @@ class _Cleanup:
 
 
 def _remove_content(path: Path) -> None:
-    for entry in os.scandir(path):
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-        else:
-            os.unlink(entry.path)
+    """Empty ``path`` without following a symbolic link: the directory itself is opened with
+    O_NOFOLLOW, a link in it is unlinked (never its target), and subdirectories are removed
+    through file descriptors (shutil.rmtree's walk, which never follows links)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with os.scandir(fd) as entries:
+            for entry in list(entries):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.name, dir_fd=fd)
+                else:
+                    os.unlink(entry.name, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def _owner_for(target: Path, manifest: Manifest) -> _Owner | None:
@@ -314,8 +401,8 @@ def fetch_backup(archive: Archive, name: str, directory: str | os.PathLike[str],
     content)`` writes a file atomically with the right owner and mode.
     """
     started = time.monotonic()
+    root = check_directory(directory, force=force)  # before the repository is even asked
     manifest = manifest or catalog.resolve(archive, name)
-    root = Path(os.path.abspath(directory))
     targets = _tablespace_targets(manifest, tablespace_map or {})
     for oid, location in targets.items():
         if not location.is_absolute():
@@ -329,11 +416,11 @@ def fetch_backup(archive: Archive, name: str, directory: str | os.PathLike[str],
     writer = _Writer(root, manifest, owner, progress, threading.Event())
     _Cleanup.check(root, force=force, what="data directory")
     for oid, location in targets.items():
-        _Cleanup.check(location, force=False, what=f"tablespace {oid} location")
+        check_directory(location, force=False, what=f"tablespace {oid} location")
     try:
         cleanup.prepare(root)
-        for location in targets.values():
-            cleanup.prepare(location)
+        for oid, location in targets.items():
+            cleanup.prepare(location, f"tablespace {oid} location")
         os.chmod(root, writer.dir_mode)
         writer.own(root)
         writer.write_small(MARKER, f"walship backup-fetch {manifest.name}\n".encode())

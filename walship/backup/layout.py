@@ -34,7 +34,7 @@ def with_suffix(name: str, attempt: int) -> str:
 
 
 def is_backup_name(name: str) -> bool:
-    return bool(NAME_PATTERN.match(name))
+    return name.isascii() and bool(NAME_PATTERN.fullmatch(name))  # ($ would take a "\n")
 
 
 def sort_key(name: str) -> tuple[str, int]:
