@@ -5,6 +5,9 @@ Every command that moves WAL goes through here; the CLI only parses arguments an
 Push promises: the call returns only when the object is durably stored (the backend's ``put``
 contract); pushing identical content again succeeds; different content under an existing name
 raises :class:`~walship.errors.ContentConflict` and leaves the stored object untouched.
+Nothing is stored into a repository written with another key (or none) or holding segments of
+another size (:class:`~walship.errors.RepositoryMismatch`, see :mod:`walship.repository`), nor a
+``.history`` file that does not parse as one (:class:`~walship.errors.IntegrityError`).
 
 Fetch promises: the destination appears (by rename) only with complete, verified content;
 :class:`~walship.errors.NotFound` is raised only when the repository holds WAL and

@@ -72,7 +72,9 @@ def wal_push(state: _State, path: str) -> int:
     """Archive one WAL file (archive_command = 'walship wal-push %p').
 
     Exits 0 only once the file is durably stored. Pushing identical content again exits 0;
-    different content under an existing name is refused (exit 3) and the stored copy kept.
+    different content under an existing name is refused (exit 3) and the stored copy kept;
+    so is any file when the repository is written with another key (or none) or holds
+    segments of another size (its marker, walship.json).
     """
     from walship.pushahead import push
 
