@@ -139,10 +139,24 @@ def check(state: _State) -> int:
     transport = getattr(archive.storage, "transport", None)
     if transport:
         click.echo(f"transport: {transport}")
+    from walship.repository import describe
+
+    status = ExitStatus.OK
+    marker = archive.guard.read_marker()
+    if marker is None:
+        click.echo("marker: none yet (the next push writes walship.json)")
+    else:
+        agrees = marker.key_id == archive.guard.key_id
+        click.echo(f"marker: {describe(marker.key_id)}, WAL segments of "
+                   f"{marker.segment_size} bytes" + ("" if agrees else
+                                                     " (the configured key DIFFERS: pushes "
+                                                     "are refused)"))
+        if not agrees:
+            status = ExitStatus.CONFLICT
     from walship.entry import installed_launcher
 
     click.echo(f"launcher: {installed_launcher()}")
-    return ExitStatus.OK
+    return status
 
 
 @cli.command("demo")
