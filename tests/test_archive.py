@@ -248,7 +248,8 @@ def test_two_servers_racing_for_the_marker(tmp_path):
 
     late = Archive(Racing(url), Codec(key=KEY_B))
     (tmp_path / "b").mkdir()
-    with pytest.raises(RepositoryMismatch, match="another key.*according to its marker walship.json"):
+    with pytest.raises(RepositoryMismatch,
+                       match="another key.*according to its marker walship.json"):
         late.push_wal(write(tmp_path / "b", "000000010000000000000002", segment()))
     assert late.guard.marker_reads == 2  # none, then the winner's
     assert wal_keys(late.storage) == [f"wal/{SEG}"]
@@ -263,7 +264,8 @@ def test_a_repository_without_marker_gets_one_from_what_it_holds(tmp_path):
     old.push_wal(write(tmp_path / "old", SEG, segment(1 << 20)))
     old.storage.delete("walship.json")  # as written before walship had a marker
     # another key: refused, and no marker written (what is stored decides)
-    with pytest.raises(RepositoryMismatch, match="another key.*according to the objects it holds"):
+    with pytest.raises(RepositoryMismatch,
+                       match="another key.*according to the objects it holds"):
         Archive(open_storage(url), Codec(key=KEY_B)).push_wal(
             write(tmp_path, "000000010000000000000002", segment()))
     with pytest.raises(NotFound):
@@ -324,3 +326,21 @@ def test_a_history_file_that_is_not_one_is_refused(archive, tmp_path, content):
         archive.push_wal(write(tmp_path, "00000002.history", content))
     assert caught.value.status == 5
     assert wal_keys(archive.storage) == []
+
+
+@pytest.mark.parametrize("content", [b"not json", b'{"walship": "other"}', b"[]",
+                                     b'{"walship": "repository", "layout": 1, "encryption": '
+                                     b'"none", "key_id": null, "wal_segment_size": 1000}',
+                                     b'{"walship": "repository", "layout": 1, "encryption": '
+                                     b'"none", "key_id": "0011", "wal_segment_size": 1048576}'])
+def test_an_unreadable_marker_refuses_every_push(archive, tmp_path, content):
+    archive.storage.put("walship.json", [content])
+    with pytest.raises(IntegrityError, match="marker .* is unreadable"):
+        archive.push_wal(write(tmp_path, SEG, segment()))
+    assert wal_keys(archive.storage) == []
+
+
+def test_a_marker_of_a_newer_layout_says_upgrade(archive, tmp_path):
+    archive.storage.put("walship.json", [b'{"walship": "repository", "layout": 2}'])
+    with pytest.raises(IntegrityError, match="upgrade walship"):
+        archive.push_wal(write(tmp_path, SEG, segment()))

@@ -152,8 +152,9 @@ class RepositoryGuard:
         ours = self.key_id
         if identity.key_id != ours:
             if ours is None:
-                what = f"the repository {url} is encrypted (key id {identity.key_id.hex()}) " \
-                       "and no encryption key is configured"  # type: ignore[union-attr]
+                theirs = identity.key_id.hex() if identity.key_id else ""
+                what = (f"the repository {url} is encrypted (key id {theirs}) and no "
+                        "encryption key is configured")
                 hint = "configure the key with that id (WALSHIP_ENCRYPTION_KEY_FILE)"
             elif identity.key_id is None:
                 what = (f"the repository {url} is not encrypted and an encryption key is "
@@ -207,7 +208,9 @@ class RepositoryGuard:
         self.marker_reads += 1
         try:
             with self.storage.get(layout.MARKER_KEY) as download:
-                data = download.read(MAX_MARKER_BYTES + 1)
+                data = b""
+                while len(data) <= MAX_MARKER_BYTES and (chunk := download.read(1 << 16)):
+                    data += chunk
         except NotFound:
             return None
         if len(data) > MAX_MARKER_BYTES:
