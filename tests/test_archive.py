@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 
@@ -12,8 +13,8 @@ from tests.fixtures.archives import temporary_archive
 from walship.archive import Archive
 from walship.codec import Codec
 from walship.codec.keys import EncryptionKey
-from walship.errors import (ContentConflict, IntegrityError, KeyMismatch, NotFound,
-                            RepositoryMissing, UsageError)
+from walship.errors import (ContentConflict, ExitStatus, IntegrityError, KeyMismatch,
+                            NotFound, RepositoryMismatch, RepositoryMissing, UsageError)
 from walship.storage import open_storage
 from walship.storage.memory import MemoryStorage
 
@@ -79,7 +80,8 @@ def test_different_content_is_refused_and_original_kept(archive, tmp_path):
 def test_content_differing_anywhere_is_refused(archive, tmp_path, change):
     """The duplicate check compares the whole stored content with the file, to its last byte
     (a file of another size is caught too: history and backup files have no fixed size)."""
-    original = os.urandom(3000) + bytes(60_000)
+    original = (b"1\t0/3000098\tno recovery target specified\n# "
+                + os.urandom(30_000).hex().encode() + b"\n")  # (a valid history file)
     name = "00000002.history"
     archive.push_wal(write(tmp_path, name, original))
     other = {"one byte": original[:-1] + bytes([original[-1] ^ 1]),
@@ -106,11 +108,15 @@ def test_repush_onto_a_damaged_copy_is_refused_and_says_so(tmp_path):
 
 
 def test_repush_under_another_key_cannot_be_compared(tmp_path):
+    """In a repository without a marker (written before walship had one) whose marker could
+    not be derived in time, the duplicate check still refuses (the stored copy is unreadable
+    with this key): the marker check is simulated away here."""
     (tmp_path / "repo").mkdir()
     url = f"file://{tmp_path / 'repo'}"
     path = write(tmp_path, SEG, segment())
     Archive(open_storage(url), Codec(key=EncryptionKey(bytes(32)))).push_wal(path)
     other = Archive(open_storage(url), Codec(key=EncryptionKey(bytes(range(32)))))
+    other.check_repository = lambda *args, **kwargs: None
     with pytest.raises(ContentConflict, match="cannot be compared"):
         other.push_wal(path)
 
@@ -166,8 +172,175 @@ def test_encrypted_round_trip_and_wrong_key(tmp_path):
     with pytest.raises(KeyMismatch):
         Archive(open_storage(url), Codec(key=EncryptionKey.generate())).fetch_wal(
             SEG, tmp_path / "out2")
-    with pytest.raises(ContentConflict, match="cannot be compared"):
+    with pytest.raises(RepositoryMismatch, match="encrypted with another key"):
         Archive(open_storage(url), Codec(key=EncryptionKey.generate())).push_wal(
             write(tmp_path, SEG, data))
     assert not (tmp_path / "out2").exists()
     MemoryStorage.forget(url)
+
+
+# -- one repository, one key, one segment size (the marker walship.json) -----------------------
+def wal_keys(storage):
+    return [info.key for info in storage.list("wal/")]
+
+
+def marker(storage):
+    with storage.get("walship.json") as download:
+        return json.loads(download.read())
+
+
+def test_first_push_writes_the_marker(tmp_path):
+    url = f"memory://{uuid.uuid4().hex}"
+    key = EncryptionKey.generate()
+    archive = Archive(open_storage(url), Codec(key=key))
+    archive.push_wal(write(tmp_path, SEG, segment()))
+    assert marker(archive.storage) == {
+        "walship": "repository", "layout": 1, "encryption": "aes-256-gcm",
+        "key_id": key.key_id.hex(), "wal_segment_size": 1 << 20}
+    MemoryStorage.forget(url)
+
+
+KEY_A, KEY_B = EncryptionKey(bytes(32)), EncryptionKey(bytes(range(32)))
+
+
+@pytest.mark.parametrize("first, second, message", [
+    (KEY_A, KEY_B, "encrypted with another key: key id"),
+    (KEY_A, None, "is encrypted .key id [0-9a-f]{16}. and no encryption key is configured"),
+    (None, KEY_A, "is not encrypted and an encryption key is configured"),
+])
+def test_a_push_with_another_key_is_refused_before_storing(tmp_path, first, second, message):
+    url = f"memory://{uuid.uuid4().hex}"
+    Archive(open_storage(url), Codec(key=first)).push_wal(write(tmp_path, SEG, segment()))
+    other = Archive(open_storage(url), Codec(key=second))
+    for name, data in [("000000010000000000000002", segment()),
+                       ("00000002.history", b"1\t0/3000098\tbefore 2000-01-01\n"),
+                       (SEG, segment())]:
+        with pytest.raises(RepositoryMismatch, match=message) as caught:
+            other.push_wal(write(tmp_path, name, data))
+        assert caught.value.status == ExitStatus.CONFLICT == 3
+        assert "nothing was stored" in str(caught.value)
+    assert wal_keys(other.storage) == [f"wal/{SEG}"]
+    MemoryStorage.forget(url)
+
+
+def test_a_segment_of_another_size_is_refused_before_storing(archive, tmp_path):
+    archive.push_wal(write(tmp_path, SEG, segment(1 << 20)))
+    with pytest.raises(RepositoryMismatch, match="has 2097152 bytes and the repository") as e:
+        archive.push_wal(write(tmp_path, "000000010000000000000002", segment(2 << 20)))
+    assert e.value.status == 3
+    assert wal_keys(archive.storage) == [f"wal/{SEG}"]
+    # other kinds of file have no segment size to match
+    archive.push_wal(write(tmp_path, "000000010000000000000001.00000028.backup", b"x\n"))
+
+
+def test_two_servers_racing_for_the_marker(tmp_path):
+    """Both find no marker and nothing stored; the create-only put lets one write it, and the
+    other is judged by it (simulated: the first server's whole push lands just before the
+    second server's put of the marker)."""
+    url = f"memory://{uuid.uuid4().hex}"
+
+    class Racing(MemoryStorage):
+        def put(self, key, data, *, metadata=None):
+            if key == "walship.json":
+                Archive(open_storage(url), Codec(key=KEY_A)).push_wal(
+                    write(tmp_path, SEG, segment()))
+            return super().put(key, data, metadata=metadata)
+
+    late = Archive(Racing(url), Codec(key=KEY_B))
+    (tmp_path / "b").mkdir()
+    with pytest.raises(RepositoryMismatch,
+                       match="another key.*according to its marker walship.json"):
+        late.push_wal(write(tmp_path / "b", "000000010000000000000002", segment()))
+    assert late.guard.marker_reads == 2  # none, then the winner's
+    assert wal_keys(late.storage) == [f"wal/{SEG}"]
+    assert marker(late.storage)["key_id"] == KEY_A.key_id.hex()
+    MemoryStorage.forget(url)
+
+
+def test_a_repository_without_marker_gets_one_from_what_it_holds(tmp_path):
+    url = f"memory://{uuid.uuid4().hex}"
+    old = Archive(open_storage(url), Codec(key=KEY_A))
+    (tmp_path / "old").mkdir()
+    old.push_wal(write(tmp_path / "old", SEG, segment(1 << 20)))
+    old.storage.delete("walship.json")  # as written before walship had a marker
+    # another key: refused, and no marker written (what is stored decides)
+    with pytest.raises(RepositoryMismatch,
+                       match="another key.*according to the objects it holds"):
+        Archive(open_storage(url), Codec(key=KEY_B)).push_wal(
+            write(tmp_path, "000000010000000000000002", segment()))
+    with pytest.raises(NotFound):
+        old.storage.head("walship.json")
+    # the same key, a segment of another size: refused, and the marker records the stored size
+    with pytest.raises(RepositoryMismatch, match="segments of 1048576 bytes"):
+        Archive(open_storage(url), Codec(key=KEY_A)).push_wal(
+            write(tmp_path, "000000010000000000000002", segment(2 << 20)))
+    assert marker(old.storage)["wal_segment_size"] == 1 << 20
+    assert marker(old.storage)["key_id"] == KEY_A.key_id.hex()
+    assert wal_keys(old.storage) == [f"wal/{SEG}"]
+    MemoryStorage.forget(url)
+
+
+def test_a_fresh_repository_first_given_a_history_file(tmp_path):
+    """No segment size is known yet: no marker until the first segment, but the key is still
+    judged by the stored objects."""
+    url = f"memory://{uuid.uuid4().hex}"
+    archive = Archive(open_storage(url), Codec(key=KEY_A))
+    archive.push_wal(write(tmp_path, "00000002.history", b"1\t0/3000098\tx\n"))
+    with pytest.raises(NotFound):
+        archive.storage.head("walship.json")
+    with pytest.raises(RepositoryMismatch, match="no encryption key is configured"):
+        Archive(open_storage(url), Codec()).push_wal(write(tmp_path, SEG, segment()))
+    archive.push_wal(write(tmp_path, SEG, segment()))
+    assert marker(archive.storage)["wal_segment_size"] == 1 << 20
+    MemoryStorage.forget(url)
+
+
+def test_the_verdict_is_remembered_beside_pg_wal(tmp_path):
+    """Only the first push of a configuration reads the marker: later calls (new processes,
+    here new archives) find the verdict in pg_wal/walship/; another key does not trust it."""
+    url = f"memory://{uuid.uuid4().hex}"
+    wal_dir = tmp_path / "pg_wal"
+    wal_dir.mkdir()
+    first = Archive(open_storage(url), Codec(key=KEY_A))
+    first.push_wal(write(wal_dir, SEG, segment()))
+    assert first.guard.marker_reads == 1
+    assert (wal_dir / "walship" / "repository").exists()
+    later = Archive(open_storage(url), Codec(key=KEY_A))
+    for n in range(2, 5):
+        later.push_wal(write(wal_dir, f"0000000100000000000000{n:02X}", segment()))
+    assert later.guard.marker_reads == 0
+    with pytest.raises(RepositoryMismatch):
+        Archive(open_storage(url), Codec(key=KEY_B)).push_wal(
+            write(wal_dir, "000000010000000000000009", segment()))
+    with pytest.raises(RepositoryMismatch):  # the remembered size is checked too
+        later.push_wal(write(wal_dir, "00000001000000000000000A", segment(2 << 20)))
+    MemoryStorage.forget(url)
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"garbage\n", bytes(range(256)), b"1\t0/3000098\n3\t0/5000000\n",
+    b"2\t0/3000098\tfrom a later timeline\n", b"1\tnot-an-lsn\tx\n",
+])
+def test_a_history_file_that_is_not_one_is_refused(archive, tmp_path, content):
+    with pytest.raises(IntegrityError, match="history file .* is not one") as caught:
+        archive.push_wal(write(tmp_path, "00000002.history", content))
+    assert caught.value.status == 5
+    assert wal_keys(archive.storage) == []
+
+
+@pytest.mark.parametrize("content", [b"not json", b'{"walship": "other"}', b"[]",
+                                     b'{"walship": "repository", "layout": 1, "encryption": '
+                                     b'"none", "key_id": null, "wal_segment_size": 1000}',
+                                     b'{"walship": "repository", "layout": 1, "encryption": '
+                                     b'"none", "key_id": "0011", "wal_segment_size": 1048576}'])
+def test_an_unreadable_marker_refuses_every_push(archive, tmp_path, content):
+    archive.storage.put("walship.json", [content])
+    with pytest.raises(IntegrityError, match="marker .* is unreadable"):
+        archive.push_wal(write(tmp_path, SEG, segment()))
+    assert wal_keys(archive.storage) == []
+
+
+def test_a_marker_of_a_newer_layout_says_upgrade(archive, tmp_path):
+    archive.storage.put("walship.json", [b'{"walship": "repository", "layout": 2}'])
+    with pytest.raises(IntegrityError, match="upgrade walship"):
+        archive.push_wal(write(tmp_path, SEG, segment()))

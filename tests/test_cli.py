@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from walship.codec.keys import EncryptionKey
 from walship.entry import main
 from walship.errors import ExitStatus
 
@@ -151,6 +152,20 @@ def test_check_masks_secrets(repo, monkeypatch, capsys):
     out = capsys.readouterr()
     assert "TOPSECRET123" not in out.out + out.err
     assert "reachable" in out.out
+
+
+def test_check_shows_the_marker_and_a_key_it_refuses(repo, wal_file, tmp_path, monkeypatch,
+                                                     capsys):
+    assert main(["check"]) == 0
+    assert "marker: none yet" in capsys.readouterr().out
+    assert main(["wal-push", str(wal_file)]) == 0
+    assert main(["check"]) == 0
+    assert "marker: not encrypted, WAL segments of 1048576 bytes\n" in capsys.readouterr().out
+    key = tmp_path / "key"
+    key.write_text(EncryptionKey.generate().to_text())
+    monkeypatch.setenv("WALSHIP_ENCRYPTION_KEY_FILE", str(key))
+    assert main(["check"]) == 3
+    assert "the configured key DIFFERS" in capsys.readouterr().out
 
 
 def test_help_and_version(capsys):

@@ -304,6 +304,20 @@ def _unrecorded(wal, name, env):
     os.unlink(Path(spool.spool_dir(str(wal))) / "pushed" / name)
 
 
+@pytest.mark.parametrize("name", ["000000010000000000000001\n", "00000002.history\n"])
+def test_a_name_with_a_trailing_newline_goes_to_python(launcher, pushed_site, name):
+    """Even with a valid record beside it: the Python program refuses such a name (WAL names
+    are matched in full), so the launcher must not answer it."""
+    wal, env = pushed_site
+    entry = record(wal, name, 3 * 8192, env)
+    for args in (["wal-push", str(wal / name)], ["wal-fetch", name, str(wal / "RECOVERYXLOG")]):
+        done = call(launcher, env, *args)
+        assert done.returncode == 42, done.stderr
+        assert (launcher.parent / "handed-over").read_text().split("\n")[1:-1] == [
+            args[0], *args[1].split("\n"), *args[2:]]
+    assert entry.exists()
+
+
 @pytest.mark.parametrize("change", [_touched, _settings_changed, _unrecorded])
 def test_push_hands_over_unless_the_record_holds(launcher, pushed_site, change):
     wal, env = pushed_site

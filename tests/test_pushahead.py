@@ -13,7 +13,10 @@ import pytest
 from walship import fastpath, pushahead, spool
 from walship.archive import Archive
 from walship.codec import Codec
+from walship.codec.keys import EncryptionKey
 from walship.config import load_settings
+from walship.entry import main
+from walship.errors import RepositoryMismatch
 from walship.storage import open_storage
 from walship.storage.memory import MemoryStorage
 
@@ -21,7 +24,7 @@ SIZE = 1 << 20
 
 
 class CountingStorage(MemoryStorage):
-    """Counts puts per key."""
+    """Counts puts per key (of WAL files: the repository's marker is not counted)."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
@@ -30,7 +33,8 @@ class CountingStorage(MemoryStorage):
 
     def put(self, key, data, *, metadata=None):
         with self.lock:
-            self.puts[key] = self.puts.get(key, 0) + 1
+            if key.startswith("wal/"):
+                self.puts[key] = self.puts.get(key, 0) + 1
         return super().put(key, data, metadata=metadata)
 
 
@@ -169,3 +173,50 @@ def test_no_backlog_or_push_ahead_off_starts_no_pusher(file_repo_env, tmp_path, 
     monkeypatch.setenv("WALSHIP_REPO", "memory://x")  # no other process can reach it
     assert not spool.backlog_for_pusher(str(wal_dir))
 
+
+
+# -- the repository's marker: push-ahead and the background pusher obey it ---------------------
+def test_push_ahead_into_a_repository_of_another_key_stores_nothing(setup, tmp_path):
+    wal_dir, names, storage, archive = setup
+    (tmp_path / "other").mkdir()
+    first = tmp_path / "other" / "000000020000000000000001"
+    first.write_bytes(bytes(SIZE))
+    Archive(storage, Codec(key=EncryptionKey.generate())).push_wal(first)
+    with pytest.raises(RepositoryMismatch):
+        pushahead.push(archive, load_settings({"push_ahead": 4}), str(wal_dir / names[0]))
+    assert list(storage.puts) == ["wal/000000020000000000000001"]
+    assert not os.listdir(wal_dir / spool.SPOOL / "pushed")
+
+
+def test_the_background_pusher_stops_when_the_repository_refuses_it(
+        file_repo_env, tmp_path, monkeypatch, capsys):
+    """A backlog with another key than the repository's: the call PostgreSQL makes exits 3,
+    the background pusher it starts stores nothing, records nothing and exits."""
+    repo = file_repo_env
+    (tmp_path / "other").mkdir()
+    first = tmp_path / "other" / "000000020000000000000001"
+    first.write_bytes(bytes(SIZE))
+    Archive(open_storage(f"file://{repo}"), Codec(key=EncryptionKey.generate())).push_wal(first)
+    key_file = tmp_path / "key"
+    key_file.write_text(EncryptionKey.generate().to_text())
+    monkeypatch.setenv("WALSHIP_ENCRYPTION_KEY_FILE", str(key_file))
+    monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "3")
+    wal_dir = tmp_path / "pg_wal"
+    (wal_dir / "archive_status").mkdir(parents=True)
+    names = [f"0000000100000000{n:08X}" for n in range(1, 11)]
+    for name in names:
+        (wal_dir / name).write_bytes(os.urandom(1000) + bytes(SIZE - 1000))
+        (wal_dir / "archive_status" / f"{name}.ready").touch()
+    started = time.monotonic()
+    try:
+        assert main(["wal-push", str(wal_dir / names[0])]) == 3
+        assert "encrypted with another key" in capsys.readouterr().err
+    finally:
+        deadline = time.monotonic() + 30
+        while spool.pusher_alive(str(wal_dir)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert time.monotonic() - started < 20
+    assert not spool.pusher_alive(str(wal_dir))
+    assert "background pusher stopped" in (wal_dir / "walship" / "pusher.log").read_text()
+    assert sorted(os.listdir(repo / "wal")) == ["000000020000000000000001"]
+    assert not os.listdir(wal_dir / spool.SPOOL / "pushed")

@@ -79,7 +79,11 @@ def test_a_removed_segment_is_a_gap(repo, tmp_path, capsys):
 
 def test_history_problems(repo, tmp_path, capsys):
     timeline_two(repo, tmp_path)
-    push(repo, tmp_path, "00000003.history", b"1\t0/580000\tx\n4\t0/800000\ty\n")
+    # (wal-push refuses such a history file: stored here as an older walship could have)
+    archive = Archive(open_storage(f"file://{repo}"), Codec())
+    stored = archive.codec.stored_form("wal/00000003.history",
+                                       [b"1\t0/580000\tx\n4\t0/800000\ty\n"])
+    archive.storage.put("wal/00000003.history", stored, metadata=stored.metadata)
     push(repo, tmp_path, wal.segment_name(4, 9, SEG))  # timeline 4 without its history
     status, out = run(capsys)
     assert status == ExitStatus.INCOMPLETE

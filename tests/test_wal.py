@@ -39,7 +39,11 @@ def test_parse_archive_names(name, kind, tli):
 
 @pytest.mark.parametrize("name", ["", "RECOVERYXLOG", "00000001000000000000001", "../etc/passwd",
                                   "000000010000000000000001/x", "00000000.history",
-                                  "000000010000000000000001.gz", "0000000100000000000010000"])
+                                  "000000010000000000000001.gz", "0000000100000000000010000",
+                                  # matched in full: a trailing newline is not part of a name
+                                  "000000010000000000000001\n", "00000002.history\n",
+                                  "000000010000000000000001.partial\n",
+                                  "000000010000000000000001.00000028.backup\n"])
 def test_rejects_other_names(name):
     with pytest.raises(ValueError):
         wal.parse_name(name)

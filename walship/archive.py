@@ -5,6 +5,9 @@ Every command that moves WAL goes through here; the CLI only parses arguments an
 Push promises: the call returns only when the object is durably stored (the backend's ``put``
 contract); pushing identical content again succeeds; different content under an existing name
 raises :class:`~walship.errors.ContentConflict` and leaves the stored object untouched.
+Nothing is stored into a repository written with another key (or none) or holding segments of
+another size (:class:`~walship.errors.RepositoryMismatch`, see :mod:`walship.repository`), nor a
+``.history`` file that does not parse as one (:class:`~walship.errors.IntegrityError`).
 
 Fetch promises: the destination appears (by rename) only with complete, verified content;
 :class:`~walship.errors.NotFound` is raised only when the repository holds WAL and
@@ -86,8 +89,20 @@ class Archive:
     """WAL operations on one repository with one codec."""
 
     def __init__(self, storage: Storage, codec: Codec) -> None:
+        from walship.repository import RepositoryGuard
+
         self.storage = storage
         self.codec = codec
+        self.guard = RepositoryGuard(storage, codec)
+
+    def check_repository(self, segment_size: int | None = None, *,
+                         wal_dir: str | os.PathLike[str] | None = None, name: str = "") -> None:
+        """Refuse (:class:`~walship.errors.RepositoryMismatch`) to store anything into a
+        repository written with another key (or none), or holding segments of another size
+        than ``segment_size``; write the repository's marker where it has none (see
+        :mod:`walship.repository`)."""
+        self.guard.check(segment_size, wal_dir=None if wal_dir is None else str(wal_dir),
+                         name=name)
 
     # -- push ----------------------------------------------------------------------------------
     def push_wal(self, path: str | os.PathLike[str]) -> Transfer:
@@ -111,6 +126,10 @@ class Archive:
                     raise IntegrityError(f"WAL segment {path} has {size} bytes",
                                          "a segment is a power of two from 1 MiB to 1 GiB",
                                          "the file is incomplete or not a WAL segment") from None
+            if info.kind is wal.FileKind.HISTORY:
+                _check_history(handle, path, info.timeline)
+            self.check_repository(size if info.kind is wal.FileKind.SEGMENT else None,
+                                  wal_dir=path.parent, name=path.name)
             source = ByteCounter(self._read(handle))
             stored = self.codec.stored_form(key, source, size_hint=size)
             try:
@@ -222,6 +241,32 @@ class Archive:
         for _ in self.storage.list(layout.WAL_PREFIX, limit=1):
             return True
         return False
+
+
+MAX_HISTORY_BYTES = 1 << 20  # a timeline history file has one short line per timeline
+
+
+def _check_history(handle: object, path: Path, timeline: int) -> None:
+    """Refuse a ``.history`` file that is not one (read from ``handle``, then rewound): a
+    damaged history file in the archive would mislead every later recovery and timeline
+    switch. IntegrityError, like a segment of impossible size: the input file is corrupt."""
+    data = handle.read(MAX_HISTORY_BYTES + 1)  # type: ignore[attr-defined]
+    handle.seek(0)  # type: ignore[attr-defined]
+    try:
+        if len(data) > MAX_HISTORY_BYTES:
+            raise ValueError(f"more than {MAX_HISTORY_BYTES} bytes")
+        # (latin-1 decodes any byte: a restore point's name in the reason may be in any
+        # encoding; the structure is what is checked)
+        entries = wal.parse_history(data.decode("latin-1"))
+        if not entries:
+            raise ValueError("it names no parent timeline")
+        if entries[-1].parent >= timeline:
+            raise ValueError(f"it names timeline {entries[-1].parent} as a parent of "
+                             f"timeline {timeline}")
+    except ValueError as error:
+        raise IntegrityError(f"timeline history file {path} is not one", str(error),
+                             "the file is damaged or not PostgreSQL's: it was not archived"
+                             ) from None
 
 
 def open_archive(settings: Settings) -> Archive:

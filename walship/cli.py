@@ -89,7 +89,9 @@ def wal_push(state: _State, path: str) -> int:
     """Archive one WAL file (archive_command = 'walship wal-push %p').
 
     Exits 0 only once the file is durably stored. Pushing identical content again exits 0;
-    different content under an existing name is refused (exit 3) and the stored copy kept.
+    different content under an existing name is refused (exit 3) and the stored copy kept;
+    so is any file when the repository is written with another key (or none) or holds
+    segments of another size (its marker, walship.json).
     """
     from walship.pushahead import push
 
@@ -211,10 +213,24 @@ def check(state: _State) -> int:
     transport = getattr(archive.storage, "transport", None)
     if transport:
         click.echo(f"transport: {transport}")
+    from walship.repository import describe
+
+    status = ExitStatus.OK
+    marker = archive.guard.read_marker()
+    if marker is None:
+        click.echo("marker: none yet (the next push writes walship.json)")
+    else:
+        agrees = marker.key_id == archive.guard.key_id
+        click.echo(f"marker: {describe(marker.key_id)}, WAL segments of "
+                   f"{marker.segment_size} bytes" + ("" if agrees else
+                                                     " (the configured key DIFFERS: pushes "
+                                                     "are refused)"))
+        if not agrees:
+            status = ExitStatus.CONFLICT
     from walship.entry import installed_launcher
 
     click.echo(f"launcher: {installed_launcher()}")
-    return ExitStatus.OK
+    return status
 
 
 @cli.command("demo")

@@ -94,6 +94,11 @@ class ContentConflict(WalshipError):
     status = ExitStatus.CONFLICT
 
 
+class RepositoryMismatch(ContentConflict):
+    """The repository is written with another key (or none, or is not encrypted while a key is
+    configured), or holds WAL segments of another size: nothing was stored."""
+
+
 class Unavailable(WalshipError):
     """Storage could not be reached, or kept failing transiently, within the retry budget."""
 

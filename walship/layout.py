@@ -2,8 +2,9 @@
 
 Keys are deterministic, so fetching a WAL file is one GET with no listing:
 
-* ``walship.json``: the repository marker, written by the first push; its presence makes a
-  missing object an authoritative "not found".
+* ``walship.json``: the repository marker, written (create-only) by the first push: whether
+  the repository is encrypted, with which key id, and its WAL segment size. A push that does
+  not match it is refused before it stores anything (see :mod:`walship.repository`).
 * ``wal/<file name>``: every file PostgreSQL archives (segments, ``.partial``, ``.history``,
   ``.backup``). Segment names start with their timeline, so ``wal/<TTTTTTTT>`` lists a timeline.
 """

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from walship import spool, wal
 from walship.archive import Transfer
+from walship.errors import RepositoryMismatch
 
 if TYPE_CHECKING:
     from walship.archive import Archive
@@ -170,6 +171,7 @@ class Pusher:
         self.retry_at: dict[str, float] = {}
         self.recorded = 0
         self.pushed: set[str] = set()
+        self.refused: BaseException | None = None  # the repository refuses this server
 
     def upload(self, name: str) -> bool:
         try:
@@ -188,6 +190,8 @@ class Pusher:
                 error = future.exception()
                 if error is None and future.result():
                     self.pushed.add(name)
+                elif isinstance(error, RepositoryMismatch):
+                    self.refused = error  # no retry mends it: PostgreSQL's calls say why
                 else:
                     self.retry_at[name] = time.monotonic() + RETRY_SECONDS
                     if error is not None:
@@ -223,6 +227,10 @@ class Pusher:
         asking)."""
         last = time.monotonic()
         while True:
+            if self.refused is not None:
+                print(f"walship: background pusher stopped: {self.refused}", file=sys.stderr,
+                      flush=True)
+                return
             if self.step() or self.inflight:
                 last = time.monotonic()
             elif time.monotonic() - last > IDLE_SECONDS:

@@ -13,6 +13,9 @@ another filesystem, delivery is a copy and a rename, see :func:`_copy_sealed`)::
     push.lock              held (flock) by the wal-push call or the background pusher that
                            pushes ahead
     pusher.lock            held (flock) by the background pusher while it runs
+    repository             "<verdict tag> <key id|plain> <segment size>": the repository's
+                           marker agreed with these settings and key (walship.repository;
+                           read by the full program only)
     prefetch/<name>        a downloaded, verified segment ...
     prefetch/<name>.ok     ... and its seal, "<boot id> <inode> <size> <settings fingerprint>",
                            written after it (see :func:`seal_cached`)

@@ -20,11 +20,11 @@ DEFAULT_SEGMENT_SIZE = 16 << 20
 _XLOG_SPAN = 1 << 32  # bytes of WAL per "log" id
 
 _NAME = re.compile(
-    r"^(?P<tli>[0-9A-F]{8})(?:"
+    r"(?P<tli>[0-9A-F]{8})(?:"
     r"(?P<log>[0-9A-F]{8})(?P<seg>[0-9A-F]{8})"
     r"(?:(?P<partial>\.partial)|\.(?P<offset>[0-9A-F]{8})\.backup)?"
-    r"|(?P<history>\.history))$"
-)
+    r"|(?P<history>\.history))"
+)  # matched in full (fullmatch): with "$", a name ending in a newline would pass
 
 
 class FileKind(enum.Enum):
@@ -89,7 +89,7 @@ def segments_per_log(segment_size: int) -> int:
 
 def parse_name(name: str) -> ArchiveFile:
     """Parse a file name PostgreSQL archives or restores; raise ValueError for anything else."""
-    match = _NAME.match(name)
+    match = _NAME.fullmatch(name)
     if not match:
         raise ValueError(f"not a WAL, history, partial or backup file name: {name!r}")
     timeline = int(match["tli"], 16)

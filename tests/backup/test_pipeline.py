@@ -240,6 +240,51 @@ def test_push_refuses_when_archiving_is_off(archive, tmp_path):
     assert source.calls == []
 
 
+@pytest.mark.parametrize("other", ["key", "segment size"])
+def test_push_refuses_a_repository_written_another_way(tmp_path, other):
+    """One repository, one key, one segment size: a backup-push with another key, or from a
+    cluster with another wal_segment_size, is refused before the backup starts."""
+    from walship.codec.keys import EncryptionKey
+    from walship.errors import RepositoryMismatch
+
+    (tmp_path / "repo").mkdir()
+    url = f"file://{tmp_path / 'repo'}"
+    first = Archive(open_storage(url), Codec(key=EncryptionKey.generate()))
+    segment = tmp_path / "000000010000000000000001"
+    segment.write_bytes(bytes(1 << 20 if other == "segment size" else SEG))
+    first.push_wal(segment)
+    data, ts = make_cluster(tmp_path)
+    source = FakeSource(data, ts)
+    archive = first if other == "segment size" else Archive(
+        open_storage(url), Codec(key=EncryptionKey.generate()))
+    with pytest.raises(RepositoryMismatch, match="another key" if other == "key" else
+                       "holds segments of 1048576 bytes") as caught:
+        push_backup(archive, source)
+    assert caught.value.status == 3
+    assert source.calls == []
+    assert [i.key for i in archive.storage.list("backups/")] == []
+
+
+def test_a_repository_without_marker_takes_its_segment_size_from_a_manifest(tmp_path):
+    """Backups but no WAL, no marker (written before walship had one): the manifest's
+    wal_segment_size decides, and the marker is written from it."""
+    from walship.errors import RepositoryMismatch
+
+    with temporary_archive("file-encrypted", tmp_path) as archive:
+        data, ts = make_cluster(tmp_path)
+        push_backup(archive, FakeSource(data, ts))
+        archive.storage.delete("walship.json")
+        (tmp_path / "pg_wal").mkdir()
+        small = tmp_path / "pg_wal" / "000000010000000000000001"
+        small.write_bytes(bytes(1 << 20))
+        fresh = Archive(archive.storage, archive.codec)
+        with pytest.raises(RepositoryMismatch, match="segments of 16777216 bytes"):
+            fresh.push_wal(small)
+        with archive.storage.get("walship.json") as download:
+            assert b'"wal_segment_size": 16777216' in download.read()
+        assert [i.key for i in archive.storage.list("wal/")] == []
+
+
 @pytest.mark.parametrize("damage", ["flip", "swap"])
 def test_damaged_part_fails_and_leaves_nothing_startable(tmp_path, damage):
     (tmp_path / "repo").mkdir()

@@ -192,6 +192,8 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
                          "backup-push reads the files directly from disk",
                          "run it on the database server, as its OS user (postgres)")
     _check_same_cluster(pgdata, info)
+    # one repository, one key, one segment size: refused before anything is stored
+    archive.check_repository(info.wal_segment_size)
     user, group, data_mode = _owner(pgdata)
     start_time = source.now()
     name = choose_name(archive, start_time)
