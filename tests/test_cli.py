@@ -163,6 +163,7 @@ def test_check_shows_the_marker_and_a_key_it_refuses(repo, wal_file, tmp_path, m
     assert "marker: not encrypted, WAL segments of 1048576 bytes\n" in capsys.readouterr().out
     key = tmp_path / "key"
     key.write_text(EncryptionKey.generate().to_text())
+    key.chmod(0o600)
     monkeypatch.setenv("WALSHIP_ENCRYPTION_KEY_FILE", str(key))
     assert main(["check"]) == 3
     assert "the configured key DIFFERS" in capsys.readouterr().out

@@ -199,6 +199,7 @@ def test_the_background_pusher_stops_when_the_repository_refuses_it(
     Archive(open_storage(f"file://{repo}"), Codec(key=EncryptionKey.generate())).push_wal(first)
     key_file = tmp_path / "key"
     key_file.write_text(EncryptionKey.generate().to_text())
+    key_file.chmod(0o600)
     monkeypatch.setenv("WALSHIP_ENCRYPTION_KEY_FILE", str(key_file))
     monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "3")
     wal_dir = tmp_path / "pg_wal"

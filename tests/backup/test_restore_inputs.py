@@ -310,15 +310,16 @@ def test_wal_fetch_into_a_directory_is_a_usage_error(file_repo_env, tmp_path, ca
     monkeypatch.setenv("WALSHIP_PREFETCH", "0")  # (so that no prefetch worker is started)
     (file_repo_env / "wal").mkdir()
     archive = Archive(open_storage(f"file://{file_repo_env}"), Codec())
-    source = tmp_path / SEG
+    (tmp_path / "src").mkdir()  # (a push keeps its repository verdict beside the WAL file)
+    source = tmp_path / "src" / SEG
     source.write_bytes(bytes(1 << 20))
     archive.push_wal(source)
     directory = tmp_path / "pg_wal"
     directory.mkdir()
     line = refused(["wal-fetch", SEG, str(directory)], capsys)
     assert "is a directory" in line
-    assert os.listdir(directory) == [] and sorted(os.listdir(tmp_path)) == [SEG, "pg_wal",
-                                                                            "repo"]
+    assert os.listdir(directory) == [] and sorted(os.listdir(tmp_path)) == ["pg_wal", "repo",
+                                                                             "src"]
     # inside restore_command, a usage error aborts recovery (128 + 2), still one line
     assert run(["wal-fetch", SEG, str(directory)], recovery=True) == 130
     assert capsys.readouterr().err.count("\n") == 1
