@@ -2,7 +2,9 @@
 
 Success: ``walship: wal-push 000000010000000000000003 stored in=16777216 out=901234 seconds=0.041``.
 Failure: ``walship: wal-fetch 000000010000000000000003: ERROR: what: why (hint: ...)``; a
-traceback follows only in debug mode. Lines never contain secrets: errors are built without them.
+traceback follows only in debug mode. A failure that is not fatal (a standby waiting for its
+repository) says ``WARNING`` instead, and what follows from it. Lines never contain secrets:
+errors are built without them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ def transfer(result: Transfer, stream: TextIO | None = None) -> None:
 
 def info(message: str, stream: TextIO | None = None) -> None:
     print(f"walship: {message}", file=stream or sys.stderr, flush=True)
+
+
+def warning(action: str, subject: str, exc: BaseException, consequence: str,
+            stream: TextIO | None = None) -> None:
+    """Log, in one line, a failure that is not fatal and what follows from it."""
+    where = f"{action} {subject}".strip()
+    text = " ".join(str(exc).split())
+    print(f"walship: {where}: WARNING: {text}; {consequence}",
+          file=stream or sys.stderr, flush=True)
 
 
 def error(action: str, subject: str, exc: BaseException, *, debug: bool = False,
