@@ -18,6 +18,7 @@ standby down. Integrity failures, wrong keys and bad configuration stay fatal th
 from __future__ import annotations
 
 import enum
+import os
 
 
 class ExitStatus(enum.IntEnum):
@@ -163,8 +164,6 @@ def standby_waits(error: BaseException) -> bool:
     (``recovery.signal``) still aborts."""
     if not isinstance(error, Unavailable):
         return False
-    import os
-
     try:
         os.stat(STANDBY_SIGNAL)
     except OSError:
