@@ -364,3 +364,102 @@ def test_a_file_url_with_a_query_is_refused_not_ignored(repo, monkeypatch, capsy
     monkeypatch.setenv("WALSHIP_REPO", f"file://{repo}%3Fx")  # an encoded ? is a name
     assert main(["check"]) == ExitStatus.UNAVAILABLE
     assert f"{repo}?x does not exist" in capsys.readouterr().err
+
+
+# -- a standby (standby.signal in the working directory, PostgreSQL's data directory) ---------
+@pytest.fixture
+def standby(tmp_path, monkeypatch):
+    """The working directory is a standby's data directory."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "standby.signal").touch()
+    monkeypatch.chdir(data)
+    return data
+
+
+def test_standby_waits_for_a_missing_repository_directory(repo, standby, monkeypatch, tmp_path,
+                                                         capsys):
+    monkeypatch.setenv("WALSHIP_REPO", f"file://{tmp_path}/unmounted")
+    assert main(["wal-fetch", SEG, str(standby / "x")]) == ExitStatus.NOT_FOUND
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one loud line
+    assert f"walship: wal-fetch {SEG}: WARNING: repository directory" in err, err
+    assert "standby.signal" in err and "not available yet" in err and "ERROR" not in err
+    assert not (standby / "x").exists()
+
+
+def test_standby_waits_for_an_empty_repository(repo, standby, capsys):
+    assert main(["wal-fetch", SEG, str(standby / "x")]) == ExitStatus.NOT_FOUND
+    assert "WARNING: the repository" in capsys.readouterr().err
+
+
+def test_standby_waits_for_unreachable_azure(repo, standby, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("WALSHIP_REPO", "azure://archive/cluster1")
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING",
+                       "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+                       "AccountKey=c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0;"
+                       f"BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;")
+    monkeypatch.setenv("WALSHIP_STORAGE_RETRIES", "0")
+    monkeypatch.setenv("WALSHIP_STORAGE_TIMEOUT", "2")
+    assert main(["wal-fetch", SEG, str(standby / "out")]) == ExitStatus.NOT_FOUND
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "c2VjcmV0" not in err and err.count("\n") == 1, err
+
+
+def test_standby_still_aborts_on_integrity_keys_and_configuration(repo, standby, wal_file,
+                                                                  monkeypatch, tmp_path):
+    """Only an unreachable or missing repository waits: what retrying cannot mend stays
+    fatal in a standby too."""
+    assert main(["wal-push", str(wal_file)]) == 0
+    stored = repo / "wal" / SEG
+    original = stored.read_bytes()
+    body = bytearray(original)
+    body[len(body) // 3] ^= 0x01
+    stored.write_bytes(bytes(body))
+    assert main(["wal-fetch", SEG, str(standby / "out")]) == ExitStatus.RECOVERY_INTEGRITY
+    stored.write_bytes(original)
+    monkeypatch.setenv("WALSHIP_ENCRYPTION_KEY_FILE", str(tmp_path / "missing-key"))
+    assert main(["wal-fetch", SEG, str(standby / "out")]) == ExitStatus.RECOVERY_USAGE
+    monkeypatch.delenv("WALSHIP_ENCRYPTION_KEY_FILE")
+    monkeypatch.delenv("WALSHIP_REPO")
+    assert main(["wal-fetch", SEG, str(standby / "out")]) == ExitStatus.RECOVERY_USAGE
+    assert main(["wal-fetch", "RECOVERYXLOG", "x"]) == ExitStatus.RECOVERY_USAGE
+    assert not (standby / "out").exists()
+
+
+@pytest.mark.parametrize("error", ["permission", "authentication", "bug"])
+def test_standby_still_aborts_on_permanent_storage_failures_and_bugs(repo, standby,
+                                                                     monkeypatch, error):
+    from walship import archive
+    from walship.errors import StorageError
+
+    def fail(*args, **kwargs):
+        if error == "bug":
+            raise ZeroDivisionError("bug")
+        raise StorageError("cannot read wal/" + SEG, f"{error} denied")
+
+    monkeypatch.setattr(archive.Archive, "fetch_wal", fail)
+    assert main(["wal-fetch", SEG, str(standby / "x")]) == ExitStatus.RECOVERY_FAILED
+
+
+def test_archive_recovery_still_aborts_on_a_missing_repository(repo, tmp_path, monkeypatch):
+    """recovery.signal, no standby.signal: 1 could end recovery early and promote."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "recovery.signal").touch()
+    monkeypatch.chdir(data)
+    monkeypatch.setenv("WALSHIP_REPO", f"file://{tmp_path}/unmounted")
+    assert main(["wal-fetch", SEG, str(data / "x")]) == ExitStatus.RECOVERY_UNAVAILABLE
+
+
+def test_standby_push_to_a_missing_repository_is_still_a_failure(repo, standby, monkeypatch,
+                                                                 tmp_path):
+    monkeypatch.setenv("WALSHIP_REPO", f"file://{tmp_path}/unmounted")
+    path = tmp_path / SEG
+    path.write_bytes(bytes(1 << 20))
+    assert main(["wal-push", str(path)]) == ExitStatus.UNAVAILABLE

@@ -337,6 +337,40 @@ def test_worker_lookup_never_turns_a_missing_repository_into_not_found(env, caps
         repo.with_name("unmounted").rename(repo)
 
 
+def test_a_standby_waits_out_an_outage_with_its_worker(env, capsys, monkeypatch, tmp_path):
+    """In a standby (standby.signal in the working directory), a call the worker cannot
+    answer because the repository is gone exits 1 with a warning. The worker stays up, caches
+    no failure as "missing", and serves the segment once the repository is back."""
+    restore, originals = env
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "standby.signal").touch()
+    monkeypatch.chdir(data)
+    monkeypatch.setenv("WALSHIP_PREFETCH", "4")
+    assert fetch(restore, name(1), capsys)[0] == 0
+    cache = cache_of(restore)
+    assert wait_for(lambda: spool.worker_alive(str(cache)))
+    pid = (cache / "worker.lock").read_text().strip()
+    repo = Path(os.environ["WALSHIP_REPO"][len("file://"):])
+    repo.rename(repo.with_name("unmounted"))
+    try:
+        for wanted in (name(20), "00000005.history", name(20)):
+            status, err = fetch(restore, wanted, capsys)
+            assert status == 1, (status, err)
+            assert err.count("WARNING") == 1 and "standby.signal" in err, err
+            assert "asked by the prefetch worker" not in err, err  # no "missing" answered
+        time.sleep(1)  # the window (21...) fails meanwhile: never remembered as missing
+        assert not list(cache.glob("*.missing")), os.listdir(cache)
+        assert spool.worker_alive(str(cache))
+    finally:
+        repo.with_name("unmounted").rename(repo)
+    for n in (20, 21, 22):
+        status, err = fetch(restore, name(n), capsys)
+        assert status == 0, err
+        assert (restore / "RECOVERYXLOG").read_bytes() == originals[name(n)]
+    assert (cache / "worker.lock").read_text().strip() == pid  # the same worker throughout
+
+
 def test_a_request_left_by_a_dead_caller_is_answered_once(env):
     from walship import prefetch
 

@@ -15,7 +15,7 @@ import click
 from walship import __version__, logline
 from walship.codec import DEFAULT_LEVEL
 from walship.config import Settings, load_settings
-from walship.errors import ExitStatus, NotFound, UsageError, exit_status
+from walship.errors import ExitStatus, NotFound, UsageError, exit_status, standby_waits
 
 
 class _Finite(click.FloatRange):
@@ -108,7 +108,8 @@ def wal_fetch(state: _State, name: str, destination: str) -> int:
 
     Exits 0 once DEST holds the complete, verified file; 1 only when the repository says the
     file does not exist; 126 or more on any other failure, so that PostgreSQL stops recovery
-    instead of ending it early.
+    instead of ending it early. In a standby (standby.signal in the working directory) an
+    unreachable or missing repository exits 1 too, with a warning: not available yet.
     """
     from walship.archive import check_destination
     from walship.prefetch import fetch
@@ -672,9 +673,15 @@ def run(argv: list[str], *, recovery: bool = False) -> int:
         return exit_status(KeyboardInterrupt(), recovery=recovery)
     except BaseException as error:  # noqa: BLE001 - mapped to a status, never swallowed as 0
         action, subject = _subject(argv)
-        debug = "--debug" in argv or _debug_from_env()
-        logline.error(action, subject, error, debug=debug)
-        return exit_status(error, recovery=recovery)
+        standby = recovery and standby_waits(error)
+        if standby:
+            logline.not_fatal(action, subject, error, "in a standby (standby.signal) that is "
+                              "\"not available yet\" (exit 1): PostgreSQL keeps streaming "
+                              "and asks the archive again later")
+        else:
+            debug = "--debug" in argv or _debug_from_env()
+            logline.error(action, subject, error, debug=debug)
+        return exit_status(error, recovery=recovery, standby=standby)
     if status is None:  # --help and the like
         return ExitStatus.OK
     return int(status)

@@ -8,11 +8,17 @@ PostgreSQL's xlogarchive.c): a restore_command that exits with 1 tells PostgreSQ
 not exist", which may end recovery and promote the server. So ``wal-fetch`` exits 1 only for an
 authoritative "not found"; every other failure is mapped above 125, which PostgreSQL treats as
 fatal and so aborts recovery instead of promoting with WAL missing.
+
+One exception: a standby (``standby.signal`` in the data directory) never ends recovery on
+"not found", it keeps streaming and asks again later, so there an unreachable or missing
+repository (:class:`Unavailable`) is mapped to 1, "not available yet", rather than shutting the
+standby down. Integrity failures, wrong keys and bad configuration stay fatal there too.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 
 
 class ExitStatus(enum.IntEnum):
@@ -139,14 +145,38 @@ class KeyMismatch(IntegrityError):
     """The object was written with another encryption key, or needs a key and none is set."""
 
 
-def exit_status(error: BaseException, *, recovery: bool = False) -> ExitStatus:
-    """Map any exception to an exit status; ``recovery`` is true inside restore_command.
+def exit_status(error: BaseException, *, recovery: bool = False,
+                standby: bool = False) -> ExitStatus:
+    """Map any exception to an exit status; ``recovery`` is true inside restore_command,
+    ``standby`` when that restore_command runs in a standby (see :func:`standby_waits`).
 
     Unknown exceptions (bugs, ``MemoryError``, ``KeyboardInterrupt``) map to FAILED, never to
-    NOT_FOUND: only a :class:`NotFound` may tell PostgreSQL that a file does not exist.
+    NOT_FOUND: only a :class:`NotFound` may tell PostgreSQL that a file does not exist, and
+    in a standby, an :class:`Unavailable` repository that it does not exist *yet*.
     """
+    if recovery and standby and isinstance(error, Unavailable):
+        return ExitStatus.NOT_FOUND
     if isinstance(error, WalshipError):
         status = error.status
     else:
         status = ExitStatus.FAILED
     return status.for_recovery() if recovery else status
+
+
+STANDBY_SIGNAL = "standby.signal"
+
+
+def standby_waits(error: BaseException) -> bool:
+    """Whether a restore_command failing with ``error`` runs in a standby that should wait for
+    the repository rather than stop: ``error`` is an unreachable or missing repository and
+    ``standby.signal`` is in the working directory, which PostgreSQL makes the data directory
+    (one stat, as PostgreSQL's own test, and only for such an error). A standby never ends
+    recovery on "not found", so 1 cannot promote it early; archive recovery
+    (``recovery.signal``) still aborts."""
+    if not isinstance(error, Unavailable):
+        return False
+    try:
+        os.stat(STANDBY_SIGNAL)
+    except OSError:
+        return False
+    return True

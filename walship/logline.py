@@ -2,8 +2,10 @@
 
 Success: ``walship: wal-push 000000010000000000000003 stored in=16777216 out=901234 seconds=0.041``.
 Failure: ``walship: wal-fetch 000000010000000000000003: ERROR: what: why (hint: ...)``; a
-traceback follows only in debug mode. Lines never contain secrets: errors are built without them,
-and an unexpected exception's text is masked (:func:`walship.redact.redact`).
+traceback follows only in debug mode. A failure that is not fatal (a standby waiting for its
+repository) says ``WARNING`` instead, and what follows from it. Lines never contain secrets:
+errors are built without them, and an unexpected exception's text is masked
+(:func:`walship.redact.redact`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ def warning(message: str, stream: TextIO | None = None) -> None:
         print(f"walship: WARNING: {message}", file=stream or sys.stderr, flush=True)
     except (OSError, ValueError):
         pass
+
+
+def not_fatal(action: str, subject: str, exc: BaseException, consequence: str,
+              stream: TextIO | None = None) -> None:
+    """Log, in one line, a failure that is not fatal and what follows from it."""
+    where = f"{action} {subject}".strip()
+    text = " ".join(str(exc).split())
+    print(f"walship: {where}: WARNING: {text}; {consequence}",
+          file=stream or sys.stderr, flush=True)
 
 
 def error(action: str, subject: str, exc: BaseException, *, debug: bool = False,
