@@ -7,6 +7,7 @@ into exit statuses in exactly one place, :func:`run`, through :func:`walship.err
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 import click
@@ -19,9 +20,11 @@ from walship.errors import ExitStatus, NotFound, UsageError, exit_status
 class _State:
     """What the group passes to its commands: the flags, resolved into settings on demand."""
 
-    def __init__(self, flags: dict[str, Any], config_file: str | None) -> None:
+    def __init__(self, flags: dict[str, Any], config_file: str | None,
+                 started: float | None = None) -> None:
         self.flags = flags
         self.config_file = config_file
+        self.started = time.monotonic() if started is None else started  # (the call's start)
         self._settings: Settings | None = None
 
     @property
@@ -30,10 +33,10 @@ class _State:
             self._settings = load_settings(self.flags, config_file=self.config_file)
         return self._settings
 
-    def archive(self):  # noqa: ANN201 - walship.archive.Archive, imported lazily
+    def archive(self, deadline: float | None = None):  # noqa: ANN201 - walship.archive.Archive
         from walship.archive import open_archive
 
-        return open_archive(self.settings)
+        return open_archive(self.settings, deadline)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,7 +65,7 @@ def cli(ctx: click.Context, repo: str | None, config_file: str | None,
     flags = {"repo": repo, "encryption_key_file": encryption_key_file,
              "compression_level": compression_level,
              "log_level": "debug" if debug else None}
-    ctx.obj = _State(flags, config_file)
+    ctx.obj = _State(flags, config_file, ctx.obj if isinstance(ctx.obj, float) else None)
 
 
 @cli.command("wal-push")
@@ -74,9 +77,11 @@ def wal_push(state: _State, path: str) -> int:
     Exits 0 only once the file is durably stored. Pushing identical content again exits 0;
     different content under an existing name is refused (exit 3) and the stored copy kept.
     """
+    from walship.deadline import bounded
     from walship.pushahead import push
 
-    logline.transfer(push(state.archive(), state.settings, path))
+    with bounded(state.started, state.settings.call_timeout) as deadline:
+        logline.transfer(push(state.archive(deadline), state.settings, path, deadline))
     return ExitStatus.OK
 
 
@@ -91,10 +96,12 @@ def wal_fetch(state: _State, name: str, destination: str) -> int:
     file does not exist; 126 or more on any other failure, so that PostgreSQL stops recovery
     instead of ending it early.
     """
+    from walship.deadline import bounded
     from walship.prefetch import fetch
 
     try:
-        result = fetch(state.archive(), state.settings, name, destination)
+        with bounded(state.started, state.settings.call_timeout) as deadline:
+            result = fetch(state.archive(deadline), state.settings, name, destination, deadline)
     except NotFound:
         logline.info(f"wal-fetch {name} not found in the archive")
         return ExitStatus.NOT_FOUND
@@ -548,10 +555,11 @@ def _subject(argv: list[str]) -> tuple[str, str]:
     return "", ""
 
 
-def run(argv: list[str], *, recovery: bool = False) -> int:
-    """Run the CLI on ``argv`` and return the exit status. The one place errors are mapped."""
+def run(argv: list[str], *, recovery: bool = False, started: float | None = None) -> int:
+    """Run the CLI on ``argv`` and return the exit status. The one place errors are mapped.
+    ``started``: when the call began (:func:`time.monotonic`), where its deadline counts from."""
     try:
-        status = cli.main(args=argv, prog_name="walship", standalone_mode=False)
+        status = cli.main(args=argv, prog_name="walship", standalone_mode=False, obj=started)
     except click.exceptions.Exit as done:
         return ExitStatus(done.exit_code).for_recovery() if recovery else done.exit_code
     except click.exceptions.NoArgsIsHelpError as error:

@@ -12,7 +12,7 @@ import traceback
 from typing import TextIO
 
 from walship.archive import Transfer
-from walship.errors import WalshipError
+from walship.errors import DeadlineExceeded, Terminated, WalshipError
 
 
 def transfer(result: Transfer, stream: TextIO | None = None) -> None:
@@ -30,7 +30,7 @@ def error(action: str, subject: str, exc: BaseException, *, debug: bool = False,
           stream: TextIO | None = None) -> None:
     """Log a failure in one line (plus a traceback in debug mode)."""
     stream = stream or sys.stderr
-    if isinstance(exc, WalshipError):
+    if isinstance(exc, (WalshipError, Terminated, DeadlineExceeded)):
         text = exc.one_line()
     else:
         text = f"internal error: {type(exc).__name__}: {exc}".strip()
