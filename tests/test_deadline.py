@@ -257,3 +257,17 @@ def test_sigterm_ends_a_wal_push_at_once(tmp_path, black_hole, walship_bin):
     assert status == 143, stderr
     assert seconds < 1.5, seconds
     assert "SIGTERM" in stderr and "Traceback" not in stderr
+
+
+def test_server_stopping_is_read_from_postmaster_pid(tmp_path):
+    """PostgreSQL writes its state on the 8th line of postmaster.pid (the data directory is
+    the archiver's working directory)."""
+    from walship.deadline import server_stopping
+
+    assert not server_stopping(str(tmp_path))  # no server
+    pid = tmp_path / "postmaster.pid"
+    lines = ["1234", str(tmp_path), "1733450000", "5432", "/tmp", "", "  5432001    32768"]
+    pid.write_text("\n".join([*lines, "ready   ", ""]))
+    assert not server_stopping(str(tmp_path))
+    pid.write_text("\n".join([*lines, "stopping", ""]))
+    assert server_stopping(str(tmp_path))

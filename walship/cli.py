@@ -77,10 +77,13 @@ def wal_push(state: _State, path: str) -> int:
     Exits 0 only once the file is durably stored. Pushing identical content again exits 0;
     different content under an existing name is refused (exit 3) and the stored copy kept.
     """
-    from walship.deadline import bounded
+    from walship.deadline import STOPPING_SECONDS, bounded, server_stopping
     from walship.pushahead import push
 
-    with bounded(state.started, state.settings.call_timeout) as deadline:
+    seconds = state.settings.call_timeout
+    if server_stopping():  # PostgreSQL's shutdown waits for the archiver's last calls
+        seconds = min(seconds, STOPPING_SECONDS)
+    with bounded(state.started, seconds) as deadline:
         logline.transfer(push(state.archive(deadline), state.settings, path, deadline))
     return ExitStatus.OK
 

@@ -12,6 +12,12 @@ and never answers made a call last minutes, retry after retry). Three things kee
 * a backstop: an alarm (SIGALRM) :data:`GRACE_SECONDS` after the deadline raises
   :class:`~walship.errors.DeadlineExceeded` in the main thread, should anything still block.
 
+While PostgreSQL shuts down, its archiver makes one last round of calls (three tries per file
+left, a second apart) and the shutdown waits for it: a wal-push made while the server is
+stopping (``postmaster.pid`` in the data directory, the archiver's working directory, says so)
+gets at most :data:`STOPPING_SECONDS`, so that a fast shutdown ends within seconds whatever
+the storage does; a file not stored then is archived after the restart.
+
 SIGTERM, which PostgreSQL sends on a fast shutdown, is turned into
 :class:`~walship.errors.Terminated` by :func:`walship.entry.main`, before anything else runs.
 Both exceptions derive from BaseException: ``finally`` clauses and ``except BaseException``
@@ -29,6 +35,19 @@ from contextlib import contextmanager
 from walship.errors import DeadlineExceeded
 
 GRACE_SECONDS = 2.0  # the storage layer fails by the deadline; the alarm only backs it up
+STOPPING_SECONDS = 2.0  # a wal-push's deadline while PostgreSQL shuts down
+_PM_STATUS_LINE = 7  # postmaster.pid's 8th line: "starting", "stopping", "ready", "standby"
+
+
+def server_stopping(data_dir: str = ".") -> bool:
+    """Whether the PostgreSQL server of ``data_dir`` is shutting down (its postmaster.pid says
+    ``stopping``). False when it cannot tell."""
+    try:
+        with open(f"{data_dir}/postmaster.pid", encoding="ascii", errors="replace") as handle:
+            lines = handle.read(4096).split("\n")
+    except OSError:
+        return False
+    return len(lines) > _PM_STATUS_LINE and lines[_PM_STATUS_LINE].strip() == "stopping"
 
 
 def left(deadline: float | None) -> float | None:
