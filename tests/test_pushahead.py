@@ -169,3 +169,60 @@ def test_no_backlog_or_push_ahead_off_starts_no_pusher(file_repo_env, tmp_path, 
     monkeypatch.setenv("WALSHIP_REPO", "memory://x")  # no other process can reach it
     assert not spool.backlog_for_pusher(str(wal_dir))
 
+
+
+class StuckStorage(MemoryStorage):
+    """Fails the put of ``failing`` at once (or stores it, ``failing=None``); every other put
+    hangs until ``release`` is set (a storage that stopped answering)."""
+
+    def __init__(self, url: str, failing: str | None) -> None:
+        super().__init__(url)
+        self.failing = failing
+        self.release = threading.Event()
+
+    def put(self, key, data, *, metadata=None):
+        from walship.errors import Unavailable
+
+        if self.failing is not None and key.endswith(self.failing):
+            raise Unavailable(f"cannot store {key}", "refused")
+        if self.failing is None and key.endswith("01"):
+            return super().put(key, data, metadata=metadata)
+        self.release.wait(10)
+        return super().put(key, data, metadata=metadata)
+
+
+def _ready_only(wal_dir: Path, names, keep: int) -> list[str]:
+    for name in names[keep:]:
+        (wal_dir / "archive_status" / f"{name}.ready").unlink()
+    return names[:keep]
+
+
+def test_a_failed_own_file_fails_the_call_at_once_whatever_the_others_do(setup):
+    """The call's own upload fails: the call fails now, abandoning the push-ahead uploads that
+    hang (before, it waited for every one of them)."""
+    wal_dir, names, _, _ = setup
+    names = _ready_only(wal_dir, names, 4)
+    storage = StuckStorage(f"memory://{uuid.uuid4().hex}", failing=names[0])
+    started = time.monotonic()
+    try:
+        with pytest.raises(Exception, match="refused"):
+            pushahead.push(Archive(storage, Codec()), load_settings(), wal_dir / names[0],
+                           time.monotonic() + 30)
+        assert time.monotonic() - started < 2
+    finally:
+        storage.release.set()
+
+
+def test_push_ahead_is_waited_for_until_the_deadline_at_most(setup):
+    """The call's own file is stored; the others hang: the call succeeds at its deadline."""
+    wal_dir, names, _, _ = setup
+    names = _ready_only(wal_dir, names, 4)
+    storage = StuckStorage(f"memory://{uuid.uuid4().hex}", failing=None)
+    started = time.monotonic()
+    try:
+        result = pushahead.push(Archive(storage, Codec()), load_settings(), wal_dir / names[0],
+                                time.monotonic() + 1)
+        assert 0.9 < time.monotonic() - started < 3
+        assert result.name == names[0] and result.outcome.startswith("stored")
+    finally:
+        storage.release.set()
