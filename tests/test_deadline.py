@@ -100,7 +100,7 @@ def _timed(args: list[str], env: dict[str, str], cwd: Path,
            limit: float) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
     proc = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=limit)
+                          timeout=limit, check=False)
     return proc, time.monotonic() - started
 
 
@@ -271,3 +271,23 @@ def test_server_stopping_is_read_from_postmaster_pid(tmp_path):
     assert not server_stopping(str(tmp_path))
     pid.write_text("\n".join([*lines, "stopping", ""]))
     assert server_stopping(str(tmp_path))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("push_ahead", ["0", "8"])
+def test_the_alarm_ends_a_call_blocked_outside_the_storage(tmp_path, walship_bin, push_ahead):
+    """A wait no storage timeout covers (here: a FIFO with no writer under a WAL file's name,
+    whose opening blocks): the backstop alarm ends the call 2 s after its deadline, exit 4
+    (before: it never returned)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    wal = _pg_wal(tmp_path, [])
+    os.mkfifo(wal / NAME)
+    (wal / "archive_status" / f"{NAME}.ready").touch()
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/", "LC_ALL": "C", "WALSHIP_CONFIG": os.devnull,
+           "WALSHIP_REPO": f"file://{repo}", "WALSHIP_CALL_TIMEOUT": "1",
+           "WALSHIP_PUSH_AHEAD": push_ahead}
+    proc, seconds = _timed([walship_bin, "wal-push", f"pg_wal/{NAME}"], env, tmp_path, 30)
+    assert proc.returncode == 4, proc.stderr
+    assert seconds < 1 + 2 + 1.5, seconds
+    assert "deadline" in proc.stderr and "Traceback" not in proc.stderr
