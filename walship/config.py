@@ -57,7 +57,7 @@ class Settings:
     compression_level: int = DEFAULT_LEVEL
     storage_retries: int = 4
     storage_timeout: float = 30.0
-    call_timeout: float = DEFAULT_CALL_TIMEOUT  # seconds a wal-push or wal-fetch call may take, all included
+    call_timeout: float = DEFAULT_CALL_TIMEOUT  # seconds one wal-push or wal-fetch may take
     log_level: str = "info"
     push_ahead: int = DEFAULT_PUSH_AHEAD
     prefetch: int = DEFAULT_PREFETCH
