@@ -179,6 +179,8 @@ def _deadline_retry(deadline: float) -> type:
         def increment(self, settings: dict[str, Any], request: Any, response: Any = None,
                       error: Any = None) -> bool:
             if time.monotonic() + self.get_backoff_time(settings) >= deadline:
+                if error is not None:  # (told in the error line: see _translate)
+                    error.walship_deadline = True
                 return False
             return super().increment(settings, request, response=response, error=error)
 
@@ -324,7 +326,10 @@ def _translate(error: BaseException, what: str, *, where: str) -> WalshipError:
     status = getattr(error, "status_code", None) if isinstance(error, HttpResponseError) else None
     if status is None and not code and not isinstance(error, (AzureError, OSError)):
         return StorageError(what, _reason(error))  # neither a reply nor a network failure
-    return translate_failure(what, where=where, status=status, code=code, reason=_reason(error),
+    reason = _reason(error)
+    if getattr(error, "walship_deadline", False):
+        reason += f"; gave up at {_DEADLINE}"
+    return translate_failure(what, where=where, status=status, code=code, reason=reason,
                              denied=isinstance(error, ClientAuthenticationError),
                              conflict=isinstance(error, (ResourceExistsError,
                                                          ResourceModifiedError)))
