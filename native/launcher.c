@@ -59,8 +59,18 @@ extern char **environ;
 #define RECOVERY_FAILED 134 /* ExitStatus.RECOVERY_FAILED: recovery must stop, not end */
 #define FAILED 6
 #define SEALED_MTIME_SEC 1
-#define WAIT_SECONDS 120.0  /* spool.WAIT_SECONDS */
-#define ASK_SECONDS 60.0    /* spool.ASK_SECONDS */
+#define WAIT_SECONDS 10.0 /* spool.WAIT_SECONDS */
+#define ASK_SECONDS 10.0  /* spool.ASK_SECONDS */
+
+/* spool.wait_limit: seconds, cut to WALSHIP_CALL_TIMEOUT when the environment sets less. */
+static double wait_limit(double seconds) {
+    const char *text = getenv("WALSHIP_CALL_TIMEOUT");
+    if (!text || !*text) return seconds;
+    char *end;
+    double limit = strtod(text, &end);
+    while (*end == ' ' || *end == '\t' || *end == '\n') end++;
+    return !*end && limit > 0 && limit < seconds ? limit : seconds; /* (nan: seconds) */
+}
 
 /* ---- SHA-256 (FIPS 180-4) ------------------------------------------------------------------ */
 typedef struct {
@@ -233,12 +243,12 @@ static int exists(const char *path) {
 static int await_seal(const char *cache, const char *name, const char *seal) {
     char marker[PATH_MAX + 16];
     snprintf(marker, sizeof marker, "%s/%s.inflight", cache, name);
-    double started = now(), checked = started;
+    double started = now(), checked = started, limit = wait_limit(WAIT_SECONDS);
     const struct timespec pause = {0, 2000000};
     while (!exists(seal)) {
         if (!exists(marker)) return exists(seal);
         double t = now();
-        if (t - started > WAIT_SECONDS) return 0;
+        if (t - started > limit) return 0;
         if (t - checked > 0.05) {
             if (!lock_held(cache, "worker.lock")) return exists(seal);
             checked = t;
@@ -378,7 +388,7 @@ static int ask(const char *cache, const char *name, const char *settings) {
         return -1;
     wake_worker(cache);
     int verdict = -1;
-    double started = now(), checked = started;
+    double started = now(), checked = started, limit = wait_limit(ASK_SECONDS);
     const struct timespec pause = {0, 1000000};
     for (;;) {
         char text[128], seen[64], word[16], extra[2];
@@ -388,7 +398,7 @@ static int ask(const char *cache, const char *name, const char *settings) {
             break;
         }
         double t = now();
-        if (t - started > ASK_SECONDS) break;
+        if (t - started > limit) break;
         if (t - checked > 0.05) {
             if (!lock_held(cache, "worker.lock")) break;
             checked = t;
@@ -524,11 +534,11 @@ static int already_pushed(const char *wal_path) {
         return -1;
     if (!exists(record)) { /* spool.await_pushed: the pusher is uploading it right now */
         if (!exists(marker) || !lock_held(spool, "pusher.lock")) return -1;
-        double checked = started;
+        double checked = started, limit = wait_limit(WAIT_SECONDS);
         const struct timespec pause = {0, 2000000};
         while (exists(marker) && !exists(record)) {
             double t = now();
-            if (t - started > WAIT_SECONDS) return -1;
+            if (t - started > limit) return -1;
             if (t - checked > 0.05) {
                 if (!lock_held(spool, "pusher.lock")) break;
                 checked = t;

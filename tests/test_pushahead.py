@@ -221,3 +221,62 @@ def test_the_background_pusher_stops_when_the_repository_refuses_it(
     assert "background pusher stopped" in (wal_dir / "walship" / "pusher.log").read_text()
     assert sorted(os.listdir(repo / "wal")) == ["000000020000000000000001"]
     assert not os.listdir(wal_dir / spool.SPOOL / "pushed")
+
+
+class StuckStorage(MemoryStorage):
+    """Fails the put of ``failing`` at once (or stores it, ``failing=None``); every other put
+    hangs until ``release`` is set (a storage that stopped answering)."""
+
+    def __init__(self, url: str, failing: str | None) -> None:
+        super().__init__(url)
+        self.failing = failing
+        self.release = threading.Event()
+
+    def put(self, key, data, *, metadata=None):
+        from walship.errors import Unavailable
+
+        if not key.startswith("wal/"):  # (the repository's marker)
+            return super().put(key, data, metadata=metadata)
+        if self.failing is not None and key.endswith(self.failing):
+            raise Unavailable(f"cannot store {key}", "refused")
+        if self.failing is None and key.endswith("01"):
+            return super().put(key, data, metadata=metadata)
+        self.release.wait(10)
+        return super().put(key, data, metadata=metadata)
+
+
+def _ready_only(wal_dir: Path, names, keep: int) -> list[str]:
+    for name in names[keep:]:
+        (wal_dir / "archive_status" / f"{name}.ready").unlink()
+    return names[:keep]
+
+
+def test_a_failed_own_file_fails_the_call_at_once_whatever_the_others_do(setup):
+    """The call's own upload fails: the call fails now, abandoning the push-ahead uploads that
+    hang (before, it waited for every one of them)."""
+    wal_dir, names, _, _ = setup
+    names = _ready_only(wal_dir, names, 4)
+    storage = StuckStorage(f"memory://{uuid.uuid4().hex}", failing=names[0])
+    started = time.monotonic()
+    try:
+        with pytest.raises(Exception, match="refused"):
+            pushahead.push(Archive(storage, Codec()), load_settings(), wal_dir / names[0],
+                           time.monotonic() + 30)
+        assert time.monotonic() - started < 2
+    finally:
+        storage.release.set()
+
+
+def test_push_ahead_is_waited_for_until_the_deadline_at_most(setup):
+    """The call's own file is stored; the others hang: the call succeeds at its deadline."""
+    wal_dir, names, _, _ = setup
+    names = _ready_only(wal_dir, names, 4)
+    storage = StuckStorage(f"memory://{uuid.uuid4().hex}", failing=None)
+    started = time.monotonic()
+    try:
+        result = pushahead.push(Archive(storage, Codec()), load_settings(), wal_dir / names[0],
+                                time.monotonic() + 1)
+        assert 0.9 < time.monotonic() - started < 3
+        assert result.name == names[0] and result.outcome.startswith("stored")
+    finally:
+        storage.release.set()

@@ -269,8 +269,9 @@ def _check_history(handle: object, path: Path, timeline: int) -> None:
                              ) from None
 
 
-def open_archive(settings: Settings) -> Archive:
-    """The archive that ``settings`` describe: their repository, key and compression level."""
+def open_archive(settings: Settings, deadline: float | None = None) -> Archive:
+    """The archive that ``settings`` describe: their repository, key and compression level;
+    ``deadline`` (a :func:`time.monotonic` instant) bounds every storage request."""
     from walship.storage import open_storage
 
     key = None
@@ -278,7 +279,7 @@ def open_archive(settings: Settings) -> Archive:
         from walship.codec.keys import load_key_file
 
         key = load_key_file(settings.encryption_key_file)
-    storage = open_storage(settings.require_repo(), settings.storage_options())
+    storage = open_storage(settings.require_repo(), settings.storage_options(deadline))
     return Archive(storage, Codec(level=settings.compression_level, key=key))
 
 

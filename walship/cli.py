@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
 
 import click
@@ -34,9 +35,11 @@ class _Finite(click.FloatRange):
 class _State:
     """What the group passes to its commands: the flags, resolved into settings on demand."""
 
-    def __init__(self, flags: dict[str, Any], config_file: str | None) -> None:
+    def __init__(self, flags: dict[str, Any], config_file: str | None,
+                 started: float | None = None) -> None:
         self.flags = flags
         self.config_file = config_file
+        self.started = time.monotonic() if started is None else started  # (the call's start)
         self._settings: Settings | None = None
 
     @property
@@ -47,10 +50,10 @@ class _State:
                 logline.warning(warning)
         return self._settings
 
-    def archive(self):  # noqa: ANN201 - walship.archive.Archive, imported lazily
+    def archive(self, deadline: float | None = None):  # noqa: ANN201 - walship.archive.Archive
         from walship.archive import open_archive
 
-        return open_archive(self.settings)
+        return open_archive(self.settings, deadline)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,7 +82,7 @@ def cli(ctx: click.Context, repo: str | None, config_file: str | None,
     flags = {"repo": repo, "encryption_key_file": encryption_key_file,
              "compression_level": compression_level,
              "log_level": "debug" if debug else None}
-    ctx.obj = _State(flags, config_file)
+    ctx.obj = _State(flags, config_file, ctx.obj if isinstance(ctx.obj, float) else None)
 
 
 @cli.command("wal-push")
@@ -93,9 +96,14 @@ def wal_push(state: _State, path: str) -> int:
     so is any file when the repository is written with another key (or none) or holds
     segments of another size (its marker, walship.json).
     """
+    from walship.deadline import STOPPING_SECONDS, bounded, server_stopping
     from walship.pushahead import push
 
-    logline.transfer(push(state.archive(), state.settings, path))
+    seconds = state.settings.call_timeout
+    if server_stopping():  # PostgreSQL's shutdown waits for the archiver's last calls
+        seconds = min(seconds, STOPPING_SECONDS)
+    with bounded(state.started, seconds) as deadline:
+        logline.transfer(push(state.archive(deadline), state.settings, path, deadline))
     return ExitStatus.OK
 
 
@@ -112,11 +120,13 @@ def wal_fetch(state: _State, name: str, destination: str) -> int:
     unreachable or missing repository exits 1 too, with a warning: not available yet.
     """
     from walship.archive import check_destination
+    from walship.deadline import bounded
     from walship.prefetch import fetch
 
     check_destination(destination)  # before the prefetch cache beside it is touched
     try:
-        result = fetch(state.archive(), state.settings, name, destination)
+        with bounded(state.started, state.settings.call_timeout) as deadline:
+            result = fetch(state.archive(deadline), state.settings, name, destination, deadline)
     except NotFound:
         logline.info(f"wal-fetch {name} not found in the archive")
         return ExitStatus.NOT_FOUND
@@ -654,10 +664,11 @@ def _subject(argv: list[str]) -> tuple[str, str]:
     return "", ""
 
 
-def run(argv: list[str], *, recovery: bool = False) -> int:
-    """Run the CLI on ``argv`` and return the exit status. The one place errors are mapped."""
+def run(argv: list[str], *, recovery: bool = False, started: float | None = None) -> int:
+    """Run the CLI on ``argv`` and return the exit status. The one place errors are mapped.
+    ``started``: when the call began (:func:`time.monotonic`), where its deadline counts from."""
     try:
-        status = cli.main(args=argv, prog_name="walship", standalone_mode=False)
+        status = cli.main(args=argv, prog_name="walship", standalone_mode=False, obj=started)
     except click.exceptions.Exit as done:
         return ExitStatus(done.exit_code).for_recovery() if recovery else done.exit_code
     except click.exceptions.NoArgsIsHelpError as error:

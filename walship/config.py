@@ -18,7 +18,7 @@ from typing import Any
 
 from walship.codec import DEFAULT_LEVEL
 from walship.errors import ConfigError
-from walship.spool import DEFAULT_PREFETCH, DEFAULT_PUSH_AHEAD
+from walship.spool import DEFAULT_CALL_TIMEOUT, DEFAULT_PREFETCH, DEFAULT_PUSH_AHEAD
 from walship.storage import AzureCredentials, StorageOptions
 
 DEFAULT_CONFIG_FILE = "/etc/walship/walship.toml"
@@ -30,6 +30,7 @@ _OPTIONS: dict[str, tuple[str, type, Any]] = {
     "compression_level": ("WALSHIP_COMPRESSION_LEVEL", int, DEFAULT_LEVEL),
     "storage_retries": ("WALSHIP_STORAGE_RETRIES", int, 4),
     "storage_timeout": ("WALSHIP_STORAGE_TIMEOUT", float, 30.0),
+    "call_timeout": ("WALSHIP_CALL_TIMEOUT", float, DEFAULT_CALL_TIMEOUT),
     "log_level": ("WALSHIP_LOG_LEVEL", str, "info"),
     "push_ahead": ("WALSHIP_PUSH_AHEAD", int, DEFAULT_PUSH_AHEAD),
     "prefetch": ("WALSHIP_PREFETCH", int, DEFAULT_PREFETCH),
@@ -58,6 +59,7 @@ class Settings:
     compression_level: int = DEFAULT_LEVEL
     storage_retries: int = 4
     storage_timeout: float = 30.0
+    call_timeout: float = DEFAULT_CALL_TIMEOUT  # seconds one wal-push or wal-fetch may take
     log_level: str = "info"
     push_ahead: int = DEFAULT_PUSH_AHEAD
     prefetch: int = DEFAULT_PREFETCH
@@ -83,9 +85,12 @@ class Settings:
                               "or azure://container/prefix")
         return self.repo
 
-    def storage_options(self) -> StorageOptions:
+    def storage_options(self, deadline: float | None = None) -> StorageOptions:
+        """How to reach the storage; ``deadline`` (a :func:`time.monotonic` instant) bounds
+        every request, retries included."""
         return StorageOptions(retries=self.storage_retries, timeout=self.storage_timeout,
-                              azure=self.azure, azure_transport=self.azure_transport)
+                              azure=self.azure, azure_transport=self.azure_transport,
+                              deadline=deadline)
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(setting, value with secrets masked, source) for every setting: secret fields are
@@ -142,6 +147,9 @@ def _convert(name: str, kind: type, value: Any, source: str) -> Any:
     if name == "storage_timeout" and not 0 < converted <= 3600:
         raise ConfigError(f"invalid storage_timeout {converted} in {source}",
                           "use seconds, more than 0 and at most 3600")
+    if name == "call_timeout" and not 1 <= converted <= 3600:
+        raise ConfigError(f"invalid call_timeout {converted} in {source}",
+                          "use seconds, at least 1 and at most 3600", "30 is the default")
     if name in ("push_ahead", "prefetch") and not 0 <= converted <= 256:
         raise ConfigError(f"invalid {name} {converted} in {source}", "use 0 (off) to 256")
     if name == "parallel" and not 1 <= converted <= 64:

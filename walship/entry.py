@@ -3,19 +3,53 @@
 Only the standard library is imported before the CLI, so that even a broken installation
 (a missing dependency, a syntax error) cannot make ``wal-fetch`` exit with 1, PostgreSQL's
 "file not found": inside restore_command every failure, however early, exits above 125.
+
+SIGTERM (PostgreSQL's fast shutdown signals the process group of its archiver and startup
+process) ends a call at once: the handler installed first thing raises
+:class:`walship.errors.Terminated` in the main thread, cleanups remove the call's temporary
+files, and the call exits with 143 (128 + 15, as a shell reports death by SIGTERM), which
+PostgreSQL treats like the signal itself: fatal, never "file not found". A second SIGTERM
+kills at once.
 """
 
 from __future__ import annotations
 
+import _signal  # (built in and loaded at start-up; the signal module would load enum)
 import sys
+import time
 
 RECOVERY_FAILED = 134  # ExitStatus.RECOVERY_FAILED, repeated so that nothing is imported
 FAILED = 6
+TERMINATED = 143  # ExitStatus.TERMINATED
+
+
+def _terminate(signum: int, frame: object) -> None:
+    _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)  # a second SIGTERM kills at once
+    from walship.errors import Terminated
+
+    raise Terminated()
+
+
+def _terminated(error: BaseException) -> bool:
+    """Whether ``error`` is :class:`walship.errors.Terminated` (told without importing it)."""
+    return type(error).__name__ == "Terminated" and type(error).__module__ == "walship.errors"
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()  # the call's deadline (call_timeout) counts from here
     argv = sys.argv[1:] if argv is None else argv
     recovery = "wal-fetch" in argv
+    try:
+        previous = _signal.signal(_signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (an in-process caller): its own handling applies
+        return _main(argv, recovery, started)
+    try:
+        return _main(argv, recovery, started)
+    finally:
+        _signal.signal(_signal.SIGTERM, previous)
+
+
+def _main(argv: list[str], recovery: bool, started: float) -> int:
     try:
         if len(argv) == 2 and argv[0] == "wal-push" or len(argv) == 3 and argv[0] == "wal-fetch":
             from walship import fastpath  # work done ahead: answer without the full program
@@ -28,10 +62,13 @@ def main(argv: list[str] | None = None) -> int:
                     return status
         from walship.cli import run
 
-        return run(argv, recovery=recovery)
+        return run(argv, recovery=recovery, started=started)
     except BaseException as error:  # noqa: BLE001 - last line of defence of the contract
         if isinstance(error, SystemExit) and error.code in (0, None) and not recovery:
             return 0
+        if _terminated(error):
+            print("walship: ERROR: stopped by SIGTERM", file=sys.stderr, flush=True)
+            return TERMINATED
         print(f"walship: ERROR: internal error: {type(error).__name__}: {error}",
               file=sys.stderr, flush=True)
         return RECOVERY_FAILED if recovery else FAILED

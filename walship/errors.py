@@ -32,6 +32,7 @@ class ExitStatus(enum.IntEnum):
     INTEGRITY = 5  # corrupt, truncated or tampered object, wrong key
     FAILED = 6  # any other failure
     INCOMPLETE = 7  # wal-verify / backup-verify: WAL missing (a gap) or history inconsistent
+    TERMINATED = 143  # stopped by SIGTERM (128 + 15, as a shell reports it): fatal to PostgreSQL
     # wal-fetch (restore_command): a failure must abort recovery, so 128 is added.
     RECOVERY_USAGE = 130
     RECOVERY_UNAVAILABLE = 132
@@ -145,6 +146,34 @@ class KeyMismatch(IntegrityError):
     """The object was written with another encryption key, or needs a key and none is set."""
 
 
+class Terminated(BaseException):
+    """The call was stopped by SIGTERM (PostgreSQL's fast shutdown): raised in the main thread by
+    the handler :func:`walship.entry.main` installs. A BaseException, so that no ``except
+    Exception`` on the way swallows it, while ``finally`` clauses and ``except BaseException``
+    cleanups (temporary files) still run."""
+
+    status = ExitStatus.TERMINATED
+
+    def one_line(self) -> str:
+        return "stopped by SIGTERM; temporary files removed"
+
+
+class DeadlineExceeded(BaseException):
+    """The call's deadline (``call_timeout``) passed while it was still running: raised in the
+    main thread by the alarm of :mod:`walship.deadline`, a backstop behind the storage layer's
+    own deadline. A BaseException for the same reason as :class:`Terminated`."""
+
+    status = ExitStatus.UNAVAILABLE
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+    def one_line(self) -> str:
+        return (f"no result within the call's deadline of {self.seconds:g} s (hint: check the "
+                "storage and the network path to it; call_timeout sets the deadline)")
+
+
 def exit_status(error: BaseException, *, recovery: bool = False,
                 standby: bool = False) -> ExitStatus:
     """Map any exception to an exit status; ``recovery`` is true inside restore_command,
@@ -154,9 +183,9 @@ def exit_status(error: BaseException, *, recovery: bool = False,
     NOT_FOUND: only a :class:`NotFound` may tell PostgreSQL that a file does not exist, and
     in a standby, an :class:`Unavailable` repository that it does not exist *yet*.
     """
-    if recovery and standby and isinstance(error, Unavailable):
+    if recovery and standby and isinstance(error, (Unavailable, DeadlineExceeded)):
         return ExitStatus.NOT_FOUND
-    if isinstance(error, WalshipError):
+    if isinstance(error, (WalshipError, Terminated, DeadlineExceeded)):
         status = error.status
     else:
         status = ExitStatus.FAILED
@@ -173,7 +202,7 @@ def standby_waits(error: BaseException) -> bool:
     (one stat, as PostgreSQL's own test, and only for such an error). A standby never ends
     recovery on "not found", so 1 cannot promote it early; archive recovery
     (``recovery.signal``) still aborts."""
-    if not isinstance(error, Unavailable):
+    if not isinstance(error, (Unavailable, DeadlineExceeded)):
         return False
     try:
         os.stat(STANDBY_SIGNAL)

@@ -15,7 +15,7 @@ import traceback
 from typing import TextIO
 
 from walship.archive import Transfer
-from walship.errors import WalshipError
+from walship.errors import DeadlineExceeded, Terminated, WalshipError
 
 
 def transfer(result: Transfer, stream: TextIO | None = None) -> None:
@@ -51,7 +51,7 @@ def error(action: str, subject: str, exc: BaseException, *, debug: bool = False,
           stream: TextIO | None = None) -> None:
     """Log a failure in one line (plus a traceback in debug mode)."""
     stream = stream or sys.stderr
-    if isinstance(exc, WalshipError):
+    if isinstance(exc, (WalshipError, Terminated, DeadlineExceeded)):
         text = exc.one_line()
     else:
         from walship.redact import redact  # a library's text may quote a URL with a SAS token

@@ -499,13 +499,14 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1]))
 
 
-def fetch(archive: Archive, settings: Settings, name: str, destination: str) -> Transfer:
+def fetch(archive: Archive, settings: Settings, name: str, destination: str,
+          deadline: float | None = None) -> Transfer:
     """wal-fetch through the prefetch cache: deliver ``name`` from the cache when the worker has
-    it (waiting if it is downloading it right now), otherwise download it directly; either way
-    move the worker's window to ``name`` and make sure a worker runs. The cache's bookkeeping
-    never fails the call: where it cannot be written (a full filesystem), the call downloads
-    straight to ``destination``, which fails for lack of space only as
-    :class:`~walship.errors.DiskFull`."""
+    it (waiting if it is downloading it right now, until ``deadline`` at most), otherwise
+    download it directly; either way move the worker's window to ``name`` and make sure a
+    worker runs. The cache's bookkeeping never fails the call: where it cannot be written (a
+    full filesystem), the call downloads straight to ``destination``, which fails for lack of
+    space only as :class:`~walship.errors.DiskFull`."""
     from walship.archive import archive_name
 
     if settings.prefetch == 0:
@@ -524,7 +525,8 @@ def fetch(archive: Archive, settings: Settings, name: str, destination: str) -> 
     started = time.monotonic()
     fingerprint = spool.settings_fingerprint()
     inflight = os.path.join(cache, f"{name}.inflight")
-    deadline = started + settings.storage_timeout * (settings.storage_retries + 1)
+    if deadline is None:
+        deadline = started + settings.call_timeout
     while (os.path.exists(inflight) and time.monotonic() < deadline
            and spool.worker_alive(cache)):
         time.sleep(0.005)  # being downloaded: wait rather than download it twice

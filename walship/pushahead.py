@@ -16,20 +16,31 @@ uploaded (``pushing/<name>``) waits for its record. The pusher exits once nothin
 push for ``IDLE_SECONDS``. It only ever adds records, under the same rules as above, so a call
 still succeeds only for a file durably stored. (Only for a repository other processes can
 reach: not ``memory://``.)
+
+Push-ahead never makes a call longer than its own file needs: the call's own file is uploaded
+first; if it fails, the call fails at once, abandoning the other uploads (they run on daemon
+threads, which the process does not wait for: an abandoned upload never becomes visible, the
+storage's ``put`` contract); once it succeeds, the others are waited for until the call's
+deadline at most (:mod:`walship.deadline`).
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import queue
 import sys
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from walship import spool, wal
 from walship.archive import Transfer
+from walship.deadline import left
 from walship.errors import RepositoryMismatch
 
 if TYPE_CHECKING:
@@ -85,8 +96,51 @@ def _shared(archive: Archive) -> bool:
     return not str(getattr(archive.storage, "url", "")).startswith("memory:")
 
 
-def push(archive: Archive, settings: Settings, path: str | os.PathLike[str]) -> Transfer:
-    """Push ``path``; alongside, push up to ``settings.push_ahead`` other ready files."""
+class _Uploads:
+    """A few daemon threads running a call's uploads. Unlike ThreadPoolExecutor's, whose threads
+    the interpreter joins at exit, they never keep the process alive: a call returns, and
+    exits, without waiting for the uploads it abandons."""
+
+    def __init__(self, threads: int) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future[object], Callable[[], object]] | None] = \
+            queue.SimpleQueue()
+        self._threads = threads
+        for _ in range(threads):
+            threading.Thread(target=self._work, name="push-ahead", daemon=True).start()
+
+    def submit(self, work: Callable[[], object]) -> Future[object]:
+        future: Future[object] = Future()
+        self._queue.put((future, work))
+        return future
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, work = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(work())
+            except BaseException as error:  # noqa: BLE001 - handed to whoever waits for it
+                future.set_exception(error)
+
+    def abandon(self) -> None:
+        """Cancel the uploads not started; the threads end after the ones running."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in range(self._threads):
+            self._queue.put(None)
+
+
+def push(archive: Archive, settings: Settings, path: str | os.PathLike[str],
+         deadline: float | None = None) -> Transfer:
+    """Push ``path``; alongside, push up to ``settings.push_ahead`` other ready files. If
+    ``path`` fails, fail at once (the others are abandoned); else wait for the others until
+    ``deadline`` (a :func:`time.monotonic` instant) at most."""
     path = Path(path)
     if settings.push_ahead == 0:
         return archive.push_wal(path)
@@ -125,23 +179,29 @@ def push(archive: Archive, settings: Settings, path: str | os.PathLike[str]) -> 
                     pusher = True
                 except OSError:
                     pass
-        with ThreadPoolExecutor(max(1, settings.parallel)) as pool:
+        pool = _Uploads(max(1, min(settings.parallel, len(ahead) + 1)))
+        try:
             # With a pusher about to take over, this call's own file is recorded too, so that
-            # the pusher does not upload it again before PostgreSQL marks it done.
-            own = (pool.submit(_push_and_record, archive, path, fingerprint) if pusher
-                   else pool.submit(archive.push_wal, path))
-            others = [(name, pool.submit(_push_one, archive, wal_dir / name, fingerprint))
+            # the pusher does not upload it again before PostgreSQL marks it done. (Queued
+            # first: the call's own file is the first to start.)
+            own = pool.submit(lambda: _push_and_record(archive, path, fingerprint) if pusher
+                              else archive.push_wal(path))
+            others = [(name, pool.submit(lambda n=name: _push_one(archive, wal_dir / n,
+                                                                   fingerprint)))
                       for name in ahead]
-            try:
-                result = own.result()
-            finally:
-                done = 0
-                for name, future in others:
-                    try:
-                        done += bool(future.result())
-                    except Exception as error:  # noqa: BLE001 - PostgreSQL will ask again
-                        if settings.debug:
-                            print(f"walship: push-ahead {name}: {error}", file=sys.stderr)
+            # its failure fails the call now: the others are abandoned
+            result: Transfer = own.result()  # type: ignore[assignment]
+            done = 0
+            for name, future in others:
+                try:
+                    done += bool(future.result(timeout=left(deadline)))
+                except FutureTimeout:
+                    break  # the deadline: the call's own file is stored, the rest abandoned
+                except Exception as error:  # noqa: BLE001 - PostgreSQL will ask again
+                    if settings.debug:
+                        print(f"walship: push-ahead {name}: {error}", file=sys.stderr)
+        finally:
+            pool.abandon()
     finally:
         os.close(lock)
     if done:

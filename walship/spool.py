@@ -98,9 +98,9 @@ def write_atomically(path: str, text: str) -> None:
         with open(temp, "w") as handle:
             handle.write(text)
         os.replace(temp, path)
-    except OSError:
+    except BaseException:  # (a full filesystem, or SIGTERM: walship.errors.Terminated)
         try:
-            os.unlink(temp)  # (a full filesystem leaves no empty temporary file behind)
+            os.unlink(temp)  # (no empty or partial temporary file is left behind)
         except OSError:
             pass
         raise
@@ -164,10 +164,11 @@ def await_pushed(wal_dir: str, name: str) -> None:
         return
     import time
 
+    limit = wait_limit(WAIT_SECONDS)
     started = checked = time.monotonic()
     while os.path.exists(marker):
         now = time.monotonic()
-        if now - started > WAIT_SECONDS:
+        if now - started > limit:
             return
         if now - checked > 0.05:
             if not pusher_alive(wal_dir):
@@ -185,7 +186,7 @@ def await_taken_up(wal_dir: str, name: str, seconds: float) -> bool:
     marker = os.path.join(root, "pushing", name)
     record = os.path.join(root, "pushed", name)
     deadline = checked = time.monotonic()
-    deadline += seconds
+    deadline += wait_limit(seconds)
     while not (os.path.exists(marker) or os.path.exists(record)):
         now = time.monotonic()
         if now > deadline:
@@ -389,9 +390,23 @@ def drop_cached(cache: str, name: str) -> None:
 
 
 # How long a call waits for a segment that the worker is downloading (or is about to: it was
-# just asked for the window that holds it and has not started yet), instead of starting the
-# full program to download it a second time.
-WAIT_SECONDS = 120.0
+# just asked for the window that holds it and has not started yet), or for a file the
+# background pusher is uploading, instead of doing it itself in the full program: a third of
+# the default call_timeout, so that the full program still has time (see wait_limit).
+WAIT_SECONDS = 10.0
+DEFAULT_CALL_TIMEOUT = 30.0  # the call_timeout setting's default (walship.config uses it)
+
+
+def wait_limit(seconds: float) -> float:
+    """``seconds``, cut to ``WALSHIP_CALL_TIMEOUT`` when the environment sets a smaller one:
+    a wait of the fast path never outlasts the call's deadline. (Read from the environment
+    only, which costs nothing; a ``call_timeout`` in the config file bounds the full program,
+    and these waits stay within :data:`WAIT_SECONDS` or :data:`ASK_SECONDS`.)"""
+    try:
+        limit = float(os.environ.get("WALSHIP_CALL_TIMEOUT") or seconds)
+    except ValueError:
+        return seconds
+    return limit if 0 < limit < seconds else seconds  # (nan compares false: seconds)
 GRACE_SECONDS = 0.5
 # Defaults of the push_ahead and prefetch settings (walship.config uses these too: the fast
 # path reads the settings without the full program).
@@ -434,6 +449,7 @@ def await_sealed(cache: str, name: str) -> bool:
         return False
     import time
 
+    limit = wait_limit(WAIT_SECONDS)
     started = checked = time.monotonic()
     marked = False
     while True:
@@ -444,7 +460,7 @@ def await_sealed(cache: str, name: str) -> bool:
             marked = True
         elif marked or now - started > GRACE_SECONDS:
             return os.path.exists(seal)  # it may have been sealed just before the marker went
-        if now - started > WAIT_SECONDS:
+        if now - started > limit:
             return False
         if now - checked > 0.05:
             if not worker_alive(cache):
@@ -520,7 +536,7 @@ def _copy_sealed(path: str, destination: str, size: int) -> bool:
     return True
 
 
-ASK_SECONDS = 60.0
+ASK_SECONDS = 10.0  # how long a call waits for the worker's answer (see wait_limit)
 
 
 def ask(cache: str, name: str, settings: str) -> str | None:
@@ -547,6 +563,7 @@ def ask(cache: str, name: str, settings: str) -> str | None:
     wake_worker(cache)
     import time
 
+    limit = wait_limit(ASK_SECONDS)
     started = checked = time.monotonic()
     verdict = None
     try:
@@ -557,7 +574,7 @@ def ask(cache: str, name: str, settings: str) -> str | None:
                 verdict = fields[1] if fields[1] in ("found", "missing") else None
                 return verdict
             now = time.monotonic()
-            if now - started > ASK_SECONDS:
+            if now - started > limit:
                 return None
             if now - checked > 0.05:
                 if not worker_alive(cache):
@@ -715,7 +732,7 @@ def await_pusher(wal_dir: str, seconds: float) -> bool:
 def _await_held(lock: str, seconds: float) -> bool:
     import time
 
-    deadline = time.monotonic() + seconds
+    deadline = time.monotonic() + wait_limit(seconds)
     while not _flock_held(lock):
         if time.monotonic() > deadline:
             return False

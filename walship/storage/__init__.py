@@ -36,12 +36,18 @@ class AzureCredentials:
 @dataclass(frozen=True)
 class StorageOptions:
     """How a backend talks to its storage: retry budget, per-request timeout (seconds), and
-    for Azure the credentials and transport (:mod:`walship.storage.azure`)."""
+    for Azure the credentials and transport (:mod:`walship.storage.azure`).
+
+    ``deadline``, a :func:`time.monotonic` instant, bounds every request with its retries and
+    back-offs: no request is sent, no back-off slept and no socket waited on past it; what is
+    unfinished then fails as :class:`~walship.errors.Unavailable` (a wal-push or wal-fetch
+    call's ``call_timeout``). None: only ``retries`` and ``timeout`` bound a request."""
 
     retries: int = 4
     timeout: float = 30.0
     azure: AzureCredentials = field(default_factory=AzureCredentials)
     azure_transport: str = "auto"  # "auto": REST for shared key and SAS, else the SDK; "sdk"
+    deadline: float | None = None
 
 
 def open_storage(url: str, options: StorageOptions | None = None) -> Storage:

@@ -16,7 +16,9 @@ Promises:
 * **Bounded retries.** Transient failures (connection errors, timeouts, 408, 429, 5xx) are
   retried ``options.retries`` times with the same short exponential back-offs on either
   transport, each request limited to ``options.timeout`` seconds to connect and per read. What
-  still fails is :class:`~walship.errors.Unavailable`.
+  still fails is :class:`~walship.errors.Unavailable`. With ``options.deadline`` (a call's
+  ``call_timeout``), either transport stops retrying, and shortens its socket waits, so as to
+  fail by then.
 * **Honest "not found".** Only ``BlobNotFound`` is :class:`~walship.errors.NotFound`; a missing
   container is :class:`~walship.errors.RepositoryMissing`, an authentication or permission
   failure :class:`~walship.errors.StorageError`.
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -134,16 +137,23 @@ def resolve_auth(creds: AzureCredentials) -> ResolvedAuth:
 
 
 def _client_options(options: StorageOptions) -> dict[str, Any]:
-    """Pipeline settings: bounded SDK retries with short back-offs, per-request timeouts."""
+    """Pipeline settings: bounded SDK retries with short back-offs, per-request timeouts, and
+    with ``options.deadline``, a retry policy and a per-attempt policy that keep to it."""
     from azure.storage.blob import ExponentialRetry
 
     retries = max(0, int(options.retries))
-    policy = ExponentialRetry(initial_backoff=_INITIAL_BACKOFF,  # type: ignore[arg-type]
-                              increment_base=_INCREMENT_BASE,  # type: ignore[arg-type]
-                              random_jitter_range=_JITTER,  # type: ignore[arg-type]
-                              retry_total=retries, retry_connect=retries, retry_read=retries,
-                              retry_status=retries)
+    retry = ExponentialRetry if options.deadline is None else _deadline_retry(options.deadline)
+    policy = retry(initial_backoff=_INITIAL_BACKOFF,  # type: ignore[arg-type]
+                   increment_base=_INCREMENT_BASE,  # type: ignore[arg-type]
+                   random_jitter_range=_JITTER,  # type: ignore[arg-type]
+                   retry_total=retries, retry_connect=retries, retry_read=retries,
+                   retry_status=retries)
+    extra: dict[str, Any] = {}
+    if options.deadline is not None:  # (appended after the retry policy: runs per attempt)
+        extra["_additional_pipeline_policies"] = [_deadline_timeouts(options.deadline,
+                                                                     options.timeout)]
     return {
+        **extra,
         "retry_policy": policy,
         "connection_timeout": options.timeout,
         "read_timeout": options.timeout,
@@ -152,6 +162,44 @@ def _client_options(options: StorageOptions) -> dict[str, Any]:
         "max_single_get_size": SINGLE_GET_MAX,
         "max_chunk_get_size": DOWNLOAD_CHUNK,
     }
+
+
+_DEADLINE = "the call's deadline (call_timeout)"
+
+
+def _deadline_retry(deadline: float) -> type:
+    """The SDK's exponential retry policy, making no retry whose back-off ends past
+    ``deadline`` (a :func:`time.monotonic` instant)."""
+    from azure.storage.blob import ExponentialRetry
+
+    class DeadlineRetry(ExponentialRetry):
+        def increment(self, settings: dict[str, Any], request: Any, response: Any = None,
+                      error: Any = None) -> bool:
+            if time.monotonic() + self.get_backoff_time(settings) >= deadline:
+                if error is not None:  # (told in the error line: see _translate)
+                    error.walship_deadline = True
+                return False
+            return super().increment(settings, request, response=response, error=error)
+
+    return DeadlineRetry
+
+
+def _deadline_timeouts(deadline: float, timeout: float) -> Any:
+    """A per-attempt pipeline policy: each attempt's connect and read timeouts are cut to what
+    is left before ``deadline``, and no attempt starts after it."""
+    from azure.core.exceptions import ServiceResponseTimeoutError
+    from azure.core.pipeline.policies import HTTPPolicy
+
+    class DeadlineTimeouts(HTTPPolicy):  # type: ignore[type-arg]
+        def send(self, request: Any) -> Any:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ServiceResponseTimeoutError(f"no answer within {_DEADLINE}")
+            request.context.options["connection_timeout"] = max(0.001, min(timeout, left))
+            request.context.options["read_timeout"] = max(0.001, min(timeout, left))
+            return self.next.send(request)
+
+    return DeadlineTimeouts()
 
 
 def _build_client(auth: ResolvedAuth, options: StorageOptions,
@@ -271,7 +319,10 @@ def _translate(error: BaseException, what: str, *, where: str) -> WalshipError:
     status = getattr(error, "status_code", None) if isinstance(error, HttpResponseError) else None
     if status is None and not code and not isinstance(error, (AzureError, OSError)):
         return StorageError(what, _reason(error))  # neither a reply nor a network failure
-    return translate_failure(what, where=where, status=status, code=code, reason=_reason(error),
+    reason = _reason(error)
+    if getattr(error, "walship_deadline", False):
+        reason += f"; gave up at {_DEADLINE}"
+    return translate_failure(what, where=where, status=status, code=code, reason=reason,
                              denied=isinstance(error, ClientAuthenticationError),
                              conflict=isinstance(error, (ResourceExistsError,
                                                          ResourceModifiedError)))
@@ -441,7 +492,7 @@ class AzureStorage:
                 secret=self.auth.secret, token=self._access_token)
         if endpoint is not None:
             self._rest = azure_rest.Client(endpoint, retries=options.retries,
-                                           timeout=options.timeout)
+                                           timeout=options.timeout, deadline=options.deadline)
             account = endpoint.account
         else:
             account = self._sdk().account_name

@@ -18,6 +18,9 @@ Promises (the same as the SDK path's):
   connection that the server had closed is resent at once on a new one. A download cut mid-body
   resumes where it stopped (a ranged GET that must match the first response's ETag), within
   the same budget. What still fails is :class:`~walship.errors.Unavailable`.
+* **A deadline.** With ``deadline`` (a :func:`time.monotonic` instant: the call's
+  ``call_timeout``), no request is sent, no back-off slept and no socket waited on past it: each
+  socket wait is limited to what is left, a retry whose back-off would end past it is not made.
 * **Verified TLS**, against ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` when set (as the SDK's
   transport does) or ``SSL_CERT_FILE``, else against certifi's bundle, the SDK's default.
 * **No secret** in an error message, a ``repr`` or a log: the account key only signs
@@ -36,6 +39,7 @@ import base64
 import hashlib
 import hmac
 import http.client
+import math
 import os
 import random
 import ssl
@@ -52,6 +56,7 @@ _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "A
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _META = "x-ms-meta-"
+_DEADLINE = "the call's deadline (call_timeout)"
 TOKEN_MARGIN = 300.0  # seconds of validity left under which an OAuth token is renewed
 IDLE_SECONDS = 60.0  # a kept-alive connection idle longer is not reused (Azure's load
 # balancers and NAT gateways drop idle flows after 4 minutes by default)
@@ -214,14 +219,46 @@ class Client:
     """Signed requests to one account over a small pool of kept-alive connections (one per
     thread in flight; safe to share between threads)."""
 
-    def __init__(self, endpoint: Endpoint, *, retries: int, timeout: float) -> None:
+    def __init__(self, endpoint: Endpoint, *, retries: int, timeout: float,
+                 deadline: float | None = None) -> None:
         self.endpoint = endpoint
         self.retries = max(0, int(retries))
         self.timeout = timeout
+        self.deadline = deadline  # time.monotonic() instant, or None
         self._idle: list[tuple[http.client.HTTPConnection, float]] = []  # (conn, idle since)
         self._lock = threading.Lock()
         self._context: ssl.SSLContext | None = None
         self._bearer: tuple[str, float] | None = None  # (token, expiry) while valid
+
+    # -- the deadline ----------------------------------------------------------------------------
+    def _left(self) -> float:
+        """Seconds left before the deadline (infinite without one)."""
+        return math.inf if self.deadline is None else self.deadline - time.monotonic()
+
+    def _socket_timeout(self) -> float:
+        """The timeout of the next socket wait: ``timeout``, or less near the deadline."""
+        return max(0.001, min(self.timeout, self._left()))
+
+    def arm(self, conn: http.client.HTTPConnection) -> None:
+        """Limit the next waits on ``conn`` to :meth:`_socket_timeout`; raise
+        :class:`NetworkFailure` once the deadline has passed."""
+        if self._left() <= 0:
+            raise NetworkFailure(f"no answer within {_DEADLINE}")
+        conn.timeout = self._socket_timeout()
+        if conn.sock is not None:
+            conn.sock.settimeout(conn.timeout)
+
+    def retry_or_raise(self, attempt: int, failure: Exception) -> None:
+        """Sleep the back-off before retry ``attempt`` (0-based), or raise ``failure`` when the
+        retries are spent or the back-off would end past the deadline."""
+        pause = backoff(attempt)
+        if attempt >= self.retries:
+            raise failure
+        if pause >= self._left():
+            if isinstance(failure, NetworkFailure):
+                failure = NetworkFailure(f"{failure}; gave up at {_DEADLINE}")
+            raise failure
+        time.sleep(pause)
 
     # -- connections ---------------------------------------------------------------------------
     def _tls(self) -> ssl.SSLContext:
@@ -244,9 +281,9 @@ class Client:
     def _connect(self) -> http.client.HTTPConnection:
         e = self.endpoint
         if e.scheme == "https":
-            return http.client.HTTPSConnection(e.host, e.port, timeout=self.timeout,
+            return http.client.HTTPSConnection(e.host, e.port, timeout=self._socket_timeout(),
                                                context=self._tls())
-        return http.client.HTTPConnection(e.host, e.port, timeout=self.timeout)
+        return http.client.HTTPConnection(e.host, e.port, timeout=self._socket_timeout())
 
     def _take(self) -> tuple[http.client.HTTPConnection, bool]:
         """A kept-alive connection idle for less than IDLE_SECONDS, else a new one (older ones
@@ -337,6 +374,11 @@ class Client:
             target = self._sign(method, path, query or {}, wanted)  # (TokenFailure: no token)
             conn, reused = self._take()
             try:
+                self.arm(conn)
+            except NetworkFailure:
+                conn.close()
+                raise
+            try:
                 conn.request(method, target, body=body, headers=wanted)
                 response = conn.getresponse()
             except ssl.SSLCertVerificationError as error:
@@ -348,9 +390,7 @@ class Client:
                 if reused and isinstance(error, (http.client.RemoteDisconnected,
                                                  ConnectionResetError, BrokenPipeError)):
                     continue  # the server had closed the kept-alive connection: resend now
-                if attempt >= self.retries:
-                    raise NetworkFailure(_describe(error)) from None
-                time.sleep(backoff(attempt))
+                self.retry_or_raise(attempt, NetworkFailure(_describe(error)))
                 attempt += 1
                 continue
             if response.status < 300:
@@ -361,11 +401,11 @@ class Client:
                 detail = ""
             self.finish(response, conn)
             code = response.getheader("x-ms-error-code", "") or ""
-            if response.status in _RETRIED_STATUS and attempt < self.retries:
-                time.sleep(backoff(attempt))
-                attempt += 1
-                continue
-            raise ServiceFailure(response.status, code, detail)
+            failure = ServiceFailure(response.status, code, detail)
+            if response.status not in _RETRIED_STATUS:
+                raise failure
+            self.retry_or_raise(attempt, failure)
+            attempt += 1
 
     def call(self, method: str, path: str, query: Mapping[str, str] | None = None,
              headers: Mapping[str, str] | None = None,
@@ -379,9 +419,7 @@ class Client:
                 data = response.read()
             except (OSError, http.client.HTTPException) as error:
                 conn.close()
-                if attempt >= self.retries:
-                    raise NetworkFailure(_describe(error)) from None
-                time.sleep(backoff(attempt))
+                self.retry_or_raise(attempt, NetworkFailure(_describe(error)))
                 attempt += 1
                 continue
             self.finish(response, conn)
@@ -441,7 +479,12 @@ class Download:
         while self.delivered < self.size:
             if self._response is None:
                 self._resume()
-            assert self._response is not None
+            assert self._response is not None and self._conn is not None
+            try:
+                self._client.arm(self._conn)
+            except NetworkFailure:
+                self._drop()
+                raise
             try:
                 data = self._response.read(min(n, self.size - self.delivered))
             except (OSError, http.client.HTTPException) as error:
@@ -460,10 +503,8 @@ class Download:
         return b""
 
     def _count(self, error: BaseException) -> None:
-        if self._attempts >= self._client.retries:
-            raise NetworkFailure(f"{_describe(error)} after {self.delivered} of {self.size} "
-                                 "bytes") from None
-        time.sleep(backoff(self._attempts))
+        self._client.retry_or_raise(self._attempts, NetworkFailure(
+            f"{_describe(error)} after {self.delivered} of {self.size} bytes"))
         self._attempts += 1
 
     def _resume(self) -> None:
