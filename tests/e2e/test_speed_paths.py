@@ -39,11 +39,6 @@ def walship_lines(cluster, action: str) -> list[str]:
     return [line for line in cluster.log_text().splitlines() if f"walship: {action} " in line]
 
 
-@pytest.fixture(params=["file", "azure"])
-def repository(request):
-    return request.getfixturevalue(f"{request.param}_repository")
-
-
 def _cmdline(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") \
