@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.postgres import check_build_id
+
 TRIALS = 24
 WALSHIP = [sys.executable, "-m", "walship"]
 
@@ -30,6 +32,10 @@ def repo_env(request, tmp_path):
     else:
         env.update(request.getfixturevalue("azure_repository").env)
     env["WALSHIP_CONFIG"] = os.devnull
+    # ``python -m walship`` runs the package first on sys.path (the working directory, then
+    # site-packages): it must be the checkout's.
+    version = run(["--version"], env, text=True)
+    check_build_id(" ".join(WALSHIP), version.stdout)
     return env
 
 
