@@ -65,6 +65,47 @@ def test_identical_repush_succeeds(archive, tmp_path):
     assert archive.push_wal(path).outcome == "already stored, identical"
 
 
+@pytest.mark.parametrize("same", [True, False], ids=["identical", "different"])
+def test_concurrent_pushes_of_one_name_are_each_accounted_for(archive, tmp_path, same):
+    """Six servers push a file of the same name at once: exactly one stores it; every other
+    push is told "already stored, identical" (identical content) or refused with
+    ContentConflict (different content); nothing else happens, no push goes missing."""
+    import threading
+
+    attempts = 6
+    common = segment()
+    paths = []
+    for n in range(attempts):
+        (tmp_path / f"server{n}").mkdir()
+        paths.append(write(tmp_path / f"server{n}", SEG, common if same else segment()))
+    outcomes: dict[str, list[int]] = {}
+    start = threading.Barrier(attempts)
+
+    def push(n: int) -> None:
+        try:
+            start.wait(timeout=30)
+            outcome = archive.push_wal(paths[n]).outcome
+        except ContentConflict:
+            outcome = "conflict"
+        except BaseException as error:  # noqa: BLE001 - counted, and the test fails on it
+            outcome = f"unexpected {error!r}"
+        outcomes.setdefault(outcome, []).append(n)
+
+    threads = [threading.Thread(target=push, args=(n,)) for n in range(attempts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a push hung"
+    others = "already stored, identical" if same else "conflict"
+    assert set(outcomes) <= {"stored", others}, outcomes
+    assert len(outcomes["stored"]) == 1, outcomes
+    assert sorted(n for group in outcomes.values() for n in group) == list(range(attempts))
+    [winner] = outcomes["stored"]
+    archive.fetch_wal(SEG, tmp_path / "fetched")
+    assert (tmp_path / "fetched").read_bytes() == paths[winner].read_bytes()
+
+
 def test_different_content_is_refused_and_original_kept(archive, tmp_path):
     original = segment()
     archive.push_wal(write(tmp_path, SEG, original))

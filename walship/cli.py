@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from walship import __version__, logline
+from walship import logline
 from walship.codec import DEFAULT_LEVEL
 from walship.config import Settings, load_settings
 from walship.errors import ExitStatus, NotFound, UsageError, exit_status, standby_waits
@@ -30,6 +30,14 @@ class _Finite(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
+
+
+def _print_version(ctx: click.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        from walship.build_id import version_line
+
+        click.echo(version_line())
+        ctx.exit()
 
 
 class _State:
@@ -67,7 +75,9 @@ class _State:
               help=f"zstd level, 1-22. [env WALSHIP_COMPRESSION_LEVEL; default {DEFAULT_LEVEL}]")
 @click.option("--debug", is_flag=True, default=None, help="Tracebacks on errors. "
               "[env WALSHIP_LOG_LEVEL=debug]")
-@click.version_option(__version__, prog_name="walship")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=lambda ctx, _param, value: _print_version(ctx, value),
+              help="Show the version and the build id (of the sources it was built from).")
 @click.pass_context
 def cli(ctx: click.Context, repo: str | None, config_file: str | None,
         encryption_key_file: str | None, compression_level: int | None,

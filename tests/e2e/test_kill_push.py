@@ -1,5 +1,8 @@
 """kill -9 of wal-push at random moments never leaves a visible partial object: a later fetch
-gives the right bytes or "not found" (1), never garbage, and pushing again then succeeds."""
+gives the right bytes or "not found" (1), never garbage, and pushing again then succeeds.
+
+A trial counts as a kill only if the wal-push (this test's own child, its command line checked)
+was alive when SIGKILL was sent and then died of it; no other process is signalled."""
 
 from __future__ import annotations
 
@@ -9,8 +12,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+
+from tests.fixtures.postgres import check_build_id
 
 TRIALS = 24
 WALSHIP = [sys.executable, "-m", "walship"]
@@ -26,6 +32,10 @@ def repo_env(request, tmp_path):
     else:
         env.update(request.getfixturevalue("azure_repository").env)
     env["WALSHIP_CONFIG"] = os.devnull
+    # ``python -m walship`` runs the package first on sys.path (the working directory, then
+    # site-packages): it must be the checkout's.
+    version = run(["--version"], env, text=True)
+    check_build_id(" ".join(WALSHIP), version.stdout)
     return env
 
 
@@ -57,12 +67,20 @@ def test_kill_9_never_leaves_a_partial_object(repo_env, tmp_path):
         proc = subprocess.Popen(WALSHIP + ["wal-push", str(path)], env=repo_env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0, duration))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
+        signalled = False
+        if proc.poll() is None:  # not reaped: the pid is still this walship's
+            argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+            if argv:  # (empty: a zombie, it has just ended)
+                assert [a.decode() for a in argv] == WALSHIP + ["wal-push", str(path)], argv
+                proc.send_signal(signal.SIGKILL)
+                signalled = True
+        status = proc.wait()
+        if status == -signal.SIGKILL:
+            assert signalled  # nobody else kills it
             outcomes["killed"] += 1
-        else:
+        else:  # it ended just before the signal: a finished push
+            assert status == 0, (trial, status)
             outcomes["finished"] += 1
-        proc.wait()
 
         out = tmp_path / "fetched"
         fetched = run(["wal-fetch", name, str(out)], repo_env)

@@ -4,7 +4,8 @@ under pgbench load and ``walship backup-push`` running, all as the server's OS u
 Pruning as hard as the policy allows (``--retain-full 1``) must never remove anything archiving
 or a backup needs: afterwards the final backup is listed usable, ``wal-verify`` and
 ``backup-verify`` pass, ``status`` reads the server's archiver statistics, and a restore of it
-replaying all archived WAL ends with exactly the primary's data.
+replaying all archived WAL ends with exactly the primary's data. On a ``file://`` repository and
+on Azurite.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ pytestmark = [pytest.mark.e2e]
 
 
 @pytest.mark.timeout(240)
-def test_delete_in_a_loop_beside_archiving_and_backups(pg, file_repository):
+def test_delete_in_a_loop_beside_archiving_and_backups(pg, repository):
     started = time.monotonic()
-    primary = pg.initdb("primary", env=file_repository.env)
+    primary = pg.initdb("primary", env=repository.env)
     primary.start()
     primary.pgbench_init(scale=2)
     walship(pg, primary, "backup-push", "--part-size", "8")
@@ -68,7 +69,7 @@ def test_delete_in_a_loop_beside_archiving_and_backups(pg, file_repository):
     rows = backup_list(pg, primary)
     assert len(rows) == 1 and rows[0]["usable"], rows
     final = rows[0]
-    remaining = [n for n in repository_names(file_repository) if not n.endswith(".history")]
+    remaining = [n for n in repository_names(repository) if not n.endswith(".history")]
     assert min(n[8:24] for n in remaining) == final["start_wal"][8:24]
 
     # status reads pg_stat_archiver through libpq's PG* environment (env_for sets PGHOST).

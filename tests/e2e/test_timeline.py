@@ -7,7 +7,8 @@ archives ``00000002.history``, the old timeline's last, streamed segment as ``.p
 PostgreSQL does on promotion) and its timeline 2 segments. The archive then holds both
 branches: restoring the original base backup with recovery_target_timeline = 'latest' must
 follow the history file onto timeline 2 and end with the data written there, and with 'current'
-it must stay on timeline 1 and end with that branch's data.
+it must stay on timeline 1 and end with that branch's data. On a ``file://`` repository and on
+Azurite.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ pytestmark = [pytest.mark.e2e]
 
 
 @pytest.mark.timeout(240)
-def test_promotion_and_restore_follow_the_latest_timeline(pg, file_repository):
-    env = file_repository.env
+def test_promotion_and_restore_follow_the_latest_timeline(pg, repository):
+    env = repository.env
     primary = pg.initdb("primary", env=env)
     primary.start()
     primary.pgbench_init(2)
@@ -59,7 +60,7 @@ def test_promotion_and_restore_follow_the_latest_timeline(pg, file_repository):
     primary.wait_archived(primary.switch_wal())  # timeline 1's branch, complete, archived too
     primary.stop()
 
-    archived = repository_names(file_repository)
+    archived = repository_names(repository)
     assert "00000002.history" in archived, archived
     assert last_tl2 in archived, archived
     partial = [n for n in archived if n.endswith(".partial")]

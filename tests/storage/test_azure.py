@@ -397,8 +397,8 @@ def test_default_azure_credential_on_both_transports(azurite_oauth, monkeypatch,
                  "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     container = f"oauth-{transport}"
-    with ContainerClient.from_connection_string(azurite_oauth.connection_string,
-                                                container) as client:
+    with ContainerClient.from_connection_string(azurite_oauth.connection_string, container,
+                                                api_version=azure_rest.API_VERSION) as client:
         if not client.exists():
             client.create_container()
     _FakeIdentity.made.clear()

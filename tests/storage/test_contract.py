@@ -133,22 +133,49 @@ def test_invalid_keys_are_refused(storage, key):
 
 
 def test_concurrent_creates_one_wins(storage):
-    results = []
+    """Every attempt is accounted for: exactly one creates the object, every other one is told
+    AlreadyExists; no attempt raises anything else, hangs or goes missing."""
+    attempts = 6
+    created: list[int] = []
+    refused: list[int] = []
+    failed: list[tuple[int, str]] = []
+    start = threading.Barrier(attempts)
 
     def push(n):
         try:
+            start.wait(timeout=30)  # all at once, so that the creates really race
             storage.put("race", [str(n).encode() * 1000])
-            results.append(n)
+            created.append(n)
         except AlreadyExists:
-            pass
+            refused.append(n)
+        except BaseException as error:  # noqa: BLE001 - counted, and the test fails on it
+            failed.append((n, repr(error)))
 
-    threads = [threading.Thread(target=push, args=(n,)) for n in range(6)]
+    threads = [threading.Thread(target=push, args=(n,)) for n in range(attempts)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    assert len(results) == 1
-    assert read_all(storage, "race") == str(results[0]).encode() * 1000
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a create hung"
+    assert failed == []
+    assert len(created) == 1, (created, refused)
+    assert sorted(created + refused) == list(range(attempts))
+    assert read_all(storage, "race") == str(created[0]).encode() * 1000
+
+
+def test_an_object_larger_than_one_request_round_trips(storage):
+    """Above 17 MiB (the largest single-request put) an Azure object goes up as staged blocks
+    through the SDK, with the service version the REST transport speaks: a strict Azurite
+    refuses the SDK's newest one."""
+    from walship.storage import azure
+
+    data = os.urandom(azure.SINGLE_PUT_MAX + (1 << 20) + 3)
+    storage.put("huge", (data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20)),
+                metadata=lambda: {"digest": "abc"})
+    assert storage.head("huge").size == len(data)
+    assert read_all(storage, "huge") == data
+    with pytest.raises(AlreadyExists):
+        storage.put("huge", [b"other"])
 
 
 def test_read_in_small_pieces(storage):

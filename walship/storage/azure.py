@@ -138,7 +138,8 @@ def resolve_auth(creds: AzureCredentials) -> ResolvedAuth:
 
 def _client_options(options: StorageOptions) -> dict[str, Any]:
     """Pipeline settings: bounded SDK retries with short back-offs, per-request timeouts, and
-    with ``options.deadline``, a retry policy and a per-attempt policy that keep to it."""
+    with ``options.deadline``, a retry policy and a per-attempt policy that keep to it; and
+    the REST transport's service version."""
     from azure.storage.blob import ExponentialRetry
 
     retries = max(0, int(options.retries))
@@ -161,6 +162,9 @@ def _client_options(options: StorageOptions) -> dict[str, Any]:
         "max_block_size": BLOCK_SIZE,
         "max_single_get_size": SINGLE_GET_MAX,
         "max_chunk_get_size": DOWNLOAD_CHUNK,
+        # The service version the REST transport speaks, not the SDK's newest: one that Azure
+        # and Azurite both serve (a strict Azurite refuses versions newer than it knows).
+        "api_version": azure_rest.API_VERSION,
     }
 
 
