@@ -30,6 +30,18 @@ def test_status_of_an_empty_repository(repo, capsys):
     assert "archiver       unknown: no server given" in out
 
 
+def test_last_archived_is_the_newest_name_and_its_age_the_newest_store(repo):
+    """Push-ahead stores segment N+1 a moment before PostgreSQL's call for N completes: the
+    last archived file is N+1 (as pg_stat_archiver says), its age the newest store's; a
+    timeline history file, archived first on a switch, is not "the last archived WAL"."""
+    put(repo, "wal/000000010000000000000016", NOW - timedelta(seconds=50))
+    put(repo, "wal/000000010000000000000015", NOW - timedelta(seconds=40))
+    put(repo, "wal/00000002.history", NOW - timedelta(seconds=30))
+    status = gather(repo, environ={}, now=NOW)
+    assert status.last_archived == "000000010000000000000016"
+    assert 29 < status.last_archived_age < 31  # type: ignore[operator]
+
+
 def test_status_reports_ages_sizes_and_counts(repo, tmp_path, capsys):
     fake_backup(repo, 10, NOW - timedelta(days=2))
     fake_backup(repo, 20, NOW - timedelta(days=1))

@@ -1,7 +1,10 @@
 """``walship status``: how healthy is archiving and backing up, right now?
 
-It reports the last archived WAL file and its age (the live recovery point objective: the
-newest WAL object's ``modified`` time, by the storage's clock), the newest complete backup and
+It reports the last archived WAL file (the greatest name other than a timeline history file:
+the newest timeline's newest segment, or the ``.backup``/``.partial`` file after it, as
+PostgreSQL's archiver orders them; push-ahead may store segment N+1 a moment before N, so the
+newest object by time can be an older name) and its age (the live recovery point objective:
+the newest WAL object's ``modified`` time, by the storage's clock), the newest complete backup and
 its age (since it stopped), the repository's size (WAL and backup bytes and counts), and the
 archiver's failures as PostgreSQL's ``pg_stat_archiver`` records them, when a server is given
 (``--dbname`` or libpq's ``PG*`` environment); otherwise that part is "unknown", never zero.
@@ -111,14 +114,16 @@ def gather(archive: Archive, *, dbname: str | None = None,
     """Collect the status (see the module docstring)."""
     environ = os.environ if environ is None else environ
     wal_files = wal_bytes = 0
-    newest: tuple[float, str] | None = None
+    last: str | None = None
+    stored: float | None = None
     for info in archive.storage.list(wal_layout.WAL_PREFIX):
         wal_files += 1
         wal_bytes += info.size
-        if info.modified is not None:
-            candidate = (info.modified, wal_layout.wal_name(info.key))
-            if newest is None or candidate > newest:
-                newest = candidate
+        name = wal_layout.wal_name(info.key)
+        if not name.endswith(".history") and (last is None or name > last):
+            last = name
+        if info.modified is not None and (stored is None or info.modified > stored):
+            stored = info.modified
     groups = catalog.backup_objects(archive)
     complete = [name for name, objects in groups.items() if catalog.has_manifest(objects)]
     backup_bytes = sum(o.size for objects in groups.values() for o in objects)
@@ -132,8 +137,7 @@ def gather(archive: Archive, *, dbname: str | None = None,
         False, "no server given (--dbname or PGHOST/PG* environment)")
     return Status(
         now or datetime.now(timezone.utc), archive.storage.url, wal_files, wal_bytes,
-        newest[1] if newest else None,
-        datetime.fromtimestamp(newest[0], timezone.utc) if newest else None,
+        last, datetime.fromtimestamp(stored, timezone.utc) if stored is not None else None,
         len(complete), len(groups) - len(complete), backup_bytes, newest_backup, stop,
         archiver)
 

@@ -126,10 +126,17 @@ def test_delete_is_idempotent(storage):
     assert read_all(storage, "d") == b"again"
 
 
-@pytest.mark.parametrize("key", ["", "/abs", "a//b", "../x", "a/../b", ".hidden", "a/.tmp", "sp ace"])
+@pytest.mark.parametrize("key", ["", "/abs", "a//b", "../x", "a/../b", ".hidden", "a/.tmp", "sp ace",
+                                 "wal/x\n", "a\n/b"])
 def test_invalid_keys_are_refused(storage, key):
     with pytest.raises(UsageError):
         storage.put(key, [b"x"])
+
+
+@pytest.mark.parametrize("name", ["Upper", "digest\n", "a-b", ""])
+def test_invalid_metadata_names_are_refused(storage, name):
+    with pytest.raises(UsageError):
+        storage.put("m", [b"x"], metadata={name: "v"})
 
 
 def test_concurrent_creates_one_wins(storage):

@@ -28,13 +28,13 @@ from typing import Protocol, runtime_checkable
 
 from walship.errors import UsageError
 
-KEY_PATTERN = re.compile(r"^(?!.*(?:^|/)\.)[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*$")
-METADATA_KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+KEY_PATTERN = re.compile(r"(?!.*(?:^|/)\.)[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
+METADATA_KEY_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
 
 
 def check_key(key: str) -> str:
     """Return ``key`` if it is a valid object key, else raise :class:`UsageError`."""
-    if not KEY_PATTERN.match(key) or ".." in key.split("/"):
+    if not KEY_PATTERN.fullmatch(key) or ".." in key.split("/"):
         raise UsageError(f"invalid object key {key!r}", "keys are /-separated [A-Za-z0-9._-] "
                          "segments that do not start with a dot")
     return key
@@ -43,7 +43,7 @@ def check_key(key: str) -> str:
 def check_metadata(metadata: Mapping[str, str]) -> Mapping[str, str]:
     """Return ``metadata`` if every key and value is storable by every backend."""
     for name, value in metadata.items():
-        if not METADATA_KEY_PATTERN.match(name) or not value.isascii() or "\n" in value:
+        if not METADATA_KEY_PATTERN.fullmatch(name) or not value.isascii() or "\n" in value:
             raise UsageError(f"invalid metadata {name!r}", "metadata keys are lower-case "
                              "identifiers and values single-line ASCII")
     return metadata
