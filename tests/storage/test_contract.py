@@ -136,7 +136,7 @@ def test_invalid_keys_are_refused(storage, key):
 @pytest.mark.parametrize("name", ["Upper", "digest\n", "a-b", ""])
 def test_invalid_metadata_names_are_refused(storage, name):
     with pytest.raises(UsageError):
-        storage.put("m", [b"x"], metadata={name: "v"})
+        storage.put("m", [b"x"], metadata=lambda: {name: "v"})
 
 
 def test_concurrent_creates_one_wins(storage):
