@@ -132,7 +132,7 @@ if [ -n "$restore" ]; then
     { "$WALSHIP_BIN" "${args[@]}" 2>&1 1>&3 3>&- | tee "$log" >&2; } 3>&1
     status=$?
     set -e
-    problem=$(sed -n 's/^walship: restore: ERROR: //p' "$log" | tail -n 1)
+    problem=$(sed -n 's/^walship: restore[^:]*: ERROR: //p' "$log" | tail -n 1)
     rm -f -- "$log"
     [ "$status" = 0 ] || fail "restore failed: ${problem:-walship restore exited $status};" \
                               "PostgreSQL not started"
