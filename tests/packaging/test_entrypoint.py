@@ -14,6 +14,7 @@ port of its own (no TCP: ``listen_addresses`` is empty).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -92,11 +93,10 @@ class Container:
 
     def start(self) -> None:
         """Run the entrypoint in the background, as the image's user, until it serves."""
-        out = open(self.log, "ab")
-        self.server = subprocess.Popen(self.args(), env=self.env(), cwd=self.root,
-                                       stdin=subprocess.DEVNULL, stdout=out,
-                                       stderr=subprocess.STDOUT, **_as_user(self.ws.user))
-        out.close()
+        with open(self.log, "ab") as out:
+            self.server = subprocess.Popen(self.args(), env=self.env(), cwd=self.root,
+                                           stdin=subprocess.DEVNULL, stdout=out,
+                                           stderr=subprocess.STDOUT, **_as_user(self.ws.user))
         self.ws.processes.append(self.server)
         deadline = time.monotonic() + 180
         while self.try_sql("SELECT 1") != "1":
@@ -125,13 +125,13 @@ class Container:
     def run(self, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run the entrypoint in the foreground (for starts that must stop)."""
         return subprocess.run(self.args(), env=self.env(), cwd=self.root, capture_output=True,
-                              text=True, timeout=timeout, **_as_user(self.ws.user))
+                              text=True, timeout=timeout, check=False, **_as_user(self.ws.user))
 
     def _psql(self, sql: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(self.ws.bindir / "psql"), "-X", "-A", "-t", "-q",
                                "-v", "ON_ERROR_STOP=1", "-h", DEFAULT_SOCKET_DIR,
                                "-p", str(self.port), "-U", "postgres", "-d", "postgres",
-                               "-c", sql], capture_output=True, text=True, timeout=60,
+                               "-c", sql], capture_output=True, text=True, timeout=60, check=False,
                               env={"PATH": "/usr/bin:/bin", "PGCONNECT_TIMEOUT": "5"},
                               cwd="/")
 
@@ -148,7 +148,7 @@ class Container:
         """walship as `kubectl exec` would run it in the container (the server's user)."""
         env = self.env() | {"PGHOST": DEFAULT_SOCKET_DIR}
         return subprocess.run([self.ws.walship, *args], env=env, cwd="/", capture_output=True,
-                              text=True, timeout=300, **_as_user(self.ws.user))
+                              text=True, timeout=300, check=False, **_as_user(self.ws.user))
 
     def log_text(self) -> str:
         try:
@@ -175,10 +175,8 @@ def container(pg):
 
     yield make
     for each in made:
-        try:
+        with contextlib.suppress(Exception):  # the workspace kills what is left
             each.stop()
-        except Exception:  # noqa: BLE001 - the workspace kills what is left
-            pass
 
 
 def _repository(request, kind: str) -> dict[str, str]:
@@ -302,7 +300,7 @@ def test_bad_or_missing_settings_stop_the_start_with_one_line(container, pg, fil
         else:
             env[key] = value
     proc = subprocess.run(box.args(), env=env, cwd=box.root, capture_output=True, text=True,
-                          timeout=120, **_as_user(pg.user))
+                          timeout=120, check=False, **_as_user(pg.user))
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1, proc.stderr
@@ -324,7 +322,7 @@ def test_a_restore_that_cannot_happen_stops_the_start(container, pg, file_reposi
     fake = _fake_official(pg, box.root)
     env = box.env() | {"WALSHIP_PG_ENTRYPOINT": str(fake), "WALSHIP_RESTORE": restore} | extra
     proc = subprocess.run(box.args(), env=env, cwd=box.root, capture_output=True, text=True,
-                          timeout=120, **_as_user(pg.user))
+                          timeout=120, check=False, **_as_user(pg.user))
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2, proc.stderr
     assert last.startswith("walship-entrypoint: ERROR: restore failed: "), proc.stderr
@@ -342,7 +340,7 @@ def test_restore_refuses_a_non_empty_directory_without_a_database(container, pg,
     (box.pgdata / "lost+found").mkdir()
     env = box.env() | {"WALSHIP_PG_ENTRYPOINT": str(fake), "WALSHIP_RESTORE": "LATEST"}
     proc = subprocess.run(box.args(), env=env, cwd=box.root, capture_output=True, text=True,
-                          timeout=120, **_as_user(pg.user))
+                          timeout=120, check=False, **_as_user(pg.user))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1
     assert "is not empty and holds no database" in proc.stderr
@@ -355,7 +353,7 @@ def test_an_unreachable_repository_warns_but_an_existing_database_starts(contain
     fake = _fake_official(pg, box.root)
     env = box.env() | {"WALSHIP_PG_ENTRYPOINT": str(fake)}
     proc = subprocess.run(box.args(), env=env, cwd=box.root, capture_output=True, text=True,
-                          timeout=120, **_as_user(pg.user))
+                          timeout=120, check=False, **_as_user(pg.user))
     assert proc.returncode == 0, proc.stderr
     assert "walship-entrypoint: WARNING: repository directory /nonexistent/repo does not " \
            "exist" in proc.stderr
@@ -367,7 +365,8 @@ def test_other_commands_pass_straight_through(container, pg):
     fake = _fake_official(pg, box.root)
     env = box.env() | {"WALSHIP_PG_ENTRYPOINT": str(fake)}
     proc = subprocess.run([str(box.entrypoint), "bash", "-c", "true"], env=env, cwd=box.root,
-                          capture_output=True, text=True, timeout=60, **_as_user(pg.user))
+                          capture_output=True, text=True, timeout=60, check=False,
+                          **_as_user(pg.user))
     assert proc.returncode == 0, proc.stderr
     assert (box.root / "reached").read_text().strip().endswith(": bash -c true")
 
@@ -383,7 +382,7 @@ def test_as_root_it_hands_over_to_the_postgres_user(container, pg, file_reposito
     os.chmod(gosu, 0o755)
     env = box.env() | {"WALSHIP_PG_ENTRYPOINT": str(fake), "WALSHIP_GOSU": str(gosu)}
     proc = subprocess.run(box.args(), env=env, cwd=box.root, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert (box.root / "reached").read_text().startswith(f"reached as {pg.user.pw_uid}: ")
     assert box.pgdata.stat().st_uid == pg.user.pw_uid
@@ -397,6 +396,6 @@ def test_initdb_script_refuses_what_it_cannot_put_in_archive_command(pg, tmp_pat
                         ({"WALSHIP_ARCHIVE_TIMEOUT": "1min"}, "must be a whole number"),
                         ({"WALSHIP_ARCHIVE_TIMEOUT": "99999999"}, "too large")):
         proc = subprocess.run([str(INITDB_SCRIPT)], env={"PATH": "/usr/bin:/bin", **env},
-                              capture_output=True, text=True, timeout=30)
+                              capture_output=True, text=True, timeout=30, check=False)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.count("\n") == 1 and reason in proc.stderr, proc.stderr
