@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -203,3 +204,44 @@ def test_hadolint_is_really_checking(tmp_path):
     proc = subprocess.run([_hadolint(), "--no-color", str(bad)], capture_output=True,
                           text=True, timeout=120, check=False)
     assert proc.returncode != 0 and "DL3008" in proc.stdout
+
+
+# -- the README shows the real files ------------------------------------------------------------
+def _readme_section(title: str) -> str:
+    text = (REPO_ROOT / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def _blocks(section: str, language: str) -> list[str]:
+    """The fenced blocks of ``language``, their indentation (a list item's) removed."""
+    found = []
+    for indent, body in re.findall(rf"(?m)^( *)```{language}\n(.*?)^\1```", section, re.DOTALL):
+        found.append("\n".join(line[len(indent):] for line in body.splitlines()) + "\n")
+    return found
+
+
+@pytest.mark.parametrize("title, language, sources", [
+    ("Run in a container", "dockerfile", ["Dockerfile"]),
+    ("Run on Kubernetes", "yaml", ["packaging/kubernetes/*.yaml"]),
+])
+def test_the_readme_shows_the_real_files(title, language, sources):
+    files = "\n".join(path.read_text() for pattern in sources
+                      for path in sorted(REPO_ROOT.glob(pattern)))
+    blocks = _blocks(_readme_section(title), language)
+    assert blocks, f"no {language} block in README section {title!r}"
+    for block in blocks:  # verbatim, at any indentation
+        shown = textwrap.dedent(block)
+        assert any(textwrap.indent(shown, " " * n) in files for n in range(40)), \
+            f"README {title!r} shows what is in no file:\n{block}"
+
+
+def test_the_readme_names_only_settings_that_exist():
+    from walship.config import setting_names
+
+    text = _readme_section("Run in a container") + _readme_section("Run on Kubernetes")
+    named = set(re.findall(r"\b(WALSHIP_[A-Z_]+[A-Z])\b", text))
+    walship_env = {f"WALSHIP_{name.upper()}" for name in setting_names() if "." not in name}
+    assert "WALSHIP_ENCRYPTION_KEY_FILE" in walship_env
+    assert named - walship_env - IMAGE_SETTINGS == set()
