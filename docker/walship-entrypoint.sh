@@ -33,11 +33,12 @@ PG_ENTRYPOINT=${WALSHIP_PG_ENTRYPOINT:-docker-entrypoint.sh}
 GOSU=${WALSHIP_GOSU:-gosu}
 PGDATA=${PGDATA:-/var/lib/postgresql/data}
 
-fail() {  # one line, then stop the start
-  printf '%s: ERROR: %s\n' "$me" "$*" >&2
+oneline() { printf '%s' "$*" | tr '\n\r\t' '   ' | tr -d '\000-\037'; }
+fail() {  # one line (whatever the values quoted in it hold), then stop the start
+  printf '%s: ERROR: %s\n' "$me" "$(oneline "$*")" >&2
   exit 2
 }
-say() { printf '%s: %s\n' "$me" "$*" >&2; }
+say() { printf '%s: %s\n' "$me" "$(oneline "$*")" >&2; }
 
 # The official entrypoint's rule: a first argument that is a flag means `postgres FLAGS`.
 if [ "$#" -eq 0 ] || [ "${1:0:1}" = '-' ]; then
@@ -68,6 +69,11 @@ esac
 [ "${#timeout}" -le 7 ] || fail "WALSHIP_ARCHIVE_TIMEOUT is too large: at most 9999999 seconds"
 
 restore=${WALSHIP_RESTORE:-}
+if [ -n "$restore" ] && [ "$restore" != LATEST ] &&
+   ! [[ "$restore" =~ ^[0-9]{8}T[0-9]{6}Z(-[1-9][0-9]{0,5})?$ ]]; then
+  fail "WALSHIP_RESTORE must be LATEST or a backup's name as walship backup-list shows it" \
+       "(like 20261125T020000Z), not '${restore:0:40}'"
+fi
 standby=off
 case "${WALSHIP_RESTORE_STANDBY:-off}" in
   on|true|yes|1) standby=on ;;

@@ -279,6 +279,8 @@ BAD_SETTINGS = {
     "bad target action": ({"WALSHIP_RESTORE": "LATEST",
                            "WALSHIP_RESTORE_TARGET_ACTION": "explode"},
                           "WALSHIP_RESTORE_TARGET_ACTION must be promote, pause or shutdown"),
+    "restore neither LATEST nor a name": ({"WALSHIP_RESTORE": "latest\n--force"},
+                                          "WALSHIP_RESTORE must be LATEST or a backup's name"),
     "target time without restore": ({"WALSHIP_RESTORE_TARGET_TIME": "2026-01-01 00:00+00"},
                                     "need WALSHIP_RESTORE"),
     "repository unreachable for a restore": ({"WALSHIP_REPO": "file:///nonexistent/repo",
@@ -312,7 +314,7 @@ def test_bad_or_missing_settings_stop_the_start_with_one_line(container, pg, fil
 
 
 @pytest.mark.parametrize("restore, extra, reason", [
-    ("no-such-backup", {}, "restore failed: "),
+    ("20200101T000000Z", {}, "restore failed: "),  # no such backup
     ("LATEST", {}, "restore failed: "),  # an empty repository: no backup to restore
     ("LATEST", {"WALSHIP_RESTORE_TARGET_TIME": "yesterday"}, "restore failed: "),
 ])
