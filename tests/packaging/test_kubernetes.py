@@ -245,3 +245,18 @@ def test_the_readme_names_only_settings_that_exist():
     walship_env = {f"WALSHIP_{name.upper()}" for name in setting_names() if "." not in name}
     assert "WALSHIP_ENCRYPTION_KEY_FILE" in walship_env
     assert named - walship_env - IMAGE_SETTINGS == set()
+
+
+# -- the image's scripts ------------------------------------------------------------------------
+def test_shellcheck_passes_on_the_image_scripts():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.fail("shellcheck not found: apt-get install shellcheck (bash .ci/run does)",
+                    pytrace=False)
+    scripts = sorted((REPO_ROOT / "docker").glob("*.sh"))
+    assert len(scripts) == 2
+    proc = subprocess.run([shellcheck, "--severity=style", *map(str, scripts)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for script in scripts:
+        assert os.access(script, os.X_OK), f"{script} must be executable (the image runs it)"
