@@ -31,7 +31,7 @@ me=walship-entrypoint
 WALSHIP_BIN=${WALSHIP_BIN:-/opt/walship/bin/walship}
 PG_ENTRYPOINT=${WALSHIP_PG_ENTRYPOINT:-docker-entrypoint.sh}
 GOSU=${WALSHIP_GOSU:-gosu}
-PGDATA=${PGDATA:-/var/lib/postgresql/data}
+export PGDATA=${PGDATA:-/var/lib/postgresql/data}
 
 oneline() { printf '%s' "$*" | tr '\n\r\t' '   ' | tr -d '\000-\037'; }
 fail() {  # one line (whatever the values quoted in it hold), then stop the start
@@ -53,9 +53,10 @@ done
 
 if [ "$(id -u)" = 0 ]; then
   # Run as root (`docker run --user root`): walship restores as the server's user, so that
-  # every restored file belongs to it; the official entrypoint does the same for initdb.
+  # every restored file belongs to it; the official entrypoint does the same for initdb,
+  # and (as it would) a data directory owned by someone else is handed to postgres first.
   mkdir -p -- "$PGDATA"
-  chown postgres:postgres -- "$PGDATA"
+  find "$PGDATA" \! -user postgres -exec chown -h postgres:postgres '{}' +
   chmod 700 -- "$PGDATA"
   exec "$GOSU" postgres "$0" "$@"
 fi

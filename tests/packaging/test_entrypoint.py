@@ -382,6 +382,7 @@ def test_as_root_it_hands_over_to_the_postgres_user(container, pg, file_reposito
     gosu.write_text('#!/bin/sh\nu=$1; shift\nexec setpriv --reuid="$u" --regid="$u" '
                     '--init-groups -- "$@"\n')
     os.chmod(gosu, 0o755)
+    box.pgdata.mkdir(mode=0o755)  # a volume mounted root-owned
     env = box.env() | {"WALSHIP_PG_ENTRYPOINT": str(fake), "WALSHIP_GOSU": str(gosu)}
     proc = subprocess.run(box.args(), env=env, cwd=box.root, capture_output=True, text=True,
                           timeout=120, check=False)
