@@ -23,7 +23,14 @@ from walship.errors import StorageError, UsageError, WalshipError
 from walship.pgconn import connection_args, connection_secrets
 from walship.redact import redact
 
-MIN_VERSION = 100000
+MIN_VERSION = 120000  # PostgreSQL 12: the oldest release walship supports (README)
+
+
+def version_text(version: int) -> str:
+    """``server_version_num`` as people write it: 160004 -> 16.4, 90624 -> 9.6.24."""
+    if version >= 100000:
+        return f"{version // 10000}.{version % 10000}"
+    return f"{version // 10000}.{version // 100 % 100}.{version % 100}"
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,10 @@ class PostgresSource:
 
     def describe(self) -> ServerInfo:
         if self._version < MIN_VERSION:
-            raise UsageError(f"PostgreSQL {self._version} is too old",
-                             "backup-push supports PostgreSQL 10 and later")
+            raise UsageError(f"PostgreSQL {version_text(self._version)} is too old for "
+                             "backup-push", f"walship supports PostgreSQL "
+                             f"{MIN_VERSION // 10000} and newer",
+                             "upgrade the server (pg_upgrade) first")
         data_directory = self._one("SELECT current_setting('data_directory')")[0]
         system_identifier = str(self._one(
             "SELECT system_identifier FROM pg_control_system()")[0])
