@@ -23,10 +23,10 @@ class FakeConnection:
         self.queries: list[str] = []
         self.closed = False
 
-    def add_notice_handler(self, handler) -> None:  # noqa: ANN001
+    def add_notice_handler(self, handler: object) -> None:
         pass
 
-    def execute(self, sql: str, params: tuple = ()):  # noqa: ANN201
+    def execute(self, sql: str, params: tuple = ()) -> SimpleNamespace:
         self.queries.append(sql)
         if "wal_segment_size" in sql:
             rows = [("16777216", "B")]

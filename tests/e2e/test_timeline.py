@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.e2e]
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.pg_versions
 def test_promotion_and_restore_follow_the_latest_timeline(pg, file_repository):
     env = file_repository.env
     primary = pg.initdb("primary", env=env)
