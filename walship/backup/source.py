@@ -4,9 +4,8 @@
 backup API requires (the backup is aborted if the session ends). PostgreSQL 15 and later:
 ``pg_backup_start(label, fast)`` / ``pg_backup_stop(wait_for_archive)``; 12 to 14:
 ``pg_start_backup(label, fast, false)`` / ``pg_stop_backup(false, wait_for_archive)``. An older
-server is refused (:data:`MIN_VERSION`): walship's recovery settings (``recovery.signal``,
-``restore_command`` in ``postgresql.auto.conf``) need 12. psycopg is imported here only, so that
-nothing else in walship pays for it.
+server is refused (:data:`MIN_VERSION`, the supported range). psycopg is imported here only, so
+that nothing else in walship pays for it.
 
 :class:`BackupSource` is the protocol the backup core needs; tests substitute a fake.
 """
@@ -114,9 +113,8 @@ class PostgresSource:
         if self._version < MIN_VERSION:
             raise UsageError(f"PostgreSQL {version_text(self._version)} is too old for "
                              "walship", f"walship supports PostgreSQL {MIN_VERSION // 10000} "
-                             "and newer (its restore writes recovery.signal and the recovery "
-                             "settings into postgresql.auto.conf)",
-                             "upgrade the server, or back it up with pg_basebackup")
+                             "and newer", "upgrade the server, or back it up with "
+                             "pg_basebackup")
         data_directory = self._one("SELECT current_setting('data_directory')")[0]
         system_identifier = str(self._one(
             "SELECT system_identifier FROM pg_control_system()")[0])
