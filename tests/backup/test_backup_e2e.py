@@ -1,6 +1,7 @@
-"""Base backups and point-in-time restore end to end: real PostgreSQL 15 servers archiving with
-``walship wal-push``, ``walship backup-push`` taking online backups, ``walship restore`` and
-restored servers recovering with ``walship wal-fetch``.
+"""Base backups and point-in-time restore end to end: real PostgreSQL servers (15; 18 too in
+the tests marked ``pg_versions``) archiving with ``walship wal-push``, ``walship backup-push``
+taking online backups, ``walship restore`` and restored servers recovering with
+``walship wal-fetch``.
 
 Every walship command runs as a subprocess, as the server's OS user unless a test says
 otherwise (running as root exercises the ownership rules of the restore).
@@ -75,11 +76,19 @@ def summary_line(stderr: str, command: str) -> str:
     return lines[0]
 
 
-def test_point_in_time_restore(pg, repo):
+@pytest.mark.pg_versions(pg18_with={"repo": "file"})
+def test_point_in_time_restore(pg, repo, pg_install):
     primary = pg.initdb("primary", env=repo.env)
+    summaries = pg_install.major >= 17  # WAL summaries in pg_wal/summaries: never backed up
+    if summaries:
+        primary.configure(summarize_wal=True)
     primary.start()
     primary.psql("CREATE TABLE t (id int PRIMARY KEY, v text)")
     primary.psql("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
+    if summaries:
+        primary.switch_wal()
+        pg.wait_for(lambda: any((primary.data / "pg_wal" / "summaries").glob("*.summary")),
+                    60, "a WAL summary file", primary)
     push = walship(pg, primary, "backup-push", "--part-size", "1")
     line = summary_line(push.stderr, "backup-push")
     assert " stored in=" in line and " parts=" in line and " files=" in line
@@ -99,6 +108,9 @@ def test_point_in_time_restore(pg, repo):
 
     walship(pg, primary, "restore", str(pg.path / "pitr"), "--target-time", t1,
             "--target-action", "promote", "--archive-mode", "off")
+    wal_dirs = ["archive_status"] + (["summaries"] if summaries else [])  # as pg_basebackup
+    assert sorted(p.name for p in (pg.path / "pitr" / "pg_wal").iterdir()) == wal_dirs
+    assert not any(p.is_file() for p in (pg.path / "pitr" / "pg_wal").rglob("*"))
     conf = (pg.path / "pitr" / "postgresql.auto.conf").read_text()
     assert f"restore_command = '{pg.walship} wal-fetch %f %p'" in conf
     assert (pg.path / "pitr" / "recovery.signal").exists()
@@ -317,6 +329,7 @@ def test_tablespaces_round_trip_with_a_remap(pg, file_repository):
     assert set(location.rglob("*")) >= before  # the primary's own tablespace is intact
 
 
+@pytest.mark.pg_versions
 def test_backup_taken_on_a_standby(pg, file_repository):
     primary = pg.initdb("primary", env=file_repository.env)
     primary.start()

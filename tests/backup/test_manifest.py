@@ -20,7 +20,7 @@ from walship.backup.manifest import (DirectoryEntry, FileEntry, LinkEntry, Manif
 from walship.backup.parts import PartWriter, SourceFile, TarReader, plan_parts
 from walship.backup.restore import (RecoveryTarget, choose_backup, make_target,
                                     recovery_settings, rewrite_auto_conf)
-from walship.backup.scan import excluded, unlogged
+from walship.backup.scan import excluded, scan, unlogged
 from walship.errors import NotFound, UsageError
 
 T0 = datetime(2026, 11, 25, 2, 0, 0, 123456, tzinfo=timezone.utc)
@@ -175,6 +175,28 @@ def test_unlogged_relations_keep_only_their_init_fork():
              "PG_VERSION", "pg_filenode.map"]
     assert unlogged(names) == {"16384", "16384_fsm", "16384_vm", "16384.1"}
     assert unlogged(["16390", "16390_vm"]) == set()
+
+
+@pytest.mark.parametrize("major", [15, 17, 18])
+def test_scan_leaves_pg_wal_contents_out_and_keeps_its_directories(tmp_path, major):
+    """Nothing of pg_wal is stored: segments, archive_status files, walship's spool, and the
+    WAL summaries that PostgreSQL 17+ writes with summarize_wal; the directories that
+    pg_basebackup keeps are (pg_wal/summaries from 17 on)."""
+    data = tmp_path / "data"
+    files = {"PG_VERSION": f"{major}\n", "global/pg_control": "c", "base/1/1259": "r",
+             "pg_wal/000000010000000000000001": "w",
+             "pg_wal/archive_status/000000010000000000000001.done": "",
+             "pg_wal/summaries/0000000100000000010000280000000001000100.summary": "s",
+             "pg_wal/summaries/temp.summary": "s",
+             "pg_wal/walship/prefetch/000000010000000000000002": "p"}
+    for rel, text in files.items():
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_text(text)
+    found = scan(data, major)
+    assert sorted(f.path for f in found.files) == ["PG_VERSION", "base/1/1259"]
+    wal_dirs = sorted(d.path for d in found.directories if d.path.startswith("pg_wal"))
+    expected = ["pg_wal", "pg_wal/archive_status"]
+    assert wal_dirs == expected + (["pg_wal/summaries"] if major >= 17 else [])
 
 
 def test_plan_parts_fills_to_the_target_and_isolates_big_files():

@@ -67,6 +67,7 @@ def archive_then_restore(pg, repo_env, *, target: str, wal_segsize: int | None =
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.pg_versions(pg18_with={"repository": "file"})
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 def test_archive_and_point_in_time_restore(pg, repository, encrypted):
     env = dict(repository.env)

@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.e2e]
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.pg_versions(pg18_with={"repository": "file"})
 def test_promotion_and_restore_follow_the_latest_timeline(pg, repository):
     env = repository.env
     primary = pg.initdb("primary", env=env)

@@ -4,7 +4,9 @@
 symbolic links and files to store. It leaves out what PostgreSQL's documentation (continuous
 archiving, "Making a Base Backup Using the Low Level API") and its own ``BASE_BACKUP`` leave out:
 
-* the contents of ``pg_wal`` (the empty directory and ``pg_wal/archive_status`` are kept), of
+* the contents of ``pg_wal`` (the empty directory and ``pg_wal/archive_status`` are kept, and
+  from PostgreSQL 17 on ``pg_wal/summaries``, empty: WAL summaries describe the server's own
+  WAL, not the backup's, as in ``pg_basebackup``; walship's spool ``pg_wal/walship`` goes too), of
   ``pg_dynshmem``, ``pg_notify``, ``pg_replslot``, ``pg_serial``, ``pg_snapshots``,
   ``pg_stat_tmp`` and ``pg_subtrans`` (the directories themselves are kept);
 * ``postmaster.pid``, ``postmaster.opts``, ``backup_label``, ``tablespace_map`` (the backup
@@ -131,6 +133,8 @@ class _Walker:
                 mode = st.st_mode & 0o7777 if is_dir else 0o700
                 self.directories.append(DirectoryEntry("pg_wal", mode))
                 self.directories.append(DirectoryEntry("pg_wal/archive_status", mode))
+                if self.pg_major >= 17:  # summarize_wal's directory
+                    self.directories.append(DirectoryEntry("pg_wal/summaries", mode))
                 continue
             if rel == "pg_tblspc" and is_link:
                 self._tablespace(entry, path)

@@ -2,9 +2,10 @@
 
 :class:`PostgresSource` keeps one connection open from start to stop, as the non-exclusive
 backup API requires (the backup is aborted if the session ends). PostgreSQL 15 and later:
-``pg_backup_start(label, fast)`` / ``pg_backup_stop(wait_for_archive)``; 10 to 14:
-``pg_start_backup(label, fast, false)`` / ``pg_stop_backup(false, wait_for_archive)``. psycopg is
-imported here only, so that nothing else in walship pays for it.
+``pg_backup_start(label, fast)`` / ``pg_backup_stop(wait_for_archive)``; 12 to 14:
+``pg_start_backup(label, fast, false)`` / ``pg_stop_backup(false, wait_for_archive)``. An older
+server is refused (:data:`MIN_VERSION`, the supported range). psycopg is imported here only, so
+that nothing else in walship pays for it.
 
 :class:`BackupSource` is the protocol the backup core needs; tests substitute a fake.
 """
@@ -23,14 +24,7 @@ from walship.errors import StorageError, UsageError, WalshipError
 from walship.pgconn import connection_args, connection_secrets
 from walship.redact import redact
 
-MIN_VERSION = 120000  # PostgreSQL 12: the oldest release walship supports (README)
-
-
-def version_text(version: int) -> str:
-    """``server_version_num`` as people write it: 160004 -> 16.4, 90624 -> 9.6.24."""
-    if version >= 100000:
-        return f"{version // 10000}.{version % 10000}"
-    return f"{version // 10000}.{version // 100 % 100}.{version % 100}"
+MIN_VERSION = 120000  # server_version_num of the oldest PostgreSQL supported
 
 
 @dataclass(frozen=True)
@@ -118,9 +112,9 @@ class PostgresSource:
     def describe(self) -> ServerInfo:
         if self._version < MIN_VERSION:
             raise UsageError(f"PostgreSQL {version_text(self._version)} is too old for "
-                             "backup-push", f"walship supports PostgreSQL "
-                             f"{MIN_VERSION // 10000} and newer",
-                             "upgrade the server (pg_upgrade) first")
+                             "walship", f"walship supports PostgreSQL {MIN_VERSION // 10000} "
+                             "and newer", "upgrade the server, or back it up with "
+                             "pg_basebackup")
         data_directory = self._one("SELECT current_setting('data_directory')")[0]
         system_identifier = str(self._one(
             "SELECT system_identifier FROM pg_control_system()")[0])
@@ -164,6 +158,13 @@ class PostgresSource:
             self._conn.close()
         except Exception:  # noqa: BLE001 - closing aborts the backup anyway
             pass
+
+
+def version_text(version_num: int) -> str:
+    """``server_version_num`` as people write it: 150004 -> "15.4", 90624 -> "9.6.24"."""
+    if version_num >= 100000:
+        return f"{version_num // 10000}.{version_num % 10000}"
+    return f"{version_num // 10000}.{version_num // 100 % 100}.{version_num % 100}"
 
 
 def _decoded(row: tuple) -> tuple:  # type: ignore[type-arg]
