@@ -316,6 +316,44 @@ class Worker:
             self.sleep()
 
 
+LEFTOVER_SECONDS = 3600.0  # a temporary file this old belongs to no call in progress
+
+
+def sweep_leftovers(cache: str) -> None:
+    """At the start of a worker (it holds the lock: no other worker runs), delete what a worker
+    that died left: download markers, unsealed downloads and seals half written (only workers
+    write these). Temporary files of calls (``want.tmp<pid>``, ``ask/``) are deleted only once
+    older than any call lives, never under a call writing them."""
+    now = time.time()
+
+    def old(path: str, seconds: float) -> bool:
+        try:
+            return now - os.lstat(path).st_mtime > seconds
+        except OSError:
+            return False
+
+    for entry in os.listdir(cache):
+        path = os.path.join(cache, entry)
+        if entry.endswith(".inflight") or ".walship-" in entry:
+            spool.drop_cached(cache, entry.split(".inflight")[0])
+        elif ".tmp" not in entry:
+            continue
+        elif entry.startswith("want.") and not old(path, LEFTOVER_SECONDS):
+            continue  # a call may be writing it right now
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    asks = os.path.join(cache, "ask")
+    if spool.own_dir(asks):  # requests and answers of calls killed while they waited
+        for entry in os.listdir(asks):
+            if old(os.path.join(asks, entry), 2 * spool.ASK_SECONDS):
+                try:
+                    os.unlink(os.path.join(asks, entry))
+                except OSError:
+                    pass
+
+
 def _wake_fifo(cache: str) -> tuple[list[int], float]:
     """Open the cache's wake FIFO (:func:`walship.spool.wake_worker`), made if missing, for
     reading; also for writing, so that it never reads as closed between two callers. Where
@@ -336,8 +374,13 @@ def _wake_fifo(cache: str) -> tuple[list[int], float]:
 
 
 def main(cache: str) -> int:
-    os.makedirs(cache, exist_ok=True)
-    lock = os.open(os.path.join(cache, "worker.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    if not spool.own_dir(cache):  # (its caller checked the way to it: spool.safe_dir)
+        print(f"walship: prefetch worker: {cache} is not a private directory of this user "
+              "(a symbolic link, another user's, or writable by others): not used",
+              file=sys.stderr, flush=True)
+        return 2
+    lock = os.open(os.path.join(cache, "worker.lock"),
+                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     if not spool.take_lock(lock):
         return 0  # another worker owns this cache
     os.ftruncate(lock, 0)
@@ -348,13 +391,7 @@ def main(cache: str) -> int:
         os.nice(NICE)
     except OSError:
         pass
-    for entry in os.listdir(cache):  # left by a worker that died: unverified or unsealed
-        if entry.endswith(".inflight") or ".walship-" in entry or ".tmp" in entry:
-            spool.drop_cached(cache, entry.split(".inflight")[0])
-            try:
-                os.unlink(os.path.join(cache, entry))
-            except OSError:
-                pass
+    sweep_leftovers(cache)
     worker = Worker(cache)
     clean = False
     try:
@@ -383,14 +420,18 @@ def fetch(archive: Archive, settings: Settings, name: str, destination: str) -> 
     if archive_name(name).kind is not wal.FileKind.SEGMENT:
         # (a history file, asked for before the first segment at the start of recovery: the
         # worker starts now, so that the next calls find it ready to answer them)
-        cache = spool.cache_dir(os.path.dirname(destination) or ".")
-        os.makedirs(cache, exist_ok=True)
-        spool.seed_want(cache, name, os.path.dirname(destination) or ".")
+        wal_dir = os.path.dirname(destination) or "."
+        cache = spool.cache_dir(wal_dir)
+        if not spool.safe_dir(wal_dir, cache, create=True):
+            return archive.fetch_wal(name, destination)  # (spool's docstring: Safety)
+        spool.seed_want(cache, name, wal_dir)
         spool.start_worker(cache)
         return archive.fetch_wal(name, destination)
     started = time.monotonic()
-    cache = spool.cache_dir(os.path.dirname(destination) or ".")
-    os.makedirs(cache, exist_ok=True)
+    wal_dir = os.path.dirname(destination) or "."
+    cache = spool.cache_dir(wal_dir)
+    if not spool.safe_dir(wal_dir, cache, create=True):
+        return archive.fetch_wal(name, destination)  # (spool's docstring: Safety)
     fingerprint = spool.settings_fingerprint()
     inflight = os.path.join(cache, f"{name}.inflight")
     deadline = started + settings.storage_timeout * (settings.storage_retries + 1)

@@ -18,8 +18,8 @@ import binascii
 import hashlib
 import hmac
 import os
+import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from walship.errors import ConfigError
 
@@ -83,9 +83,16 @@ class EncryptionKey:
 
 
 def load_key_file(path: str | os.PathLike[str]) -> EncryptionKey:
-    """Read a key file, with a one-line error (never the key) when it cannot be used."""
+    """Read a key file, with a one-line error (never the key) when it cannot be used. Anything
+    but a regular file (a FIFO, a device) is refused at once, never waited on."""
     try:
-        text = Path(path).read_text(encoding="ascii")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"encryption key file {path} is not a regular file",
+                                  hint="point encryption_key_file at the file walship keygen "
+                                  "wrote")
+            text = handle.read().decode("ascii")
     except FileNotFoundError:
         raise ConfigError(f"encryption key file {path} does not exist", hint="check "
                           "WALSHIP_ENCRYPTION_KEY_FILE / --encryption-key-file") from None
