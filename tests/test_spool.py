@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
 import time
 
 from walship import spool
@@ -185,3 +187,56 @@ def test_file_fingerprint_refuses_a_fifo_at_once(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(OSError):
         spool.file_fingerprint(str(tmp_path / "fifo"))  # (before: blocked for a writer)
+
+
+def test_root_leaves_nothing_the_postgres_user_cannot_use(pg, monkeypatch):
+    """wal-push and wal-fetch run by hand as root in the postgres user's pg_wal and
+    repository: every file and directory left there is the postgres user's, and its later
+    calls (push-ahead, prefetch, reading the delivered file) all work."""
+    if pg.user is None:
+        pytest.skip("not running as root")
+    from tests.fixtures.postgres import _as_user, chown_to
+
+    user = pg.user
+    repo = pg.make_dir(pg.path / "repo", 0o750)
+    source = pg.make_dir(pg.path / "source", 0o700)
+    pg.make_dir(source / "archive_status", 0o700)
+    for n in (1, 2, 3, 4):
+        (source / _name(n)).write_bytes(os.urandom(64) + bytes(SEGMENT_SIZE - 64))
+        (source / "archive_status" / f"{_name(n)}.ready").touch()
+        chown_to(source / _name(n), user)
+        chown_to(source / "archive_status" / f"{_name(n)}.ready", user)
+    restore = pg.make_dir(pg.path / "pg_wal", 0o700)
+    for var in list(os.environ):
+        if var.startswith(("WALSHIP_", "AZURE_")):
+            monkeypatch.delenv(var)
+    env = {"WALSHIP_REPO": f"file://{repo}", "WALSHIP_CONFIG": os.devnull}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    try:
+        assert main(["wal-push", str(source / _name(1))]) == 0  # as root
+        assert main(["wal-fetch", _name(1), str(restore / "RECOVERYXLOG")]) == 0
+        others = [str(p) for p in pg.path.rglob("*") if p.lstat().st_uid != user.pw_uid]
+        assert others == [], "left by root, not the postgres user's"
+
+        def as_postgres(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(list(args), env={**env, "PATH": "/usr/bin:/bin",
+                                                   "HOME": str(pg.path)},
+                                  capture_output=True, text=True, timeout=120, cwd=pg.path,
+                                  **_as_user(user))
+
+        read = as_postgres("sha256sum", str(restore / "RECOVERYXLOG"))
+        assert read.returncode == 0, read.stderr
+        assert read.stdout.split()[0] == hashlib.sha256(
+            (source / _name(1)).read_bytes()).hexdigest()
+        for n in (2, 3, 4):  # (2 pushes 3 and 4 ahead, whose calls are answered at once)
+            done = as_postgres(pg.walship, "wal-push", str(source / _name(n)))
+            assert done.returncode == 0, done.stderr
+        assert "already pushed ahead" in done.stderr
+        for n in (1, 2, 3):
+            done = as_postgres(pg.walship, "wal-fetch", _name(n), "pg_wal/RECOVERYXLOG")
+            assert done.returncode == 0, done.stderr
+            assert (restore / "RECOVERYXLOG").read_bytes() == (source / _name(n)).read_bytes()
+        assert (restore / spool.SPOOL / "prefetch").stat().st_uid == user.pw_uid  # its own
+    finally:
+        _kill_workers(pg.path)
