@@ -244,3 +244,11 @@ def test_leftovers_of_killed_fetches_are_swept_by_age(archive, tmp_path):
     archive.fetch_wal(SEG, pg_wal / "RECOVERYXLOG")
     assert not any(path.exists() for path in old)
     assert fresh.exists() and all(path.exists() for path in others)
+
+
+def test_wal_push_creates_no_directory_on_the_way(tmp_path, file_repo_env, capsys):
+    from walship.entry import main
+
+    assert main(["wal-push", str(tmp_path / "absent" / "pg_wal" / SEG)]) == 2
+    assert "cannot read WAL file" in capsys.readouterr().err
+    assert not (tmp_path / "absent").exists()
