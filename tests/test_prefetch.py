@@ -503,7 +503,7 @@ def test_a_new_worker_sweeps_leftovers_but_never_a_call_in_progress(env, capsys)
     """What killed workers and calls left in the cache goes when the next worker starts: the
     worker's own partial downloads and markers at once, the calls' temporary files and
     requests only once older than any call lives (a call may be writing one right now)."""
-    restore, originals = env
+    restore, _ = env
     cache = cache_of(restore)
     (cache / "ask").mkdir(parents=True)
     long_ago = time.time() - 2 * 3600

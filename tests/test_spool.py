@@ -1,13 +1,20 @@
-"""walship.spool: the environment its detached helpers start with."""
+"""walship.spool: the environment its detached helpers start with, and the safety of the spool
+(used only where nobody but walship's own user can change it)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pwd
+import signal
 import subprocess
 import time
+from pathlib import Path
+
+import pytest
 
 from walship import spool
+from walship.entry import main
 
 
 def test_helpers_keep_their_heap():
@@ -49,14 +56,6 @@ def test_a_spawned_helper_gets_them(tmp_path, monkeypatch):
 
 
 # -- safety: the spool is used only where nobody but walship's own user can change it --------
-import pwd  # noqa: E402
-import signal  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from walship.entry import main  # noqa: E402
-
 SEGMENT_SIZE = 1 << 20
 NOBODY = pwd.getpwnam("nobody")
 
@@ -135,7 +134,7 @@ def test_wal_fetch_never_uses_a_spool_it_cannot_trust(archived, capsys, how):
     """A symbolic link where the spool or its cache should be, a spool of another user or one
     others may write to: wal-fetch transfers directly, touches nothing in or through it, and
     starts no worker there (whose cleanup would delete what it finds)."""
-    seed, source, victim, restore = archived
+    seed, _, victim, restore = archived
     _plant(restore, how, victim)
     spooled = restore / spool.SPOOL
     before, victim_before = _untouched(how, spooled), _tree(victim)
@@ -150,7 +149,7 @@ def test_wal_fetch_never_uses_a_spool_it_cannot_trust(archived, capsys, how):
 
 @pytest.mark.parametrize("how", PLANTS)
 def test_wal_push_never_uses_a_spool_it_cannot_trust(archived, how):
-    seed, source, victim, restore = archived
+    _, source, victim, _ = archived
     _plant(source, how, victim)
     spooled = source / spool.SPOOL
     before, victim_before = _untouched(how, spooled), _tree(victim)
@@ -223,7 +222,7 @@ def test_root_leaves_nothing_the_postgres_user_cannot_use(pg, monkeypatch):
             return subprocess.run(list(args), env={**env, "PATH": "/usr/bin:/bin",
                                                    "HOME": str(pg.path)},
                                   capture_output=True, text=True, timeout=120, cwd=pg.path,
-                                  **_as_user(user))
+                                  check=False, **_as_user(user))
 
         read = as_postgres("sha256sum", str(restore / "RECOVERYXLOG"))
         assert read.returncode == 0, read.stderr

@@ -45,11 +45,11 @@ def test_what_root_stores_in_another_users_repository_is_that_users(postgres_rep
                for p in made), [(str(p), p.lstat().st_uid) for p in made]
     read = subprocess.run(["cat", str(root / "wal" / "000000010000000000000001")],
                           capture_output=True, timeout=30, user=user.pw_uid, group=user.pw_gid,
-                          extra_groups=[])
+                          extra_groups=[], check=False)
     assert read.returncode == 0 and read.stdout.startswith(b"segment"), read.stderr
     again = subprocess.run(["touch", str(root / "backups" / "20261206T000000Z" / "x")],
                            capture_output=True, timeout=30, user=user.pw_uid, group=user.pw_gid,
-                           extra_groups=[])
+                           extra_groups=[], check=False)
     assert again.returncode == 0, again.stderr  # and writable: its later puts work
 
 
