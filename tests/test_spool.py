@@ -144,11 +144,13 @@ def test_wal_fetch_never_uses_a_spool_it_cannot_trust(archived, capsys, how):
     time.sleep(1.5)  # a worker started anyway would have begun its cleanup by now
     assert _tree(victim) == victim_before
     assert _untouched(how, spooled) == before
-    assert "delivered from prefetch cache" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "delivered from prefetch cache" not in err
+    assert f"{spooled} not used" in err and "transferring directly" in err, err
 
 
 @pytest.mark.parametrize("how", PLANTS)
-def test_wal_push_never_uses_a_spool_it_cannot_trust(archived, how):
+def test_wal_push_never_uses_a_spool_it_cannot_trust(archived, capsys, how):
     _, source, victim, _ = archived
     _plant(source, how, victim)
     spooled = source / spool.SPOOL
@@ -157,6 +159,8 @@ def test_wal_push_never_uses_a_spool_it_cannot_trust(archived, how):
     assert _tree(victim) == victim_before and _untouched(how, spooled) == before
     assert main(["wal-push", str(source / _name(5))]) == 0  # really pushed: nothing ahead
     assert _tree(victim) == victim_before and _untouched(how, spooled) == before
+    err = capsys.readouterr().err
+    assert err.count(f"{spooled} not used") == 2 and f"{_name(5)} stored" in err, err
 
 
 def test_safe_dir(tmp_path):

@@ -409,6 +409,14 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1]))
 
 
+def _direct(archive: Archive, name: str, destination: str, wal_dir: str) -> Transfer:
+    """Without the spool, which may not be used here (spool's docstring: Safety)."""
+    notice = spool.refusal(wal_dir)
+    if notice:
+        print(f"walship: wal-fetch {name}: {notice}", file=sys.stderr, flush=True)
+    return archive.fetch_wal(name, destination)
+
+
 def fetch(archive: Archive, settings: Settings, name: str, destination: str) -> Transfer:
     """wal-fetch through the prefetch cache: deliver ``name`` from the cache when the worker has
     it (waiting if it is downloading it right now), otherwise download it directly; either way
@@ -423,7 +431,7 @@ def fetch(archive: Archive, settings: Settings, name: str, destination: str) -> 
         wal_dir = os.path.dirname(destination) or "."
         cache = spool.cache_dir(wal_dir)
         if not spool.safe_dir(wal_dir, cache, create=True):
-            return archive.fetch_wal(name, destination)  # (spool's docstring: Safety)
+            return _direct(archive, name, destination, wal_dir)
         spool.seed_want(cache, name, wal_dir)
         spool.start_worker(cache)
         return archive.fetch_wal(name, destination)
@@ -431,7 +439,7 @@ def fetch(archive: Archive, settings: Settings, name: str, destination: str) -> 
     wal_dir = os.path.dirname(destination) or "."
     cache = spool.cache_dir(wal_dir)
     if not spool.safe_dir(wal_dir, cache, create=True):
-        return archive.fetch_wal(name, destination)  # (spool's docstring: Safety)
+        return _direct(archive, name, destination, wal_dir)
     fingerprint = spool.settings_fingerprint()
     inflight = os.path.join(cache, f"{name}.inflight")
     deadline = started + settings.storage_timeout * (settings.storage_retries + 1)

@@ -103,13 +103,16 @@ def push(archive: Archive, settings: Settings, path: str | os.PathLike[str]) -> 
     wal_dir = path.parent
     root = Path(spool.spool_dir(str(wal_dir)))
     records = root / "pushed"
+    if not spool.safe_dir(str(wal_dir), str(records), create=True):
+        notice = spool.refusal(str(wal_dir))  # (spool's docstring: Safety)
+        if notice:
+            print(f"walship: wal-push {path.name}: {notice}", file=sys.stderr, flush=True)
+        return archive.push_wal(path)
     try:
-        if not spool.safe_dir(str(wal_dir), str(records), create=True):
-            raise OSError("no private spool here (see spool's docstring: Safety)")
         lock = os.open(root / "push.lock",
                        os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError:
-        return archive.push_wal(path)  # no spool (read-only pg_wal, root, a link): plain push
+        return archive.push_wal(path)  # no spool (read-only pg_wal?): plain push
     try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

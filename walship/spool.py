@@ -116,6 +116,16 @@ def safe_dir(base: str, path: str, *, create: bool = False) -> bool:
     return True
 
 
+def refusal(wal_dir: str) -> str | None:
+    """For the full program's log when :func:`safe_dir` said no: why an existing spool is left
+    alone (None when there is none: nothing worth a line)."""
+    path = spool_dir(wal_dir)
+    if not os.path.lexists(path):
+        return None
+    return (f"{path} not used (it, and the pg_wal it is in, must be directories of this user "
+            "that nobody else may write to, and never symbolic links): transferring directly")
+
+
 def regular_file(path: str) -> bool:
     """Whether ``path`` (followed if a symbolic link) is a regular file: a FIFO, a device or a
     directory is never opened, so a call can never block on one."""
