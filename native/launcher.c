@@ -36,7 +36,11 @@
  *     fingerprint>\n", the file fingerprint being "<size>:<mtime ns>:<inode>:<first 16 hex
  *     digits of SHA-256 over the first 8 KiB and the last 8 KiB>"; the pusher's marker
  *     pushing/<name> and its lock pusher.lock;
- *   - the log lines written to stderr.
+ *   - the log lines written to stderr;
+ *   - the safety rule (spool.safe_dir): nothing of the spool is used unless pg_wal (followed)
+ *     and every spool directory below it (never a symbolic link) belong to the effective user
+ *     and are writable by nobody else; the sealed file must be a regular file, not a link; a
+ *     WAL file that is not a regular file is never opened (a FIFO would block).
  * Linux only (boot id, /proc/self/exe); built by setup.py with no library beyond libc.
  */
 #define _GNU_SOURCE
@@ -204,6 +208,27 @@ static int settings_fingerprint(char out[33]) {
     return 0;
 }
 
+/* ---- safe spool directories (spool.safe_dir) ------------------------------------------------ */
+static int private_dir(const struct stat *st) {
+    return S_ISDIR(st->st_mode) && st->st_uid == geteuid() && !(st->st_mode & 022);
+}
+
+/* Whether <base>/<first>[/<second>] may be used: base followed, the rest never links. */
+static int safe_dir(const char *base, const char *first, const char *second) {
+    char path[PATH_MAX];
+    struct stat st;
+    if (stat(base, &st) != 0 || !private_dir(&st)) return 0;
+    if ((size_t)snprintf(path, sizeof path, "%s/%s", base, first) >= sizeof path ||
+        lstat(path, &st) != 0 || !private_dir(&st))
+        return 0;
+    if (!second) return 1;
+    size_t n = strlen(path);
+    if ((size_t)snprintf(path + n, sizeof path - n, "/%s", second) >= sizeof path - n ||
+        lstat(path, &st) != 0 || !private_dir(&st))
+        return 0;
+    return 1;
+}
+
 /* ---- the prefetch cache (spool.deliver_cached) --------------------------------------------- */
 static int read_small(const char *path, char *buffer, size_t size) {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -219,7 +244,7 @@ static int read_small(const char *path, char *buffer, size_t size) {
 static int lock_held(const char *dir, const char *file) {
     char lock[PATH_MAX + 32];
     snprintf(lock, sizeof lock, "%s/%s", dir, file);
-    int fd = open(lock, O_RDWR | O_CLOEXEC);
+    int fd = open(lock, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) return 0;
     int held = flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK;
     close(fd); /* releases a lock we may have taken */
@@ -313,7 +338,7 @@ static int write_atomically(const char *path, const char *text) {
     char temp[PATH_MAX + 32];
     if ((size_t)snprintf(temp, sizeof temp, "%s.tmp%ld", path, (long)getpid()) >= sizeof temp)
         return -1;
-    int fd = open(temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int fd = open(temp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
     if (fd < 0) return -1;
     size_t n = strlen(text);
     int ok = write(fd, text, n) == (ssize_t)n;
@@ -420,6 +445,10 @@ static int fetch(const char *name, const char *destination) {
         (size_t)snprintf(path, sizeof path, "%s/%s", cache, name) >= sizeof path ||
         (size_t)snprintf(seal, sizeof seal, "%s.ok", path) >= sizeof seal)
         return -1;
+    const char *configured = getenv("WALSHIP_CACHE_DIR");
+    if (configured && *configured ? !safe_dir(configured, strrchr(cache, '/') + 1, NULL)
+                                  : !safe_dir(dir, "walship", "prefetch"))
+        return -1; /* Python decides (spool.safe_dir) */
     if (!lock_held(cache, "worker.lock")) return -1; /* Python starts one */
     char fingerprint[33];
     if (settings_fingerprint(fingerprint) != 0) return -1;
@@ -450,7 +479,7 @@ static int fetch(const char *name, const char *destination) {
 
     struct stat st;
     char st_ino[32], st_size[32];
-    if (stat(path, &st) != 0) return -1;
+    if (lstat(path, &st) != 0 || !S_ISREG(st.st_mode)) return -1;
     snprintf(st_ino, sizeof st_ino, "%llu", (unsigned long long)st.st_ino);
     snprintf(st_size, sizeof st_size, "%lld", (long long)st.st_size);
     if (strcmp(ino, st_ino) || strcmp(size, st_size) || st.st_mtim.tv_sec != SEALED_MTIME_SEC ||
@@ -484,12 +513,12 @@ static int fetch(const char *name, const char *destination) {
 
 /* spool.file_fingerprint: "<size>:<mtime ns>:<inode>:<16 hex digits>". */
 static int file_fingerprint(const char *path, char *out, size_t size) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC); /* a FIFO must not block */
     if (fd < 0) return -1;
     struct stat st;
     unsigned char buffer[2 * EDGE];
     size_t have = 0;
-    int ok = fstat(fd, &st) == 0;
+    int ok = fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
     while (ok && have < EDGE) { /* the first 8 KiB */
         ssize_t n = read(fd, buffer + have, EDGE - have);
         if (n < 0) ok = 0;
@@ -532,6 +561,9 @@ static int already_pushed(const char *wal_path) {
         (size_t)snprintf(record, sizeof record, "%s/pushed/%s", spool, name) >= sizeof record ||
         (size_t)snprintf(marker, sizeof marker, "%s/pushing/%s", spool, name) >= sizeof marker)
         return -1;
+    if (!safe_dir(wal_dir, "walship", NULL)) return -1; /* spool.take_pushed */
+    struct stat wal;
+    if (stat(wal_path, &wal) != 0 || !S_ISREG(wal.st_mode)) return -1; /* fastpath.wal_push */
     if (!exists(record)) { /* spool.await_pushed: the pusher is uploading it right now */
         if (!exists(marker) || !lock_held(spool, "pusher.lock")) return -1;
         double checked = started, limit = wait_limit(WAIT_SECONDS);
@@ -547,7 +579,7 @@ static int already_pushed(const char *wal_path) {
         }
     }
     char text[256], recorded[160], settings[64], extra[2];
-    if (read_small(record, text, sizeof text) < 0 ||
+    if (!safe_dir(wal_dir, "walship", "pushed") || read_small(record, text, sizeof text) < 0 ||
         sscanf(text, "%159s %63s %1s", recorded, settings, extra) != 2)
         return -1;
     char fingerprint[33], file[160];

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -385,3 +389,76 @@ def test_a_marker_of_a_newer_layout_says_upgrade(archive, tmp_path):
     archive.storage.put("walship.json", [b'{"walship": "repository", "layout": 2}'])
     with pytest.raises(IntegrityError, match="upgrade walship"):
         archive.push_wal(write(tmp_path, SEG, segment()))
+
+
+# -- files that are not regular, directories that do not exist, leftovers ----------------------
+def _walship(*args: str, env: dict[str, str], cwd) -> tuple[int, str, float]:
+    """``walship ARGS`` as its own process (whatever blocks, blocks there: the timeout ends it)."""
+    started = time.monotonic()
+    tree = str(Path(__file__).resolve().parent.parent)  # this tree's walship, not an installed one
+    done = subprocess.run([sys.executable, "-m", "walship", *args], cwd=cwd,
+                          env={**env, "PYTHONPATH": tree}, capture_output=True, text=True,
+                          timeout=30, check=False)
+    return done.returncode, done.stderr, time.monotonic() - started
+
+
+@pytest.fixture
+def clean_env(file_repo_env):
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(("WALSHIP_", "AZURE_"))},
+            "WALSHIP_REPO": f"file://{file_repo_env}", "WALSHIP_CONFIG": os.devnull}
+
+
+def test_wal_push_of_a_fifo_is_refused_at_once(tmp_path, clean_env):
+    os.mkfifo(tmp_path / SEG)
+    status, err, seconds = _walship("wal-push", str(tmp_path / SEG), env=clean_env,
+                                    cwd=tmp_path)
+    assert status == 2 and "not a regular file" in err and "FIFO" in err, err
+    assert seconds < 20
+
+
+def test_a_key_file_that_is_a_fifo_is_refused_at_once(tmp_path, clean_env):
+    os.mkfifo(tmp_path / "key")
+    write(tmp_path, SEG, segment())
+    status, err, seconds = _walship("wal-push", str(tmp_path / SEG), cwd=tmp_path,
+                                    env={**clean_env, "WALSHIP_ENCRYPTION_KEY_FILE":
+                                         str(tmp_path / "key")})
+    assert status == 2 and "key file" in err and "not a regular file" in err, err
+    assert seconds < 20
+
+
+def test_wal_fetch_creates_no_directory_on_the_way(tmp_path, file_repo_env, capsys):
+    from walship.entry import main
+
+    archive = Archive(open_storage(f"file://{file_repo_env}"), Codec())
+    archive.push_wal(write(tmp_path, SEG, segment()))
+    with pytest.raises(UsageError, match="no directory"):
+        archive.fetch_wal(SEG, tmp_path / "missing" / "RECOVERYXLOG")
+    assert main(["wal-push", str(tmp_path / SEG)]) == 0
+    status = main(["wal-fetch", SEG, str(tmp_path / "absent" / "pg_wal" / "RECOVERYXLOG")])
+    assert status == 130 and "no directory" in capsys.readouterr().err  # 2, in recovery
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "absent").exists()
+
+
+def test_leftovers_of_killed_fetches_are_swept_by_age(archive, tmp_path):
+    archive.push_wal(write(tmp_path, SEG, segment()))
+    pg_wal = tmp_path / "pg_wal"
+    pg_wal.mkdir()
+    old = [pg_wal / ".RECOVERYXLOG.walship-0a1b2c3d", pg_wal / ".RECOVERYHISTORY.walship-ffff0000"]
+    fresh = pg_wal / ".RECOVERYXLOG.walship-12345678"  # a call writing it right now
+    others = [pg_wal / ".RECOVERYXLOG.walship-notours", pg_wal / "RECOVERYXLOG.walship-00000000"]
+    long_ago = time.time() - 2 * 3600
+    for path in (*old, fresh, *others):
+        path.write_bytes(b"partial")
+    for path in (*old, *others):
+        os.utime(path, (long_ago, long_ago))
+    archive.fetch_wal(SEG, pg_wal / "RECOVERYXLOG")
+    assert not any(path.exists() for path in old)
+    assert fresh.exists() and all(path.exists() for path in others)
+
+
+def test_wal_push_creates_no_directory_on_the_way(tmp_path, file_repo_env, capsys):
+    from walship.entry import main
+
+    assert main(["wal-push", str(tmp_path / "absent" / "pg_wal" / SEG)]) == 2
+    assert "cannot read WAL file" in capsys.readouterr().err
+    assert not (tmp_path / "absent").exists()

@@ -72,8 +72,9 @@ def tmpfs(tmp_path):
     def mount(where: str, kib: int) -> Path:
         path = tmp_path / where
         path.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)],
-                       check=True)
+        # (mode 0700: a pg_wal others may write to is never given a spool)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k,mode=0700", "tmpfs",
+                        str(path)], check=True)
         mounted.append(path)
         return path
 
@@ -194,7 +195,7 @@ def test_a_window_download_that_finds_no_space_pauses_the_window(repo, tmpfs, mo
     pg_wal = tmpfs("pg_wal", 2560)  # room for two segments, not for the window of eight
     monkeypatch.setenv("WALSHIP_CACHE_MIN_FREE_MB", "0")
     cache = Path(spool.cache_dir(str(pg_wal)))
-    spool.make_cache(str(cache))
+    assert spool.safe_dir(str(pg_wal), str(cache), create=True)
     plenty = os.statvfs_result((4096, 4096, 1 << 20, 1 << 20, 1 << 20, 0, 0, 0, 0, 255))
     monkeypatch.setattr(os, "statvfs", lambda path: plenty)
     worker = prefetch.Worker(str(cache))

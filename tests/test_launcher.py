@@ -505,3 +505,65 @@ def test_a_cache_on_another_filesystem_goes_to_python_sealed(launcher, tmp_path)
         if lock >= 0:
             os.close(lock)
         subprocess.run(["umount", "-l", str(home)], check=False)
+
+
+# -- safety: the same rules as spool.safe_dir ----------------------------------------------------
+def _linked_cache(wal, cache, tmp_path):
+    os.rename(cache, tmp_path / "victim")
+    cache.symlink_to(tmp_path / "victim")
+
+
+def _linked_spool(wal, cache, tmp_path):
+    os.rename(wal / spool.SPOOL, tmp_path / "victim")
+    (wal / spool.SPOOL).symlink_to(tmp_path / "victim")
+
+
+def _others_cache(wal, cache, tmp_path):
+    os.chown(cache, 65534, 65534)
+
+
+def _writable_pg_wal(wal, cache, tmp_path):
+    os.chmod(wal, 0o777)
+
+
+def _linked_segment(wal, cache, tmp_path):
+    os.rename(cache / SEGMENT, tmp_path / "real")
+    (cache / SEGMENT).symlink_to(tmp_path / "real")  # the seal's inode and size still match
+
+
+@pytest.mark.parametrize("unsafe", [_linked_cache, _linked_spool, _others_cache,
+                                    _writable_pg_wal, _linked_segment])
+def test_never_delivers_through_an_unsafe_spool(launcher, site, tmp_path, unsafe):
+    wal, cache, env = site
+    seal(cache, env)
+    unsafe(wal, cache, tmp_path)
+    args = ["wal-fetch", SEGMENT, str(wal / "RECOVERYXLOG")]
+    done = call(launcher, env, *args)
+    assert done.returncode == 42 and handed_over(launcher) == args, done.stderr
+    assert not (wal / "RECOVERYXLOG").exists()
+
+
+@pytest.mark.parametrize("unsafe", ["linked spool", "others' records"])
+def test_push_records_in_an_unsafe_spool_are_not_trusted(launcher, pushed_site, tmp_path,
+                                                         unsafe):
+    wal, env = pushed_site
+    name = "000000010000000000000001"
+    entry = record(wal, name, SIZE, env)
+    if unsafe == "linked spool":
+        os.rename(wal / spool.SPOOL, tmp_path / "victim")
+        (wal / spool.SPOOL).symlink_to(tmp_path / "victim")
+    else:
+        os.chown(entry.parent, 65534, 65534)
+    done = call(launcher, env, "wal-push", str(wal / name))
+    assert done.returncode == 42 and handed_over(launcher) == ["wal-push", str(wal / name)]
+
+
+def test_a_push_record_for_a_fifo_never_blocks(launcher, pushed_site):
+    wal, env = pushed_site
+    name = "000000010000000000000001"
+    record(wal, name, SIZE, env)
+    (wal / name).unlink()
+    os.mkfifo(wal / name)
+    done = subprocess.run([str(launcher), "wal-push", str(wal / name)], env=env,
+                          capture_output=True, text=True, timeout=20, check=False)
+    assert done.returncode == 42 and handed_over(launcher) == ["wal-push", str(wal / name)]

@@ -531,3 +531,26 @@ def test_seeding_never_overrides_a_call(tmp_path):
     (tmp_path / "backup_label").write_text(f"START WAL LOCATION: 0/1 (file {name(30)})\n")
     spool.seed_want(str(cache), "00000002.history", str(wal))
     assert (cache / "want").read_text() == f"{name(7)} {16 << 20}\n"
+
+
+def test_a_new_worker_sweeps_leftovers_but_never_a_call_in_progress(env, capsys):
+    """What killed workers and calls left in the cache goes when the next worker starts: the
+    worker's own partial downloads and markers at once, the calls' temporary files and
+    requests only once older than any call lives (a call may be writing one right now)."""
+    restore, _ = env
+    cache = cache_of(restore)
+    (cache / "ask").mkdir(parents=True)
+    long_ago = time.time() - 2 * 3600
+    gone = [cache / f".{name(5)}.walship-0a1b2c3d", cache / f"{name(5)}.inflight",
+            cache / "want.tmp4242", cache / "ask" / "00000008.history.ask",
+            cache / "ask" / "00000008.history.answer"]
+    kept = [cache / "want.tmp4343", cache / "ask" / "00000009.history.ask.tmp4343"]
+    for path in (*gone, *kept):
+        path.write_text("left\n")
+    for path in gone[2:]:
+        os.utime(path, (long_ago, long_ago))
+    status, err = fetch(restore, name(1), capsys)
+    assert status == 0, err
+    assert wait_for(lambda: not any(path.exists() for path in gone)), \
+        [path.name for path in gone if path.exists()]
+    assert all(path.exists() for path in kept)

@@ -280,3 +280,40 @@ def test_push_ahead_is_waited_for_until_the_deadline_at_most(setup):
         assert result.name == names[0] and result.outcome.startswith("stored")
     finally:
         storage.release.set()
+
+
+def test_push_ahead_takes_only_regular_files(setup, tmp_path):
+    """A .ready whose file is a symbolic link (it could lead to any file), a FIFO (reading it
+    would block) or a directory is never pushed ahead; PostgreSQL's own call for it gets the
+    plain push's answer."""
+    wal_dir, names, storage, archive = setup
+    secret = tmp_path / "secret"
+    secret.write_bytes(os.urandom(1000) + bytes(SIZE - 1000))  # would pass as a segment
+    linked, fifo, directory = names[1], names[2], names[3]
+    (wal_dir / linked).unlink()
+    (wal_dir / linked).symlink_to(secret)
+    (wal_dir / fifo).unlink()
+    os.mkfifo(wal_dir / fifo)
+    (wal_dir / directory).unlink()
+    (wal_dir / directory).mkdir()
+    blocked, done = [], threading.Event()
+
+    def unblock() -> None:  # (without the fix, a reader waits in open() for a writer:
+        done.wait(3)        # let it go, as often as it waits, so that the test ends)
+        while not done.is_set():
+            try:
+                os.close(os.open(wal_dir / fifo, os.O_WRONLY | os.O_NONBLOCK))
+                blocked.append(True)
+            except OSError:
+                pass  # no reader: nobody was waiting
+            done.wait(0.05)
+
+    thread = threading.Thread(target=unblock, daemon=True)
+    thread.start()
+    try:
+        pushahead.push(archive, load_settings({"push_ahead": 5}), str(wal_dir / names[0]))
+    finally:
+        done.set()
+        thread.join()
+    assert not blocked
+    assert sorted(storage.puts) == [f"wal/{n}" for n in (names[0], *names[4:9])]

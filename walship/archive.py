@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -111,12 +112,7 @@ class Archive:
         path = Path(path)
         info = archive_name(path.name)
         key = layout.wal_key(path.name)
-        try:
-            handle = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
-        except OSError as error:
-            raise UsageError(f"cannot read WAL file {path}", os.strerror(error.errno or 0),
-                             "archive_command must pass %p, relative to the data directory"
-                             ) from None
+        handle = _open_wal(path)
         with handle:
             size = os.fstat(handle.fileno()).st_size
             if info.kind is wal.FileKind.SEGMENT:
@@ -158,7 +154,7 @@ class Archive:
         size = 0
         same = True
         try:
-            with self.storage.get(key) as download, open(path, "rb", buffering=0) as local:
+            with self.storage.get(key) as download, _open_wal(path) as local:
                 # (read to the end even after a difference: a damaged copy is told as such)
                 for chunk in self.codec.decode(key, download, download.info.metadata):
                     if same:
@@ -199,6 +195,7 @@ class Archive:
         check_destination(destination)
         key = layout.wal_key(name)
         destination = Path(destination)
+        owner = _destination_owner(destination)
         try:
             download = self.storage.get(key)
         except NotFound:
@@ -210,7 +207,7 @@ class Archive:
         temp = destination.with_name(f".{destination.name}.walship-{secrets.token_hex(4)}")
         written = 0
         try:
-            with download, _create(temp) as out:
+            with download, _create(temp, owner) as out:
                 metadata = download.info.metadata
                 for chunk in self.codec.decode(key, download, metadata):
                     out.write(chunk)
@@ -232,6 +229,7 @@ class Archive:
         except BaseException:
             _unlink_quietly(temp)
             raise
+        sweep_leftovers(destination.parent)
         return Transfer("wal-fetch", name, "delivered", download.info.size, written,
                         time.monotonic() - started)
 
@@ -290,13 +288,78 @@ def disk_full(directory: str, name: str) -> DiskFull:
                     "and holds at most cache_max_mb")
 
 
-def _create(path: Path):  # noqa: ANN202 - a binary file object
+def _open_wal(path: Path):  # -> a binary file object, unbuffered
+    """Open a WAL file to read, refusing at once anything but a regular file (opened without
+    blocking, so that a FIFO never hangs the call)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        raise UsageError(f"cannot read WAL file {path}", os.strerror(error.errno or 0),
+                         "archive_command must pass %p, relative to the data directory"
+                         ) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) \
+            else "not a regular file"
+        raise UsageError(f"WAL file {path} is not a regular file", f"it is {kind}",
+                         "archive_command must pass %p, a file in pg_wal")
+    return os.fdopen(fd, "rb", buffering=0)
+
+
+def _destination_owner(destination: Path) -> tuple[int, int] | None:
+    """Refuse a destination whose directory does not exist (walship creates no directory on the
+    way to it). Returns the (uid, gid) the delivered file must get: the directory's owner's
+    when root writes into another user's directory (the postgres user's pg_wal), so that the
+    file is that user's like any other there; None otherwise."""
+    try:
+        st = os.stat(destination.parent)
+        why = "" if stat.S_ISDIR(st.st_mode) else "it is not a directory"
+    except OSError as error:
+        why = os.strerror(error.errno or 0)
+    if why:
+        raise UsageError(f"cannot write {destination}: no directory {destination.parent}", why,
+                         "restore_command passes %p, a file in pg_wal; walship creates no "
+                         "directories")
+    if os.geteuid() == 0 and st.st_uid != 0:
+        return st.st_uid, st.st_gid
+    return None
+
+
+def _create(path: Path, owner: tuple[int, int] | None):  # noqa: ANN202 - a binary file
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        if owner is not None:
+            os.fchown(fd, *owner)
     except OSError as error:
         raise StorageError(f"cannot write {path}", os.strerror(error.errno or 0),
                            "restore_command must be able to write into pg_wal") from None
     return os.fdopen(fd, "wb")
+
+
+LEFTOVER_SECONDS = 3600.0  # a temporary file this old belongs to no call in progress
+
+
+def sweep_leftovers(directory: Path) -> None:
+    """Delete the temporary files (``.NAME.walship-XXXXXXXX``) that fetches killed before
+    their rename left in ``directory``, once older than any call lives: a call in progress
+    keeps writing its own, so it is never swept from under it."""
+    now = time.time()
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                stem, mark, token = entry.name.rpartition(".walship-")
+                if not (stem.startswith(".") and mark and len(token) == 8):
+                    continue  # (temp names: see fetch_wal)
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode) and now - st.st_mtime > LEFTOVER_SECONDS:
+                        os.unlink(entry.path)
+                except OSError:
+                    pass
+    except OSError:
+        pass
 
 
 def _unlink_quietly(path: Path) -> None:

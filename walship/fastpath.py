@@ -41,19 +41,22 @@ def wal_push(path: str) -> bool:
     started = time.monotonic()
     if not _plain_name(os.path.basename(path)):
         return False
+    if not spool.regular_file(path):
+        return False  # (a FIFO, a directory, nothing: the full program refuses it)
     settings = spool.settings_fingerprint()
     wal_dir = os.path.dirname(path) or "."
     outcome = "already pushed ahead"
     try:
         if not spool.take_pushed(path, settings):
             name = os.path.basename(path)
-            if spool.pusher_alive(wal_dir):
+            if spool.safe_dir(wal_dir, spool.spool_dir(wal_dir)) and spool.pusher_alive(wal_dir):
                 wait = RACE_SECONDS  # it takes ready files up in order: this one is next
             elif spool.backlog_for_pusher(wal_dir):
                 # The first call of a backlog: start the background pusher and let it upload
                 # this file with the others, rather than start the full program here as well
                 # (the pusher pays the storage SDK's import once, for every call).
-                os.makedirs(spool.spool_dir(wal_dir), exist_ok=True)
+                if not spool.safe_dir(wal_dir, spool.spool_dir(wal_dir), create=True):
+                    return False
                 spool.start_pusher(wal_dir)
                 if not spool.await_pusher(wal_dir, spool.START_SECONDS):
                     return False
@@ -77,20 +80,28 @@ def wal_fetch(name: str, destination: str) -> int | None:
     started = time.monotonic()
     if not _plain_name(name):
         return None
+    wal_dir = os.path.dirname(destination) or "."
     settings = spool.settings_fingerprint()
     try:
-        cache = spool.cache_dir(os.path.dirname(destination) or ".",
-                                spool.configured_cache_dir())
-        size = spool.deliver_cached(cache, name, destination, settings)
-        if size is None and not spool.worker_alive(cache) and spool.prefetch_enabled():
+        configured = spool.configured_cache_dir()
+        cache = spool.cache_dir(wal_dir, configured)
+        base = configured or wal_dir  # (spool's module docstring: Safety)
+        usable = spool.safe_dir(base, cache)
+        size = spool.deliver_cached(cache, name, destination, settings) if usable else None
+        if size is None and (not usable or not spool.worker_alive(cache)) \
+                and spool.prefetch_enabled():
             # No worker yet (the first call of a recovery): start it and hand it the lookup,
             # rather than start the full program here as well (the worker pays the storage
             # SDK's import once, for this call and every later one).
-            spool.make_cache(cache)
-            spool.seed_want(cache, name, os.path.dirname(destination) or ".")
+            if not spool.safe_dir(base, cache, create=True):
+                return None
+            usable = True
+            spool.seed_want(cache, name, wal_dir)
             spool.start_worker(cache)
             if not spool.await_worker(cache, spool.START_SECONDS):
                 return None
+        if not usable:
+            return None
         if size is None:
             verdict = spool.ask(cache, name, settings)
             if verdict == "missing":

@@ -443,6 +443,44 @@ def _no_space(error: BaseException) -> bool:
         and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+LEFTOVER_SECONDS = 3600.0  # a temporary file this old belongs to no call in progress
+
+
+def sweep_leftovers(cache: str) -> None:
+    """At the start of a worker (it holds the lock: no other worker runs), delete what a worker
+    that died left: download markers, unsealed downloads and seals half written (only workers
+    write these). Temporary files of calls (``want.tmp<pid>``, ``ask/``) are deleted only once
+    older than any call lives, never under a call writing them."""
+    now = time.time()
+
+    def old(path: str, seconds: float) -> bool:
+        try:
+            return now - os.lstat(path).st_mtime > seconds
+        except OSError:
+            return False
+
+    for entry in os.listdir(cache):
+        path = os.path.join(cache, entry)
+        if entry.endswith(".inflight") or ".walship-" in entry:
+            spool.drop_cached(cache, entry.split(".inflight")[0])
+        elif ".tmp" not in entry:
+            continue
+        elif entry.startswith("want.") and not old(path, LEFTOVER_SECONDS):
+            continue  # a call may be writing it right now
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    asks = os.path.join(cache, "ask")
+    if spool.own_dir(asks):  # requests and answers of calls killed while they waited
+        for entry in os.listdir(asks):
+            if old(os.path.join(asks, entry), 2 * spool.ASK_SECONDS):
+                try:
+                    os.unlink(os.path.join(asks, entry))
+                except OSError:
+                    pass
+
+
 def _wake_fifo(cache: str) -> tuple[list[int], float]:
     """Open the cache's wake FIFO (:func:`walship.spool.wake_worker`), made if missing, for
     reading; also for writing, so that it never reads as closed between two callers. Where
@@ -463,8 +501,13 @@ def _wake_fifo(cache: str) -> tuple[list[int], float]:
 
 
 def main(cache: str) -> int:
-    os.makedirs(cache, exist_ok=True)
-    lock = os.open(os.path.join(cache, "worker.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    if not spool.own_dir(cache):  # (its caller checked the way to it: spool.safe_dir)
+        print(f"walship: prefetch worker: {cache} is not a private directory of this user "
+              "(a symbolic link, another user's, or writable by others): not used",
+              file=sys.stderr, flush=True)
+        return 2
+    lock = os.open(os.path.join(cache, "worker.lock"),
+                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     if not spool.take_lock(lock):
         return 0  # another worker owns this cache
     os.ftruncate(lock, 0)
@@ -475,13 +518,7 @@ def main(cache: str) -> int:
         os.nice(NICE)
     except OSError:
         pass
-    for entry in os.listdir(cache):  # left by a worker that died: unverified or unsealed
-        if entry.endswith(".inflight") or ".walship-" in entry or ".tmp" in entry:
-            spool.drop_cached(cache, entry.split(".inflight")[0])
-            try:
-                os.unlink(os.path.join(cache, entry))
-            except OSError:
-                pass
+    sweep_leftovers(cache)
     worker = Worker(cache)
     clean = False
     try:
@@ -513,7 +550,7 @@ def fetch(archive: Archive, settings: Settings, name: str, destination: str,
         return archive.fetch_wal(name, destination)
     kind = archive_name(name).kind
     wal_dir = os.path.dirname(destination) or "."
-    cache = _open_cache(settings, wal_dir)
+    cache = _open_cache(settings, wal_dir, name)
     if cache is None:
         return archive.fetch_wal(name, destination)
     if kind is not wal.FileKind.SEGMENT:
@@ -555,27 +592,34 @@ def fetch(archive: Archive, settings: Settings, name: str, destination: str,
     return result
 
 
-def _open_cache(settings: Settings, wal_dir: str) -> str | None:
-    """The cache directory for ``wal_dir``, made if missing; None where none can be made now
-    (a full filesystem, no ``wal_dir``): the call then downloads straight to pg_wal."""
-    try:
-        cache = spool.cache_dir(wal_dir, settings.cache_dir)
-        spool.make_cache(cache)
-    except FileNotFoundError:
-        if settings.cache_dir and not os.path.isdir(settings.cache_dir):
-            from walship.errors import ConfigError
+def _open_cache(settings: Settings, wal_dir: str, name: str) -> str | None:
+    """The cache directory for ``wal_dir``, made if missing; None where it may not be used
+    (spool's docstring: Safety; said once in the log when a spool exists but is refused) or
+    none can be made now (a full filesystem, no ``wal_dir``): the call then downloads straight
+    to pg_wal."""
+    configured = settings.cache_dir
+    if configured and not os.path.isdir(configured):
+        from walship.errors import ConfigError
 
-            raise ConfigError(f"the cache_dir {settings.cache_dir} does not exist",
-                              hint="create it, writable by the postgres user only, or unset "
-                              "cache_dir to keep the cache beside pg_wal") from None
+        raise ConfigError(f"the cache_dir {configured} does not exist",
+                          hint="create it, writable by the postgres user only, or unset "
+                          "cache_dir to keep the cache beside pg_wal")
+    try:
+        cache = spool.cache_dir(wal_dir, configured)
+    except OSError:
         return None
-    except OSError as error:
-        if settings.cache_dir and not _no_space(error):  # (a full filesystem says so itself)
-            _say(f"wal-fetch: WARNING: cannot use the cache_dir {settings.cache_dir}: "
-                 f"{os.strerror(error.errno or 0)}; downloading straight to pg_wal (hint: "
-                 "make it writable by the postgres user)")
-        return None
-    return cache
+    if spool.safe_dir(configured or wal_dir, cache, create=True):
+        return cache
+    if configured:
+        _say(f"wal-fetch {name}: WARNING: cannot use the cache_dir {configured} (it, and the "
+             "cache in it, must be directories of this user that nobody else may write to, "
+             "never symbolic links, on a filesystem with room): downloading straight to "
+             "pg_wal")
+    else:
+        notice = spool.refusal(wal_dir)
+        if notice:
+            _say(f"wal-fetch {name}: {notice}")
+    return None
 
 
 def _quietly(action: Callable[..., object], *args: object) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import fcntl
 import os
 import queue
+import stat
 import sys
 import threading
 import time
@@ -50,8 +51,12 @@ if TYPE_CHECKING:
 
 def _ready(status_dir: Path, own: str, limit: int, records: Path, fingerprint: str) -> list[str]:
     """The ``limit`` next files PostgreSQL will ask to archive (history files first, then by
-    name, as its archiver does), skipping ``own`` and files already recorded."""
+    name, as its archiver does), skipping ``own`` and files already recorded. Only regular
+    files of pg_wal whose ``.ready`` is in pg_wal's own ``archive_status`` count: never a
+    symbolic link (which could lead anywhere), a FIFO (which would block) or a directory."""
     try:
+        if not spool.own_dir(str(status_dir)):
+            return []
         entries = os.listdir(status_dir)
     except FileNotFoundError:
         return []
@@ -64,8 +69,14 @@ def _ready(status_dir: Path, own: str, limit: int, records: Path, fingerprint: s
             wal.parse_name(name)
         except ValueError:
             continue
-        if name != own and not (records / name).exists():
-            names.append(name)
+        if name == own or (records / name).exists():
+            continue
+        try:
+            if not stat.S_ISREG(os.lstat(status_dir.parent / name).st_mode):
+                continue
+        except OSError:
+            continue
+        names.append(name)
     names.sort(key=lambda n: (not n.endswith(".history"), n))
     return names[:limit]
 
@@ -147,9 +158,14 @@ def push(archive: Archive, settings: Settings, path: str | os.PathLike[str],
     wal_dir = path.parent
     root = Path(spool.spool_dir(str(wal_dir)))
     records = root / "pushed"
+    if not spool.safe_dir(str(wal_dir), str(records), create=True):
+        notice = spool.refusal(str(wal_dir))  # (spool's docstring: Safety)
+        if notice:
+            print(f"walship: wal-push {path.name}: {notice}", file=sys.stderr, flush=True)
+        return archive.push_wal(path)
     try:
-        records.mkdir(parents=True, exist_ok=True)
-        lock = os.open(root / "push.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        lock = os.open(root / "push.lock",
+                       os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError:
         return archive.push_wal(path)  # no spool (read-only pg_wal?): plain push
     try:
@@ -223,8 +239,9 @@ class Pusher:
         self.fingerprint = spool.settings_fingerprint()
         self.records = Path(spool.spool_dir(str(wal_dir))) / "pushed"
         self.markers = Path(spool.spool_dir(str(wal_dir))) / "pushing"
-        self.records.mkdir(parents=True, exist_ok=True)
-        self.markers.mkdir(parents=True, exist_ok=True)
+        for directory in (self.records, self.markers):
+            if not spool.safe_dir(str(wal_dir), str(directory), create=True):
+                raise OSError(f"{directory} is not a private directory of this user")
         self.pool = ThreadPoolExecutor(max(1, self.settings.parallel),
                                        thread_name_prefix="push-ahead")
         self.inflight: dict[str, Future[bool]] = {}
@@ -300,14 +317,19 @@ class Pusher:
 
 def main(wal_dir: str) -> int:
     root = spool.spool_dir(wal_dir)
-    os.makedirs(root, exist_ok=True)
-    alive = os.open(os.path.join(root, "pusher.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    if not spool.safe_dir(wal_dir, root):  # (its starter checked, this is a second look)
+        print(f"walship: background pusher: {root} is not a private directory of this user: "
+              "not used", file=sys.stderr, flush=True)
+        return 2
+    alive = os.open(os.path.join(root, "pusher.lock"),
+                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     if not spool.take_lock(alive):
         return 0  # another pusher serves this pg_wal
     os.ftruncate(alive, 0)
     os.write(alive, f"{os.getpid()}\n".encode())
     pusher = Pusher(Path(wal_dir))  # imports and connects while the starting call pushes
-    lock = os.open(os.path.join(root, "push.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    lock = os.open(os.path.join(root, "push.lock"),
+                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)  # after the call that started us
     for stale in os.listdir(pusher.markers):  # left by a pusher that died
         (pusher.markers / stale).unlink(missing_ok=True)

@@ -305,8 +305,8 @@ class RepositoryGuard:
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def _remembered(self, wal_dir: str | None) -> Identity | None:
-        if wal_dir is None:
-            return None
+        if wal_dir is None or not spool.safe_dir(wal_dir, spool.spool_dir(wal_dir)):
+            return None  # (a spool that is not this user's own proves nothing)
         path = os.path.join(spool.spool_dir(wal_dir), VERDICT_FILE)
         try:
             if time.time() - os.stat(path).st_mtime > VERDICT_SECONDS:
@@ -327,13 +327,12 @@ class RepositoryGuard:
         if wal_dir is None or identity.segment_size is None:
             return
         root = spool.spool_dir(wal_dir)
+        # (only where the spool may be used: pg_wal and the spool are this user's and nobody
+        # else's, no link on the way; so root running a push by hand in the postgres user's
+        # pg_wal leaves nothing there)
+        if not spool.safe_dir(wal_dir, root, create=True):
+            return
         try:
-            if not os.path.isdir(root):
-                # (only as pg_wal's owner: root running a push by hand must not leave a
-                # directory the postgres user cannot write into)
-                if os.stat(wal_dir).st_uid != os.geteuid():
-                    return
-                os.mkdir(root, 0o700)
             key = identity.key_id.hex() if identity.key_id else "plain"
             spool.write_atomically(os.path.join(root, VERDICT_FILE),
                                    f"{self._verdict_tag()} {key} {identity.segment_size}\n")

@@ -29,6 +29,18 @@ another filesystem, delivery is a copy and a rename, see :func:`_copy_sealed`)::
     prefetch/ask/<name>.answer  ... and "<nonce> found|missing|error", the worker's answer
     prefetch/worker.lock   held (flock) by the one prefetch worker while it runs
 
+Safety: the spool is used only where nobody but walship's own user can change it, so that
+walship never follows a symbolic link it did not make, writes into a directory another user
+owns, or deletes what is not its own, even when run as root. pg_wal (which may itself be a
+symbolic link: ``initdb --waldir``) must belong to the user running walship and be writable by
+nobody else; ``walship/`` and each directory below it must be a real directory (never a
+symbolic link), of that user, writable by nobody else (:func:`safe_dir`). Inside such
+directories only that user (or root) can create entries, so plain path operations there cannot
+be redirected. Where the checks fail (root in the postgres user's pg_wal, a planted link, a
+directory of another user) the spool is not used at all: the call transfers the file directly,
+creating nothing beside it. No missing directory is created on the way to pg_wal. The native
+launcher makes the same checks.
+
 A record or cache entry is used only while the *settings fingerprint* (a hash of every
 ``WALSHIP_*`` and ``AZURE_*`` variable and of the config file's identity) is unchanged, so a
 change of repository or key is never answered from work done for the old one. Pushed-ahead files
@@ -63,6 +75,71 @@ def spool_dir(wal_dir: str) -> str:
     return os.path.join(wal_dir, SPOOL)
 
 
+# -- safe spool directories --------------------------------------------------------------------
+def _private(st: os.stat_result) -> bool:
+    """A directory of this process's user that nobody else may write to."""
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def own_dir(path: str) -> bool:
+    """Whether ``path`` is a directory, not a symbolic link, of this process's user, writable
+    by nobody else: the only kind of directory the spool uses."""
+    try:
+        return _private(os.lstat(path))
+    except OSError:
+        return False
+
+
+def safe_dir(base: str, path: str, *, create: bool = False) -> bool:
+    """Whether the directory ``path`` below ``base`` may be used for spool files: ``base``
+    (pg_wal; followed if a symbolic link) and every directory from it down to ``path`` are
+    :func:`own_dir`-like. With ``create``, the missing directories below ``base`` are made
+    (0700); ``base`` itself, and anything above it, never. A few stats: cheap enough for the
+    fast path."""
+    try:
+        if not _private(os.stat(base)):
+            return False
+    except OSError:
+        return False
+    prefix = base if base.endswith("/") else base + "/"
+    if not path.startswith(prefix):
+        return False
+    current = base
+    for part in path[len(prefix):].split("/"):
+        if part in ("", ".", ".."):
+            return False
+        current = os.path.join(current, part)
+        if create:
+            try:
+                os.mkdir(current, 0o700)
+            except FileExistsError:
+                pass
+            except OSError:
+                return False
+        if not own_dir(current):
+            return False
+    return True
+
+
+def refusal(wal_dir: str) -> str | None:
+    """For the full program's log when :func:`safe_dir` said no: why an existing spool is left
+    alone (None when there is none: nothing worth a line)."""
+    path = spool_dir(wal_dir)
+    if not os.path.lexists(path):
+        return None
+    return (f"{path} not used (it, and the pg_wal it is in, must be directories of this user "
+            "that nobody else may write to, and never symbolic links): transferring directly")
+
+
+def regular_file(path: str) -> bool:
+    """Whether ``path`` (followed if a symbolic link) is a regular file: a FIFO, a device or a
+    directory is never opened, so a call can never block on one."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def settings_fingerprint(environ: dict[str, str] | None = None) -> str:
     """Identifies the configuration inputs: identical inputs mean identical settings."""
     environ = os.environ if environ is None else environ  # type: ignore[assignment]
@@ -80,13 +157,18 @@ def settings_fingerprint(environ: dict[str, str] | None = None) -> str:
 
 
 def file_fingerprint(path: str) -> str:
-    """Size, mtime, inode and a hash of the first and last 8 KiB of a WAL file."""
-    with open(path, "rb", buffering=0) as handle:
-        st = os.fstat(handle.fileno())
-        head = handle.read(_EDGE)
+    """Size, mtime, inode and a hash of the first and last 8 KiB of a WAL file. Raises
+    OSError for anything but a regular file (opened without blocking: a FIFO never hangs)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        head = os.read(fd, _EDGE)
         if st.st_size > _EDGE:
-            handle.seek(max(_EDGE, st.st_size - _EDGE))
-            head += handle.read(_EDGE)
+            head += os.pread(fd, _EDGE, max(_EDGE, st.st_size - _EDGE))
+    finally:
+        os.close(fd)
     edge = sha256(head).hexdigest()[:16]
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{edge}"
 
@@ -95,7 +177,9 @@ def write_atomically(path: str, text: str) -> None:
     """Replace ``path`` with ``text`` (no fsync: spool entries are hints, never the only copy)."""
     temp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(temp, "w") as handle:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        with open(fd, "w") as handle:
             handle.write(text)
         os.replace(temp, path)
     except BaseException:  # (a full filesystem, or SIGTERM: walship.errors.Terminated)
@@ -117,14 +201,15 @@ def read_text(path: str) -> str | None:
 # -- push records ------------------------------------------------------------------------------
 def record_pushed(wal_dir: str, name: str, fingerprint: str, settings: str) -> None:
     directory = os.path.join(spool_dir(wal_dir), "pushed")
-    os.makedirs(directory, exist_ok=True)
+    if not safe_dir(wal_dir, directory, create=True):
+        raise OSError(f"{directory} is not a private directory of this user")
     write_atomically(os.path.join(directory, name), f"{fingerprint} {settings}\n")
 
 
 def _flock_held(path: str) -> bool:
     """Whether some process holds an flock on ``path``."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError:
         return False
     try:
@@ -235,7 +320,8 @@ def spawn_detached(module: str, argument: str, log_path: str) -> None:
     import sys
 
     devnull = os.open(os.devnull, os.O_RDWR)
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  0o600)
     try:
         os.posix_spawn(sys.executable, [sys.executable, "-m", module, argument],
                        helper_environment(os.environ),
@@ -256,14 +342,22 @@ def take_pushed(wal_path: str, settings: str) -> bool:
     again (an identical push succeeds).
     """
     wal_dir, name = os.path.split(wal_path)
-    record = os.path.join(spool_dir(wal_dir), "pushed", name)
+    wal_dir = wal_dir or "."
+    records = os.path.join(spool_dir(wal_dir), "pushed")
+    if not safe_dir(wal_dir, spool_dir(wal_dir)):
+        return False  # no records, or none walship may trust (see the module docstring)
+    record = os.path.join(records, name)
     if not os.path.exists(record):
         await_pushed(wal_dir, name)
-    text = read_text(record)
+    text = read_text(record) if safe_dir(wal_dir, records) else None
     if text is None:
         return False
     fields = text.split()
-    ok = len(fields) == 2 and fields[1] == settings and fields[0] == file_fingerprint(wal_path)
+    try:
+        ok = len(fields) == 2 and fields[1] == settings \
+            and fields[0] == file_fingerprint(wal_path)
+    except OSError:
+        ok = False  # gone, or not a regular file
     try:
         os.unlink(record)
     except OSError:
@@ -317,21 +411,6 @@ def configured_cache_dir() -> str | None:
     return value
 
 
-def make_cache(cache: str) -> None:
-    """Create the cache directory if missing. Beside pg_wal, ``walship/prefetch`` is walship's
-    own; elsewhere (the ``cache_dir`` setting) only the cache's own directory is made: the
-    configured directory must exist (FileNotFoundError)."""
-    if os.path.basename(cache) == "prefetch" \
-            and os.path.basename(os.path.dirname(cache)) == SPOOL:
-        os.makedirs(cache, exist_ok=True)
-        return
-    try:
-        os.mkdir(cache, 0o700)
-    except FileExistsError:
-        if not os.path.isdir(cache):
-            raise NotADirectoryError(20, "Not a directory", cache) from None  # (ENOTDIR)
-
-
 # A sealed cache file's mtime: a date no write can produce. Whatever changes the file's content
 # through the kernel (write, truncate, a write through mmap, even with the same size and inode)
 # moves its mtime to the present, so a file still carrying this mtime is exactly what the worker
@@ -372,11 +451,11 @@ def intact(cache: str, name: str, settings: str) -> int | None:
     if len(fields) != 4 or fields[3] != settings or fields[0] == "-" or fields[0] != boot_id():
         return None
     try:
-        st = os.stat(os.path.join(cache, name))
+        st = os.lstat(os.path.join(cache, name))
     except OSError:
         return None
-    if (str(st.st_ino), str(st.st_size)) != (fields[1], fields[2]) \
-            or st.st_mtime_ns != SEALED_MTIME_NS:
+    if not stat.S_ISREG(st.st_mode) or st.st_mtime_ns != SEALED_MTIME_NS \
+            or (str(st.st_ino), str(st.st_size)) != (fields[1], fields[2]):
         return None
     return st.st_size
 
@@ -556,7 +635,10 @@ def ask(cache: str, name: str, settings: str) -> str | None:
     answer = os.path.join(directory, f"{name}.answer")
     nonce = os.urandom(8).hex()
     try:
-        os.makedirs(directory, exist_ok=True)
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
         write_atomically(request, f"{nonce} {settings}\n")
     except OSError:
         return None

@@ -20,7 +20,6 @@ import hmac
 import os
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from walship.errors import ConfigError
 
@@ -119,10 +118,18 @@ def refuse_exposed_key(path: str | os.PathLike[str], status: os.stat_result) -> 
 
 def load_key_file(path: str | os.PathLike[str]) -> EncryptionKey:
     """Read a key file, with a one-line error (never the key) when it cannot be used: it must
-    exist, be private (:func:`refuse_exposed_key`) and hold one key."""
+    exist, be a regular file (anything else, a FIFO or a device, is refused at once, never
+    waited on), be private (:func:`refuse_exposed_key`) and hold one key."""
     try:
-        refuse_exposed_key(path, os.stat(path))
-        text = Path(path).read_text(encoding="ascii")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as handle:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"encryption key file {path} is not a regular file",
+                                  hint="point encryption_key_file at the file walship keygen "
+                                  "wrote")
+            refuse_exposed_key(path, st)
+            text = handle.read().decode("ascii")
     except FileNotFoundError:
         raise ConfigError(f"encryption key file {path} does not exist", hint="check "
                           "WALSHIP_ENCRYPTION_KEY_FILE / --encryption-key-file") from None

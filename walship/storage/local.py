@@ -13,6 +13,13 @@ fall back to ``renameat2(RENAME_NOREPLACE)``.
 The root directory must exist: a missing root (an unmounted share, a typo) is
 :class:`~walship.errors.RepositoryMissing`, never "object not found"; a root that is a file is
 a :class:`~walship.errors.ConfigError` that says so.
+
+Run as root in a repository whose root directory belongs to another user (the postgres user),
+every file and directory a put creates is given to that user (and the root directory's group),
+so that the repository stays readable and writable by the user it belongs to. A put killed
+before its link leaves its temporary file behind; now and then (one put in
+:data:`SWEEP_ONE_IN`) a put deletes those of its directory older than
+:data:`LEFTOVER_SECONDS`, which no put in progress can be (it keeps writing its own).
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from walship.redact import mask_url
 from walship.storage.base import MetadataSource, ObjectInfo, check_key, check_metadata
 
 _FOOTER = struct.Struct(">I4s")
+SWEEP_ONE_IN = 64
+LEFTOVER_SECONDS = 3600.0
 _MAGIC = b"WSMD"
 _READ_SIZE = 1 << 20
 
@@ -74,6 +83,28 @@ def _link_no_clobber(source: Path, target: Path) -> None:
         code = ctypes.get_errno()
         raise FileExistsError(code, os.strerror(code)) if code == errno.EEXIST \
             else OSError(code, os.strerror(code))
+
+
+def _sweep_leftovers(directory: Path) -> None:
+    """Delete the temporary files (``.tmp.*``) that puts killed before their link left in
+    ``directory``, once older than :data:`LEFTOVER_SECONDS` (never one a put is writing)."""
+    import time
+
+    now = time.time()
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                stem, _, token = entry.name.rpartition(".")
+                if not (stem.startswith(".tmp.") and len(token) == 12):
+                    continue  # (not a temporary name of put's)
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if now - st.st_mtime > LEFTOVER_SECONDS:
+                        os.unlink(entry.path)
+                except OSError:
+                    pass
+    except OSError:
+        pass
 
 
 class LocalDownload:
@@ -118,6 +149,7 @@ class LocalStorage:
                               "(a ? or # in a directory name as %3F or %23)")
         self.root = Path(unquote(parts.path))
         self.url = f"file://{self.root}"
+        self._owner: tuple[int, int] | None = None  # see _owner_of_new_files
 
     # -- helpers -------------------------------------------------------------------------------
     def _path(self, key: str) -> Path:
@@ -184,12 +216,16 @@ class LocalStorage:
             raise self._root_missing("walship does not create the repository root")
         if target.exists():  # cheap early answer; the link below is the real check
             raise AlreadyExists(f"object {key} already exists in {self.url}")
-        self._make_parents(target.parent)
+        owner = self._owner_of_new_files()
+        self._make_parents(target.parent, owner)
         temp = target.parent / f".tmp.{target.name}.{secrets.token_hex(6)}"
         size = 0
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o640)
             try:
+                if owner is not None:
+                    os.fchown(fd, *owner)
                 for chunk in data:
                     size += len(chunk)
                     view = memoryview(chunk)
@@ -213,15 +249,29 @@ class LocalStorage:
             except FileNotFoundError:
                 pass
         _fsync_dir(target.parent)
+        if secrets.randbelow(SWEEP_ONE_IN) == 0:
+            _sweep_leftovers(target.parent)
         return ObjectInfo(key, size, meta)
 
-    def _make_parents(self, directory: Path) -> None:
+    def _owner_of_new_files(self) -> tuple[int, int] | None:
+        """The (uid, gid) to give what a put creates: the root directory's, when root writes
+        into another user's repository; None (the writer's own) otherwise."""
+        if os.geteuid() != 0:
+            return None
+        if self._owner is None:
+            st = os.stat(self.root)
+            self._owner = (st.st_uid, st.st_gid)
+        return self._owner if self._owner[0] != 0 else None
+
+    def _make_parents(self, directory: Path, owner: tuple[int, int] | None = None) -> None:
         """Create ``directory`` and its missing parents below the root, each fsynced in."""
         if directory.is_dir():
             return
-        self._make_parents(directory.parent)
+        self._make_parents(directory.parent, owner)
         try:
             os.mkdir(directory, 0o750)
+            if owner is not None:
+                os.lchown(directory, *owner)
         except FileExistsError:
             return
         except OSError as error:
