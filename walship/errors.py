@@ -26,6 +26,8 @@ class ExitStatus(enum.IntEnum):
     INTEGRITY = 5  # corrupt, truncated or tampered object, wrong key
     FAILED = 6  # any other failure
     INCOMPLETE = 7  # wal-verify / backup-verify: WAL missing (a gap) or history inconsistent
+    DRILL_FAILED = 8  # drill: the restore or a validation check failed
+    TARGET_MISSED = 9  # drill: restored and validated, but the RTO or RPO target was missed
     # wal-fetch (restore_command): a failure must abort recovery, so 128 is added.
     RECOVERY_USAGE = 130
     RECOVERY_UNAVAILABLE = 132
