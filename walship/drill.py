@@ -97,6 +97,9 @@ def parse_duration(text: str, what: str = "duration") -> float:
 
 
 def format_duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:  # a target as written: 1 h, 15 min
+            return f"{seconds / size:.0f} {unit}"
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 7200:
@@ -606,7 +609,8 @@ def configure(scratch: Scratch, runner: Runner, port: int, control: Mapping[str,
                 "hot_standby": "on", "primary_conninfo": _quote(""),
                 "primary_slot_name": _quote(""), "synchronous_standby_names": _quote(""),
                 "logging_collector": "off", "log_destination": _quote("stderr"),
-                "ssl": "off", "cluster_name": _quote("walship-drill")}
+                "ssl": "off", "cluster_name": _quote("walship-drill"),
+                "log_line_prefix": _quote("%m [%p] "), "log_timezone": _quote("UTC")}
     with open(scratch.data / "postgresql.auto.conf", "a", encoding="utf-8") as auto:
         auto.write("# walship drill: a private scratch server (these lines win)\n")
         auto.writelines(f"{name} = {value}\n" for name, value in settings.items())
@@ -914,6 +918,8 @@ def _restore_and_check(archive: Archive, settings: Any, manifest: Any, target: A
     finally:
         if conn is not None:
             conn.close()
+    t_consistent = _consistent_from_log(server.scratch.log, report.started, t0,
+                                        t_fetched, t_promoted) or t_consistent
     report.phases["wal_replay_until_consistent"] = t_consistent - t_fetched
     report.phases["until_recovery_end"] = t_promoted - t_consistent
     last_xact, replay_lsn, current_file = row
@@ -938,6 +944,29 @@ def _restore_and_check(archive: Archive, settings: Any, manifest: Any, target: A
     server.stop()
     if report.plan.checksums and checksums_on:
         report.checks.append(_run_checksums(server))
+
+
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC ")
+
+
+def _consistent_from_log(log: Path, started: datetime, t0: float, low: float,
+                         high: float) -> float | None:
+    """When the server logged "consistent recovery state reached" (on the monotonic clock of
+    ``t0``), which polling cannot see when the server accepts connections only once recovery
+    has ended; None if it is not in the log."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if "consistent recovery state reached" not in line:
+            continue
+        match = _LOG_TIME.match(line)
+        if not match:
+            return None
+        when = datetime.fromisoformat(match[1]).replace(tzinfo=timezone.utc)
+        return min(max(t0 + (when - started).total_seconds(), low), high)
+    return None
 
 
 def _try_connect(server: Server):

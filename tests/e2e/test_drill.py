@@ -80,6 +80,18 @@ def test_drill_restores_validates_measures_and_leaves_nothing(pg, file_repositor
         "SELECT to_char(max(mtime) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US+00:00') "
         "FROM pgbench_history"))
     accounts = primary.psql("SELECT count(*) FROM pgbench_accounts")
+    # The human summary, with the primary reachable: the newest archived WAL's age is
+    # compared with its archive_timeout.
+    primary.psql("ALTER SYSTEM SET archive_timeout = '60s'")
+    primary.psql("SELECT pg_reload_conf()")
+    proc = walship(pg, env, "drill", "--rto", "1h", "--rpo", "15min", "--amcheck", "postgres")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print(proc.stdout)
+    for text in ("backup fetch", "WAL replay until consistent", "until recovery ended",
+                 "first query answered", "RTO ", "(target 1 h: met)", "RPO ",
+                 "(target 15 min: met)", "pg_last_xact_replay_timestamp()",
+                 "archive_timeout is 60 s", "pg_amcheck postgres", "PASSED"):
+        assert text in proc.stdout, proc.stdout
     primary.stop()
     primary.wait_stopped()
     before = repository_keys(file_repository.path)
@@ -134,8 +146,9 @@ no_rows = true
     assert not scratch.exists()
     assert processes_in(scratch) == []
     after = repository_keys(file_repository.path)
-    assert {k: v for k, v in after.items() if not k.startswith("drills/")} == before
-    assert [k for k in after if k.startswith("drills/")] == [report["stored_as"]]
+    assert {k: v for k, v in after.items() if k not in before} == {
+        report["stored_as"]: after[report["stored_as"]]}
+    assert {k: v for k, v in after.items() if k in before} == before
     text = prom.read_text()
     assert "walship_drill_passed 1\n" in text
     assert f"walship_drill_rto_seconds {report['rto_seconds']:.3f}".rstrip("0") in text
