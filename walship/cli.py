@@ -675,9 +675,9 @@ def drill(state: _State, backup: str, target_time: str | None, target_lsn: str |
     archive = state.archive()
     try:
         report = drills.run_drill(archive, settings, plan, options, log=logline.info)
-    except drills.Interrupted as signum:
-        raise drills.DrillFailed(f"drill interrupted by {signum}", "the scratch server was "
-                                 "stopped and its directory removed") from None
+    except (drills.Interrupted, KeyboardInterrupt) as signum:
+        raise drills.DrillFailed(f"drill interrupted by {signum or 'SIGINT'}", "the scratch "
+                                 "server was stopped and its directory removed") from None
     try:
         report.stored_as = drills.store_result(archive, report)
     except WalshipError as error:

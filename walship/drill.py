@@ -785,8 +785,8 @@ def run_drill(archive: Archive, settings: Any, plan: DrillPlan, options: DrillOp
             _newest_wal(archive, report, options)
             _restore_and_check(archive, settings, manifest, target, scratch, server, report,
                                t0, clock, log)
-    except Interrupted as signum:
-        report.error = f"interrupted by {signum}"
+    except (Interrupted, KeyboardInterrupt) as signum:
+        report.error = f"interrupted by {signum or 'SIGINT'}"
         with _signals_ignored():
             server.stop()
             if not options.keep:

@@ -1,5 +1,5 @@
 """``walship drill`` end to end: a cluster under pgbench archives through walship into a
-``file://`` repository and takes a backup; the drill restores it into a scratch directory,
+``file://`` repository (and Azurite, for the main test) and takes a backup; the drill restores it into a scratch directory,
 starts a scratch server, validates, measures and reports; nothing is left behind.
 
 Every drill runs as a subprocess as the server's OS user (``postgres`` when the tests run as
@@ -34,8 +34,20 @@ def walship(pg: PgWorkspace, env: dict[str, str], *args: str,
     return pg.run_pg([pg.walship, *args], env=env, check=False, timeout=timeout)
 
 
-def repository_keys(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+@pytest.fixture(params=["file", "azure"])
+def repo(request):
+    if request.param == "file":
+        return request.getfixturevalue("file_repository")
+    return request.getfixturevalue("azure_repository")
+
+
+def repository_keys(repo) -> dict[str, int]:
+    """Every object of the repository and its size, through walship's storage API."""
+    storage = repo.open()
+    try:
+        return {info.key: info.size for info in storage.list("")}
+    finally:
+        storage.close()
 
 
 def processes_in(path: Path) -> list[str]:
@@ -74,8 +86,8 @@ def primary_with_backup(pg: PgWorkspace, repo) -> tuple[PgCluster, dict[str, str
     return primary, env
 
 
-def test_drill_restores_validates_measures_and_leaves_nothing(pg, file_repository):
-    primary, env = primary_with_backup(pg, file_repository)
+def test_drill_restores_validates_measures_and_leaves_nothing(pg, repo):
+    primary, env = primary_with_backup(pg, repo)
     last_commit = datetime.fromisoformat(primary.psql(
         "SELECT to_char(max(mtime) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US+00:00') "
         "FROM pgbench_history"))
@@ -94,7 +106,7 @@ def test_drill_restores_validates_measures_and_leaves_nothing(pg, file_repositor
         assert text in proc.stdout, proc.stdout
     primary.stop()
     primary.wait_stopped()
-    before = repository_keys(file_repository.path)
+    before = repository_keys(repo)
     config = pg.path / "walship.toml"
     config.write_text(f'''
 [drill]
@@ -145,7 +157,7 @@ no_rows = true
     # Nothing left running nor on disk; the repository gained only the drill's result.
     assert not scratch.exists()
     assert processes_in(scratch) == []
-    after = repository_keys(file_repository.path)
+    after = repository_keys(repo)
     assert {k: v for k, v in after.items() if k not in before} == {
         report["stored_as"]: after[report["stored_as"]]}
     assert {k: v for k, v in after.items() if k in before} == before
