@@ -1208,10 +1208,33 @@ def store_result(archive: Archive, report: DrillReport) -> str:
         stored = archive.codec.stored_form(key, [data], size_hint=len(data))
         try:
             archive.storage.put(key, stored, metadata=stored.metadata)
-            return key
         except AlreadyExists:
             continue
+        except OSError as error:
+            raise DrillFailed("cannot store the drill's result", os.strerror(error.errno or 0),
+                              "check the repository's owner and permissions") from None
+        _give_to_repository_owner(archive, key)
+        return key
     raise DrillFailed("cannot store the drill's result", "100 results share its second")
+
+
+def _give_to_repository_owner(archive: Archive, key: str) -> None:
+    """Run as root on a file:// repository, give ``drills/`` and the result just stored to the
+    repository directory's owner, so that the next drill, run as that user, can store its own
+    (a root-owned ``drills/`` would refuse it)."""
+    root = getattr(archive.storage, "root", None)
+    if os.geteuid() != 0 or not isinstance(root, Path):
+        return
+    try:
+        owner = os.stat(root)
+        if owner.st_uid == 0:
+            return
+        for path in (root / DRILLS_PREFIX.rstrip("/"), root / key):
+            status = os.lstat(path)
+            if status.st_uid == 0 and not os.path.islink(path):
+                os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
+    except OSError:
+        pass
 
 
 @dataclass(frozen=True)
