@@ -189,3 +189,16 @@ def test_a_scratch_directory_in_use_is_refused(tmp_path):
     assert scratch.created
     drill.remove_scratch(scratch)
     assert not (tmp_path / "new").exists()
+
+
+def test_check_validates_the_drill_table(file_repo_env, tmp_path, monkeypatch, capsys):
+    config = tmp_path / "walship.toml"
+    config.write_text('[drill]\nrto = "1h"\nrpo = "5min"\namcheck = ["postgres"]\n')
+    monkeypatch.setenv("WALSHIP_CONFIG", str(config))
+    assert main(["check"]) == 0
+    assert ("drill: RTO 1 h, RPO 5 min, 0 SQL checks, pg_amcheck on postgres, data checksums "
+            "checked, due every 7 days") in capsys.readouterr().out
+    config.write_text('[drill]\nrto = "one hour"\n')
+    assert main(["check"]) == ExitStatus.USAGE
+    assert "invalid drill.rto 'one hour'" in capsys.readouterr().err
+    assert main(["wal-verify"]) != ExitStatus.USAGE  # other commands ignore the table

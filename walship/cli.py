@@ -187,6 +187,11 @@ def check(state: _State) -> int:
         click.echo(f"encryption: AES-256-GCM, key id {key.key_id.hex()}")
     else:
         click.echo("encryption: off (set WALSHIP_ENCRYPTION_KEY_FILE to encrypt)")
+    if settings.drill:
+        from walship.drill import describe_plan, parse_plan
+
+        click.echo("drill: " + describe_plan(parse_plan(settings.drill,
+                                                        f"config file {settings.config_file}")))
     archive = state.archive()
     from walship import layout
 

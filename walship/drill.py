@@ -145,6 +145,18 @@ class DrillPlan:
     timeout: float = DEFAULT_TIMEOUT  # the whole restore and recovery
 
 
+def describe_plan(plan: DrillPlan) -> str:
+    """One line for ``walship check``."""
+    parts = [f"RTO {format_duration(plan.rto) if plan.rto is not None else 'no target'}",
+             f"RPO {format_duration(plan.rpo) if plan.rpo is not None else 'no target'}",
+             f"{len(plan.checks)} SQL checks"]
+    if plan.amcheck:
+        parts.append("pg_amcheck on " + ", ".join(plan.amcheck))
+    parts.append("data checksums checked" if plan.checksums else "data checksums not checked")
+    parts.append(f"due every {format_duration(plan.interval)}")
+    return ", ".join(parts)
+
+
 _PLAN_KEYS = {"rto", "rpo", "check", "amcheck", "checksums", "user", "scratch", "pg_bindir",
               "interval", "timeout"}
 _CHECK_KEYS = {"name", "sql", "database", "min_rows", "value", "no_rows"}
