@@ -799,26 +799,39 @@ def run_drill(archive: Archive, settings: Any, plan: DrillPlan, options: DrillOp
                                t0, clock, log)
     except (Interrupted, KeyboardInterrupt) as signum:
         report.error = f"interrupted by {signum or 'SIGINT'}"
-        with _signals_ignored():
-            server.stop()
-            if not options.keep:
-                remove_scratch(scratch)
-        report.finished = datetime.now(timezone.utc)
         raise
     except WalshipError as error:
         report.error = error.one_line()
-    with _signals_ignored():
-        try:
-            server.stop()
-        finally:
-            if options.keep:
-                log(f"drill: kept {scratch.root} (the server is stopped)")
-            else:
-                remove_scratch(scratch)
+    except Exception as error:  # psycopg or OS failures (the server died): the drill failed
+        if not _environmental(error):
+            raise
+        from walship.redact import redact
+
+        report.error = redact(f"{type(error).__name__}: {_last_line(str(error))}", limit=500)
+    finally:  # nothing left running, nor in the scratch directory (unless kept)
+        with _signals_ignored():
+            try:
+                server.stop()
+            finally:
+                if options.keep:
+                    log(f"drill: kept {scratch.root} (the server is stopped)")
+                else:
+                    remove_scratch(scratch)
+        report.finished = datetime.now(timezone.utc)
     if not report.restored and report.error is None:
         report.error = "the drill did not complete"
-    report.finished = datetime.now(timezone.utc)
     return report
+
+
+def _environmental(error: Exception) -> bool:
+    """A failure of the drill's surroundings (the server, the OS), not a bug of walship."""
+    if isinstance(error, OSError):
+        return True
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(error, psycopg.Error)
 
 
 def _newest_wal(archive: Archive, report: DrillReport, options: DrillOptions) -> None:
