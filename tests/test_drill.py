@@ -137,6 +137,15 @@ def test_json_and_prometheus():
     assert "walship_drill_last_success_timestamp_seconds" not in text
 
 
+def test_html_report_is_escaped():
+    page = drill.html_report(_report(checks=[drill.CheckResult(
+        "<script>", "sql", False, 0.1, "0 rows & <b>", "db")], rto_seconds=61.0))
+    assert page.startswith("<!DOCTYPE html>") and "walship drill: FAILED" in page
+    assert "<script>" not in page and "&lt;script&gt;" in page and "&amp; &lt;b&gt;" in page
+    assert "<td>RTO</td><td>61.0 s</td><td>1 min</td><td>MISSED</td>" in page
+    assert "<td>backup_fetch</td><td>10.00</td>" in page
+
+
 def test_history_and_status(file_repo_env, capsys):
     archive = Archive(open_storage(f"file://{file_repo_env}"), Codec())
     status = drill.drill_status(archive, now=NOW)

@@ -641,13 +641,15 @@ def _drill_status(state: _State):
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
 @click.option("--prometheus", metavar="FILE", help="Also write the drill's metrics to FILE "
               "(atomically) for node_exporter's textfile collector.")
+@click.option("--html", "html", metavar="FILE", help="Also write the report as an HTML page "
+              "to FILE (atomically).")
 @click.pass_obj
 def drill(state: _State, backup: str, target_time: str | None, target_lsn: str | None,
           target_xid: str | None, target_name: str | None, target_kind: str | None,
           scratch: str | None, port: int | None, pg_bindir: str | None, keep: bool,
           rto: str | None, rpo: str | None, expect_rows: tuple[str, ...],
           expect_no_rows: tuple[str, ...], amcheck: tuple[str, ...], dbname: str | None,
-          as_json: bool, prometheus: str | None) -> int:
+          as_json: bool, prometheus: str | None, html: str | None) -> int:
     """Restore drill: restore a backup and the archived WAL into a scratch directory, start
     PostgreSQL there on a free port, wait for recovery to end, validate, measure RTO and RPO
     against the targets, report, and remove everything.
@@ -690,6 +692,8 @@ def drill(state: _State, backup: str, target_time: str | None, target_lsn: str |
                         f"{error.one_line()}")
     if prometheus:
         write_textfile(prometheus, drills.prometheus_text(report))
+    if html:
+        write_textfile(html, drills.html_report(report))
     if as_json:
         click.echo(json.dumps({**report.to_dict(), "stored_as": report.stored_as}, indent=2))
     else:

@@ -1184,6 +1184,54 @@ def human_summary(report: DrillReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def html_report(report: DrillReport) -> str:
+    """A self-contained HTML page of the drill (for a web server or an e-mail); every value
+    is escaped."""
+    from html import escape
+
+    def row(*cells: object, head: bool = False) -> str:
+        tag = "th" if head else "td"
+        return "<tr>" + "".join(f"<{tag}>{escape(str(c))}</{tag}>" for c in cells) + "</tr>"
+
+    def target(actual: float | None, goal: float | None) -> tuple[str, str, str]:
+        shown = "-" if actual is None else format_duration(actual)
+        if goal is None:
+            return shown, "no target", ""
+        return shown, format_duration(goal), (
+            "" if actual is None else "met" if actual <= goal else "MISSED")
+
+    verdict = {"passed": "PASSED", "failed": "FAILED", "missed": "TARGET MISSED"}[report.result]
+    colour = {"passed": "#1a7f37", "failed": "#cf222e", "missed": "#bf8700"}[report.result]
+    data = report.to_dict()
+    summary = "Restored, validated, targets met." if report.passed else report.cause()
+    title = f"walship drill {report.started.strftime('%Y-%m-%d %H:%M')} UTC: {verdict}"
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}")
+    parts = [
+        "<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">",
+        f"<title>{escape(title)}</title>", f"<style>{style}</style></head><body>",
+        f"<h1 style=\"color:{colour}\">walship drill: {verdict}</h1>",
+        f"<p>{escape(summary)}</p>",
+        "<table>", row("backup", report.backup or "-"), row("target", report.target),
+        row("started (UTC)", report.started.strftime("%Y-%m-%d %H:%M:%S")),
+        row("next drill due (UTC)", str(data["next_drill_due"])[:19].replace("T", " ")),
+        "</table>",
+        "<h2>Objectives</h2><table>", row("", "measured", "target", "", head=True),
+        row("RTO", *target(report.rto_seconds, report.plan.rto)),
+        row("RPO", *target(report.rpo_seconds, report.plan.rpo)), "</table>",
+        f"<p>RPO: {escape(report.rpo_derivation)}</p>" if report.rpo_derivation else "",
+        f"<p>Archive: {escape(report.archive_timeout_note)}</p>"
+        if report.archive_timeout_note else "",
+        "<h2>Phases</h2><table>", row("phase", "seconds", head=True),
+        *(row(name, f"{seconds:.2f}") for name, seconds in report.phases.items()), "</table>",
+        "<h2>Checks</h2><table>", row("check", "database", "result", "seconds", "detail",
+                                      head=True),
+        *(row(c.name, c.database or "-", "ok" if c.passed else "FAILED", f"{c.seconds:.2f}",
+              c.detail) for c in report.checks), "</table>",
+        "</body></html>"]
+    return "\n".join(part for part in parts if part) + "\n"
+
+
 def prometheus_text(report: DrillReport) -> str:
     """The drill's metrics for node_exporter's textfile collector (unknown values omitted)."""
     finished = report.finished or report.started

@@ -130,7 +130,7 @@ no_rows = true
     env = {**primary.env, "WALSHIP_CONFIG": str(config)}
     proc = walship(pg, env, "drill", "--json", "--scratch", str(scratch),
                    "--expect-rows", "postgres:SELECT 1 FROM pgbench_tellers",
-                   "--prometheus", str(prom))
+                   "--prometheus", str(prom), "--html", str(prom.with_name("drill.html")))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     assert report["passed"] is True and report["result"] == "passed"
@@ -161,6 +161,7 @@ no_rows = true
     assert {k: v for k, v in after.items() if k not in before} == {
         report["stored_as"]: after[report["stored_as"]]}
     assert {k: v for k, v in after.items() if k in before} == before
+    assert "walship drill: PASSED" in prom.with_name("drill.html").read_text()
     text = prom.read_text()
     assert "walship_drill_passed 1\n" in text
     assert f"walship_drill_rto_seconds {report['rto_seconds']:.3f}".rstrip("0") in text
