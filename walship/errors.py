@@ -130,6 +130,19 @@ class KeyMismatch(IntegrityError):
     """The object was written with another encryption key, or needs a key and none is set."""
 
 
+class DrillFailed(WalshipError):
+    """A restore drill's restore or one of its validation checks failed: the plan is not
+    proven."""
+
+    status = ExitStatus.DRILL_FAILED
+
+
+class TargetMissed(WalshipError):
+    """A restore drill restored and validated, but its RTO or RPO exceeded the target."""
+
+    status = ExitStatus.TARGET_MISSED
+
+
 def exit_status(error: BaseException, *, recovery: bool = False) -> ExitStatus:
     """Map any exception to an exit status; ``recovery`` is true inside restore_command.
 
