@@ -105,14 +105,14 @@ class DrillReport:
             newest_age = round((self.started - self.newest_wal_stored).total_seconds(), 3)
         return {
             "backup": self.backup, "target": self.target,
-            "started": _iso(self.started), "finished": _iso(self.finished),
+            "started": iso_utc(self.started), "finished": iso_utc(self.finished),
             "scratch": self.scratch, "port": self.port, "pg_bindir": self.pg_bindir,
             "phases": {name: round(seconds, 3) for name, seconds in self.phases.items()},
             "rto_seconds": _round(self.rto_seconds), "rpo_seconds": _round(self.rpo_seconds),
             "rpo_derivation": self.rpo_derivation,
-            "last_replayed_transaction": _iso(self.last_replayed_transaction),
+            "last_replayed_transaction": iso_utc(self.last_replayed_transaction),
             "newest_archived_wal": {"name": self.newest_wal,
-                                    "stored": _iso(self.newest_wal_stored),
+                                    "stored": iso_utc(self.newest_wal_stored),
                                     "age_seconds_at_start": newest_age,
                                     "archive_timeout_seconds": self.archive_timeout,
                                     "note": self.archive_timeout_note or None},
@@ -124,12 +124,12 @@ class DrillReport:
                         "detail": c.detail} for c in self.checks],
             "error": self.error, "missed": self.missed(), "result": self.result,
             "passed": self.passed, "cause": None if self.passed else self.cause(),
-            "next_drill_due": _iso((self.finished or self.started)
+            "next_drill_due": iso_utc((self.finished or self.started)
                                    + timedelta(seconds=self.plan.interval)),
         }
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso_utc(value: datetime | None) -> str | None:
     return value.astimezone(timezone.utc).isoformat() if value is not None else None
 
 
@@ -387,8 +387,8 @@ class DrillStatus:
 
     def as_dict(self) -> dict[str, Any]:
         h = self.history
-        return {"key": h.last_key, "result": h.last_result, "time": _iso(h.last_time),
-                "last_success_time": _iso(h.last_success_time),
+        return {"key": h.last_key, "result": h.last_result, "time": iso_utc(h.last_time),
+                "last_success_time": iso_utc(h.last_success_time),
                 "last_success_age_seconds": _round(self.success_age),
                 "interval_seconds": self.interval, "overdue": self.overdue,
                 "drills": h.drills, "report": h.last}

@@ -19,7 +19,7 @@ from typing import Any
 from walship import wal
 from walship.archive import Archive
 from walship.drill.plan import DrillPlan, SqlCheck
-from walship.drill.report import CheckResult, DrillReport, _iso
+from walship.drill.report import CheckResult, DrillReport, iso_utc
 from walship.drill.scratch import (
     Runner,
     Scratch,
@@ -30,9 +30,9 @@ from walship.drill.scratch import (
 )
 from walship.drill.server import (
     Server,
-    _last_line,
     configure,
     controldata,
+    last_line,
     server_environment,
     server_failure,
 )
@@ -131,7 +131,7 @@ def run_drill(archive: Archive, settings: Any, plan: DrillPlan, options: DrillOp
             raise
         from walship.redact import redact
 
-        report.error = redact(f"{type(error).__name__}: {_last_line(str(error))}", limit=500)
+        report.error = redact(f"{type(error).__name__}: {last_line(str(error))}", limit=500)
     finally:  # nothing left running, nor in the scratch directory (unless kept)
         with _signals_ignored():
             try:
@@ -205,7 +205,7 @@ def read_archive_timeout(dbname: str | None) -> tuple[float | None, str]:
             row = conn.execute("SELECT setting::float FROM pg_settings "
                                "WHERE name = 'archive_timeout'").fetchone()
     except psycopg.Error as error:
-        text = _last_line(str(error)) or type(error).__name__
+        text = last_line(str(error)) or type(error).__name__
         return None, "cannot query the primary: " + redact(text,
                                                             hide=connection_secrets(dbname))
     return (float(row[0]) if row else None), ""
@@ -349,12 +349,12 @@ def _rpo(report: DrillReport, manifest: Any, last_xact: datetime | None) -> None
     if last_xact is not None:
         report.last_replayed_transaction = last_xact.astimezone(timezone.utc)
         report.rpo_seconds = max(0.0, (report.started - last_xact).total_seconds())
-        how = (f"drill start {_iso(report.started)} minus the last transaction recovered, "
-               f"{_iso(last_xact)} (pg_last_xact_replay_timestamp())")
+        how = (f"drill start {iso_utc(report.started)} minus the last transaction recovered, "
+               f"{iso_utc(last_xact)} (pg_last_xact_replay_timestamp())")
     else:
         report.rpo_seconds = max(0.0, (report.started - manifest.stop_time).total_seconds())
-        how = (f"drill start {_iso(report.started)} minus the backup's stop time "
-               f"{_iso(manifest.stop_time)}: no transaction was replayed from the archive")
+        how = (f"drill start {iso_utc(report.started)} minus the backup's stop time "
+               f"{iso_utc(manifest.stop_time)}: no transaction was replayed from the archive")
     if report.newest_wal_stored is not None:
         age = (report.started - report.newest_wal_stored).total_seconds()
         how += (f"; the newest archived WAL, {report.newest_wal}, was stored {age:.1f} s "
@@ -419,7 +419,7 @@ def _run_sql_check(server: Server, check: SqlCheck) -> CheckResult:
                 first = raw.decode("utf-8", "replace") if raw is not None else None
     except psycopg.Error as error:
         return CheckResult(check.name, "sql", False, time.monotonic() - started,
-                           f"query failed: {_last_line(str(error))[:300]}", check.database)
+                           f"query failed: {last_line(str(error))[:300]}", check.database)
     seconds = time.monotonic() - started
     if check.no_rows:
         ok, detail = rows == 0, f"{rows} rows (expected none)"

@@ -48,7 +48,7 @@ def controldata(runner: Runner, bindir: Path, data: Path) -> dict[str, str]:
                       env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"})
     if proc.returncode != 0:
         raise DrillFailed("pg_controldata failed on the restored directory",
-                          _last_line(proc.stderr))
+                          last_line(proc.stderr))
     return {k.strip(): v.strip() for k, _, v in
             (line.partition(":") for line in proc.stdout.splitlines()) if v}
 
@@ -87,7 +87,7 @@ def configure(scratch: Scratch, runner: Runner, port: int, control: Mapping[str,
         auto.writelines(f"{name} = {value}\n" for name, value in settings.items())
 
 
-def _last_line(text: str) -> str:
+def last_line(text: str) -> str:
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
@@ -118,7 +118,7 @@ class Server:
         proc = self.runner.run([str(self.bindir / "pg_ctl"), "-D", str(self.scratch.data),
                                 "-l", str(self.scratch.log), "-W", "start"], env=self.env)
         if proc.returncode != 0:
-            raise DrillFailed("the scratch server did not start", _last_line(
+            raise DrillFailed("the scratch server did not start", last_line(
                 proc.stderr) or server_failure(self.scratch.log))
 
     def pid(self) -> int | None:
