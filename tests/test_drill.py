@@ -15,7 +15,7 @@ from walship.archive import Archive
 from walship.codec import Codec
 from walship.config import load_settings
 from walship.entry import main
-from walship.errors import ConfigError, ExitStatus, UsageError
+from walship.errors import ExitStatus, UsageError
 from walship.storage import open_storage
 
 NOW = datetime(2026, 12, 6, 3, 0, tzinfo=timezone.utc)
@@ -63,13 +63,17 @@ no_rows = true
                        None, True))
 
 
-def test_a_file_without_drill_table_still_loads_and_a_bad_one_is_refused(tmp_path):
+def test_a_bad_drill_table_never_stops_archiving(tmp_path):
+    """Only the drill (and check, status) read the table: wal-push and wal-fetch load it."""
     config = tmp_path / "walship.toml"
     config.write_text('repo = "file:///nowhere"\n')
     assert load_settings(environ={}, config_file=str(config)).drill == {}
     config.write_text('repo = "file:///nowhere"\ndrill = 3\n')
-    with pytest.raises(ConfigError, match=r"\[drill\] must be a table"):
-        load_settings(environ={}, config_file=str(config))
+    settings = load_settings(environ={}, config_file=str(config))
+    with pytest.raises(UsageError, match=r"\[drill\] in the config file must be a table"):
+        drill.parse_plan(settings.drill)
+    config.write_text('repo = "file:///nowhere"\n[drill]\nrto = 5\n')
+    assert load_settings(environ={}, config_file=str(config)).drill == {"rto": 5}
 
 
 @pytest.mark.parametrize(("table", "message"), [

@@ -67,8 +67,8 @@ class Settings:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     # one-line warnings about the configuration, for the command line to print (never raised)
     warnings: tuple[str, ...] = field(default=(), compare=False)
-    # the file's [drill] table, as written: checked by walship.drill.parse_plan when a drill
-    # (or walship check) reads it, so a drill setting never stops archiving
+    # the file's [drill] table, as written (any type): checked by walship.drill.parse_plan when a
+    # drill, check or status reads it, so a drill setting never stops archiving
     drill: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -210,8 +210,6 @@ def _read_file(path: str, explicit: bool) -> tuple[dict[str, Any], os.stat_resul
             raise ConfigError(f"invalid azure.{name} in config file {path}",
                               f"it must be text, not {_toml_kind(value)}",
                               "write it in quotes")
-    if not isinstance(data.get("drill", {}), dict):
-        raise ConfigError(f"config file {path}: [drill] must be a table")
     return data, status
 
 
