@@ -179,7 +179,8 @@ no_rows = true
 def test_drill_missed_failed_and_refused(pg, file_repository):
     primary, env = primary_with_backup(pg, file_repository)
     config = pg.path / "walship.toml"
-    config.write_text('[drill]\nrto = "1s"\nrpo = "1d"\n')
+    # An impossible RTO (a tiny cluster restores in well under 1 s on a fast machine).
+    config.write_text('[drill]\nrto = "0.01s"\nrpo = "1d"\n')
     chown_to(config, pg.user)
     env = {**env, "WALSHIP_CONFIG": str(config)}
     scratch = pg.path / "scratch"

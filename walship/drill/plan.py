@@ -35,6 +35,8 @@ def format_duration(seconds: float) -> str:
     for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size and seconds % size == 0:  # a target as written: 1 h, 15 min
             return f"{seconds / size:.0f} {unit}"
+    if seconds < 1:
+        return f"{seconds:.2f} s"
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 7200:
