@@ -16,7 +16,8 @@ import click
 from walship import logline
 from walship.codec import DEFAULT_LEVEL
 from walship.config import Settings, load_settings
-from walship.errors import ExitStatus, NotFound, UsageError, exit_status, standby_waits
+from walship.errors import (ExitStatus, NotFound, UsageError, WalshipError, exit_status,
+                            standby_waits)
 
 
 class _Finite(click.FloatRange):
@@ -225,6 +226,11 @@ def check(state: _State) -> int:
         click.echo(f"encryption: AES-256-GCM, key id {key.key_id.hex()}")
     else:
         click.echo("encryption: off (set WALSHIP_ENCRYPTION_KEY_FILE to encrypt)")
+    if settings.drill:
+        from walship.drill import describe_plan, parse_plan
+
+        click.echo("drill: " + describe_plan(parse_plan(settings.drill,
+                                                        f"config file {settings.config_file}")))
     archive = state.archive()
     from walship import layout
 
@@ -624,10 +630,13 @@ def status(state: _State, dbname: str | None, as_json: bool, prometheus: str | N
     from walship import status as status_core
 
     current = status_core.gather(state.archive(), dbname=dbname)
+    drills = _drill_status(state)
     if prometheus:
-        status_core.write_textfile(prometheus, status_core.prometheus_text(current))
+        status_core.write_textfile(prometheus, status_core.prometheus_text(current)
+                                   + drills.prometheus())
     if as_json:
-        click.echo(json.dumps(status_core.status_dict(current), indent=2))
+        click.echo(json.dumps({**status_core.status_dict(current),
+                               "last_drill": drills.as_dict()}, indent=2))
         return ExitStatus.OK
     click.echo(f"repository     {current.repository}")
     age = current.last_archived_age
@@ -648,8 +657,118 @@ def status(state: _State, dbname: str | None, as_json: bool, prometheus: str | N
                       if a.failed_count else ""))
     else:
         click.echo(f"archiver       unknown: {a.reason}")
+    click.echo(f"last drill     {drills.line()}")
     return ExitStatus.OK
 
+
+def _drill_status(state: _State):
+    from walship.drill import DEFAULT_INTERVAL, drill_status, parse_plan
+
+    try:
+        interval = parse_plan(state.settings.drill).interval
+    except UsageError as error:
+        logline.warning(f"{error.one_line()}; a drill is taken as due every "
+                        f"{DEFAULT_INTERVAL / 86400:.0f} days")
+        interval = DEFAULT_INTERVAL
+    return drill_status(state.archive(), interval)
+
+
+
+@cli.command("drill")
+@click.option("--backup", default="LATEST", show_default=True, metavar="NAME|LATEST",
+              help="The backup to restore (LATEST: the newest one before the target).")
+@click.option("--target-time", metavar="TIME", help="Recover to TIME (with a time zone).")
+@click.option("--target-lsn", metavar="LSN", help="Recover to this WAL position.")
+@click.option("--target-xid", metavar="XID", help="Recover to after this transaction.")
+@click.option("--target-name", metavar="NAME", help="Recover to this restore point.")
+@click.option("--target", "target_kind", type=click.Choice(["immediate"]),
+              help="immediate: stop as soon as the backup is consistent.")
+@click.option("--scratch", metavar="DIR", help="Scratch directory: absent or empty; removed "
+              "afterwards. [default: a new one under /var/tmp]")
+@click.option("--port", type=int, metavar="N", help="Port of the scratch server (refused if "
+              "in use). [default: a free one]")
+@click.option("--pg-bindir", metavar="DIR", help="PostgreSQL's programs. [default: "
+              "pg_config --bindir, else /usr/lib/postgresql/MAJOR/bin]")
+@click.option("--keep", is_flag=True, help="Keep the scratch directory (the server is "
+              "stopped) for inspection.")
+@click.option("--rto", metavar="DURATION", help="RTO target, e.g. 1h. [drill.rto]")
+@click.option("--rpo", metavar="DURATION", help="RPO target, e.g. 5min. [drill.rpo]")
+@click.option("--expect-rows", "expect_rows", multiple=True, metavar="DB:SQL",
+              help="A check: SQL run in DB must return at least one row.")
+@click.option("--expect-no-rows", "expect_no_rows", multiple=True, metavar="DB:SQL",
+              help="A check: SQL run in DB must return no row.")
+@click.option("--amcheck", "amcheck", multiple=True, metavar="DB",
+              help="Run pg_amcheck on DB. [drill.amcheck]")
+@click.option("--dbname", "-d", metavar="CONNINFO", help="The primary, to compare the newest "
+              "archived WAL's age with its archive_timeout. [default: libpq's PG* "
+              "environment, if set]")
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
+@click.option("--prometheus", metavar="FILE", help="Also write the drill's metrics to FILE "
+              "(atomically) for node_exporter's textfile collector.")
+@click.option("--html", "html", metavar="FILE", help="Also write the report as an HTML page "
+              "to FILE (atomically).")
+@click.pass_obj
+def drill(state: _State, backup: str, target_time: str | None, target_lsn: str | None,
+          target_xid: str | None, target_name: str | None, target_kind: str | None,
+          scratch: str | None, port: int | None, pg_bindir: str | None, keep: bool,
+          rto: str | None, rpo: str | None, expect_rows: tuple[str, ...],
+          expect_no_rows: tuple[str, ...], amcheck: tuple[str, ...], dbname: str | None,
+          as_json: bool, prometheus: str | None, html: str | None) -> int:
+    """Restore drill: restore a backup and the archived WAL into a scratch directory, start
+    PostgreSQL there on a free port, wait for recovery to end, validate, measure RTO and RPO
+    against the targets, report, and remove everything.
+
+    Exits 0 when the restore succeeded, every check passed and both targets were met; 8 when
+    the restore or a check failed; 9 when a target was missed.
+    """
+    import json
+    from dataclasses import replace
+
+    from walship import drill as drills
+    from walship.backup.restore import make_target
+    from walship.status import server_given, write_textfile
+
+    settings = state.settings
+    plan = drills.parse_plan(settings.drill, f"config file {settings.config_file}")
+    extra = [drills.flag_check(text, no_rows=False, number=i)
+             for i, text in enumerate(expect_rows, 1)]
+    extra += [drills.flag_check(text, no_rows=True, number=i)
+              for i, text in enumerate(expect_no_rows, 1)]
+    plan = replace(plan, checks=plan.checks + tuple(extra), amcheck=plan.amcheck + amcheck,
+                   rto=drills.parse_duration(rto, "--rto") if rto else plan.rto,
+                   rpo=drills.parse_duration(rpo, "--rpo") if rpo else plan.rpo,
+                   pg_bindir=pg_bindir or plan.pg_bindir)
+    target = make_target(time=target_time, lsn=target_lsn, xid=target_xid, name=target_name,
+                         immediate=target_kind == "immediate")
+    options = drills.DrillOptions(backup=backup, target=target, scratch=scratch, port=port,
+                                  keep=keep, primary=dbname,
+                                  query_primary=server_given(dbname, os.environ))
+    archive = state.archive()
+    try:
+        report = drills.run_drill(archive, settings, plan, options, log=logline.info)
+    except (drills.Interrupted, KeyboardInterrupt) as signum:
+        raise drills.DrillFailed(f"drill interrupted by {signum or 'SIGINT'}", "the scratch "
+                                 "server was stopped and its directory removed") from None
+    try:
+        report.stored_as = drills.store_result(archive, report)
+    except WalshipError as error:
+        logline.warning(f"the drill's result was not stored in the repository: "
+                        f"{error.one_line()}")
+    if prometheus:
+        write_textfile(prometheus, drills.prometheus_text(report))
+    if html:
+        write_textfile(html, drills.html_report(report))
+    if as_json:
+        click.echo(json.dumps({**report.to_dict(), "stored_as": report.stored_as}, indent=2))
+    else:
+        click.echo(drills.human_summary(report), nl=False)
+    if report.result == "failed":
+        raise drills.DrillFailed("drill failed", report.cause())
+    if report.result == "missed":
+        raise drills.TargetMissed("drill missed its target", report.cause())
+    logline.info(f"drill passed backup={report.backup} rto={report.rto_seconds:.3f} "
+                 f"rpo={report.rpo_seconds:.3f}")
+    return ExitStatus.OK
 
 def _age(seconds: float) -> str:
     if seconds < 120:

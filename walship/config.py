@@ -73,6 +73,9 @@ class Settings:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     # one-line warnings about the configuration, for the command line to print (never raised)
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    # the file's [drill] table, as written (any type): checked by walship.drill.parse_plan when a
+    # drill, check or status reads it, so a drill setting never stops archiving
+    drill: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def debug(self) -> bool:
@@ -212,7 +215,7 @@ def _read_file(path: str, explicit: bool) -> tuple[dict[str, Any], os.stat_resul
         raise ConfigError(f"config file {path} is not valid TOML", f"it is not UTF-8 text "
                           f"(byte 0x{error.object[error.start]:02x} at offset {error.start})",
                           "save it as UTF-8") from None
-    unknown = set(data) - set(_OPTIONS) - {"azure"}
+    unknown = set(data) - set(_OPTIONS) - {"azure", "drill"}
     azure = data.get("azure", {})
     if not isinstance(azure, dict):
         raise ConfigError(f"config file {path}: [azure] must be a table")
@@ -280,7 +283,7 @@ def load_settings(flags: Mapping[str, Any] | None = None,
             azure[name], sources[f"azure.{name}"] = azure_file[name], f"file {path}"
     warnings = _exposed_secrets(path, data, status) if path else ()
     return Settings(**values, azure=AzureCredentials(**azure), config_file=path,
-                    sources=sources, warnings=warnings)
+                    sources=sources, warnings=warnings, drill=data.get("drill", {}))
 
 
 def setting_names() -> list[str]:

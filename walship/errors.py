@@ -32,6 +32,8 @@ class ExitStatus(enum.IntEnum):
     INTEGRITY = 5  # corrupt, truncated or tampered object, wrong key
     FAILED = 6  # any other failure
     INCOMPLETE = 7  # wal-verify / backup-verify: WAL missing (a gap) or history inconsistent
+    DRILL_FAILED = 8  # drill: the restore or a validation check failed
+    TARGET_MISSED = 9  # drill: restored and validated, but the RTO or RPO target was missed
     TERMINATED = 143  # stopped by SIGTERM (128 + 15, as a shell reports it): fatal to PostgreSQL
     # wal-fetch (restore_command): a failure must abort recovery, so 128 is added.
     RECOVERY_USAGE = 130
@@ -144,6 +146,19 @@ class ArchiveIncomplete(WalshipError):
 
 class KeyMismatch(IntegrityError):
     """The object was written with another encryption key, or needs a key and none is set."""
+
+
+class DrillFailed(WalshipError):
+    """A restore drill's restore or one of its validation checks failed: the plan is not
+    proven."""
+
+    status = ExitStatus.DRILL_FAILED
+
+
+class TargetMissed(WalshipError):
+    """A restore drill restored and validated, but its RTO or RPO exceeded the target."""
+
+    status = ExitStatus.TARGET_MISSED
 
 
 class Terminated(BaseException):

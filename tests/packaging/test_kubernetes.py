@@ -125,8 +125,6 @@ def test_the_manifests_run_the_three_scheduled_commands():
 @pytest.mark.parametrize("where, argv", walship_commands(),
                          ids=[where for where, _ in walship_commands()])
 def test_every_walship_command_in_the_manifests_parses(where, argv):
-    if argv[0] not in cli.commands and argv[0] == "drill":
-        pytest.xfail("walship drill not merged yet")
     try:
         ctx = parse_walship(argv)
     except click.ClickException as error:
