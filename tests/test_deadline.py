@@ -24,6 +24,7 @@ from walship.codec import Codec
 
 SEGMENT = 1 << 20  # the smallest WAL segment size: quick to write
 NAME = "000000010000000000000009"
+NEXT = "00000001000000000000000A"
 
 
 class BlackHole:
@@ -274,20 +275,29 @@ def test_server_stopping_is_read_from_postmaster_pid(tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("push_ahead", ["0", "8"])
-def test_the_alarm_ends_a_call_blocked_outside_the_storage(tmp_path, walship_bin, push_ahead):
-    """A wait no storage timeout covers (here: a FIFO with no writer under a WAL file's name,
-    whose opening blocks): the backstop alarm ends the call 2 s after its deadline, exit 4
-    (before: it never returned)."""
+@pytest.mark.parametrize("call", ["wal-push", "wal-fetch"])
+def test_the_alarm_ends_a_call_blocked_outside_the_storage(tmp_path, walship_bin, call):
+    """A wait no storage timeout covers, as on a hung mount (here: a FIFO with no writer where
+    a file:// repository holds an object, whose opening blocks; WAL files that are FIFOs are
+    refused at once): the backstop alarm ends the call 2 s after its deadline, exit 4, 132 in
+    restore_command (before: it never returned)."""
     repo = tmp_path / "repo"
-    repo.mkdir()
-    wal = _pg_wal(tmp_path, [])
-    os.mkfifo(wal / NAME)
-    (wal / "archive_status" / f"{NAME}.ready").touch()
+    (repo / "wal").mkdir(parents=True)
+    if call == "wal-push":  # the repository's marker, read before the first push
+        wal = _pg_wal(tmp_path, [NAME, NEXT])
+        os.mkfifo(repo / "walship.json")
+        argv, expected = [walship_bin, "wal-push", f"pg_wal/{NAME}"], 4
+    else:
+        wal = _pg_wal(tmp_path, [])
+        os.mkfifo(repo / "wal" / NAME)
+        argv, expected = [walship_bin, "wal-fetch", NAME, "pg_wal/RECOVERYXLOG"], 132
     env = {"PATH": "/usr/bin:/bin", "HOME": "/", "LC_ALL": "C", "WALSHIP_CONFIG": os.devnull,
            "WALSHIP_REPO": f"file://{repo}", "WALSHIP_CALL_TIMEOUT": "1",
-           "WALSHIP_PUSH_AHEAD": push_ahead}
-    proc, seconds = _timed([walship_bin, "wal-push", f"pg_wal/{NAME}"], env, tmp_path, 30)
-    assert proc.returncode == 4, proc.stderr
+           "WALSHIP_PUSH_AHEAD": "8", "WALSHIP_PREFETCH": "0"}
+    try:
+        proc, seconds = _timed(argv, env, tmp_path, 30)
+    finally:
+        _stop_helpers(wal)
+    assert proc.returncode == expected, proc.stderr
     assert seconds < 1 + 2 + 1.5, seconds
     assert "deadline" in proc.stderr and "Traceback" not in proc.stderr

@@ -225,6 +225,17 @@ def test_cli_dry_run_then_confirm(repo, capsys):
     assert [e.name for e in catalog.list_backups(repo)] == names[2:]
 
 
+def test_cli_refuses_a_before_time_in_the_future(repo, capsys):
+    """A typo in the year (2062 for 2026) would keep "every point from then on" restorable,
+    which is none: everything but the newest backup would go. Refused, nothing deleted."""
+    populate(repo)
+    before = len(list(repo.storage.list("")))
+    assert main(["delete", "--before", "2999-01-01 00:00+00", "--confirm"]) == ExitStatus.USAGE
+    err = capsys.readouterr().err
+    assert "is in the future" in err and err.count("\n") == 1
+    assert len(list(repo.storage.list(""))) == before
+
+
 def test_modified_times_are_recent_on_a_real_put(archive):
     archive.storage.put("wal/000000010000000000000001", [b"x"], metadata=lambda: {})
     [info] = archive.storage.list("wal/")

@@ -213,12 +213,18 @@ def test_the_background_pusher_stops_when_the_repository_refuses_it(
         assert main(["wal-push", str(wal_dir / names[0])]) == 3
         assert "encrypted with another key" in capsys.readouterr().err
     finally:
+        # (the call fails at once, maybe before the pusher it started has even taken its lock:
+        # wait for the pusher's last word, then for it to be gone)
+        log = wal_dir / "walship" / "pusher.log"
         deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (
+                log.exists() and "background pusher stopped" in log.read_text()):
+            time.sleep(0.05)
         while spool.pusher_alive(str(wal_dir)) and time.monotonic() < deadline:
             time.sleep(0.05)
     assert time.monotonic() - started < 20
     assert not spool.pusher_alive(str(wal_dir))
-    assert "background pusher stopped" in (wal_dir / "walship" / "pusher.log").read_text()
+    assert "background pusher stopped" in log.read_text()
     assert sorted(os.listdir(repo / "wal")) == ["000000020000000000000001"]
     assert not os.listdir(wal_dir / spool.SPOOL / "pushed")
 

@@ -513,9 +513,16 @@ def _before(value: str | None) -> dict[str, Any]:
 
     if layout.is_backup_name(value):
         return {"before_name": value}
+    from datetime import datetime, timezone
+
     from walship.backup.restore import parse_time
 
-    return {"before_time": parse_time(value)}
+    when = parse_time(value)
+    if when > datetime.now(timezone.utc):
+        raise UsageError(f"--before {value!r} is in the future", "every point from that time on "
+                         "would be kept restorable, that is none: all but the newest backup "
+                         "would go", "give a past time, with its time zone, or a backup name")
+    return {"before_time": when}
 
 
 @cli.command("wal-verify")
