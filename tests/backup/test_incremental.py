@@ -272,3 +272,18 @@ def test_a_manifest_naming_a_foreign_part_it_does_not_match_is_refused(archive, 
         replace(p, digest="sha256:" + "0" * 64) for p in incr.referenced_parts))
     assert "not the one it references" in str(catalog.chain_problem(
         forged, lambda name: catalog.load_manifest(archive, name)))
+
+
+def test_a_parent_deleted_during_the_push_is_reported(archive, tmp_path):
+    """A delete running beside the push removes the parent: the new backup is never used, and
+    backup-push says so."""
+    data, ts = make_cluster(tmp_path)
+    full = push(archive, Source(data, ts), "full").manifest
+    source = Source(data, ts, stop_hook=lambda: archive.storage.delete(
+        layout.manifest_key(full.name)))
+    lines: list[str] = []
+    incr = push(archive, source, "incr", lines).manifest
+    assert incr.parent == full.name
+    assert any("WARNING" in line and "never be used" in line for line in lines), lines
+    with pytest.raises(NotFound):
+        catalog.resolve(archive, "LATEST")

@@ -375,6 +375,12 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
             _delete_parts(archive, [s.part.key for s in stored], log)
         raise
     source.close()
+    if manifest.parent is not None and log is not None:
+        try:  # a delete running meanwhile may have removed the parent (then never used)
+            catalog.check_chain(archive, manifest)
+        except IntegrityError as error:
+            log(f"backup-push {name}: WARNING: {error}; it will never be used: take a full "
+                "backup")
     missing = catalog.WalIndex(archive).missing(manifest)
     if missing and log is not None:
         log(f"backup-push {name}: WARNING: the WAL it needs is not all archived yet: missing "
