@@ -287,3 +287,28 @@ def test_a_parent_deleted_during_the_push_is_reported(archive, tmp_path):
     assert any("WARNING" in line and "never be used" in line for line in lines), lines
     with pytest.raises(NotFound):
         catalog.resolve(archive, "LATEST")
+
+
+def test_delete_keeps_the_chain_of_every_kept_backup(archive, tmp_path):
+    from datetime import timedelta
+
+    from walship.prune import execute, make_plan
+    from walship.retention import Policy
+
+    data, ts = make_cluster(tmp_path)
+    source = Source(data, ts)
+    full = push(archive, source, "full").manifest
+    (data / "base/1/1259").write_bytes(os.urandom(300_000))
+    incr = push(archive, source, "incr").manifest
+    # --before the incr: the full it depends on stays
+    kept = make_plan(archive, Policy(before_name=incr.name))
+    assert kept.retained == (full.name, incr.name) and not kept.delete_backups
+    assert any(f"{incr.name} depends on it" in r for k in kept.kept for r in k.reasons)
+    full2 = push(archive, source, "full").manifest
+    incr2 = push(archive, source, "incr").manifest
+    assert incr2.parent == full2.name
+    doomed = make_plan(archive, Policy(retain_full=1), now=incr2.stop_time + timedelta(days=1))
+    assert [b.name for b in doomed.delete_backups] == [full.name, incr.name]
+    assert doomed.retained == (full2.name, incr2.name)
+    execute(archive, doomed)
+    assert restored(archive, incr2.name, tmp_path, "after-delete")
