@@ -312,3 +312,29 @@ def test_delete_keeps_the_chain_of_every_kept_backup(archive, tmp_path):
     assert doomed.retained == (full2.name, incr2.name)
     execute(archive, doomed)
     assert restored(archive, incr2.name, tmp_path, "after-delete")
+
+
+def test_a_file_that_cannot_be_read_for_comparison_fails_the_push_cleanly(archive, tmp_path,
+                                                                          monkeypatch):
+    """An error while comparing files (here: one that cannot be opened) stops every other
+    comparison, aborts the backup and stores nothing; the error is the real one."""
+    from walship.backup import push as push_module
+    from walship.errors import UsageError
+
+    data, ts = make_cluster(tmp_path)
+    source = Source(data, ts)
+    push(archive, source, "full")
+    before = {info.key for info in archive.storage.list("backups/")}
+    real_open = os.open
+
+    def refusing(path, *args, **kwargs):
+        if str(path).endswith("base/5/16384"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(push_module.os, "open", refusing)
+    with pytest.raises(UsageError, match="cannot read"):
+        push(archive, source, "incr")
+    monkeypatch.undo()
+    assert {info.key for info in archive.storage.list("backups/")} == before
+    assert source.calls[-1] == "close"

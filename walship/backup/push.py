@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -152,9 +152,11 @@ def choose_parent(manifests: Sequence[Manifest], backup_type: str, info: ServerI
     return newest, ""
 
 
-def _hash_file(disk: str, size: int) -> tuple[int, int, float, str] | None:
+def _hash_file(disk: str, size: int, cancel: threading.Event
+               ) -> tuple[int, int, float, str] | None:
     """(size, mode, mtime, SHA-256) of the file at ``disk`` read now, when it still has
-    ``size`` bytes; None if it vanished or its size is not ``size``."""
+    ``size`` bytes; None if it vanished or its size is not ``size``. Stops (Cancelled) once
+    ``cancel`` is set."""
     import hashlib
 
     try:
@@ -171,6 +173,8 @@ def _hash_file(disk: str, size: int) -> tuple[int, int, float, str] | None:
         digest = hashlib.sha256()
         read = 0
         while read < size:
+            if cancel.is_set():
+                raise Cancelled(f"hashing {disk} cancelled")
             chunk = handle.read(min(1 << 20, size - read))
             if not chunk:
                 return None  # shrank while read: store it (as a full backup would)
@@ -187,16 +191,28 @@ def unchanged_files(files: Sequence[SourceFile], parent: Manifest, parallel: int
     A file is unchanged only if its content, read now (during this backup), has the size and
     the SHA-256 of the parent's entry: the stored bytes are then exactly the bytes a full
     backup would have stored. Its size and time alone are never trusted."""
-    held = {("", p.number): replace_backup(p, parent.name) for p in parent.parts}
+    held = {("", p.number): replace(p, backup=parent.name) for p in parent.parts}
     held.update({(p.backup, p.number): p for p in parent.referenced_parts})
     previous = {f.path: f for f in parent.files}
     candidates = [f for f in files if f.content is None and f.path in previous
                   and previous[f.path].size == f.size]
+    cancel = threading.Event()
     with ThreadPoolExecutor(max_workers=max(1, parallel),
                             thread_name_prefix="walship-hash") as pool:
-        hashed = dict(zip((f.path for f in candidates),
-                          pool.map(lambda f: _hash_file(f.disk, previous[f.path].size),
-                                   candidates)))
+        futures = {f.path: pool.submit(_hash_file, f.disk, previous[f.path].size, cancel)
+                   for f in candidates}
+        try:
+            wait(futures.values(), return_when=FIRST_EXCEPTION)
+        finally:  # a failure or an interrupt (SIGTERM): stop every file in flight
+            if not all(f.done() and f.exception() is None for f in futures.values()):
+                cancel.set()
+                for future in futures.values():
+                    future.cancel()
+    errors = [f.exception() for f in futures.values() if not f.cancelled() and f.exception()]
+    if errors:
+        real = [e for e in errors if not isinstance(e, Cancelled)]
+        raise (real or errors)[0]  # type: ignore[misc]
+    hashed = {path: future.result() for path, future in futures.items()}
     store: list[SourceFile] = []
     same: list[FileEntry] = []
     parts: dict[tuple[str, int], PartEntry] = {}
@@ -212,13 +228,6 @@ def unchanged_files(files: Sequence[SourceFile], parent: Manifest, parallel: int
         same.append(FileEntry(source.path, found[0], found[1], found[2], found[3], old.part,
                               holder))
     return store, same, parts
-
-
-def replace_backup(part: PartEntry, backup: str) -> PartEntry:
-    """``part`` (an own part of backup ``backup``) as another backup references it."""
-    from dataclasses import replace
-
-    return replace(part, backup=backup)
 
 
 def _read_pg_control(path: str) -> bytes:
