@@ -303,6 +303,7 @@ def test_chains_are_kept_whole():
     assert [x.name for x in full.delete_backups] == [a.name, b.name, c.name]
     reasons = {k.name: k.reasons for k in full.kept}
     assert any("depends on" in r for r in reasons[e.name])
+    assert reasons[d.name].count(f"{e.name} depends on it") == 1  # (parent and holder: once)
     two = plan(backups, objects, at(55), Policy(retain_full=2))
     assert two.retained == tuple(x.name for x in backups)
     # the newest backup stopping before a window starting at 25:00 is C: A and B stay with it

@@ -230,7 +230,7 @@ def _retained(complete: Sequence[BackupSummary], policy: Policy, now: datetime
     pending = list(reasons)
     while pending:
         dependant = pending.pop()
-        for name in by_name[dependant].depends_on:
+        for name in dict.fromkeys(by_name[dependant].depends_on):
             if name in by_name:
                 if name not in reasons:
                     pending.append(name)
