@@ -1,6 +1,7 @@
 """The retention policy (walship.retention), property-based: random histories of backups on
-branching timelines with WAL present (gaps included), random policies; after applying any plan,
-every guarantee the module docstring states must hold."""
+branching timelines with WAL present (gaps included), full, differential and incremental
+backups in chains (some broken), random policies; after applying any plan, every guarantee the
+module docstring states must hold."""
 
 from __future__ import annotations
 
@@ -111,11 +112,25 @@ def worlds(draw) -> World:
                       for i in range(1, draw(st.integers(1, 3)) + 1))
         if complete:
             stored(f"{start_wal}.00000028.backup", stop + 1)
+            kind = draw(st.sampled_from(["full", "full", "diff", "incr"]))
+            older = [b for b in backups if b.complete and b.order < (start_time, (name, 1))]
+            if kind == "diff":
+                older = [b for b in older if b.backup_type == "full"]
+            parent = draw(st.sampled_from(older)).name if older and kind != "full" else None
+            if kind != "full" and draw(st.integers(0, 9)) == 0:
+                parent = "20000101T000000Z"  # a parent deleted by hand: a broken chain
+            chain: list[str] = []
+            current = parent
+            while current is not None and current not in chain:
+                chain.append(current)
+                current = next((b.parent for b in backups if b.name == current), None)
+            references = tuple(sorted(draw(st.sets(st.sampled_from(chain)))) if chain else ())
             backups.append(BackupSummary(
                 name, True, start_time,
                 (*parts, ObjectInfo(f"backups/{name}/manifest", 10, {},
                                     newest_part.timestamp())),
-                start_time + timedelta(hours=stop - start + 0.5), start_wal, tli))
+                start_time + timedelta(hours=stop - start + 0.5), start_wal, tli,
+                kind if parent else "full", parent, references))
         else:
             backups.append(BackupSummary(name, False, start_time.replace(microsecond=0),
                                          parts))
@@ -156,13 +171,29 @@ def test_any_plan_keeps_every_promise(world: World):
     assert not {k.name for k in result.kept} & gone_backups
     assert set(result.retained) == {b.name for b in retained}
 
-    # The newest complete backup is always kept; the N newest too.
+    # The newest complete backup is always kept; the N newest full backups too, with every
+    # backup whose chain of parents leads to one of them.
     if complete:
         assert complete[-1] in retained
     if world.policy.retain_full:
-        assert all(b in retained for b in complete[-world.policy.retain_full:])
+        fulls = [b for b in complete if b.backup_type == "full"]
+        kept_fulls = {b.name for b in fulls[-world.policy.retain_full:]}
+        assert all(b in retained for b in fulls[-world.policy.retain_full:])
+        for backup in complete:
+            root, seen = backup, set()
+            while root.parent is not None and root.parent in by_name \
+                    and root.name not in seen:
+                seen.add(root.name)
+                root = by_name[root.parent]
+            if root.parent is None and root.name in kept_fulls:
+                assert backup in retained, (backup.name, root.name)
     else:
         assert not complete or retained
+
+    # A kept backup keeps every backup it depends on (its whole chain): none is deleted.
+    for backup in retained:
+        for name in backup.depends_on:
+            assert name not in gone_backups, (backup.name, name)
 
     # Every retained backup keeps all the WAL (that existed) it needs, on every timeline
     # descending from it, up to that timeline's newest segment.
@@ -253,6 +284,39 @@ def test_a_worked_example():
     assert before.retained == tuple(b.name for b in backups[1:])
     with pytest.raises(UsageError, match="no complete backup"):
         plan(backups, objects, at(35), Policy(before_name="20000101T000000Z"))
+
+
+def test_chains_are_kept_whole():
+    """full A <- incr B <- incr C; full D <- diff E <- incr F: --retain-full 1 keeps D, E, F;
+    a window whose newest backup before it is C keeps C with B and A."""
+    from dataclasses import replace
+
+    made = [_complete(h, h) for h in (0, 10, 20, 30, 40, 50)]
+    a, b, c, d, e, f = made
+    b = replace(b, backup_type="incr", parent=a.name, references=(a.name,))
+    c = replace(c, backup_type="incr", parent=b.name, references=(a.name, b.name))
+    e = replace(e, backup_type="diff", parent=d.name, references=(d.name,))
+    f = replace(f, backup_type="incr", parent=e.name, references=(d.name,))
+    backups = [a, b, c, d, e, f]
+    objects = [ObjectInfo(f"wal/{wal.segment_name(1, n, SEG)}", 7, {}, at(n + 1).timestamp())
+               for n in range(0, 55)]
+    full = plan(backups, objects, at(55), Policy(retain_full=1))
+    assert full.retained == (d.name, e.name, f.name)
+    assert [x.name for x in full.delete_backups] == [a.name, b.name, c.name]
+    reasons = {k.name: k.reasons for k in full.kept}
+    assert any("depends on" in r for r in reasons[e.name])
+    assert reasons[d.name].count(f"{e.name} depends on it") == 1  # (parent and holder: once)
+    two = plan(backups, objects, at(55), Policy(retain_full=2))
+    assert two.retained == tuple(x.name for x in backups)
+    # the newest backup stopping before a window starting at 25:00 is C: A and B stay with it
+    window = plan(backups, objects, at(55), Policy(before_time=at(25)))
+    assert window.retained == tuple(x.name for x in backups)
+    window = plan(backups, objects, at(55), Policy(before_time=at(35)))
+    assert window.retained == (d.name, e.name, f.name)  # D is the newest before the window
+    # --before NAME of an incremental backup keeps its parents
+    named = plan(backups, objects, at(55), Policy(before_name=c.name))
+    assert named.retained == tuple(x.name for x in backups)
+    assert named.wal_cutoff == "0000000000000000"
 
 
 def test_an_incomplete_backup_in_progress_protects_recent_wal():

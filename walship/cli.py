@@ -280,9 +280,12 @@ def demo(keep: bool, segments: int) -> int:
 @click.option("--wal-timeout", type=_Finite(0, 86400), default=60.0, show_default=True,
               metavar="SECONDS", help="How long to wait for the WAL the backup needs to "
               "reach the repository before writing the manifest anyway (with a warning).")
+@click.option("--type", "backup_type", type=click.Choice(["full", "diff", "incr"]),
+              default=None, help="full; diff: store what changed since the newest full "
+              "backup; incr: since the newest backup. [default: backup_type, else full]")
 @click.pass_obj
 def backup_push(state: _State, dbname: str | None, part_size: int, checkpoint: str,
-                wal_timeout: float) -> int:
+                wal_timeout: float, backup_type: str | None) -> int:
     """Take an online base backup of the local server into the repository.
 
     Run it on the database server as its OS user (it reads the data directory), e.g. daily
@@ -296,11 +299,14 @@ def backup_push(state: _State, dbname: str | None, part_size: int, checkpoint: s
     result = push_backup(archive, PostgresSource(dbname, log=logline.info),
                          parallel=state.settings.parallel, part_size=part_size << 20,
                          fast=checkpoint == "fast", progress=for_stderr("backup-push"),
-                         log=logline.info, wal_timeout=wal_timeout)
+                         log=logline.info, wal_timeout=wal_timeout,
+                         backup_type=backup_type or state.settings.backup_type)
     manifest = result.manifest
     logline.info(f"backup-push {manifest.name} stored in={result.bytes_in} "
                  f"out={result.bytes_out} seconds={result.seconds:.3f} "
-                 f"files={len(manifest.files)} parts={len(manifest.parts)}")
+                 f"files={len(manifest.files)} parts={len(manifest.parts)} "
+                 f"type={manifest.backup_type} parent={manifest.parent or '-'} "
+                 f"unchanged={result.referenced}")
     return ExitStatus.OK
 
 
@@ -319,8 +325,10 @@ def _size(n: object) -> str:
 def backup_list(state: _State, as_json: bool) -> int:
     """List the backups, oldest first, and whether the WAL each one needs is archived.
 
-    A backup is usable when it is complete (its manifest was written) and the WAL from its
-    start to its stop segment is in the archive.
+    A backup is usable when it is complete (its manifest was written), the WAL from its
+    start to its stop segment is in the archive and, for a diff or incr backup, every backup
+    it depends on is complete. SIZE is what a restore writes, STORED what the backup's own
+    parts take.
     """
     import json
 
@@ -328,22 +336,28 @@ def backup_list(state: _State, as_json: bool) -> int:
 
     archive = state.archive()
     index = catalog.WalIndex(archive)
-    rows = [catalog.summary(entry, index) for entry in catalog.list_backups(archive)]
+    entries = catalog.list_backups(archive)
+    others = {e.name: e.manifest for e in entries if e.manifest is not None}
+    rows = [catalog.summary(entry, index, others) for entry in entries]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return ExitStatus.OK
-    header = ("NAME", "START (UTC)", "START LSN", "STOP LSN", "TL", "SIZE", "STORED",
-              "SECONDS", "WAL")
+    header = ("NAME", "TYPE", "PARENT", "START (UTC)", "START LSN", "STOP LSN", "TL", "SIZE",
+              "STORED", "SECONDS", "WAL")
     table = [header]
     for row in rows:
         if not row["complete"]:
-            table.append((str(row["name"]), "-", "-", "-", "-", "-", _size(row["stored_size"]),
-                          "-", "INCOMPLETE (no manifest, never used)"))
+            table.append((str(row["name"]), "-", "-", "-", "-", "-", "-", "-",
+                          _size(row["stored_size"]), "-",
+                          "INCOMPLETE (no manifest, never used)"))
             continue
-        table.append((str(row["name"]), str(row["start_time"])[:19].replace("T", " "),
+        table.append((str(row["name"]), str(row["type"]), str(row["parent"] or "-"),
+                      str(row["start_time"])[:19].replace("T", " "),
                       str(row["start_lsn"]), str(row["stop_lsn"]), str(row["timeline"]),
-                      _size(row["size"]), _size(row["stored_size"]),
+                      _size(row["logical_bytes"]), _size(row["stored_bytes"]),
                       f"{row['duration']:.1f}",
+                      f"CHAIN BROKEN ({row['chain_problem']}), never used"
+                      if not row["chain_complete"] else
                       "complete" if row["wal_complete"] else
                       f"MISSING {len(row['wal_missing'])}+ (from {row['wal_missing'][0]})"))
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]

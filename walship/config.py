@@ -39,6 +39,7 @@ _OPTIONS: dict[str, tuple[str, type, Any]] = {
     "cache_min_free_mb": ("WALSHIP_CACHE_MIN_FREE_MB", int, None),
     "cache_dir": ("WALSHIP_CACHE_DIR", str, None),
     "azure_transport": ("WALSHIP_AZURE_TRANSPORT", str, "auto"),
+    "backup_type": ("WALSHIP_BACKUP_TYPE", str, "full"),
 }
 _AZURE: dict[str, str] = {
     "connection_string": "AZURE_STORAGE_CONNECTION_STRING",
@@ -68,6 +69,7 @@ class Settings:
     cache_min_free_mb: int | None = None  # None: max_wal_size and two segments (prefetch.py)
     cache_dir: str | None = None  # None: pg_wal/walship/prefetch
     azure_transport: str = "auto"
+    backup_type: str = "full"  # backup-push's default --type: full, diff or incr
     azure: AzureCredentials = field(default_factory=AzureCredentials)
     config_file: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -170,6 +172,10 @@ def _convert(name: str, kind: type, value: Any, source: str) -> Any:
         raise ConfigError(f"invalid azure_transport {converted!r} in {source}",
                           "it is auto (REST for reads and small puts, the SDK for the rest) "
                           "or sdk (the Azure SDK for everything)", "leave it at auto")
+    if name == "backup_type" and converted not in ("full", "diff", "incr"):
+        raise ConfigError(f"invalid backup_type {converted!r} in {source}",
+                          "it is full, diff (what changed since the newest full backup) or "
+                          "incr (since the newest backup)", "full is the default")
     if name == "log_level" and converted not in ("debug", "info", "error"):
         raise ConfigError(f"invalid log_level {converted!r} in {source}",
                           "use debug, info or error")

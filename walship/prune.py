@@ -68,7 +68,8 @@ def inventory(archive: Archive) -> Inventory:
             continue
         summaries.append(BackupSummary(name, True, manifest.start_time, tuple(objects),
                                        manifest.stop_time, manifest.start_wal,
-                                       manifest.timeline))
+                                       manifest.timeline, manifest.backup_type,
+                                       manifest.parent, manifest.referenced_backups))
     wal = tuple(archive.storage.list(wal_layout.WAL_PREFIX))
     return Inventory(tuple(summaries), wal)
 

@@ -8,13 +8,18 @@ the output is a frozen :class:`Plan`. Executing a plan is :mod:`walship.prune`'s
 is kept if ANY rule keeps it:
 
 * always: the newest complete backup;
-* ``retain_full=N``: the newest N complete backups;
+* ``retain_full=N``: the newest N complete FULL backups, and every backup that depends on one
+  of them (its chain of parents leads to it: their differential and incremental backups);
 * ``retain_days=D``: every complete backup that stops within D days of now, PLUS the newest one
   that stops before that window starts, so that a point-in-time restore to ANY point of the
   window still finds a backup stopping before it (``restore`` picks the newest backup stopping
   before its target);
 * ``before_time=T``: the same as a window starting at T (every point from T on stays
   restorable); ``before_name=NAME``: backup NAME (which must be complete) and every newer one.
+
+Whatever rule keeps a backup, every backup it depends on (its parent, the parent's parent... and
+every backup holding a part it references) is kept too: a differential or incremental backup
+is restorable only with its whole chain, so ``delete`` never removes a backup a kept one needs.
 
 No rule at all is a usage error: "delete" never means "delete everything". "Newest" orders by
 start time, then name, as ``LATEST`` does; windows compare stop times.
@@ -77,6 +82,14 @@ class BackupSummary:
     stop_time: datetime | None = None
     start_wal: str | None = None
     timeline: int | None = None
+    backup_type: str = "full"
+    parent: str | None = None
+    references: tuple[str, ...] = ()  # backups holding parts this one reads
+
+    @property
+    def depends_on(self) -> tuple[str, ...]:
+        """The backups this one needs directly (its parent and the holders of its parts)."""
+        return ((self.parent,) if self.parent else ()) + self.references
 
     @property
     def stored_bytes(self) -> int:
@@ -178,9 +191,16 @@ def _retained(complete: Sequence[BackupSummary], policy: Policy, now: datetime
     if not complete:
         return reasons
     keep(complete[-1], "newest complete backup")
+    by_name = {b.name: b for b in complete}
     if policy.retain_full is not None:
-        for backup in complete[-policy.retain_full:]:
-            keep(backup, f"one of the newest {policy.retain_full}")
+        fulls = [b for b in complete if b.backup_type == "full"]
+        kept_fulls = {b.name for b in fulls[-policy.retain_full:]}
+        for backup in complete:
+            root = _root(backup, by_name)
+            if root in kept_fulls:
+                keep(backup, f"one of the newest {policy.retain_full} full backups"
+                     if root == backup.name else
+                     f"depends on {root}, one of the newest {policy.retain_full} full backups")
     windows = []
     if policy.retain_days is not None:
         windows.append((now - timedelta(days=policy.retain_days),
@@ -206,7 +226,29 @@ def _retained(complete: Sequence[BackupSummary], policy: Policy, now: datetime
         for backup in complete:
             if backup.order >= target.order:
                 keep(backup, f"not older than {target.name}")
+    # A kept backup keeps its whole chain (see the module docstring).
+    pending = list(reasons)
+    while pending:
+        dependant = pending.pop()
+        for name in dict.fromkeys(by_name[dependant].depends_on):
+            if name in by_name:
+                if name not in reasons:
+                    pending.append(name)
+                keep(by_name[name], f"{dependant} depends on it")
     return reasons
+
+
+def _root(backup: BackupSummary, by_name: dict[str, BackupSummary]) -> str | None:
+    """The full backup at the start of ``backup``'s chain of parents; None if the chain is
+    broken (a parent missing) or loops."""
+    seen: set[str] = set()
+    current = backup
+    while current.parent is not None:
+        if current.name in seen or current.parent not in by_name:
+            return None
+        seen.add(current.name)
+        current = by_name[current.parent]
+    return current.name if current.backup_type == "full" else None
 
 
 def plan(backups: Iterable[BackupSummary], wal_objects: Iterable[ObjectInfo], now: datetime,

@@ -4,6 +4,13 @@ A backup is *complete* when its manifest exists (the commit point); only complet
 ever chosen for a restore. A backup whose parts exist without a manifest (a killed or failed
 ``backup-push``) is listed as incomplete, never as usable.
 
+Chains: a differential or incremental backup depends on its parent (and its parent's parent,
+up to a full backup) and reads some of its files from parts of older backups. Its chain is
+*complete* when every ancestor has its manifest and every part it references is listed, with
+the same key, size and digest, by the manifest of the backup that holds it;
+:func:`chain_problem` says what is wrong otherwise. A backup whose chain is not complete is
+never chosen nor restored.
+
 WAL coverage: a backup can be made consistent only if every segment from its start segment to
 its stop segment, on its timeline, is in the archive. :class:`WalIndex` answers that with one
 LIST per timeline.
@@ -11,7 +18,7 @@ LIST per timeline.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timezone
 
@@ -94,6 +101,61 @@ def list_backups(archive: Archive) -> list[BackupEntry]:
     return entries
 
 
+def chain_problem(manifest: Manifest, find: Callable[[str], Manifest | None]) -> str | None:
+    """Why the chain of ``manifest`` is not complete (see the module docstring), or None.
+    ``find(name)`` is the complete backup ``name``'s manifest, None if it has none."""
+    ancestors: dict[str, Manifest] = {}
+    current = manifest
+    while current.parent is not None:
+        name = current.parent
+        if name in ancestors or name == manifest.name:
+            return f"its chain of parents loops at {name}"
+        parent = find(name)
+        if parent is None:
+            return f"its parent {name} is missing or incomplete (no manifest)"
+        if parent.system_identifier != manifest.system_identifier:
+            return f"its parent {name} comes from another cluster"
+        ancestors[name] = parent
+        current = parent
+    for part in manifest.referenced_parts:
+        holder = ancestors.get(part.backup)
+        if holder is None:
+            return f"it references part {part.number} of {part.backup}, not one of its parents"
+        own = next((p for p in holder.parts if p.number == part.number), None)
+        if own is None or (own.key, own.size, own.stored_size, own.digest) != (
+                part.key, part.size, part.stored_size, part.digest):
+            return f"part {part.number} of {part.backup} is not the one it references"
+    return None
+
+
+def usable_chains(manifests: Iterable[Manifest]) -> list[Manifest]:
+    """The manifests (of complete backups) whose chain is complete, in the given order."""
+    every = list(manifests)
+    by_name = {m.name: m for m in every}
+    return [m for m in every if chain_problem(m, by_name.get) is None]
+
+
+def check_chain(archive: Archive, manifest: Manifest) -> None:
+    """Raise IntegrityError unless the chain of ``manifest`` is complete (its ancestors'
+    manifests are read from the repository)."""
+    if manifest.parent is None and not manifest.referenced_parts:
+        return
+
+    def find(name: str) -> Manifest | None:
+        if not layout.is_backup_name(name):
+            return None
+        try:
+            return load_manifest(archive, name)
+        except NotFound:
+            return None
+
+    problem = chain_problem(manifest, find)
+    if problem is not None:
+        raise IntegrityError(f"backup {manifest.name} ({manifest.backup_type}) cannot be "
+                             "restored: its chain is not complete", problem,
+                             "restore an older complete backup, or take a full backup")
+
+
 def name_taken(archive: Archive, name: str) -> bool:
     for _ in archive.storage.list(layout.backup_prefix(name), limit=1):
         return True
@@ -103,12 +165,11 @@ def name_taken(archive: Archive, name: str) -> bool:
 def resolve(archive: Archive, name: str) -> Manifest:
     """The manifest of backup ``name``, or of the newest complete backup for ``LATEST``."""
     if name.upper() == LATEST:
-        complete = [e for e in list_backups(archive) if e.manifest is not None]
+        complete = usable_chains(e.manifest for e in list_backups(archive) if e.manifest)
         if not complete:
             raise NotFound(f"the repository {archive.storage.url} holds no complete backup",
                            hint="run walship backup-push first")
-        return max((e.manifest for e in complete if e.manifest),
-                   key=lambda m: (m.start_time, layout.sort_key(m.name)))
+        return max(complete, key=lambda m: (m.start_time, layout.sort_key(m.name)))
     if not layout.is_backup_name(name):
         raise UsageError(f"{name!r} is not a backup name",
                          "names look like 20261125T020000Z", "see walship backup-list")
@@ -149,15 +210,22 @@ def describe_missing(missing: Iterable[str]) -> str:
     return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
 
 
-def summary(entry: BackupEntry, index: WalIndex) -> dict[str, object]:
-    """One backup as the plain values ``backup-list`` shows (and prints as JSON)."""
+def summary(entry: BackupEntry, index: WalIndex,
+            others: Mapping[str, Manifest] | None = None) -> dict[str, object]:
+    """One backup as the plain values ``backup-list`` shows (and prints as JSON); ``others``
+    holds the complete backups' manifests by name, to check the backup's chain."""
     manifest = entry.manifest
     if manifest is None:
         return {"name": entry.name, "complete": False, "usable": False, "parts": entry.parts,
-                "stored_size": entry.stored_size}
+                "stored_size": entry.stored_size, "stored_bytes": entry.stored_size}
     missing = index.missing(manifest)
+    problem = chain_problem(manifest, (others or {}).get)
     return {
-        "name": manifest.name, "complete": True, "usable": not missing,
+        "name": manifest.name, "complete": True, "usable": not missing and problem is None,
+        "type": manifest.backup_type, "parent": manifest.parent,
+        "chain_complete": problem is None, "chain_problem": problem,
+        "logical_bytes": manifest.size, "stored_bytes": manifest.stored_size,
+        "references": list(manifest.referenced_backups),
         "start_time": manifest.start_time.astimezone(timezone.utc).isoformat(),
         "stop_time": manifest.stop_time.astimezone(timezone.utc).isoformat(),
         "duration": round(manifest.duration, 3),

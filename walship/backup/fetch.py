@@ -295,6 +295,8 @@ class _Writer(PartSink):
     def member(self, part: PartEntry, member: tarfile.TarInfo, data: Iterator[memoryview]
                ) -> None:
         entry = self.claim(part, member)
+        if entry is None:
+            return  # (another backup's part: a file this backup takes from elsewhere)
         import hashlib
 
         size = 0
@@ -403,6 +405,7 @@ def fetch_backup(archive: Archive, name: str, directory: str | os.PathLike[str],
     started = time.monotonic()
     root = check_directory(directory, force=force)  # before the repository is even asked
     manifest = manifest or catalog.resolve(archive, name)
+    catalog.check_chain(archive, manifest)  # a parent missing: refused before anything else
     targets = _tablespace_targets(manifest, tablespace_map or {})
     for oid, location in targets.items():
         if not location.is_absolute():

@@ -7,6 +7,13 @@ consistent (start and stop LSN and segment names), every stored file with the SH
 of the bytes actually stored, the directories, symbolic links and tablespaces to recreate, and
 every part with its plaintext and stored sizes.
 
+A differential or incremental backup (format version 2; a full backup is still written as
+version 1, readable by older walship) names its ``type`` and ``parent``, and stores only the
+files that changed: every other file's entry names the backup whose part holds its bytes
+(``backup``, always the original holder, never a chain of references), and that part is listed
+in ``referenced_parts`` with the object digest its own manifest records, so a restore reads each
+file from exactly one object and checks every byte against this manifest.
+
 This module is pure: no I/O. :func:`Manifest.to_json` and :func:`Manifest.from_json` are exact
 inverses; reading refuses a manifest of another format or of a newer format version.
 """
@@ -21,7 +28,9 @@ from typing import Any
 from walship import wal
 
 FORMAT = "walship-backup"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this walship reads; full backups are still written as 1
+FULL, DIFF, INCR = "full", "diff", "incr"
+BACKUP_TYPES = (FULL, DIFF, INCR)
 
 # Files restore writes only after every other file is verified (see walship.backup.fetch).
 BACKUP_LABEL = "backup_label"
@@ -36,7 +45,8 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class FileEntry:
-    """A regular file stored in part ``part``: ``size`` bytes whose SHA-256 is ``sha256``."""
+    """A regular file stored in part ``part``: ``size`` bytes whose SHA-256 is ``sha256``.
+    ``backup`` names the (older) backup whose part holds the bytes; empty: this backup."""
 
     path: str
     size: int
@@ -44,6 +54,12 @@ class FileEntry:
     mtime: float
     sha256: str
     part: int
+    backup: str = ""
+
+    @property
+    def holder(self) -> tuple[str, int]:
+        """(backup name or "" for this one, part number): the part holding the bytes."""
+        return (self.backup, self.part)
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,7 @@ class PartEntry:
     stored_size: int
     files: int
     digest: str | None = None
+    backup: str = ""  # in referenced_parts: the backup the part belongs to
 
 
 def _time(text: str) -> datetime:
@@ -126,6 +143,9 @@ class Manifest:
     files: tuple[FileEntry, ...] = ()
     parts: tuple[PartEntry, ...] = ()
     walship_version: str = ""
+    backup_type: str = FULL
+    parent: str | None = None
+    referenced_parts: tuple[PartEntry, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     # -- derived values ------------------------------------------------------------------------
@@ -140,8 +160,25 @@ class Manifest:
 
     @property
     def stored_size(self) -> int:
-        """Bytes the parts take in the repository (the manifest excluded)."""
+        """Bytes this backup's own parts take in the repository (the manifest excluded)."""
         return sum(p.stored_size for p in self.parts)
+
+    @property
+    def referenced_backups(self) -> tuple[str, ...]:
+        """The older backups holding some of this backup's files, sorted."""
+        return tuple(sorted({p.backup for p in self.referenced_parts}))
+
+    @property
+    def all_parts(self) -> tuple[PartEntry, ...]:
+        """Every part a restore reads: this backup's own and those it references."""
+        return self.parts + self.referenced_parts
+
+    @property
+    def version(self) -> int:
+        """The format version written: 1 for a full backup (older walship reads it), 2 for a
+        backup that depends on another."""
+        return 1 if (self.backup_type == FULL and self.parent is None
+                     and not self.referenced_parts) else 2
 
     @property
     def pg_major(self) -> int:
@@ -161,7 +198,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "version": FORMAT_VERSION,
+            "version": self.version,
             "name": self.name,
             "label": self.label,
             "walship_version": self.walship_version,
@@ -185,12 +222,14 @@ class Manifest:
             "directories": [{"path": d.path, "mode": d.mode} for d in self.directories],
             "links": [{"path": link.path, "target": link.target} for link in self.links],
             "files": [{"path": f.path, "size": f.size, "mode": f.mode, "mtime": f.mtime,
-                       "sha256": f.sha256, "part": f.part} for f in self.files],
-            "parts": [{"number": p.number, "key": p.key, "size": p.size,
-                       "stored_size": p.stored_size, "files": p.files,
-                       **({"digest": p.digest} if p.digest else {})} for p in self.parts],
+                       "sha256": f.sha256, "part": f.part,
+                       **({"backup": f.backup} if f.backup else {})} for f in self.files],
+            "parts": [_part_dict(p) for p in self.parts],
             "totals": {"files": len(self.files), "size": self.size,
                        "stored_size": self.stored_size, "parts": len(self.parts)},
+            **({"type": self.backup_type, "parent": self.parent,
+                "referenced_parts": [_part_dict(p) for p in self.referenced_parts]}
+               if self.version > 1 else {}),
             **self.extra,
         }
 
@@ -213,7 +252,8 @@ class Manifest:
                  "system_identifier", "timeline", "start_lsn", "stop_lsn", "start_wal",
                  "stop_wal", "wal_segment_size", "start_time", "stop_time", "duration",
                  "from_standby", "data_directory", "data_mode", "owner", "tablespaces",
-                 "directories", "links", "files", "parts", "totals"}
+                 "directories", "links", "files", "parts", "totals", "type", "parent",
+                 "referenced_parts"}
         try:
             owner = doc.get("owner") or {}
             manifest = cls(
@@ -243,17 +283,21 @@ class Manifest:
                 links=tuple(LinkEntry(str(link["path"]), str(link["target"]))
                             for link in doc.get("links", [])),
                 files=tuple(FileEntry(str(f["path"]), int(f["size"]), int(f["mode"]),
-                                      float(f["mtime"]), str(f["sha256"]), int(f["part"]))
+                                      float(f["mtime"]), str(f["sha256"]), int(f["part"]),
+                                      str(f.get("backup", "")))
                             for f in doc["files"]),
-                parts=tuple(PartEntry(int(p["number"]), str(p["key"]), int(p["size"]),
-                                      int(p["stored_size"]), int(p["files"]),
-                                      str(p["digest"]) if p.get("digest") else None)
-                            for p in doc["parts"]),
+                parts=tuple(_part(p) for p in doc["parts"]),
+                backup_type=str(doc.get("type", FULL)),
+                parent=None if doc.get("parent") is None else str(doc["parent"]),
+                referenced_parts=tuple(_part(p) for p in doc.get("referenced_parts", [])),
                 extra={k: v for k, v in doc.items() if k not in known},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ManifestError(f"malformed manifest: {type(error).__name__}: {error}") from None
         manifest.check()
+        if manifest.version != version:
+            raise ManifestError(f"a format version {version} manifest of a "
+                                f"{manifest.backup_type} backup")
         return manifest
 
     def check(self) -> None:
@@ -267,8 +311,20 @@ class Manifest:
                 raise ManifestError(f"{name} is not a segment of timeline {self.timeline}")
         if self.stop_lsn < self.start_lsn:
             raise ManifestError("stop LSN precedes start LSN")
-        parts = {p.number for p in self.parts}
-        if len(parts) != len(self.parts):
+        if self.backup_type not in BACKUP_TYPES:
+            raise ManifestError(f"unknown backup type {self.backup_type!r}")
+        if (self.backup_type == FULL) != (self.parent is None):
+            raise ManifestError("a full backup has no parent, any other has one")
+        if self.backup_type == FULL and self.referenced_parts:
+            raise ManifestError("a full backup references no other backup's part")
+        if any(p.backup for p in self.parts):
+            raise ManifestError("an own part names another backup")
+        parts = {("", p.number) for p in self.parts}
+        for part in self.referenced_parts:
+            if not part.backup or part.backup == self.name:
+                raise ManifestError("a referenced part does not name another backup")
+            parts.add((part.backup, part.number))
+        if len(parts) != len(self.parts) + len(self.referenced_parts):
             raise ManifestError("duplicate part numbers")
         seen: set[str] = set()
         for entry in self.files:
@@ -276,7 +332,7 @@ class Manifest:
             if entry.path in seen:
                 raise ManifestError(f"file {entry.path} is listed twice")
             seen.add(entry.path)
-            if entry.part not in parts:
+            if entry.holder not in parts or entry.backup == self.name:
                 raise ManifestError(f"file {entry.path} is in part {entry.part}, not listed")
             if len(entry.sha256) != 64 or entry.size < 0:
                 raise ManifestError(f"file {entry.path} has a malformed size or digest")
@@ -290,6 +346,18 @@ class Manifest:
         for required in (BACKUP_LABEL, PG_CONTROL, PG_VERSION):
             if required not in seen:
                 raise ManifestError(f"the backup has no {required}")
+
+
+def _part_dict(p: PartEntry) -> dict[str, Any]:
+    return {"number": p.number, "key": p.key, "size": p.size, "stored_size": p.stored_size,
+            "files": p.files, **({"digest": p.digest} if p.digest else {}),
+            **({"backup": p.backup} if p.backup else {})}
+
+
+def _part(p: dict[str, Any]) -> PartEntry:
+    return PartEntry(int(p["number"]), str(p["key"]), int(p["size"]), int(p["stored_size"]),
+                     int(p["files"]), str(p["digest"]) if p.get("digest") else None,
+                     str(p.get("backup", "")))
 
 
 def _check_path(path: str) -> None:

@@ -8,6 +8,15 @@ part holding pg_control and the ``backup_label`` and ``tablespace_map`` that the
 on a primary, poll the repository until the WAL the backup needs is there (bounded); write the
 manifest (the commit point); check again that the WAL is in the archive, and warn if not.
 
+Differential and incremental backups (``backup_type`` ``diff`` / ``incr``): the parent is the
+newest full backup (diff) or the newest backup of any type (incr) whose chain is complete, taken
+from the same cluster (system identifier), the same major version and the timeline the server
+is on now; without one, a full backup is taken and the log says why. Every file is still read
+and hashed: a file is stored as a reference to the parent's bytes only when its size AND its
+SHA-256 equal the parent's entry (see :func:`unchanged_files`; the README explains why size and
+time are never enough). A reference names the backup and part that actually hold the bytes
+(resolved through the parent's own references), so a restore reads each file from one object.
+
 Promises: memory stays bounded whatever the cluster's size (one read buffer and one compressor
 per part in flight); a backup is listed as usable only once everything it needs is stored; on
 any failure the backup is aborted on the server, the parts already stored are deleted (as far
@@ -21,15 +30,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 from walship import __version__, wal
 from walship.archive import Archive
 from walship.backup import catalog, layout
-from walship.backup.manifest import (BACKUP_LABEL, PG_CONTROL, TABLESPACE_MAP, FileEntry,
-                                     Manifest, PartEntry, parse_backup_label)
+from walship.backup.manifest import (BACKUP_LABEL, DIFF, FULL, INCR, PG_CONTROL,
+                                     TABLESPACE_MAP, FileEntry, Manifest, PartEntry,
+                                     parse_backup_label)
 from walship.backup.parts import (DEFAULT_PART_SIZE, Cancelled, PartWriter, SourceFile,
                                   pipelined, plan_parts)
 from walship.backup.progress import Progress
@@ -51,6 +61,8 @@ class PushResult:
     seconds: float
     skipped: int  # files that vanished before they could be read
     wal_missing: tuple[str, ...]  # segments the backup needs that are not archived yet
+    referenced: int = 0  # files unchanged since the parent, stored as references
+    note: str = ""  # why a diff or incr backup became a full one
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,113 @@ def _store_parts(archive: Archive, name: str, plan: list[list[SourceFile]], para
     if errors:
         real = [e for e in errors if not isinstance(e, Cancelled)]
         raise (real or errors)[0]  # type: ignore[misc]
+
+
+def choose_parent(manifests: Sequence[Manifest], backup_type: str, info: ServerInfo
+                  ) -> tuple[Manifest | None, str]:
+    """The parent of a ``backup_type`` backup of the server ``info`` describes, among the
+    complete backups ``manifests``; ``(None, why)`` when a full backup must be taken."""
+    if backup_type == FULL:
+        return None, ""
+    if backup_type not in (DIFF, INCR):
+        raise UsageError(f"unknown backup type {backup_type!r}", "use full, diff or incr")
+    usable = catalog.usable_chains(manifests)
+    if backup_type == DIFF:
+        usable = [m for m in usable if m.backup_type == FULL]
+    if not usable:
+        return None, "the repository holds no usable " + ("full " if backup_type == DIFF
+                                                           else "") + "backup"
+    newest = max(usable, key=lambda m: (m.start_time, layout.sort_key(m.name)))
+    if newest.system_identifier != info.system_identifier:
+        return None, (f"the newest backup {newest.name} comes from another cluster (system "
+                      f"identifier {newest.system_identifier})")
+    if newest.pg_major != info.major:
+        return None, (f"the newest backup {newest.name} comes from PostgreSQL "
+                      f"{newest.pg_major}, the server runs {info.major}")
+    if info.timeline == 0:
+        return None, "the server's timeline cannot be read (pg_control_checkpoint)"
+    if newest.timeline != info.timeline:
+        return None, (f"the newest backup {newest.name} was taken on timeline "
+                      f"{newest.timeline}, the server is on {info.timeline}")
+    return newest, ""
+
+
+def _hash_file(disk: str, size: int, cancel: threading.Event
+               ) -> tuple[int, int, float, str] | None:
+    """(size, mode, mtime, SHA-256) of the file at ``disk`` read now, when it still has
+    ``size`` bytes; None if it vanished or its size is not ``size``. Stops (Cancelled) once
+    ``cancel`` is set."""
+    import hashlib
+
+    try:
+        fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise UsageError(f"cannot read {disk}", os.strerror(error.errno or 0),
+                         "run backup-push as the cluster's OS user (postgres)") from None
+    with open(fd, "rb", buffering=0) as handle:
+        st = os.fstat(fd)
+        if st.st_size != size:
+            return None
+        digest = hashlib.sha256()
+        read = 0
+        while read < size:
+            if cancel.is_set():
+                raise Cancelled(f"hashing {disk} cancelled")
+            chunk = handle.read(min(1 << 20, size - read))
+            if not chunk:
+                return None  # shrank while read: store it (as a full backup would)
+            digest.update(chunk)
+            read += len(chunk)
+    return size, st.st_mode & 0o7777, st.st_mtime, digest.hexdigest()
+
+
+def unchanged_files(files: Sequence[SourceFile], parent: Manifest, parallel: int = 3
+                    ) -> tuple[list[SourceFile], list[FileEntry], dict[tuple[str, int], PartEntry]]:
+    """Split ``files`` into those to store and the entries of those unchanged since
+    ``parent``, with the parts those entries reference.
+
+    A file is unchanged only if its content, read now (during this backup), has the size and
+    the SHA-256 of the parent's entry: the stored bytes are then exactly the bytes a full
+    backup would have stored. Its size and time alone are never trusted."""
+    held = {("", p.number): replace(p, backup=parent.name) for p in parent.parts}
+    held.update({(p.backup, p.number): p for p in parent.referenced_parts})
+    previous = {f.path: f for f in parent.files}
+    candidates = [f for f in files if f.content is None and f.path in previous
+                  and previous[f.path].size == f.size]
+    cancel = threading.Event()
+    with ThreadPoolExecutor(max_workers=max(1, parallel),
+                            thread_name_prefix="walship-hash") as pool:
+        futures = {f.path: pool.submit(_hash_file, f.disk, previous[f.path].size, cancel)
+                   for f in candidates}
+        try:
+            wait(futures.values(), return_when=FIRST_EXCEPTION)
+        finally:  # a failure or an interrupt (SIGTERM): stop every file in flight
+            if not all(f.done() and f.exception() is None for f in futures.values()):
+                cancel.set()
+                for future in futures.values():
+                    future.cancel()
+    errors = [f.exception() for f in futures.values() if not f.cancelled() and f.exception()]
+    if errors:
+        real = [e for e in errors if not isinstance(e, Cancelled)]
+        raise (real or errors)[0]  # type: ignore[misc]
+    hashed = {path: future.result() for path, future in futures.items()}
+    store: list[SourceFile] = []
+    same: list[FileEntry] = []
+    parts: dict[tuple[str, int], PartEntry] = {}
+    for source in files:
+        found = hashed.get(source.path)
+        old = previous.get(source.path)
+        if found is None or old is None or (found[0], found[3]) != (old.size, old.sha256):
+            store.append(source)
+            continue
+        holder = old.backup or parent.name
+        part = held[(old.backup, old.part)]
+        parts[(holder, old.part)] = part
+        same.append(FileEntry(source.path, found[0], found[1], found[2], found[3], old.part,
+                              holder))
+    return store, same, parts
 
 
 def _read_pg_control(path: str) -> bytes:
@@ -174,8 +293,9 @@ def _owner(path: str) -> tuple[str, str, int]:
 def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
                 part_size: int = DEFAULT_PART_SIZE, fast: bool = True,
                 progress: Progress | None = None, log: Log | None = None,
-                wal_timeout: float | None = None) -> PushResult:
-    """Take a base backup of the server behind ``source`` into ``archive``'s repository.
+                wal_timeout: float | None = None, backup_type: str = FULL) -> PushResult:
+    """Take a base backup of the server behind ``source`` into ``archive``'s repository;
+    ``backup_type`` full, diff or incr (see the module docstring).
 
     On a primary the manifest is written once the WAL the backup needs is in the repository,
     or after ``wal_timeout`` seconds (default :data:`WAL_TIMEOUT`) with a warning: the backup
@@ -195,6 +315,12 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
     # one repository, one key, one segment size: refused before anything is stored
     archive.check_repository(info.wal_segment_size)
     user, group, data_mode = _owner(pgdata)
+    parent, note = choose_parent(
+        [e.manifest for e in catalog.list_backups(archive) if e.manifest]
+        if backup_type != FULL else [], backup_type, info)
+    if note and log is not None:
+        log(f"backup-push: no usable parent for a {backup_type} backup: {note}; taking a full "
+            "backup")
     start_time = source.now()
     name = choose_name(archive, start_time)
     label = f"walship backup {name}"
@@ -203,10 +329,15 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
     committed = False
     try:
         content: Scan = scan(pgdata, info.major, info.tablespace_names)
-        plan = plan_parts(list(content.files), part_size)
+        to_store: list[SourceFile] = list(content.files)
+        same: list[FileEntry] = []
+        referenced: dict[tuple[str, int], PartEntry] = {}
+        if parent is not None:  # read and hash after the backup started: see unchanged_files
+            to_store, same, referenced = unchanged_files(to_store, parent, parallel)
+        plan = plan_parts(to_store, part_size)
         advance = None
         if progress is not None:
-            progress.start(sum(f.size for f in content.files))
+            progress.start(sum(f.size for f in to_store))
             advance = progress.advance
         try:
             _store_parts(archive, name, plan, parallel, advance, stored)
@@ -225,7 +356,8 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
         timeline, start_lsn, start_wal, stop_wal, from_standby = _wal_range(stop, start_lsn,
                                                                              info)
         stored.sort(key=lambda s: s.part.number)
-        files = tuple(sorted((f for s in stored for f in s.files), key=lambda f: f.path))
+        files = tuple(sorted([*(f for s in stored for f in s.files), *same],
+                             key=lambda f: f.path))
         manifest = Manifest(
             name=name, label=label, pg_version=info.version,
             system_identifier=info.system_identifier, timeline=timeline,
@@ -235,7 +367,11 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
             data_directory=pgdata, data_mode=data_mode, owner_user=user, owner_group=group,
             tablespaces=content.tablespaces, directories=content.directories,
             links=content.links, files=files, parts=tuple(s.part for s in stored),
-            walship_version=__version__)
+            walship_version=__version__,
+            backup_type=backup_type if parent is not None else FULL,
+            parent=parent.name if parent is not None else None,
+            referenced_parts=tuple(sorted(referenced.values(),
+                                          key=lambda p: (p.backup, p.number))))
         manifest.check()
         if not info.in_recovery:  # a standby's WAL is archived by its primary, in its time
             _await_wal(archive, manifest.needed_wal(),
@@ -248,6 +384,12 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
             _delete_parts(archive, [s.part.key for s in stored], log)
         raise
     source.close()
+    if manifest.parent is not None and log is not None:
+        try:  # a delete running meanwhile may have removed the parent (then never used)
+            catalog.check_chain(archive, manifest)
+        except IntegrityError as error:
+            log(f"backup-push {name}: WARNING: {error}; it will never be used: take a full "
+                "backup")
     missing = catalog.WalIndex(archive).missing(manifest)
     if missing and log is not None:
         log(f"backup-push {name}: WARNING: the WAL it needs is not all archived yet: missing "
@@ -256,7 +398,7 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
                " (hint: is archive_command 'walship wal-push %p' with this repository?)"))
     return PushResult(manifest, sum(p.size for p in manifest.parts),
                       manifest.stored_size + written.size, time.monotonic() - started,
-                      sum(len(s.skipped) for s in stored), tuple(missing))
+                      sum(len(s.skipped) for s in stored), tuple(missing), len(same), note)
 
 
 WAL_TIMEOUT = 60.0

@@ -293,7 +293,8 @@ def restore(archive: Archive, directory: str | os.PathLike[str], target: Recover
     if backup is not None:  # (an empty name is refused, not taken for "choose one")
         manifest = catalog.resolve(archive, backup)
     else:
-        manifests = [e.manifest for e in catalog.list_backups(archive) if e.manifest]
+        manifests = catalog.usable_chains(e.manifest for e in catalog.list_backups(archive)
+                                          if e.manifest)
         manifest = choose_backup(manifests, target)
     if target.kind == "time" and target.time is not None and manifest.stop_time >= target.time:
         raise UsageError(f"backup {manifest.name} ends after the target time",

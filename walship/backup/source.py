@@ -38,6 +38,7 @@ class ServerInfo:
     in_recovery: bool
     archive_mode: str
     tablespace_names: dict[int, str] = field(default_factory=dict)
+    timeline: int = 0  # of the latest checkpoint (0: unknown; no incremental backup then)
 
     @property
     def major(self) -> int:
@@ -129,9 +130,15 @@ class PostgresSource:
                 "WHERE spcname NOT IN ('pg_default', 'pg_global')").fetchall()
         except self._psycopg.Error:
             rows = []
+        try:  # (a role without access to it gets full backups only)
+            row = self._conn.execute(
+                "SELECT timeline_id FROM pg_control_checkpoint()").fetchone()
+            timeline = int(row[0]) if row and row[0] else 0
+        except self._psycopg.Error:
+            timeline = 0
         return ServerInfo(self._version, data_directory, system_identifier,
                           wal.check_segment_size(segment_size), in_recovery, archive_mode,
-                          {int(oid): name for oid, name in map(_decoded, rows)})
+                          {int(oid): name for oid, name in map(_decoded, rows)}, timeline)
 
     def now(self) -> datetime:
         return self._one("SELECT clock_timestamp()")[0]

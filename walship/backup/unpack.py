@@ -11,6 +11,11 @@ byte checked against the manifest, so ``backup-fetch`` need not hash each file a
 (:attr:`PartSink.rehash`); ``backup-verify`` and parts without it check each file's SHA-256.
 Nothing a fetch writes counts until its part's check has passed: a failure removes it all.
 Parts are read ``parallel`` at a time; the first failure cancels the others.
+
+A differential or incremental backup also reads the parts of older backups its manifest
+references (checked against the digests its manifest copied): of those, only the members the
+manifest assigns to that part are handed to the sink, the others are read (the part's digest
+covers them) and dropped.
 """
 
 from __future__ import annotations
@@ -46,13 +51,17 @@ class PartSink:
         self._progress = progress or NullProgress()
         self.cancel = cancel or threading.Event()
 
-    def claim(self, part: PartEntry, member: tarfile.TarInfo) -> FileEntry:
-        """The manifest's entry for ``member`` of ``part``, or IntegrityError."""
+    def claim(self, part: PartEntry, member: tarfile.TarInfo) -> FileEntry | None:
+        """The manifest's entry for ``member`` of ``part``, or IntegrityError; None for a
+        member of another backup's part that this backup takes from elsewhere (skip it)."""
         entry = self.expected.get(member.name)
         problem = ""
+        if part.backup and member.isreg() and (entry is None or entry.holder != (
+                part.backup, part.number)):
+            return None
         if entry is None:
             problem = f"it holds {member.name!r}, which the manifest does not list"
-        elif entry.part != part.number:
+        elif entry.holder != (part.backup, part.number):
             problem = f"{member.name} belongs to part {entry.part}"
         elif not member.isreg():
             problem = f"{member.name} is not a regular file"
@@ -62,8 +71,10 @@ class PartSink:
             if not problem and member.name in self.seen:
                 problem = f"{member.name} appears twice"
             if problem:
-                raise IntegrityError(f"part {part.number} of backup does not match its "
-                                     "manifest", problem, "the repository was tampered with")
+                where = f" {part.backup}" if part.backup else ""
+                raise IntegrityError(f"part {part.number} of backup{where} does not match "
+                                     "its manifest", problem,
+                                     "the repository was tampered with")
             self.seen.add(member.name)
         assert entry is not None
         return entry
@@ -100,6 +111,8 @@ class HashSink(PartSink):
     def member(self, part: PartEntry, member: tarfile.TarInfo, data: Iterator[memoryview]
                ) -> None:
         entry = self.claim(part, member)
+        if entry is None:
+            return
         digest = hashlib.sha256()
         size = 0
         for chunk in data:
@@ -157,7 +170,7 @@ def read_parts(archive: Archive, manifest: Manifest, sink: PartSink, parallel: i
         futures: list[Future[int]] = []
         try:
             # The biggest parts first: the slowest one starts early.
-            for part in sorted(manifest.parts, key=lambda p: -p.size):
+            for part in sorted(manifest.all_parts, key=lambda p: -p.size):
                 futures.append(pool.submit(read_part, archive, part, sink))
             wait(futures, return_when=FIRST_EXCEPTION)
         finally:

@@ -43,6 +43,7 @@ def verify_backup(archive: Archive, name: str, *, parallel: int = 3,
     """Verify backup ``name`` (or ``LATEST``); raise IntegrityError on any damage."""
     started = time.monotonic()
     manifest = catalog.resolve(archive, name)
+    catalog.check_chain(archive, manifest)
     sink = HashSink(manifest, progress)
     if progress is not None:
         progress.start(manifest.size)

@@ -1,0 +1,96 @@
+"""Differential and incremental backups end to end, on a real PostgreSQL under pgbench: full,
+incr, incr, (a restart), diff, incr; each restored to its own point (a restore point made right
+after it), one to the end of WAL; data equal to the source, pg_amcheck and pg_checksums clean;
+a parent's object deleted fails the child's restore and leaves nothing startable."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from tests.backup.test_backup_e2e import (archive_everything, backup_list, start_restored,
+                                          summary_line, walship)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.timeout(600)
+def test_full_incr_incr_diff_incr_under_pgbench(pg, file_repository):
+    primary = pg.initdb("primary", env=file_repository.env)  # initdb --data-checksums
+    primary.start()
+    primary.pgbench_init(scale=1)
+    points: list[tuple[str, str, dict[str, str]]] = []  # (backup, restore point, state)
+    for number, kind in enumerate(["full", "incr", "incr", "diff", "incr"]):
+        if number == 3:  # a server restarted between backups: content decides, not the restart
+            primary.stop()
+            primary.start()
+        load = primary.pgbench(seconds=60, clients=2, background=True)
+        time.sleep(1)
+        try:
+            push = walship(pg, primary, "backup-push", "--type", kind, "--part-size", "4")
+            assert load.poll() is None, "pgbench must still be writing when the backup ends"
+        finally:
+            load.send_signal(signal.SIGTERM)
+            load.wait(timeout=60)
+        line = summary_line(push.stderr, "backup-push")
+        assert f" type={kind} " in line, line
+        name = line.split()[2]
+        point = f"after_{number}"
+        state = primary.table_checksums()
+        primary.create_restore_point(point)
+        points.append((name, point, state))
+    primary.pgbench(transactions=200)
+    final = primary.table_checksums()
+    archive_everything(primary)
+
+    rows = {r["name"]: r for r in backup_list(pg, primary)}
+    names = [name for name, _, _ in points]
+    assert [rows[n]["type"] for n in names] == ["full", "incr", "incr", "diff", "incr"]
+    assert [rows[n]["parent"] for n in names] == [None, names[0], names[1], names[0],
+                                                  names[3]]
+    for name in names[1:]:
+        assert rows[name]["usable"]
+        assert rows[name]["stored_bytes"] < rows[name]["logical_bytes"] / 2, rows[name]
+
+    def check(copy) -> None:
+        copy.psql("CREATE EXTENSION IF NOT EXISTS amcheck")
+        pg.run_client([str(pg.bindir / "pg_amcheck"), "-h", str(copy.sockdir), "-U",
+                       "postgres", "-d", "postgres", "--heapallindexed"],
+                      describe="pg_amcheck", log=copy.log)
+        copy.stop()
+        copy.wait_stopped()
+        pg.run_pg([str(pg.bindir / "pg_checksums"), "--check", "-D", str(copy.data)],
+                  describe="pg_checksums --check")
+
+    for number, (name, point, state) in enumerate(points):
+        walship(pg, primary, "restore", str(pg.path / f"at{number}"), "--backup", name,
+                "--target-name", point, "--target-action", "promote", "--archive-mode", "off")
+        copy = start_restored(pg, primary, f"at{number}")
+        assert copy.table_checksums() == state, (number, name)
+        check(copy)
+    # an incremental backup replayed to the end of WAL (a later time than its own)
+    walship(pg, primary, "restore", str(pg.path / "later"), "--backup", names[2],
+            "--archive-mode", "off")
+    later = start_restored(pg, primary, "later")
+    assert later.table_checksums() == final
+    check(later)
+
+    # One part of the full backup gone: the incremental backups that read it fail loudly,
+    # before anything startable is written.
+    storage = file_repository.open()
+    try:
+        parts = [info.key for info in storage.list(f"backups/{names[0]}/")
+                 if "/part." in info.key]
+        for key in parts:
+            storage.delete(key)
+            break
+    finally:
+        storage.close()
+    bad = walship(pg, primary, "restore", str(pg.path / "bad"), "--backup", names[4],
+                  "--archive-mode", "off", check=False)
+    assert bad.returncode == 5, bad.stderr
+    assert "missing" in bad.stderr
+    assert not (pg.path / "bad" / "PG_VERSION").exists()
+    assert not (pg.path / "bad").exists() or not any((pg.path / "bad").iterdir())
