@@ -40,6 +40,8 @@ class FakeConnection:
             rows = [(7000000000000000001,)]
         elif "pg_tablespace" in sql:
             rows = []
+        elif "pg_control_checkpoint" in sql:
+            rows = [(1,)]
         else:  # set_config, current_setting
             rows = [("/var/lib/postgresql/data",)]
         return SimpleNamespace(fetchone=lambda: rows[0] if rows else None,
