@@ -16,6 +16,7 @@ from tests.backup.test_backup_e2e import (archive_everything, backup_list, start
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.pg_versions
 @pytest.mark.timeout(600)
 def test_full_incr_incr_diff_incr_under_pgbench(pg, file_repository):
     primary = pg.initdb("primary", env=file_repository.env)  # initdb --data-checksums
