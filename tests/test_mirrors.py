@@ -169,3 +169,129 @@ def test_mirror_settings_and_their_secrets_masked(tmp_path):
     assert settings.mirror_options(mirror).azure.account_key == "c2VjcmV0"
     shown = str(settings.describe())
     assert "c2VjcmV0" not in shown and "westeurope" in shown and "****" in shown
+
+
+# -- repo-sync -------------------------------------------------------------------------------
+BACKUP = "20260101T000000Z"
+INCOMPLETE = "20260102T000000Z"
+
+
+def store(root, key, data, codec=None):
+    """Store ``data`` under ``key`` in the file:// repository ``root`` through the codec."""
+    from walship.codec import Codec
+    from walship.storage import open_storage
+
+    storage = open_storage(f"file://{root}")
+    stored = (codec or Codec()).stored_form(key, [data], size_hint=len(data))
+    storage.put(key, stored, metadata=stored.metadata)
+
+
+def keys(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.parts))
+
+
+def add_backups(root):
+    for number in (1, 2):
+        store(root, f"backups/{BACKUP}/part.{number:05d}", os.urandom(300_000))
+    store(root, f"backups/{BACKUP}/manifest", b"{}")
+    store(root, f"backups/{INCOMPLETE}/part.00001", os.urandom(1000))  # no manifest yet
+
+
+def test_repo_sync_copies_wal_and_complete_backups_to_the_async_mirror(repos, wal_dir,
+                                                                       capsys):
+    import json
+
+    for name in (SEG, SEG2):
+        assert main(["wal-push", str(wal_dir / name)]) == 0
+    add_backups(repos["primary"])
+    capsys.readouterr()
+    assert main(["repo-sync", "--to", "north", "--dry-run", "--json"]) == 0
+    (report,) = json.loads(capsys.readouterr().out)
+    assert report["keys"] == ["backups/20260101T000000Z/part.00001",
+                              "backups/20260101T000000Z/part.00002",
+                              "backups/20260101T000000Z/manifest",  # the manifest last
+                              f"wal/{SEG}", f"wal/{SEG2}", "walship.json"]
+    assert report["lag_seconds"] >= 0 and not (repos["north"] / "wal").exists()
+    assert main(["repo-sync", "--json"]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert [(r["to"], r["copied"]) for r in reports] == [("west", 3), ("north", 6)]
+    expected = [k for k in keys(repos["primary"]) if INCOMPLETE not in k]
+    assert keys(repos["north"]) == expected == keys(repos["west"])
+    for key in expected:
+        assert (repos["north"] / key).read_bytes() == (repos["primary"] / key).read_bytes()
+    assert main(["repo-sync", "--json"]) == 0  # idempotent: nothing left to copy
+    assert [r["copied"] for r in json.loads(capsys.readouterr().out)] == [0, 0]
+    # the copies are what a restore reads: the async mirror alone serves the WAL
+    repos["primary"].rename(repos["primary"].with_name("lost"))
+    repos["west"].rename(repos["west"].with_name("lost-west"))
+    assert main(["wal-fetch", SEG2, str(wal_dir / "out")]) == 0
+    assert (wal_dir / "out").read_bytes() == (wal_dir / SEG2).read_bytes()
+
+
+def test_repo_sync_never_copies_a_damaged_object(repos, wal_dir, capsys):
+    import json
+
+    for name in (SEG, SEG2):
+        assert main(["wal-push", str(wal_dir / name)]) == 0
+    damaged = repos["primary"] / "wal" / SEG
+    body = bytearray(damaged.read_bytes())
+    body[len(body) // 3] ^= 0x01
+    damaged.write_bytes(bytes(body))
+    capsys.readouterr()
+    assert main(["repo-sync", "--to", "north", "--json"]) == ExitStatus.INTEGRITY
+    (report,) = json.loads(capsys.readouterr().out)
+    assert report["damaged"] == [f"wal/{SEG}"] and report["copied"] == 2
+    assert keys(repos["north"]) == [f"wal/{SEG2}", "walship.json"]
+    # seeded back from the intact mirror, by name
+    damaged.unlink()
+    assert main(["repo-sync", "--from", "west", "--to", "primary"]) == 0
+    assert main(["repo-sync", "--to", "north"]) == 0
+    assert stored(repos["north"]) == stored(repos["west"])
+
+
+def test_repo_sync_usage_errors(repos, tmp_path, monkeypatch, capsys):
+    assert main(["repo-sync", "--to", "nowhere"]) == ExitStatus.USAGE
+    assert "no repository named 'nowhere'" in capsys.readouterr().err
+    (tmp_path / "none.toml").write_text(f'repo = "file://{repos["primary"]}"\n')
+    monkeypatch.setenv("WALSHIP_CONFIG", str(tmp_path / "none.toml"))
+    assert main(["repo-sync"]) == ExitStatus.USAGE
+    assert "repo-sync needs mirrors" in capsys.readouterr().err
+
+
+def test_repo_sync_killed_at_random_moments_converges(repos, wal_dir, tmp_path):
+    """SIGKILL anywhere in a copy: after each kill the mirror shows no incomplete backup as
+    complete and no partial object; a final run leaves it identical to the source."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    many = tmp_path / "many"
+    many.mkdir()
+    for number in range(3, 43):
+        (many / f"0000000100000000000000{number:02X}").write_bytes(
+            os.urandom(1 << 20))
+        assert main(["wal-push", str(many / f"0000000100000000000000{number:02X}")]) == 0
+    for number in range(1, 9):
+        store(repos["primary"], f"backups/{BACKUP}/part.{number:05d}", os.urandom(4 << 20))
+    store(repos["primary"], f"backups/{BACKUP}/manifest", b"{}")
+    source = keys(repos["primary"])
+    command = [sys.executable, "-m", "walship", "repo-sync", "--to", "north"]
+    env = {**os.environ, "PYTHONPATH": str(os.path.dirname(os.path.dirname(__file__)))}
+    rng = random.Random(14)
+    for _ in range(6):
+        child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.1, 0.35))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        held = keys(repos["north"])
+        assert set(held) <= set(source)  # nothing partial or foreign is visible
+        if f"backups/{BACKUP}/manifest" in held:
+            assert all(k in held for k in source if k.startswith(f"backups/{BACKUP}/"))
+        for key in held:
+            assert (repos["north"] / key).read_bytes() == (repos["primary"] / key).read_bytes()
+    assert subprocess.run(command, env=env, timeout=120).returncode == 0
+    assert keys(repos["north"]) == source

@@ -16,7 +16,8 @@ import click
 from walship import logline
 from walship.codec import DEFAULT_LEVEL
 from walship.config import Settings, load_settings
-from walship.errors import ExitStatus, NotFound, UsageError, exit_status, standby_waits
+from walship.errors import (ExitStatus, NotFound, UsageError, WalshipError, exit_status,
+                            standby_waits)
 
 
 class _Finite(click.FloatRange):
@@ -606,6 +607,88 @@ def backup_verify(state: _State, name: str, as_json: bool) -> int:
                                 f"lacks WAL it needs", f"missing "
                                 f"{describe_missing(result.wal_missing)}",
                                 "wait for archiving to catch up, or use another backup")
+    return ExitStatus.OK
+
+
+@cli.command("repo-sync")
+@click.option("--from", "source", metavar="NAME", default="primary", show_default=True,
+              help="The repository to copy from (primary or a mirror's name).")
+@click.option("--to", "targets", metavar="NAME", multiple=True, help="A repository to copy "
+              "into (repeatable). [default: every other configured repository]")
+@click.option("--dry-run", is_flag=True, help="Only say what would be copied.")
+@click.option("--json", "as_json", is_flag=True, help="The result as JSON on stdout.")
+@click.pass_obj
+def repo_sync(state: _State, source: str, targets: tuple[str, ...], dry_run: bool,
+              as_json: bool) -> int:
+    """Copy what one repository holds and another lacks: WAL, history files and complete
+    backups (parts first, manifest last), as stored, verified on the way.
+
+    Keeps async mirrors current (run it from a timer) and seeds a new mirror. Idempotent:
+    safe to kill and run again, beside archiving and delete. Never deletes anything.
+    """
+    import json
+
+    from walship import reposync
+    from walship.backup.progress import for_stderr
+
+    archive = state.archive()
+    members = getattr(archive.storage, "members", None)
+    if not members:
+        raise UsageError("repo-sync needs mirrors", "no [[mirrors]] are configured",
+                         "name them in the config file (see the README's Mirrors section)")
+    names = [m.name for m in members]
+    for name in (source, *targets):
+        if name not in names:
+            raise UsageError(f"no repository named {name!r}", "configured: "
+                             + ", ".join(names), "use --from/--to with one of those names")
+    origin = archive.storage.member(source)
+    chosen = [archive.storage.member(n) for n in targets] if targets else \
+        [m for m in members if m.name != source]
+    reports: list[dict[str, Any]] = []
+    first_error: BaseException | None = None
+    for target in chosen:
+        if target.name == source:
+            continue
+        report: dict[str, Any] = {"from": source, "to": target.name}
+        try:
+            work = reposync.plan(origin.storage, target.storage)
+            report.update(missing=len(work.objects), missing_bytes=work.bytes,
+                          lag_seconds=round(work.lag_seconds(), 3))
+            if dry_run:
+                report["keys"] = [info.key for info in work.objects]
+                logline.info(f"repo-sync {source} -> {target.name} would copy "
+                             f"{len(work.objects)} objects ({work.bytes} bytes)")
+            else:
+                result = reposync.sync(origin.storage, target.storage, source_name=source,
+                                       destination_name=target.name, codec=archive.codec,
+                                       progress=for_stderr(f"repo-sync {target.name}"),
+                                       work=work)
+                report.update(copied=result.copied, bytes=result.bytes,
+                              already=result.already, vanished=result.vanished,
+                              seconds=round(result.seconds, 3))
+                report["damaged"] = result.damaged
+                logline.info(f"repo-sync {source} -> {target.name} copied={result.copied} "
+                             f"bytes={result.bytes} already={result.already} "
+                             f"vanished={len(result.vanished)} "
+                             f"seconds={result.seconds:.3f}")
+                if result.damaged:
+                    from walship.errors import IntegrityError
+
+                    raise IntegrityError(f"{len(result.damaged)} objects of repository "
+                                         f"{source} failed verification and were not copied",
+                                         f"e.g. {result.damaged[0]}", "run walship "
+                                         "repo-sync --from another repository, or wal-verify")
+        except WalshipError as error:
+            error.what = f"repo-sync {source} -> {target.name}: {error.what}"
+            report["error"] = error.one_line()
+            first_error = first_error or error
+            if len(chosen) > 1:
+                logline.warning(error.one_line())
+        reports.append(report)
+    if as_json:
+        click.echo(json.dumps(reports, indent=2))
+    if first_error is not None:
+        raise first_error
     return ExitStatus.OK
 
 
