@@ -295,3 +295,29 @@ def test_repo_sync_killed_at_random_moments_converges(repos, wal_dir, tmp_path):
             assert (repos["north"] / key).read_bytes() == (repos["primary"] / key).read_bytes()
     assert subprocess.run(command, env=env, timeout=120).returncode == 0
     assert keys(repos["north"]) == source
+
+
+def test_status_shows_each_mirrors_lag_until_repo_sync_catches_up(repos, wal_dir, tmp_path,
+                                                                 capsys):
+    import json
+
+    for name in (SEG, SEG2):
+        assert main(["wal-push", str(wal_dir / name)]) == 0
+    capsys.readouterr()
+    prom = tmp_path / "walship.prom"
+    assert main(["status", "--json", "--prometheus", str(prom)]) == 0
+    mirrors = {m["name"]: m for m in json.loads(capsys.readouterr().out)["mirrors"]}
+    assert (mirrors["west"]["lag_files"], mirrors["west"]["lag_seconds"]) == (0, 0)
+    assert mirrors["north"]["lag_files"] == 3 and mirrors["north"]["mode"] == "async"
+    assert mirrors["north"]["lag_seconds"] >= 0 and mirrors["north"]["reachable"]
+    assert 'walship_mirror_lag_files{mirror="north",mode="async"} 3' in prom.read_text()
+    assert main(["repo-sync"]) == 0
+    repos["west"].rename(tmp_path / "west-away")
+    capsys.readouterr()
+    assert main(["status", "--json"]) == 0
+    mirrors = {m["name"]: m for m in json.loads(capsys.readouterr().out)["mirrors"]}
+    assert (mirrors["north"]["lag_files"], mirrors["north"]["lag_seconds"]) == (0, 0)
+    assert not mirrors["west"]["reachable"] and "does not exist" in mirrors["west"]["reason"]
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "mirror north   (async) 0 files behind" in out and "west" in out

@@ -731,6 +731,10 @@ def status(state: _State, dbname: str | None, as_json: bool, prometheus: str | N
                       if a.failed_count else ""))
     else:
         click.echo(f"archiver       unknown: {a.reason}")
+    for m in current.mirrors:
+        click.echo(f"mirror {m.name:<8}({m.mode}) " + (
+            f"{m.files} files behind" + (f", oldest {_age(m.seconds)} old" if m.files else "")
+            if m.reachable else f"unreachable: {m.reason}"))
     return ExitStatus.OK
 
 

@@ -226,3 +226,36 @@ def sync(source: Storage, destination: Storage, *, source_name: str = "source",
             progress.finish()  # type: ignore[attr-defined]
     result.seconds = time.monotonic() - started
     return result
+
+
+@dataclass(frozen=True)
+class MirrorLag:
+    """How far one mirror is behind the primary: the objects (and bytes) it lacks and the age
+    of the oldest of them; ``reachable`` False (with ``reason``) when it could not be told."""
+
+    name: str
+    mode: str
+    reachable: bool
+    files: int | None = None
+    bytes: int | None = None
+    seconds: float | None = None
+    reason: str = ""
+
+
+def mirror_lags(storage: Storage, now: float | None = None) -> list[MirrorLag]:
+    """The lag of every mirror of a mirrored ``storage`` (none for a single repository)."""
+    from walship.errors import WalshipError
+
+    members = getattr(storage, "members", None)
+    if not members:
+        return []
+    lags = []
+    for member in members[1:]:
+        try:
+            work = plan(members[0].storage, member.storage)
+        except WalshipError as error:
+            lags.append(MirrorLag(member.name, member.mode, False, reason=error.one_line()))
+            continue
+        lags.append(MirrorLag(member.name, member.mode, True, len(work.objects), work.bytes,
+                              work.lag_seconds(now)))
+    return lags
