@@ -321,3 +321,38 @@ def test_status_shows_each_mirrors_lag_until_repo_sync_catches_up(repos, wal_dir
     assert main(["status"]) == 0
     out = capsys.readouterr().out
     assert "mirror north   (async) 0 files behind" in out and "west" in out
+
+
+def test_backups_go_to_every_sync_repository_and_damage_falls_over(repos, tmp_path, capsys):
+    from tests.backup.test_pipeline import FakeSource, make_cluster, push_wal_names
+
+    from walship.archive import open_archive
+    from walship.backup.push import push_backup
+
+    archive = open_archive(load_settings())
+    data, ts = make_cluster(tmp_path)
+    push_wal_names(archive, ["000000010000000000000002"])
+    manifest = push_backup(archive, FakeSource(data, ts), part_size=1 << 20).manifest
+    assert len(manifest.parts) >= 3
+    for part in manifest.parts:  # written once, stored twice: the same bytes
+        assert (repos["primary"] / part.key).read_bytes() == (repos["west"] / part.key
+                                                               ).read_bytes()
+    assert (repos["west"] / f"backups/{manifest.name}/manifest").exists()
+    assert not (repos["north"] / "backups").exists()
+    victim = repos["primary"] / manifest.parts[1].key
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 3] ^= 0x40
+    victim.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(["backup-verify", "LATEST"]) == 0
+    assert "read a verified copy from repository west" in capsys.readouterr().err
+    target = tmp_path / "restored"
+    assert main(["backup-fetch", "LATEST", str(target), "--tablespace-map",
+                 f"16400={tmp_path / 'new-ts'}"]) == 0
+    assert (target / "base/5/16384").read_bytes() == (data / "base/5/16384").read_bytes()
+    # damaged in every repository: refused, and nothing startable is left
+    (repos["west"] / manifest.parts[1].key).write_bytes(bytes(raw))
+    other = tmp_path / "again"
+    assert main(["backup-fetch", "LATEST", str(other), "--tablespace-map",
+                 f"16400={tmp_path / 'ts2'}"]) == ExitStatus.INTEGRITY
+    assert not other.exists() or os.listdir(other) == []

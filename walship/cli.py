@@ -96,6 +96,16 @@ def cli(ctx: click.Context, repo: str | None, config_file: str | None,
     ctx.obj = _State(flags, config_file, ctx.obj if isinstance(ctx.obj, float) else None)
 
 
+def _verified(archive: Any, action: Any) -> Any:
+    """``action(archive)``; with mirrors, again from each repository alone when what it read
+    failed verification (:func:`walship.storage.mirrored.verified_read`)."""
+    if not hasattr(archive.storage, "members"):
+        return action(archive)
+    from walship.storage.mirrored import verified_read
+
+    return verified_read(archive, action)
+
+
 @cli.command("wal-push")
 @click.argument("path", metavar="PATH")
 @click.pass_obj
@@ -373,9 +383,9 @@ def backup_fetch(state: _State, name: str, directory: str, mappings: tuple[str, 
 
     tablespace_map = _tablespace_map(mappings)
     check_directory(directory, force=force)  # input errors before the repository is opened
-    result = fetch_backup(state.archive(), name, directory, tablespace_map=tablespace_map,
-                          force=force, parallel=state.settings.parallel,
-                          progress=for_stderr("backup-fetch"))
+    result = _verified(state.archive(), lambda archive: fetch_backup(
+        archive, name, directory, tablespace_map=tablespace_map, force=force,
+        parallel=state.settings.parallel, progress=for_stderr("backup-fetch")))
     logline.info(f"backup-fetch {result.manifest.name} delivered in={result.bytes_in} "
                  f"out={result.bytes_out} seconds={result.seconds:.3f} "
                  f"files={len(result.manifest.files)} parts={len(result.manifest.parts)} "
@@ -425,11 +435,10 @@ def restore(state: _State, directory: str, target_time: str | None, target_lsn: 
                          immediate=target_kind == "immediate")
     tablespace_map = _tablespace_map(mappings)
     check_directory(directory, force=force)  # input errors before the repository is opened
-    result = run_restore(state.archive(), directory, target, action=target_action,
-                         standby=standby, backup=backup,
-                         tablespace_map=tablespace_map, force=force,
-                         archive_mode_off=archive_mode == "off",
-                         parallel=state.settings.parallel, progress=for_stderr("restore"))
+    result = _verified(state.archive(), lambda archive: run_restore(
+        archive, directory, target, action=target_action, standby=standby, backup=backup,
+        tablespace_map=tablespace_map, force=force, archive_mode_off=archive_mode == "off",
+        parallel=state.settings.parallel, progress=for_stderr("restore")))
     fetched = result.fetch
     logline.info(f"restore {fetched.manifest.name} delivered in={fetched.bytes_in} "
                  f"out={fetched.bytes_out} seconds={fetched.seconds:.3f} into "
@@ -588,8 +597,8 @@ def backup_verify(state: _State, name: str, as_json: bool) -> int:
     from walship.backup.verify import verify_backup
     from walship.errors import ArchiveIncomplete
 
-    result = verify_backup(state.archive(), name, parallel=state.settings.parallel,
-                           progress=for_stderr("backup-verify"))
+    result = _verified(state.archive(), lambda archive: verify_backup(
+        archive, name, parallel=state.settings.parallel, progress=for_stderr("backup-verify")))
     manifest = result.manifest
     if as_json:
         click.echo(json.dumps({"name": manifest.name, "files": len(manifest.files),

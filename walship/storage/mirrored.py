@@ -41,6 +41,7 @@ from walship.errors import (AlreadyExists, IntegrityError, NotFound, StorageErro
 from walship.storage.base import Download, MetadataSource, ObjectInfo, Storage
 
 if TYPE_CHECKING:
+    from walship.archive import Archive
     from walship.config import Settings
 
 QUEUE_DEPTH = 4  # chunks waiting for each member of a parallel put
@@ -322,3 +323,19 @@ def open_mirrored(primary: Storage, settings: Settings,
         members.append(Member(mirror.name, open_storage(
             mirror.repo, settings.mirror_options(mirror, deadline)), mirror.mode))
     return MirroredStorage(members)
+
+
+def verified_read(archive: Archive, action: Callable[[Archive], T]) -> T:
+    """``action(archive)``; when it fails verification and the archive has mirrors, the whole
+    action again on each repository alone, in order (for reads that cannot resume half-way,
+    such as a backup-fetch whose files are written as its parts stream: a failed one has
+    removed what it wrote). A single repository: exactly ``action(archive)``."""
+    try:
+        return action(archive)
+    except IntegrityError:
+        if not hasattr(archive.storage, "members"):
+            raise
+        from walship.archive import Archive
+
+        return read_elsewhere(archive.storage,
+                              lambda storage: action(Archive(storage, archive.codec)))
