@@ -19,6 +19,14 @@ def segment() -> bytes:
     return os.urandom(1000) + bytes((1 << 20) - 1000)
 
 
+@pytest.fixture(autouse=True)
+def fresh_warnings():
+    """Each test sees its fall-over warnings (they are printed once per process)."""
+    from walship.storage import mirrored
+
+    mirrored._warned.clear()
+
+
 @pytest.fixture
 def repos(tmp_path, monkeypatch):
     """A primary and two mirrors (``west`` sync, ``north`` async), each a directory."""
