@@ -118,13 +118,27 @@ def test_fetch_reads_a_file_only_a_mirror_holds(repos, wal_dir, tmp_path):
     assert (tmp_path / "out").read_bytes() == (wal_dir / SEG2).read_bytes()
 
 
-def test_not_found_only_when_every_repository_says_so(repos, wal_dir, tmp_path):
+def test_not_found_needs_the_primary_or_a_sync_mirror_to_say_so(repos, wal_dir, tmp_path,
+                                                                 capsys):
     assert main(["wal-push", str(wal_dir / SEG)]) == 0
-    assert main(["wal-fetch", SEG2, str(tmp_path / "out")]) == ExitStatus.NOT_FOUND
-    # the primary lacks it, a mirror cannot answer: not proven absent, recovery aborts
+    out = str(tmp_path / "out")
+    assert main(["wal-fetch", SEG2, out]) == ExitStatus.NOT_FOUND  # absent everywhere
+    # An async mirror cannot answer: it lags, so the absence stays proven by the others.
     repos["north"].rename(tmp_path / "north-away")
-    assert main(["wal-fetch", SEG2, str(tmp_path / "out")]) >= 126
-    assert not (tmp_path / "out").exists()
+    assert main(["wal-fetch", SEG2, out]) == ExitStatus.NOT_FOUND
+    # The primary is lost: the sync mirror holds every acknowledged push, its answer stands.
+    repos["primary"].rename(tmp_path / "primary-away")
+    capsys.readouterr()
+    assert main(["wal-fetch", SEG2, out]) == ExitStatus.NOT_FOUND
+    assert "repository primary could not answer" in capsys.readouterr().err
+    assert main(["wal-fetch", SEG, out]) == 0  # and it delivers what it holds
+    os.unlink(out)
+    # Only the async mirror answers: its "not found" proves nothing, recovery aborts.
+    (tmp_path / "north-away").rename(repos["north"])
+    repos["west"].rename(tmp_path / "west-away")
+    assert main(["wal-fetch", SEG2, out]) >= 126
+    assert main(["wal-fetch", SEG, out]) >= 126  # (the async mirror never got it)
+    assert not os.path.exists(out)
 
 
 def test_a_corrupted_object_is_read_from_the_other_repository(repos, wal_dir, tmp_path, capsys):

@@ -12,9 +12,13 @@ primary first. It adds no storage of its own: every operation is the members' ow
   others have been written, so the caller judges the stored content in each holder. ``async``
   mirrors are not written here: ``walship repo-sync`` (:mod:`walship.reposync`) copies to them.
 * ``get`` and ``head`` ask the members in order and fall over to the next on an unreachable or
-  missing repository, or a missing object. :class:`~walship.errors.NotFound` only when every
-  member authoritatively says the object does not exist; when any member could not answer,
-  its error is raised (the existing exit rules apply). A fall-over is logged once per process
+  missing repository, or a missing object. :class:`~walship.errors.NotFound` when every
+  member that answered says the object does not exist and one of them is the primary or a
+  sync mirror: each of those holds every object a push acknowledged, so its absence there is
+  proven even while another repository cannot answer (without this, losing the primary's
+  region would abort every recovery at its first probe for a history file that does not
+  exist). When only async mirrors (which lag) answered, the error of one that could not
+  answer is raised (the existing exit rules apply). A fall-over is logged once per process
   and member, loudly, on stderr.
 * ``list`` is the union of the reachable members' listings, sorted by key (a key held by
   several members is listed once, as the first of them holds it). Unreachable members are
@@ -188,10 +192,19 @@ class MirroredStorage:
                               f"not answer ({_why(error)}): reading from repository "
                               f"{member.name}")
             return result
-        for member, error in errors:
-            if not isinstance(error, NotFound):
-                error.what = f"repository {member.name}: {error.what}"
-                raise error  # one could not answer: absence is not proven
+        unanswered = [(m, e) for m, e in errors if not isinstance(e, NotFound)]
+        complete = [(m, e) for m, e in errors if isinstance(e, NotFound) and m.mode != "async"]
+        if unanswered and complete:
+            # The primary and every sync mirror hold each file a push acknowledged: the
+            # absence in one of them is proven, whoever else could not answer.
+            for member, error in unanswered:
+                warn_once(member.name, "unreachable", f"repository {member.name} could not "
+                          f"answer ({_why(error)}): {key} is absent from repository "
+                          f"{complete[0][0].name}, which holds every acknowledged push")
+            raise complete[0][1]
+        for member, error in unanswered:
+            error.what = f"repository {member.name}: {error.what}"
+            raise error  # an async mirror lags: its absence proves nothing
         raise errors[0][1]
 
     def get(self, key: str) -> Download:
