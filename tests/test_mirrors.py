@@ -378,3 +378,28 @@ def test_backups_go_to_every_sync_repository_and_damage_falls_over(repos, tmp_pa
     assert main(["backup-fetch", "LATEST", str(other), "--tablespace-map",
                  f"16400={tmp_path / 'ts2'}"]) == ExitStatus.INTEGRITY
     assert not other.exists() or os.listdir(other) == []
+
+
+def test_repo_sync_beside_delete_never_leaves_a_manifest_without_its_parts(repos):
+    """A delete that removes a backup while repo-sync copies it: the manifest copied last is
+    taken back when the parts are gone from the destination."""
+    from walship import reposync
+    from walship.storage import open_storage
+
+    add_backups(repos["primary"])
+    source = open_storage(f"file://{repos['primary']}")
+    destination = open_storage(f"file://{repos['north']}")
+    work = reposync.plan(source, destination)
+    real_put = destination.put
+
+    def put_then_delete(key, data, *, metadata=None):
+        info = real_put(key, data, metadata=metadata)
+        if key.endswith("/manifest"):  # delete ran between the parts and the manifest
+            for part in (1, 2):
+                destination.delete(f"backups/{BACKUP}/part.{part:05d}")
+        return info
+
+    destination.put = put_then_delete
+    result = reposync.sync(source, destination, work=work)
+    assert f"backups/{BACKUP}/manifest" in result.vanished
+    assert not (repos["north"] / "backups" / BACKUP / "manifest").exists()

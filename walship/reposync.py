@@ -187,6 +187,14 @@ def copy_object(source: Storage, destination: Storage, info: ObjectInfo,
     return "copied"
 
 
+def _parts_present(source: Storage, destination: Storage, name: str) -> bool:
+    """Whether the destination holds every object the source holds of backup ``name``
+    (after its manifest was copied: a concurrent ``delete`` may have removed parts)."""
+    prefix = backup_layout.backup_prefix(name)
+    held = {info.key for info in destination.list(prefix)}
+    return all(info.key in held for info in source.list(prefix))
+
+
 def sync(source: Storage, destination: Storage, *, source_name: str = "source",
          destination_name: str = "destination", codec: Codec | None = None,
          progress: object | None = None, work: Plan | None = None) -> SyncResult:
@@ -212,6 +220,13 @@ def sync(source: Storage, destination: Storage, *, source_name: str = "source",
                 if split is not None:
                     broken.add(split[0])
                 continue
+            if outcome == "copied" and split is not None \
+                    and split[1] == backup_layout.MANIFEST \
+                    and not _parts_present(source, destination, split[0]):
+                # A delete removed parts meanwhile: the manifest just written would show an
+                # incomplete backup as complete. It is ours: remove it again.
+                destination.delete(info.key)
+                outcome = "vanished"
             if outcome == "copied":
                 result.copied += 1
                 result.bytes += info.size
