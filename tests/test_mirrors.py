@@ -403,3 +403,43 @@ def test_repo_sync_beside_delete_never_leaves_a_manifest_without_its_parts(repos
     result = reposync.sync(source, destination, work=work)
     assert f"backups/{BACKUP}/manifest" in result.vanished
     assert not (repos["north"] / "backups" / BACKUP / "manifest").exists()
+
+
+def test_delete_applies_retention_to_every_repository_or_one(repos, tmp_path, capsys):
+    from tests.backup.test_pipeline import FakeSource, make_cluster
+
+    from walship.archive import Archive, open_archive
+    from walship.backup import catalog
+    from walship.backup.push import push_backup
+    from walship.backup.verify import verify_backup
+    from walship.codec import Codec
+    from walship.storage import open_storage
+
+    archive = open_archive(load_settings())
+    data, ts = make_cluster(tmp_path)
+    key = "wal/000000010000000000000002"  # (through the codec: repo-sync verifies it)
+    stored = archive.codec.stored_form(key, [b"x"])
+    archive.storage.put(key, stored, metadata=stored.metadata)
+    old = push_backup(archive, FakeSource(data, ts), part_size=1 << 20).manifest.name
+    new = push_backup(archive, FakeSource(data, ts), part_size=1 << 20).manifest.name
+    assert main(["repo-sync"]) == 0
+
+    def backups(name):
+        alone = Archive(open_storage(f"file://{repos[name]}"), Codec())
+        return [b.name for b in catalog.list_backups(alone) if b.manifest], alone
+
+    assert main(["delete", "--retain-full", "1", "--confirm", "--repo", "north"]) == 0
+    assert backups("north")[0] == [new] and backups("primary")[0] == [old, new]
+    assert main(["delete", "--retain-full", "1", "--repo", "nowhere"]) == ExitStatus.USAGE
+    assert main(["delete", "--retain-full", "1", "--confirm"]) == 0
+    for name in ("primary", "west", "north"):  # the kept backup, restorable everywhere
+        names, alone = backups(name)
+        assert names == [new], name
+        assert verify_backup(alone, new).restorable
+    capsys.readouterr()
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "repository west (sync)" in out and "repository north (async)" in out
+    repos["north"].rename(tmp_path / "north-away")
+    assert main(["check"]) == ExitStatus.UNAVAILABLE
+    assert "repository north (async): UNREACHABLE" in capsys.readouterr().out

@@ -248,6 +248,16 @@ def check(state: _State) -> int:
     from walship.repository import describe
 
     status = ExitStatus.OK
+    for member in getattr(archive.storage, "members", ()):  # with mirrors: each one
+        try:
+            count = sum(1 for _ in member.storage.list(layout.WAL_PREFIX, limit=1000))
+        except WalshipError as error:
+            click.echo(f"repository {member.name} ({member.mode}): UNREACHABLE: "
+                       f"{error.one_line()}")
+            status = ExitStatus.UNAVAILABLE
+            continue
+        click.echo(f"repository {member.name} ({member.mode}) {member.storage.url}: "
+                   f"reachable, {count if count < 1000 else '1000+'} WAL files")
     marker = archive.guard.read_marker()
     if marker is None:
         click.echo("marker: none yet (the next push writes walship.json)")
@@ -462,9 +472,12 @@ def restore(state: _State, directory: str, target_time: str | None, target_lsn: 
 @click.option("--confirm", is_flag=True, help="Delete. Without it: a dry run that lists "
               "what would go.")
 @click.option("--json", "as_json", is_flag=True, help="The plan as JSON on stdout.")
+@click.option("--repo", "repositories", metavar="NAME", multiple=True, help="With mirrors: "
+              "delete only from this repository (repeatable). [default: from every one]")
 @click.pass_obj
 def delete(state: _State, retain_full: int | None, retain_days: float | None,
-           before: str | None, incomplete_grace: float, confirm: bool, as_json: bool) -> int:
+           before: str | None, incomplete_grace: float, confirm: bool, as_json: bool,
+           repositories: tuple[str, ...]) -> int:
     """Delete old backups and the WAL no retained backup needs (dry run unless --confirm).
 
     A backup is kept if ANY rule keeps it; the newest complete backup always is. WAL older
@@ -481,6 +494,15 @@ def delete(state: _State, retain_full: int | None, retain_days: float | None,
                     **_before(before))
     policy.check()
     archive = state.archive()
+    if repositories:  # (decided on what every repository holds, applied to these only)
+        members = getattr(archive.storage, "members", ())
+        names = [m.name for m in members]
+        unknown = [n for n in repositories if n not in names]
+        if not members or unknown:
+            raise UsageError(f"no repository named {(unknown or list(repositories))[0]!r}",
+                             "configured: " + (", ".join(names) or "no [[mirrors]]"),
+                             "use --repo with a mirror's name, or primary")
+        archive.storage.delete_only = frozenset(repositories)
     plan = prune.make_plan(archive, policy)
     if as_json:
         click.echo(json.dumps({**prune.describe(plan), "dry_run": not confirm}, indent=2))

@@ -23,8 +23,9 @@ primary first. It adds no storage of its own: every operation is the members' ow
 * ``list`` is the union of the reachable members' listings, sorted by key (a key held by
   several members is listed once, as the first of them holds it). Unreachable members are
   skipped, loudly; when none is reachable the first one's error is raised.
-* ``delete`` deletes from every member (deletes are idempotent); a member that fails makes the
-  call fail after the others were tried.
+* ``delete`` deletes from every member (deletes are idempotent), or only from those named in
+  ``delete_only``; a member that fails makes the call fail after the others were tried. Since
+  ``list`` is the union, retention keeps in every repository what any kept backup needs.
 
 Verification happens above storage (the codec decodes): :func:`read_elsewhere` retries a read
 that failed verification on each member in turn, for the archive and backup readers.
@@ -101,6 +102,9 @@ class MirroredStorage:
         if not members or members[0].mode != "primary":
             raise ValueError("the first member of a mirrored storage is the primary")
         self.members = members
+        # ``delete --repo NAME``: delete from these members only (None: from every one);
+        # what goes is decided on the union of the members' listings all the same
+        self.delete_only: frozenset[str] | None = None
         names = ", ".join(m.name for m in members[1:])
         self.url = f"{members[0].storage.url} (mirrors: {names})"
 
@@ -165,6 +169,8 @@ class MirroredStorage:
     def delete(self, key: str) -> None:
         first: BaseException | None = None
         for member in self.members:
+            if self.delete_only is not None and member.name not in self.delete_only:
+                continue
             try:
                 member.storage.delete(key)
             except WalshipError as error:
