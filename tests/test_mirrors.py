@@ -443,3 +443,21 @@ def test_delete_applies_retention_to_every_repository_or_one(repos, tmp_path, ca
     repos["north"].rename(tmp_path / "north-away")
     assert main(["check"]) == ExitStatus.UNAVAILABLE
     assert "repository north (async): UNREACHABLE" in capsys.readouterr().out
+
+
+def test_verify_and_list_one_repository_alone(repos, wal_dir, capsys):
+    import json
+
+    seg3 = "000000010000000000000003"
+    (wal_dir / seg3).write_bytes(segment())
+    for name in (SEG, SEG2, seg3):
+        assert main(["wal-push", str(wal_dir / name)]) == 0
+    (repos["west"] / "wal" / SEG2).unlink()  # a gap in one copy only
+    assert main(["wal-verify"]) == 0  # all together: nothing is missing
+    assert main(["wal-verify", "--repo", "west"]) == ExitStatus.INCOMPLETE
+    assert main(["wal-verify", "--repo", "primary"]) == 0
+    capsys.readouterr()
+    assert main(["backup-list", "--json", "--repo", "north"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["backup-list", "--repo", "elsewhere"]) == ExitStatus.USAGE
+    assert main(["backup-verify", "LATEST", "--repo", "west"]) == ExitStatus.NOT_FOUND

@@ -64,6 +64,21 @@ class _State:
 
         return open_archive(self.settings, deadline)
 
+    def archive_of(self, name: str | None):  # noqa: ANN201 - walship.archive.Archive
+        """The archive, or with ``name`` (``--repo NAME``) that one repository alone."""
+        archive = self.archive()
+        if name is None:
+            return archive
+        members = getattr(archive.storage, "members", ())
+        for member in members:
+            if member.name == name:
+                from walship.archive import Archive
+
+                return Archive(member.storage, archive.codec)
+        raise UsageError(f"no repository named {name!r}", "configured: " + (
+            ", ".join(m.name for m in members) or "no [[mirrors]]"),
+            "use --repo with primary or a mirror's name")
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--repo", metavar="URL", help="Repository: file:///path or "
@@ -330,8 +345,10 @@ def _size(n: object) -> str:
 
 @cli.command("backup-list")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array, every detail.")
+@click.option("--repo", "repo_name", metavar="NAME", help="With mirrors: this repository "
+              "alone (primary or a mirror's name). [default: all, falling over]")
 @click.pass_obj
-def backup_list(state: _State, as_json: bool) -> int:
+def backup_list(state: _State, as_json: bool, repo_name: str | None) -> int:
     """List the backups, oldest first, and whether the WAL each one needs is archived.
 
     A backup is usable when it is complete (its manifest was written) and the WAL from its
@@ -341,7 +358,7 @@ def backup_list(state: _State, as_json: bool) -> int:
 
     from walship.backup import catalog
 
-    archive = state.archive()
+    archive = state.archive_of(repo_name)
     index = catalog.WalIndex(archive)
     rows = [catalog.summary(entry, index) for entry in catalog.list_backups(archive)]
     if as_json:
@@ -550,8 +567,11 @@ def _before(value: str | None) -> dict[str, Any]:
 @click.option("--wal-segment-size", type=int, default=16, show_default=True, metavar="MIB",
               help="Segment size when no backup manifest says it.")
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
+@click.option("--repo", "repo_name", metavar="NAME", help="With mirrors: this repository "
+              "alone (primary or a mirror's name). [default: all, falling over]")
 @click.pass_obj
-def wal_verify(state: _State, deep: bool, wal_segment_size: int, as_json: bool) -> int:
+def wal_verify(state: _State, deep: bool, wal_segment_size: int, as_json: bool,
+               repo_name: str | None) -> int:
     """Check that the archived WAL is continuous from the oldest backup to the newest segment
     on every timeline, that timeline history files are consistent and (--deep) intact.
 
@@ -566,8 +586,8 @@ def wal_verify(state: _State, deep: bool, wal_segment_size: int, as_json: bool) 
         raise UsageError(f"invalid --wal-segment-size {wal_segment_size}",
                          "a WAL segment size is a power of two from 1 to 1024 MiB",
                          "PostgreSQL's default is 16 (see initdb --wal-segsize)")
-    report = verify_wal(state.archive(), segment_size=wal_segment_size << 20, deep=deep,
-                        parallel=state.settings.parallel)
+    report = verify_wal(state.archive_of(repo_name), segment_size=wal_segment_size << 20,
+                        deep=deep, parallel=state.settings.parallel)
     if as_json:
         click.echo(json.dumps(report_dict(report), indent=2))
     else:
@@ -606,8 +626,10 @@ def wal_verify(state: _State, deep: bool, wal_segment_size: int, as_json: bool) 
 @cli.command("backup-verify")
 @click.argument("name", metavar="NAME|LATEST")
 @click.option("--json", "as_json", is_flag=True, help="The result as JSON on stdout.")
+@click.option("--repo", "repo_name", metavar="NAME", help="With mirrors: this repository "
+              "alone (primary or a mirror's name). [default: all, falling over]")
 @click.pass_obj
-def backup_verify(state: _State, name: str, as_json: bool) -> int:
+def backup_verify(state: _State, name: str, as_json: bool, repo_name: str | None) -> int:
     """Check a backup without restoring it: every part decoded, every file's SHA-256 and size
     against the manifest, and the WAL it needs present in the archive.
 
@@ -619,7 +641,7 @@ def backup_verify(state: _State, name: str, as_json: bool) -> int:
     from walship.backup.verify import verify_backup
     from walship.errors import ArchiveIncomplete
 
-    result = _verified(state.archive(), lambda archive: verify_backup(
+    result = _verified(state.archive_of(repo_name), lambda archive: verify_backup(
         archive, name, parallel=state.settings.parallel, progress=for_stderr("backup-verify")))
     manifest = result.manifest
     if as_json:
