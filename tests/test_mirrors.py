@@ -461,3 +461,36 @@ def test_verify_and_list_one_repository_alone(repos, wal_dir, capsys):
     assert json.loads(capsys.readouterr().out) == []
     assert main(["backup-list", "--repo", "elsewhere"]) == ExitStatus.USAGE
     assert main(["backup-verify", "LATEST", "--repo", "west"]) == ExitStatus.NOT_FOUND
+
+
+def test_a_repository_that_could_not_answer_is_asked_last_for_a_while():
+    import uuid
+
+    from walship.errors import NotFound as Missing
+    from walship.errors import Unavailable
+    from walship.storage.memory import MemoryStorage
+    from walship.storage.mirrored import Member, MirroredStorage
+
+    class Down(MemoryStorage):
+        calls = 0
+
+        def get(self, key):
+            Down.calls += 1
+            raise Unavailable("region down")
+
+    url = f"memory://{uuid.uuid4().hex}"
+    mirror = MemoryStorage(url)
+    mirror.put("wal/a", [b"A"])
+    storage = MirroredStorage([Member("primary", Down(f"{url}-p"), "primary"),
+                               Member("west", mirror, "sync")])
+    try:
+        assert storage.get("wal/a").read() == b"A" and Down.calls == 1
+        assert storage.get("wal/a").read() == b"A" and Down.calls == 1  # west asked first now
+        with pytest.raises(Missing):  # proven absent by the sync mirror, no wait on the primary
+            storage.get("wal/b")
+        assert Down.calls == 1
+        storage._down.clear()  # (its time is up)
+        assert storage.get("wal/a").read() == b"A" and Down.calls == 2
+    finally:
+        MemoryStorage.forget(url)
+        MemoryStorage.forget(f"{url}-p")

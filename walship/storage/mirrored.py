@@ -19,7 +19,8 @@ primary first. It adds no storage of its own: every operation is the members' ow
   region would abort every recovery at its first probe for a history file that does not
   exist). When only async mirrors (which lag) answered, the error of one that could not
   answer is raised (the existing exit rules apply). A fall-over is logged once per process
-  and member, loudly, on stderr.
+  and member, loudly, on stderr. A member that could not answer is asked last for the next
+  :data:`DOWN_SECONDS` (it is still asked when the others fail).
 * ``list`` is the union of the reachable members' listings, sorted by key (a key held by
   several members is listed once, as the first of them holds it). Unreachable members are
   skipped, loudly; when none is reachable the first one's error is raised.
@@ -37,6 +38,7 @@ import heapq
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from walship.archive import Archive
     from walship.config import Settings
 
+DOWN_SECONDS = 60.0  # a member that could not answer is asked last for this long
 QUEUE_DEPTH = 4  # chunks waiting for each member of a parallel put
 _POLL = 0.2  # seconds between looks at a member that may have stopped reading
 _END = object()
@@ -105,6 +108,7 @@ class MirroredStorage:
         # ``delete --repo NAME``: delete from these members only (None: from every one);
         # what goes is decided on the union of the members' listings all the same
         self.delete_only: frozenset[str] | None = None
+        self._down: dict[str, float] = {}  # member name -> monotonic time it is asked first again
         names = ", ".join(m.name for m in members[1:])
         self.url = f"{members[0].storage.url} (mirrors: {names})"
 
@@ -180,14 +184,28 @@ class MirroredStorage:
             raise first
 
     # -- reads ---------------------------------------------------------------------------------
+    def _order(self) -> list[Member]:
+        """The members in order, those that could not answer lately last (so a long-lived
+        reader, the prefetch worker, does not wait on a lost region before every read)."""
+        now = time.monotonic()
+        down = [m for m in self.members if self._down.get(m.name, 0.0) > now]
+        return [m for m in self.members if m not in down] + down
+
     def _first(self, key: str, read: Callable[[Storage], T]) -> T:
         errors: list[tuple[Member, WalshipError]] = []
-        for member in self.members:
+        now = time.monotonic()
+        for member in self._order():
+            if self._down.get(member.name, 0.0) > now and any(
+                    isinstance(e, NotFound) and m.mode != "async" for m, e in errors):
+                continue  # absence proven; a member that just could not answer is not waited on
             try:
                 result = read(member.storage)
             except FALL_OVER as error:
+                if not isinstance(error, NotFound):
+                    self._down[member.name] = time.monotonic() + DOWN_SECONDS
                 errors.append((member, error))
                 continue
+            self._down.pop(member.name, None)
             for failed, error in errors:
                 if isinstance(error, NotFound):
                     warn_once(failed.name, "missing", f"repository {failed.name} lacks "
