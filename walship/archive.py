@@ -130,8 +130,11 @@ class Archive:
             stored = self.codec.stored_form(key, source, size_hint=size)
             try:
                 self.storage.put(key, stored, metadata=stored.metadata)
-            except AlreadyExists:
-                return self._judge_duplicate(path, key, started)
+            except AlreadyExists as error:
+                # (with mirrors: judged in every repository that holds the name)
+                for holder in getattr(error, "holders", [self.storage]):
+                    judged = self._judge_duplicate(path, key, started, holder)
+                return judged
         if source.total != size:
             # PostgreSQL never changes a file it is archiving; a change means something is wrong.
             raise IntegrityError(f"WAL file {path} changed size while being archived",
@@ -145,7 +148,8 @@ class Archive:
         while chunk := handle.read(READ_SIZE):  # type: ignore[attr-defined]
             yield chunk
 
-    def _judge_duplicate(self, path: Path, key: str, started: float) -> Transfer:
+    def _judge_duplicate(self, path: Path, key: str, started: float,
+                         storage: Storage) -> Transfer:
         """The name is taken: succeed if the stored content is identical, else refuse loudly.
 
         The stored object is downloaded, verified and compared with the file byte for byte
@@ -154,7 +158,7 @@ class Archive:
         size = 0
         same = True
         try:
-            with self.storage.get(key) as download, _open_wal(path) as local:
+            with storage.get(key) as download, _open_wal(path) as local:
                 # (read to the end even after a difference: a damaged copy is told as such)
                 for chunk in self.codec.decode(key, download, download.info.metadata):
                     if same:
@@ -190,6 +194,18 @@ class Archive:
         nothing); ``prove_absence=False`` skips that request, for a caller to whom "not found"
         only means "not archived yet" (the prefetch worker reaching ahead of the archive).
         """
+        try:
+            return self._fetch_wal_from(self.storage, name, destination, prove_absence)
+        except IntegrityError:
+            if not hasattr(self.storage, "members"):
+                raise
+            from walship.storage.mirrored import read_elsewhere
+
+            return read_elsewhere(self.storage, lambda storage: self._fetch_wal_from(
+                storage, name, destination, prove_absence))
+
+    def _fetch_wal_from(self, storage: Storage, name: str,
+                        destination: str | os.PathLike[str], prove_absence: bool) -> Transfer:
         started = time.monotonic()
         info = archive_name(name)
         check_destination(destination)
@@ -197,10 +213,10 @@ class Archive:
         destination = Path(destination)
         owner = _destination_owner(destination)
         try:
-            download = self.storage.get(key)
+            download = storage.get(key)
         except NotFound:
-            if prove_absence and not self._holds_wal():
-                raise RepositoryMissing(f"the repository {self.storage.url} holds no WAL at "
+            if prove_absence and not self._holds_wal(storage):
+                raise RepositoryMissing(f"the repository {storage.url} holds no WAL at "
                                         "all", f"so the absence of {name} proves nothing",
                                         "check the repository URL, prefix and mount") from None
             raise
@@ -233,10 +249,10 @@ class Archive:
         return Transfer("wal-fetch", name, "delivered", download.info.size, written,
                         time.monotonic() - started)
 
-    def _holds_wal(self) -> bool:
+    def _holds_wal(self, storage: Storage) -> bool:
         """Whether the repository holds any WAL, which makes a missing file authoritative
         (one small request: a listing of at most one object)."""
-        for _ in self.storage.list(layout.WAL_PREFIX, limit=1):
+        for _ in storage.list(layout.WAL_PREFIX, limit=1):
             return True
         return False
 
@@ -278,6 +294,10 @@ def open_archive(settings: Settings, deadline: float | None = None) -> Archive:
 
         key = load_key_file(settings.encryption_key_file)
     storage = open_storage(settings.require_repo(), settings.storage_options(deadline))
+    if settings.mirrors:
+        from walship.storage.mirrored import open_mirrored
+
+        storage = open_mirrored(storage, settings, deadline)
     return Archive(storage, Codec(level=settings.compression_level, key=key))
 
 

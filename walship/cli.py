@@ -64,6 +64,21 @@ class _State:
 
         return open_archive(self.settings, deadline)
 
+    def archive_of(self, name: str | None):  # noqa: ANN201 - walship.archive.Archive
+        """The archive, or with ``name`` (``--repo NAME``) that one repository alone."""
+        archive = self.archive()
+        if name is None:
+            return archive
+        members = getattr(archive.storage, "members", ())
+        for member in members:
+            if member.name == name:
+                from walship.archive import Archive
+
+                return Archive(member.storage, archive.codec)
+        raise UsageError(f"no repository named {name!r}", "configured: " + (
+            ", ".join(m.name for m in members) or "no [[mirrors]]"),
+            "use --repo with primary or a mirror's name")
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--repo", metavar="URL", help="Repository: file:///path or "
@@ -94,6 +109,16 @@ def cli(ctx: click.Context, repo: str | None, config_file: str | None,
              "compression_level": compression_level,
              "log_level": "debug" if debug else None}
     ctx.obj = _State(flags, config_file, ctx.obj if isinstance(ctx.obj, float) else None)
+
+
+def _verified(archive: Any, action: Any) -> Any:
+    """``action(archive)``; with mirrors, again from each repository alone when what it read
+    failed verification (:func:`walship.storage.mirrored.verified_read`)."""
+    if not hasattr(archive.storage, "members"):
+        return action(archive)
+    from walship.storage.mirrored import verified_read
+
+    return verified_read(archive, action)
 
 
 @cli.command("wal-push")
@@ -243,6 +268,16 @@ def check(state: _State) -> int:
     from walship.repository import describe
 
     status = ExitStatus.OK
+    for member in getattr(archive.storage, "members", ()):  # with mirrors: each one
+        try:
+            count = sum(1 for _ in member.storage.list(layout.WAL_PREFIX, limit=1000))
+        except WalshipError as error:
+            click.echo(f"repository {member.name} ({member.mode}): UNREACHABLE: "
+                       f"{error.one_line()}")
+            status = ExitStatus.UNAVAILABLE
+            continue
+        click.echo(f"repository {member.name} ({member.mode}) {member.storage.url}: "
+                   f"reachable, {count if count < 1000 else '1000+'} WAL files")
     marker = archive.guard.read_marker()
     if marker is None:
         click.echo("marker: none yet (the next push writes walship.json)")
@@ -321,8 +356,10 @@ def _size(n: object) -> str:
 
 @cli.command("backup-list")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array, every detail.")
+@click.option("--repo", "repo_name", metavar="NAME", help="With mirrors: this repository "
+              "alone (primary or a mirror's name). [default: all, falling over]")
 @click.pass_obj
-def backup_list(state: _State, as_json: bool) -> int:
+def backup_list(state: _State, as_json: bool, repo_name: str | None) -> int:
     """List the backups, oldest first, and whether the WAL each one needs is archived.
 
     A backup is usable when it is complete (its manifest was written), the WAL from its
@@ -334,7 +371,7 @@ def backup_list(state: _State, as_json: bool) -> int:
 
     from walship.backup import catalog
 
-    archive = state.archive()
+    archive = state.archive_of(repo_name)
     index = catalog.WalIndex(archive)
     entries = catalog.list_backups(archive)
     others = {e.name: e.manifest for e in entries if e.manifest is not None}
@@ -392,9 +429,9 @@ def backup_fetch(state: _State, name: str, directory: str, mappings: tuple[str, 
 
     tablespace_map = _tablespace_map(mappings)
     check_directory(directory, force=force)  # input errors before the repository is opened
-    result = fetch_backup(state.archive(), name, directory, tablespace_map=tablespace_map,
-                          force=force, parallel=state.settings.parallel,
-                          progress=for_stderr("backup-fetch"))
+    result = _verified(state.archive(), lambda archive: fetch_backup(
+        archive, name, directory, tablespace_map=tablespace_map, force=force,
+        parallel=state.settings.parallel, progress=for_stderr("backup-fetch")))
     logline.info(f"backup-fetch {result.manifest.name} delivered in={result.bytes_in} "
                  f"out={result.bytes_out} seconds={result.seconds:.3f} "
                  f"files={len(result.manifest.files)} parts={len(result.manifest.parts)} "
@@ -444,11 +481,10 @@ def restore(state: _State, directory: str, target_time: str | None, target_lsn: 
                          immediate=target_kind == "immediate")
     tablespace_map = _tablespace_map(mappings)
     check_directory(directory, force=force)  # input errors before the repository is opened
-    result = run_restore(state.archive(), directory, target, action=target_action,
-                         standby=standby, backup=backup,
-                         tablespace_map=tablespace_map, force=force,
-                         archive_mode_off=archive_mode == "off",
-                         parallel=state.settings.parallel, progress=for_stderr("restore"))
+    result = _verified(state.archive(), lambda archive: run_restore(
+        archive, directory, target, action=target_action, standby=standby, backup=backup,
+        tablespace_map=tablespace_map, force=force, archive_mode_off=archive_mode == "off",
+        parallel=state.settings.parallel, progress=for_stderr("restore")))
     fetched = result.fetch
     logline.info(f"restore {fetched.manifest.name} delivered in={fetched.bytes_in} "
                  f"out={fetched.bytes_out} seconds={fetched.seconds:.3f} into "
@@ -472,9 +508,12 @@ def restore(state: _State, directory: str, target_time: str | None, target_lsn: 
 @click.option("--confirm", is_flag=True, help="Delete. Without it: a dry run that lists "
               "what would go.")
 @click.option("--json", "as_json", is_flag=True, help="The plan as JSON on stdout.")
+@click.option("--repo", "repositories", metavar="NAME", multiple=True, help="With mirrors: "
+              "delete only from this repository (repeatable). [default: from every one]")
 @click.pass_obj
 def delete(state: _State, retain_full: int | None, retain_days: float | None,
-           before: str | None, incomplete_grace: float, confirm: bool, as_json: bool) -> int:
+           before: str | None, incomplete_grace: float, confirm: bool, as_json: bool,
+           repositories: tuple[str, ...]) -> int:
     """Delete old backups and the WAL no retained backup needs (dry run unless --confirm).
 
     A backup is kept if ANY rule keeps it; the newest complete backup always is. WAL older
@@ -491,6 +530,15 @@ def delete(state: _State, retain_full: int | None, retain_days: float | None,
                     **_before(before))
     policy.check()
     archive = state.archive()
+    if repositories:  # (decided on what every repository holds, applied to these only)
+        members = getattr(archive.storage, "members", ())
+        names = [m.name for m in members]
+        unknown = [n for n in repositories if n not in names]
+        if not members or unknown:
+            raise UsageError(f"no repository named {(unknown or list(repositories))[0]!r}",
+                             "configured: " + (", ".join(names) or "no [[mirrors]]"),
+                             "use --repo with a mirror's name, or primary")
+        archive.storage.delete_only = frozenset(repositories)
     plan = prune.make_plan(archive, policy)
     if as_json:
         click.echo(json.dumps({**prune.describe(plan), "dry_run": not confirm}, indent=2))
@@ -545,8 +593,11 @@ def _before(value: str | None) -> dict[str, Any]:
 @click.option("--wal-segment-size", type=int, default=16, show_default=True, metavar="MIB",
               help="Segment size when no backup manifest says it.")
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
+@click.option("--repo", "repo_name", metavar="NAME", help="With mirrors: this repository "
+              "alone (primary or a mirror's name). [default: all, falling over]")
 @click.pass_obj
-def wal_verify(state: _State, deep: bool, wal_segment_size: int, as_json: bool) -> int:
+def wal_verify(state: _State, deep: bool, wal_segment_size: int, as_json: bool,
+               repo_name: str | None) -> int:
     """Check that the archived WAL is continuous from the oldest backup to the newest segment
     on every timeline, that timeline history files are consistent and (--deep) intact.
 
@@ -561,8 +612,8 @@ def wal_verify(state: _State, deep: bool, wal_segment_size: int, as_json: bool) 
         raise UsageError(f"invalid --wal-segment-size {wal_segment_size}",
                          "a WAL segment size is a power of two from 1 to 1024 MiB",
                          "PostgreSQL's default is 16 (see initdb --wal-segsize)")
-    report = verify_wal(state.archive(), segment_size=wal_segment_size << 20, deep=deep,
-                        parallel=state.settings.parallel)
+    report = verify_wal(state.archive_of(repo_name), segment_size=wal_segment_size << 20,
+                        deep=deep, parallel=state.settings.parallel)
     if as_json:
         click.echo(json.dumps(report_dict(report), indent=2))
     else:
@@ -601,8 +652,10 @@ def wal_verify(state: _State, deep: bool, wal_segment_size: int, as_json: bool) 
 @cli.command("backup-verify")
 @click.argument("name", metavar="NAME|LATEST")
 @click.option("--json", "as_json", is_flag=True, help="The result as JSON on stdout.")
+@click.option("--repo", "repo_name", metavar="NAME", help="With mirrors: this repository "
+              "alone (primary or a mirror's name). [default: all, falling over]")
 @click.pass_obj
-def backup_verify(state: _State, name: str, as_json: bool) -> int:
+def backup_verify(state: _State, name: str, as_json: bool, repo_name: str | None) -> int:
     """Check a backup without restoring it: every part decoded, every file's SHA-256 and size
     against the manifest, and the WAL it needs present in the archive.
 
@@ -614,8 +667,8 @@ def backup_verify(state: _State, name: str, as_json: bool) -> int:
     from walship.backup.verify import verify_backup
     from walship.errors import ArchiveIncomplete
 
-    result = verify_backup(state.archive(), name, parallel=state.settings.parallel,
-                           progress=for_stderr("backup-verify"))
+    result = _verified(state.archive_of(repo_name), lambda archive: verify_backup(
+        archive, name, parallel=state.settings.parallel, progress=for_stderr("backup-verify")))
     manifest = result.manifest
     if as_json:
         click.echo(json.dumps({"name": manifest.name, "files": len(manifest.files),
@@ -633,6 +686,88 @@ def backup_verify(state: _State, name: str, as_json: bool) -> int:
                                 f"lacks WAL it needs", f"missing "
                                 f"{describe_missing(result.wal_missing)}",
                                 "wait for archiving to catch up, or use another backup")
+    return ExitStatus.OK
+
+
+@cli.command("repo-sync")
+@click.option("--from", "source", metavar="NAME", default="primary", show_default=True,
+              help="The repository to copy from (primary or a mirror's name).")
+@click.option("--to", "targets", metavar="NAME", multiple=True, help="A repository to copy "
+              "into (repeatable). [default: every other configured repository]")
+@click.option("--dry-run", is_flag=True, help="Only say what would be copied.")
+@click.option("--json", "as_json", is_flag=True, help="The result as JSON on stdout.")
+@click.pass_obj
+def repo_sync(state: _State, source: str, targets: tuple[str, ...], dry_run: bool,
+              as_json: bool) -> int:
+    """Copy what one repository holds and another lacks: WAL, history files and complete
+    backups (parts first, manifest last), as stored, verified on the way.
+
+    Keeps async mirrors current (run it from a timer) and seeds a new mirror. Idempotent:
+    safe to kill and run again, beside archiving and delete. Never deletes anything.
+    """
+    import json
+
+    from walship import reposync
+    from walship.backup.progress import for_stderr
+
+    archive = state.archive()
+    members = getattr(archive.storage, "members", None)
+    if not members:
+        raise UsageError("repo-sync needs mirrors", "no [[mirrors]] are configured",
+                         "name them in the config file (see the README's Mirrors section)")
+    names = [m.name for m in members]
+    for name in (source, *targets):
+        if name not in names:
+            raise UsageError(f"no repository named {name!r}", "configured: "
+                             + ", ".join(names), "use --from/--to with one of those names")
+    origin = archive.storage.member(source)
+    chosen = [archive.storage.member(n) for n in targets] if targets else \
+        [m for m in members if m.name != source]
+    reports: list[dict[str, Any]] = []
+    first_error: BaseException | None = None
+    for target in chosen:
+        if target.name == source:
+            continue
+        report: dict[str, Any] = {"from": source, "to": target.name}
+        try:
+            work = reposync.plan(origin.storage, target.storage)
+            report.update(missing=len(work.objects), missing_bytes=work.bytes,
+                          lag_seconds=round(work.lag_seconds(), 3))
+            if dry_run:
+                report["keys"] = [info.key for info in work.objects]
+                logline.info(f"repo-sync {source} -> {target.name} would copy "
+                             f"{len(work.objects)} objects ({work.bytes} bytes)")
+            else:
+                result = reposync.sync(origin.storage, target.storage, source_name=source,
+                                       destination_name=target.name, codec=archive.codec,
+                                       progress=for_stderr(f"repo-sync {target.name}"),
+                                       work=work)
+                report.update(copied=result.copied, bytes=result.bytes,
+                              already=result.already, vanished=result.vanished,
+                              seconds=round(result.seconds, 3))
+                report["damaged"] = result.damaged
+                logline.info(f"repo-sync {source} -> {target.name} copied={result.copied} "
+                             f"bytes={result.bytes} already={result.already} "
+                             f"vanished={len(result.vanished)} "
+                             f"seconds={result.seconds:.3f}")
+                if result.damaged:
+                    from walship.errors import IntegrityError
+
+                    raise IntegrityError(f"{len(result.damaged)} objects of repository "
+                                         f"{source} failed verification and were not copied",
+                                         f"e.g. {result.damaged[0]}", "run walship "
+                                         "repo-sync --from another repository, or wal-verify")
+        except WalshipError as error:
+            error.what = f"repo-sync {source} -> {target.name}: {error.what}"
+            report["error"] = error.one_line()
+            first_error = first_error or error
+            if len(chosen) > 1:
+                logline.warning(error.one_line())
+        reports.append(report)
+    if as_json:
+        click.echo(json.dumps(reports, indent=2))
+    if first_error is not None:
+        raise first_error
     return ExitStatus.OK
 
 
@@ -678,6 +813,10 @@ def status(state: _State, dbname: str | None, as_json: bool, prometheus: str | N
                       if a.failed_count else ""))
     else:
         click.echo(f"archiver       unknown: {a.reason}")
+    for m in current.mirrors:
+        click.echo(f"mirror {m.name:<8}({m.mode}) " + (
+            f"{m.files} files behind" + (f", oldest {_age(m.seconds)} old" if m.files else "")
+            if m.reachable else f"unreachable: {m.reason}"))
     click.echo(f"last drill     {drills.line()}")
     return ExitStatus.OK
 

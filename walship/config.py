@@ -10,6 +10,7 @@ secrets masked. Nothing here ever prints or raises with a secret in it.
 from __future__ import annotations
 
 import math
+import re
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -49,6 +50,23 @@ _AZURE: dict[str, str] = {
     "account_url": "AZURE_STORAGE_ACCOUNT_URL",
 }
 SECRET_FIELDS = frozenset({"connection_string", "account_key", "sas_token"})
+PRIMARY_NAME = "primary"
+MIRROR_MODES = ("sync", "async")
+_MIRROR_KEYS = frozenset({"name", "repo", "mode", "azure"})
+
+
+@dataclass(frozen=True)
+class MirrorSettings:
+    """One ``[[mirrors]]`` entry: a further repository holding the same objects as the primary.
+
+    ``mode`` is ``sync`` (a push succeeds only once the mirror holds the object too) or
+    ``async`` (``walship repo-sync`` copies to it later). ``azure`` is the mirror's own
+    credentials, None to use the primary's (another container of the same account)."""
+
+    name: str
+    repo: str
+    mode: str = "async"
+    azure: AzureCredentials | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,7 @@ class Settings:
     azure_transport: str = "auto"
     backup_type: str = "full"  # backup-push's default --type: full, diff or incr
     azure: AzureCredentials = field(default_factory=AzureCredentials)
+    mirrors: tuple[MirrorSettings, ...] = ()  # [[mirrors]] in the config file, in order
     config_file: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     # one-line warnings about the configuration, for the command line to print (never raised)
@@ -114,7 +133,23 @@ class Settings:
                 continue
             shown = "****" if name in SECRET_FIELDS else mask_url(value)
             rows.append((f"azure.{name}", shown, self.sources.get(f"azure.{name}", "")))
+        source = f"file {self.config_file}"
+        for mirror in self.mirrors:
+            rows.append((f"mirrors.{mirror.name}", f"{mask_url(mirror.repo)} ({mirror.mode})",
+                         source))
+            for name in _AZURE:
+                value = getattr(mirror.azure, name, None)
+                if value is not None:
+                    shown = "****" if name in SECRET_FIELDS else mask_url(value)
+                    rows.append((f"mirrors.{mirror.name}.azure.{name}", shown, source))
         return rows
+
+    def mirror_options(self, mirror: MirrorSettings,
+                       deadline: float | None = None) -> StorageOptions:
+        """How to reach ``mirror``: its own Azure credentials (else the primary's)."""
+        return StorageOptions(retries=self.storage_retries, timeout=self.storage_timeout,
+                              azure=mirror.azure or self.azure,
+                              azure_transport=self.azure_transport, deadline=deadline)
 
 
 _KINDS = {int: "a whole number", float: "a number", str: "text"}
@@ -221,7 +256,7 @@ def _read_file(path: str, explicit: bool) -> tuple[dict[str, Any], os.stat_resul
         raise ConfigError(f"config file {path} is not valid TOML", f"it is not UTF-8 text "
                           f"(byte 0x{error.object[error.start]:02x} at offset {error.start})",
                           "save it as UTF-8") from None
-    unknown = set(data) - set(_OPTIONS) - {"azure", "drill"}
+    unknown = set(data) - set(_OPTIONS) - {"azure", "drill", "mirrors"}
     azure = data.get("azure", {})
     if not isinstance(azure, dict):
         raise ConfigError(f"config file {path}: [azure] must be a table")
@@ -235,7 +270,65 @@ def _read_file(path: str, explicit: bool) -> tuple[dict[str, Any], os.stat_resul
             raise ConfigError(f"invalid azure.{name} in config file {path}",
                               f"it must be text, not {_toml_kind(value)}",
                               "write it in quotes")
+    data["mirrors"] = _read_mirrors(path, data.get("mirrors", []))
     return data, status
+
+
+_MIRROR_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+
+
+def _read_mirrors(path: str, entries: Any) -> tuple[MirrorSettings, ...]:
+    """The ``[[mirrors]]`` array of tables, every entry checked (names unique, a URL, a mode,
+    its own ``[mirrors.azure]`` table with the keys of ``[azure]``)."""
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"config file {path}: mirrors must be an array of tables",
+                          hint='write each as [[mirrors]] with name = "...", repo = "..."')
+    mirrors: list[MirrorSettings] = []
+    names = {PRIMARY_NAME}
+    for number, entry in enumerate(entries, 1):
+        where = f"[[mirrors]] number {number} in config file {path}"
+        unknown = sorted(set(entry) - _MIRROR_KEYS)
+        if unknown:
+            raise ConfigError(f"{where} has unknown settings: " + ", ".join(unknown),
+                              hint="a mirror has name, repo, mode and an [mirrors.azure] table")
+        for key in ("name", "repo", "mode"):
+            if key in entry and not isinstance(entry[key], str):
+                raise ConfigError(f"invalid {key} in {where}", f"it must be text, not "
+                                  f"{_toml_kind(entry[key])}", "write it in quotes")
+        name = entry.get("name")
+        if not name or not _MIRROR_NAME.match(name) or name in names:
+            raise ConfigError(f"invalid mirror name {name!r} in {where}",
+                              "it is missing, taken, or not a short lower-case name"
+                              if name else "every mirror needs a name",
+                              'e.g. name = "westeurope" (not "primary", each name once)')
+        names.add(name)
+        repo = entry.get("repo")
+        if not repo:
+            raise ConfigError(f"mirror {name} has no repo in {where}",
+                              hint='e.g. repo = "azure://wal/cluster1" or "file:///mnt/wal"')
+        mode = entry.get("mode", "async")
+        if mode not in MIRROR_MODES:
+            raise ConfigError(f"invalid mode {mode!r} of mirror {name} in {where}",
+                              "it is sync (a push waits for the mirror) or async "
+                              "(walship repo-sync copies later)")
+        azure = entry.get("azure")
+        credentials = None
+        if azure is not None:
+            if not isinstance(azure, dict):
+                raise ConfigError(f"{where}: [mirrors.azure] must be a table")
+            bad = sorted(set(azure) - set(_AZURE))
+            if bad:
+                raise ConfigError(f"{where} has unknown settings: "
+                                  + ", ".join(f"azure.{k}" for k in bad),
+                                  hint="[mirrors.azure] takes the keys of [azure]")
+            for key, value in azure.items():
+                if not isinstance(value, str):
+                    raise ConfigError(f"invalid azure.{key} of mirror {name} in {where}",
+                                      f"it must be text, not {_toml_kind(value)}",
+                                      "write it in quotes")
+            credentials = AzureCredentials(**{k: v for k, v in azure.items() if v})
+        mirrors.append(MirrorSettings(name, repo, mode, credentials))
+    return tuple(mirrors)
 
 
 def _exposed_secrets(path: str, data: Mapping[str, Any],
@@ -244,6 +337,8 @@ def _exposed_secrets(path: str, data: Mapping[str, Any],
     secret is out already, and refusing would stop archiving)."""
     held = sorted(f"azure.{name}" for name, value in data.get("azure", {}).items()
                   if name in SECRET_FIELDS and value)
+    held += sorted(f"mirrors.{mirror.name}.azure" for mirror in data.get("mirrors", ())
+                   if mirror.azure and any(getattr(mirror.azure, n) for n in SECRET_FIELDS))
     if not held or status is None:
         return ()
     from walship.codec.keys import exposure
@@ -288,13 +383,19 @@ def load_settings(flags: Mapping[str, Any] | None = None,
         elif azure_file.get(name):
             azure[name], sources[f"azure.{name}"] = azure_file[name], f"file {path}"
     warnings = _exposed_secrets(path, data, status) if path else ()
-    return Settings(**values, azure=AzureCredentials(**azure), config_file=path,
+    return Settings(**values, azure=AzureCredentials(**azure),
+                    mirrors=data.get("mirrors", ()), config_file=path,
                     sources=sources, warnings=warnings, drill=data.get("drill", {}))
 
 
 def setting_names() -> list[str]:
     """Every setting a config file may hold (for the documentation and tests)."""
     return [*_OPTIONS, *(f"azure.{name}" for name in _AZURE)]
+
+
+def repository_names(settings: Settings) -> list[str]:
+    """The names of the configured repositories, the primary first."""
+    return [PRIMARY_NAME, *(mirror.name for mirror in settings.mirrors)]
 
 
 assert {f.name for f in fields(Settings)} >= set(_OPTIONS)

@@ -30,6 +30,7 @@ from walship import layout as wal_layout
 from walship.archive import Archive
 from walship.backup import catalog
 from walship.errors import StorageError
+from walship.reposync import MirrorLag, mirror_lags
 
 PG_ENVIRONMENT = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")
 
@@ -62,6 +63,7 @@ class Status:
     newest_backup: str | None
     newest_backup_stop: datetime | None
     archiver: ArchiverStats
+    mirrors: tuple[MirrorLag, ...] = ()  # with [[mirrors]]: how far behind each one is
 
     @property
     def last_archived_age(self) -> float | None:
@@ -139,7 +141,7 @@ def gather(archive: Archive, *, dbname: str | None = None,
         now or datetime.now(timezone.utc), archive.storage.url, wal_files, wal_bytes,
         last, datetime.fromtimestamp(stored, timezone.utc) if stored is not None else None,
         len(complete), len(groups) - len(complete), backup_bytes, newest_backup, stop,
-        archiver)
+        archiver, tuple(mirror_lags(archive.storage)))
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -165,6 +167,9 @@ def status_dict(status: Status) -> dict[str, object]:
                      "last_archived_time": _iso(a.last_archived_time),
                      "failed_count": a.failed_count, "last_failed_wal": a.last_failed_wal,
                      "last_failed_time": _iso(a.last_failed_time)},
+        "mirrors": [{"name": m.name, "mode": m.mode, "reachable": m.reachable,
+                     "lag_files": m.files, "lag_bytes": m.bytes, "lag_seconds": m.seconds,
+                     "reason": m.reason or None} for m in status.mirrors],
     }
 
 
@@ -213,6 +218,13 @@ def prometheus_text(status: Status) -> str:
     _metric(lines, "walship_archiver_last_failed_timestamp_seconds",
             "pg_stat_archiver.last_failed_time (POSIX time).",
             [("", a.last_failed_time.timestamp() if a.last_failed_time else None)])
+    lags = [(f'{{mirror="{m.name}",mode="{m.mode}"}}', m) for m in status.mirrors]
+    _metric(lines, "walship_mirror_reachable", "1 if the mirror could be listed, else 0.",
+            [(labels, 1 if m.reachable else 0) for labels, m in lags])
+    _metric(lines, "walship_mirror_lag_files", "Objects the primary holds and the mirror "
+            "lacks.", [(labels, m.files) for labels, m in lags])
+    _metric(lines, "walship_mirror_lag_seconds", "Age of the oldest object the mirror lacks "
+            "(0 when it is current).", [(labels, m.seconds) for labels, m in lags])
     _metric(lines, "walship_status_timestamp_seconds", "When this status was taken.",
             [("", status.now.timestamp())])
     return "\n".join(lines) + "\n"

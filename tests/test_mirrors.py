@@ -1,0 +1,496 @@
+"""Mirrors (issue 14): several repositories in the config, pushes into every sync one, reads
+that fall over, run in-process through the entry point on ``file://`` repositories."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from walship.config import load_settings
+from walship.entry import main
+from walship.errors import ConfigError, ExitStatus
+
+SEG = "000000010000000000000001"
+SEG2 = "000000010000000000000002"
+
+
+def segment() -> bytes:
+    return os.urandom(1000) + bytes((1 << 20) - 1000)
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings():
+    """Each test sees its fall-over warnings (they are printed once per process)."""
+    from walship.storage import mirrored
+
+    mirrored._warned.clear()
+
+
+@pytest.fixture
+def repos(tmp_path, monkeypatch):
+    """A primary and two mirrors (``west`` sync, ``north`` async), each a directory."""
+    roots = {name: tmp_path / name for name in ("primary", "west", "north")}
+    for root in roots.values():
+        root.mkdir()
+    for var in list(os.environ):
+        if var.startswith(("WALSHIP_", "AZURE_")):
+            monkeypatch.delenv(var)
+    config = tmp_path / "walship.toml"
+    config.write_text(f'repo = "file://{roots["primary"]}"\n'
+                      f'[[mirrors]]\nname = "west"\nrepo = "file://{roots["west"]}"\n'
+                      'mode = "sync"\n'
+                      f'[[mirrors]]\nname = "north"\nrepo = "file://{roots["north"]}"\n'
+                      'mode = "async"\n')
+    monkeypatch.setenv("WALSHIP_CONFIG", str(config))
+    monkeypatch.setenv("WALSHIP_PREFETCH", "0")  # every call in-process, no worker
+    monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "0")
+    return roots
+
+
+@pytest.fixture
+def wal_dir(tmp_path):
+    directory = tmp_path / "pg_wal"
+    directory.mkdir()
+    for name in (SEG, SEG2):
+        (directory / name).write_bytes(segment())
+    return directory
+
+
+def stored(root, name=SEG):
+    return (root / "wal" / name).read_bytes()
+
+
+def test_push_stores_the_same_bytes_in_primary_and_sync_mirror_only(repos, wal_dir):
+    assert main(["wal-push", str(wal_dir / SEG)]) == 0
+    assert stored(repos["primary"]) == stored(repos["west"])  # one encoding, stored twice
+    assert not (repos["north"] / "wal").exists()  # async: left to repo-sync
+    assert main(["wal-push", str(wal_dir / SEG)]) == 0  # identical again: fine everywhere
+
+
+def test_push_fails_while_a_sync_mirror_is_unreachable_then_completes(repos, wal_dir, tmp_path):
+    assert main(["wal-push", str(wal_dir / SEG)]) == 0
+    away = tmp_path / "west-away"
+    repos["west"].rename(away)
+    status = main(["wal-push", str(wal_dir / SEG2)])
+    assert status not in (0, 1) and status < 126  # PostgreSQL's archiver retries
+    assert (repos["primary"] / "wal" / SEG2).exists()
+    away.rename(repos["west"])
+    assert main(["wal-push", str(wal_dir / SEG2)]) == 0  # held by the primary: identical
+    assert stored(repos["west"], SEG2) == stored(repos["primary"], SEG2)
+
+
+def test_a_mirror_holding_different_content_refuses_the_push(repos, wal_dir, tmp_path,
+                                                             monkeypatch, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / SEG).write_bytes(segment())
+    config = os.environ["WALSHIP_CONFIG"]
+    (tmp_path / "none.toml").write_text("")
+    monkeypatch.setenv("WALSHIP_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("WALSHIP_REPO", f"file://{repos['west']}")
+    assert main(["wal-push", str(other / SEG)]) == 0  # another file, in the mirror only
+    theirs = stored(repos["west"])
+    monkeypatch.setenv("WALSHIP_CONFIG", config)
+    monkeypatch.delenv("WALSHIP_REPO")
+    capsys.readouterr()
+    assert main(["wal-push", str(wal_dir / SEG)]) == ExitStatus.CONFLICT
+    assert "DIFFERENT content" in capsys.readouterr().err
+    assert stored(repos["west"]) == theirs
+
+
+def test_fetch_falls_over_to_the_mirror_when_the_primary_is_gone(repos, wal_dir, tmp_path,
+                                                                   capsys):
+    assert main(["wal-push", str(wal_dir / SEG)]) == 0
+    repos["primary"].rename(tmp_path / "lost")
+    assert main(["wal-fetch", SEG, str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out").read_bytes() == (wal_dir / SEG).read_bytes()
+    err = capsys.readouterr().err
+    assert "WARNING: repository primary could not answer" in err
+    assert "reading from repository west" in err
+
+
+def test_fetch_reads_a_file_only_a_mirror_holds(repos, wal_dir, tmp_path):
+    assert main(["wal-push", str(wal_dir / SEG)]) == 0
+    assert main(["wal-push", str(wal_dir / SEG2)]) == 0
+    (repos["primary"] / "wal" / SEG2).unlink()
+    assert main(["wal-fetch", SEG2, str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out").read_bytes() == (wal_dir / SEG2).read_bytes()
+
+
+def test_not_found_needs_the_primary_or_a_sync_mirror_to_say_so(repos, wal_dir, tmp_path,
+                                                                 capsys):
+    assert main(["wal-push", str(wal_dir / SEG)]) == 0
+    out = str(tmp_path / "out")
+    assert main(["wal-fetch", SEG2, out]) == ExitStatus.NOT_FOUND  # absent everywhere
+    # An async mirror cannot answer: it lags, so the absence stays proven by the others.
+    repos["north"].rename(tmp_path / "north-away")
+    assert main(["wal-fetch", SEG2, out]) == ExitStatus.NOT_FOUND
+    # The primary is lost: the sync mirror holds every acknowledged push, its answer stands.
+    repos["primary"].rename(tmp_path / "primary-away")
+    capsys.readouterr()
+    assert main(["wal-fetch", SEG2, out]) == ExitStatus.NOT_FOUND
+    assert "repository primary could not answer" in capsys.readouterr().err
+    assert main(["wal-fetch", SEG, out]) == 0  # and it delivers what it holds
+    os.unlink(out)
+    # Only the async mirror answers: its "not found" proves nothing, recovery aborts.
+    (tmp_path / "north-away").rename(repos["north"])
+    repos["west"].rename(tmp_path / "west-away")
+    assert main(["wal-fetch", SEG2, out]) >= 126
+    assert main(["wal-fetch", SEG, out]) >= 126  # (the async mirror never got it)
+    assert not os.path.exists(out)
+
+
+def test_a_corrupted_object_is_read_from_the_other_repository(repos, wal_dir, tmp_path, capsys):
+    assert main(["wal-push", str(wal_dir / SEG)]) == 0
+    damaged = repos["primary"] / "wal" / SEG
+    body = bytearray(damaged.read_bytes())
+    body[len(body) // 3] ^= 0x01
+    damaged.write_bytes(bytes(body))
+    assert main(["wal-fetch", SEG, str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out").read_bytes() == (wal_dir / SEG).read_bytes()
+    assert "read a verified copy from repository west" in capsys.readouterr().err
+    # damaged everywhere: the integrity error stands
+    (repos["west"] / "wal" / SEG).write_bytes(bytes(body))
+    os.unlink(tmp_path / "out")
+    assert main(["wal-fetch", SEG, str(tmp_path / "out")]) == ExitStatus.RECOVERY_INTEGRITY
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[[mirrors]]\nrepo = "file:///x"\n', "invalid mirror name"),
+    ('[[mirrors]]\nname = "primary"\nrepo = "file:///x"\n', "invalid mirror name"),
+    ('[[mirrors]]\nname = "a"\nrepo = "file:///x"\n[[mirrors]]\nname = "a"\nrepo = "file:///y"\n',
+     "invalid mirror name"),
+    ('[[mirrors]]\nname = "a"\n', "has no repo"),
+    ('[[mirrors]]\nname = "a"\nrepo = "file:///x"\nmode = "later"\n', "invalid mode"),
+    ('[[mirrors]]\nname = "a"\nrepo = "file:///x"\nregion = "eu"\n', "unknown settings: region"),
+    ('[[mirrors]]\nname = "a"\nrepo = "file:///x"\n[mirrors.azure]\naccount_kee = "k"\n',
+     "unknown settings: azure.account_kee"),
+    ('[[mirrors]]\nname = "a"\nrepo = "file:///x"\n[mirrors.azure]\naccount = 3\n',
+     "invalid azure.account"),
+    ('mirrors = "file:///x"\n', "must be an array of tables"),
+])
+def test_bad_mirror_settings_are_one_clear_line(tmp_path, text, message):
+    path = tmp_path / "walship.toml"
+    path.write_text('repo = "file:///p"\n' + text)
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, {}, str(path))
+    assert message in raised.value.one_line()
+
+
+def test_mirror_settings_and_their_secrets_masked(tmp_path):
+    path = tmp_path / "walship.toml"
+    path.write_text('repo = "azure://wal/c1"\n[azure]\naccount = "main"\n'
+                    '[[mirrors]]\nname = "westeurope"\nrepo = "azure://wal/c1"\nmode = "sync"\n'
+                    '[mirrors.azure]\naccount = "westacct"\naccount_key = "c2VjcmV0"\n')
+    path.chmod(0o600)
+    settings = load_settings({}, {}, str(path))
+    (mirror,) = settings.mirrors
+    assert (mirror.name, mirror.mode, mirror.azure.account) == ("westeurope", "sync", "westacct")
+    assert settings.mirror_options(mirror).azure.account_key == "c2VjcmV0"
+    shown = str(settings.describe())
+    assert "c2VjcmV0" not in shown and "westeurope" in shown and "****" in shown
+
+
+# -- repo-sync -------------------------------------------------------------------------------
+BACKUP = "20260101T000000Z"
+INCOMPLETE = "20260102T000000Z"
+
+
+def store(root, key, data, codec=None):
+    """Store ``data`` under ``key`` in the file:// repository ``root`` through the codec."""
+    from walship.codec import Codec
+    from walship.storage import open_storage
+
+    storage = open_storage(f"file://{root}")
+    stored = (codec or Codec()).stored_form(key, [data], size_hint=len(data))
+    storage.put(key, stored, metadata=stored.metadata)
+
+
+def keys(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.parts))
+
+
+def add_backups(root):
+    for number in (1, 2):
+        store(root, f"backups/{BACKUP}/part.{number:05d}", os.urandom(300_000))
+    store(root, f"backups/{BACKUP}/manifest", b"{}")
+    store(root, f"backups/{INCOMPLETE}/part.00001", os.urandom(1000))  # no manifest yet
+
+
+def test_repo_sync_copies_wal_and_complete_backups_to_the_async_mirror(repos, wal_dir,
+                                                                       capsys):
+    import json
+
+    for name in (SEG, SEG2):
+        assert main(["wal-push", str(wal_dir / name)]) == 0
+    add_backups(repos["primary"])
+    capsys.readouterr()
+    assert main(["repo-sync", "--to", "north", "--dry-run", "--json"]) == 0
+    (report,) = json.loads(capsys.readouterr().out)
+    assert report["keys"] == ["backups/20260101T000000Z/part.00001",
+                              "backups/20260101T000000Z/part.00002",
+                              "backups/20260101T000000Z/manifest",  # the manifest last
+                              f"wal/{SEG}", f"wal/{SEG2}", "walship.json"]
+    assert report["lag_seconds"] >= 0 and not (repos["north"] / "wal").exists()
+    assert main(["repo-sync", "--json"]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert [(r["to"], r["copied"]) for r in reports] == [("west", 3), ("north", 6)]
+    expected = [k for k in keys(repos["primary"]) if INCOMPLETE not in k]
+    assert keys(repos["north"]) == expected == keys(repos["west"])
+    for key in expected:
+        assert (repos["north"] / key).read_bytes() == (repos["primary"] / key).read_bytes()
+    assert main(["repo-sync", "--json"]) == 0  # idempotent: nothing left to copy
+    assert [r["copied"] for r in json.loads(capsys.readouterr().out)] == [0, 0]
+    # the copies are what a restore reads: the async mirror alone serves the WAL
+    repos["primary"].rename(repos["primary"].with_name("lost"))
+    repos["west"].rename(repos["west"].with_name("lost-west"))
+    assert main(["wal-fetch", SEG2, str(wal_dir / "out")]) == 0
+    assert (wal_dir / "out").read_bytes() == (wal_dir / SEG2).read_bytes()
+
+
+def test_repo_sync_never_copies_a_damaged_object(repos, wal_dir, capsys):
+    import json
+
+    for name in (SEG, SEG2):
+        assert main(["wal-push", str(wal_dir / name)]) == 0
+    damaged = repos["primary"] / "wal" / SEG
+    body = bytearray(damaged.read_bytes())
+    body[len(body) // 3] ^= 0x01
+    damaged.write_bytes(bytes(body))
+    capsys.readouterr()
+    assert main(["repo-sync", "--to", "north", "--json"]) == ExitStatus.INTEGRITY
+    (report,) = json.loads(capsys.readouterr().out)
+    assert report["damaged"] == [f"wal/{SEG}"] and report["copied"] == 2
+    assert keys(repos["north"]) == [f"wal/{SEG2}", "walship.json"]
+    # seeded back from the intact mirror, by name
+    damaged.unlink()
+    assert main(["repo-sync", "--from", "west", "--to", "primary"]) == 0
+    assert main(["repo-sync", "--to", "north"]) == 0
+    assert stored(repos["north"]) == stored(repos["west"])
+
+
+def test_repo_sync_usage_errors(repos, tmp_path, monkeypatch, capsys):
+    assert main(["repo-sync", "--to", "nowhere"]) == ExitStatus.USAGE
+    assert "no repository named 'nowhere'" in capsys.readouterr().err
+    (tmp_path / "none.toml").write_text(f'repo = "file://{repos["primary"]}"\n')
+    monkeypatch.setenv("WALSHIP_CONFIG", str(tmp_path / "none.toml"))
+    assert main(["repo-sync"]) == ExitStatus.USAGE
+    assert "repo-sync needs mirrors" in capsys.readouterr().err
+
+
+def test_repo_sync_killed_at_random_moments_converges(repos, wal_dir, tmp_path):
+    """SIGKILL anywhere in a copy: after each kill the mirror shows no incomplete backup as
+    complete and no partial object; a final run leaves it identical to the source."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    many = tmp_path / "many"
+    many.mkdir()
+    for number in range(3, 43):
+        (many / f"0000000100000000000000{number:02X}").write_bytes(
+            os.urandom(1 << 20))
+        assert main(["wal-push", str(many / f"0000000100000000000000{number:02X}")]) == 0
+    for number in range(1, 9):
+        store(repos["primary"], f"backups/{BACKUP}/part.{number:05d}", os.urandom(4 << 20))
+    store(repos["primary"], f"backups/{BACKUP}/manifest", b"{}")
+    source = keys(repos["primary"])
+    command = [sys.executable, "-m", "walship", "repo-sync", "--to", "north"]
+    env = {**os.environ, "PYTHONPATH": str(os.path.dirname(os.path.dirname(__file__)))}
+    rng = random.Random(14)
+    for _ in range(6):
+        child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.1, 0.35))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        held = keys(repos["north"])
+        assert set(held) <= set(source)  # nothing partial or foreign is visible
+        if f"backups/{BACKUP}/manifest" in held:
+            assert all(k in held for k in source if k.startswith(f"backups/{BACKUP}/"))
+        for key in held:
+            assert (repos["north"] / key).read_bytes() == (repos["primary"] / key).read_bytes()
+    assert subprocess.run(command, env=env, timeout=120, check=False).returncode == 0
+    assert keys(repos["north"]) == source
+
+
+def test_status_shows_each_mirrors_lag_until_repo_sync_catches_up(repos, wal_dir, tmp_path,
+                                                                 capsys):
+    import json
+
+    for name in (SEG, SEG2):
+        assert main(["wal-push", str(wal_dir / name)]) == 0
+    capsys.readouterr()
+    prom = tmp_path / "walship.prom"
+    assert main(["status", "--json", "--prometheus", str(prom)]) == 0
+    mirrors = {m["name"]: m for m in json.loads(capsys.readouterr().out)["mirrors"]}
+    assert (mirrors["west"]["lag_files"], mirrors["west"]["lag_seconds"]) == (0, 0)
+    assert mirrors["north"]["lag_files"] == 3 and mirrors["north"]["mode"] == "async"
+    assert mirrors["north"]["lag_seconds"] >= 0 and mirrors["north"]["reachable"]
+    assert 'walship_mirror_lag_files{mirror="north",mode="async"} 3' in prom.read_text()
+    assert main(["repo-sync"]) == 0
+    repos["west"].rename(tmp_path / "west-away")
+    capsys.readouterr()
+    assert main(["status", "--json"]) == 0
+    mirrors = {m["name"]: m for m in json.loads(capsys.readouterr().out)["mirrors"]}
+    assert (mirrors["north"]["lag_files"], mirrors["north"]["lag_seconds"]) == (0, 0)
+    assert not mirrors["west"]["reachable"] and "does not exist" in mirrors["west"]["reason"]
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "mirror north   (async) 0 files behind" in out and "west" in out
+
+
+def test_backups_go_to_every_sync_repository_and_damage_falls_over(repos, tmp_path, capsys):
+    from tests.backup.test_pipeline import FakeSource, make_cluster, push_wal_names
+
+    from walship.archive import open_archive
+    from walship.backup.push import push_backup
+
+    archive = open_archive(load_settings())
+    data, ts = make_cluster(tmp_path)
+    push_wal_names(archive, ["000000010000000000000002"])
+    manifest = push_backup(archive, FakeSource(data, ts), part_size=1 << 20).manifest
+    assert len(manifest.parts) >= 3
+    for part in manifest.parts:  # written once, stored twice: the same bytes
+        assert (repos["primary"] / part.key).read_bytes() == (repos["west"] / part.key
+                                                               ).read_bytes()
+    assert (repos["west"] / f"backups/{manifest.name}/manifest").exists()
+    assert not (repos["north"] / "backups").exists()
+    victim = repos["primary"] / manifest.parts[1].key
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 3] ^= 0x40
+    victim.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(["backup-verify", "LATEST"]) == 0
+    assert "read a verified copy from repository west" in capsys.readouterr().err
+    target = tmp_path / "restored"
+    assert main(["backup-fetch", "LATEST", str(target), "--tablespace-map",
+                 f"16400={tmp_path / 'new-ts'}"]) == 0
+    assert (target / "base/5/16384").read_bytes() == (data / "base/5/16384").read_bytes()
+    # damaged in every repository: refused, and nothing startable is left
+    (repos["west"] / manifest.parts[1].key).write_bytes(bytes(raw))
+    other = tmp_path / "again"
+    assert main(["backup-fetch", "LATEST", str(other), "--tablespace-map",
+                 f"16400={tmp_path / 'ts2'}"]) == ExitStatus.INTEGRITY
+    assert not other.exists() or os.listdir(other) == []
+
+
+def test_repo_sync_beside_delete_never_leaves_a_manifest_without_its_parts(repos):
+    """A delete that removes a backup while repo-sync copies it: the manifest copied last is
+    taken back when the parts are gone from the destination."""
+    from walship import reposync
+    from walship.storage import open_storage
+
+    add_backups(repos["primary"])
+    source = open_storage(f"file://{repos['primary']}")
+    destination = open_storage(f"file://{repos['north']}")
+    work = reposync.plan(source, destination)
+    real_put = destination.put
+
+    def put_then_delete(key, data, *, metadata=None):
+        info = real_put(key, data, metadata=metadata)
+        if key.endswith("/manifest"):  # delete ran between the parts and the manifest
+            for part in (1, 2):
+                destination.delete(f"backups/{BACKUP}/part.{part:05d}")
+        return info
+
+    destination.put = put_then_delete
+    result = reposync.sync(source, destination, work=work)
+    assert f"backups/{BACKUP}/manifest" in result.vanished
+    assert not (repos["north"] / "backups" / BACKUP / "manifest").exists()
+
+
+def test_delete_applies_retention_to_every_repository_or_one(repos, tmp_path, capsys):
+    from tests.backup.test_pipeline import FakeSource, make_cluster
+
+    from walship.archive import Archive, open_archive
+    from walship.backup import catalog
+    from walship.backup.push import push_backup
+    from walship.backup.verify import verify_backup
+    from walship.codec import Codec
+    from walship.storage import open_storage
+
+    archive = open_archive(load_settings())
+    data, ts = make_cluster(tmp_path)
+    key = "wal/000000010000000000000002"  # (through the codec: repo-sync verifies it)
+    stored = archive.codec.stored_form(key, [b"x"])
+    archive.storage.put(key, stored, metadata=stored.metadata)
+    old = push_backup(archive, FakeSource(data, ts), part_size=1 << 20).manifest.name
+    new = push_backup(archive, FakeSource(data, ts), part_size=1 << 20).manifest.name
+    assert main(["repo-sync"]) == 0
+
+    def backups(name):
+        alone = Archive(open_storage(f"file://{repos[name]}"), Codec())
+        return [b.name for b in catalog.list_backups(alone) if b.manifest], alone
+
+    assert main(["delete", "--retain-full", "1", "--confirm", "--repo", "north"]) == 0
+    assert backups("north")[0] == [new] and backups("primary")[0] == [old, new]
+    assert main(["delete", "--retain-full", "1", "--repo", "nowhere"]) == ExitStatus.USAGE
+    assert main(["delete", "--retain-full", "1", "--confirm"]) == 0
+    for name in ("primary", "west", "north"):  # the kept backup, restorable everywhere
+        names, alone = backups(name)
+        assert names == [new], name
+        assert verify_backup(alone, new).restorable
+    capsys.readouterr()
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "repository west (sync)" in out and "repository north (async)" in out
+    repos["north"].rename(tmp_path / "north-away")
+    assert main(["check"]) == ExitStatus.UNAVAILABLE
+    assert "repository north (async): UNREACHABLE" in capsys.readouterr().out
+
+
+def test_verify_and_list_one_repository_alone(repos, wal_dir, capsys):
+    import json
+
+    seg3 = "000000010000000000000003"
+    (wal_dir / seg3).write_bytes(segment())
+    for name in (SEG, SEG2, seg3):
+        assert main(["wal-push", str(wal_dir / name)]) == 0
+    (repos["west"] / "wal" / SEG2).unlink()  # a gap in one copy only
+    assert main(["wal-verify"]) == 0  # all together: nothing is missing
+    assert main(["wal-verify", "--repo", "west"]) == ExitStatus.INCOMPLETE
+    assert main(["wal-verify", "--repo", "primary"]) == 0
+    capsys.readouterr()
+    assert main(["backup-list", "--json", "--repo", "north"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["backup-list", "--repo", "elsewhere"]) == ExitStatus.USAGE
+    assert main(["backup-verify", "LATEST", "--repo", "west"]) == ExitStatus.NOT_FOUND
+
+
+def test_a_repository_that_could_not_answer_is_asked_last_for_a_while():
+    import uuid
+
+    from walship.errors import NotFound as Missing
+    from walship.errors import Unavailable
+    from walship.storage.memory import MemoryStorage
+    from walship.storage.mirrored import Member, MirroredStorage
+
+    class Down(MemoryStorage):
+        calls = 0
+
+        def get(self, key):
+            Down.calls += 1
+            raise Unavailable("region down")
+
+    url = f"memory://{uuid.uuid4().hex}"
+    mirror = MemoryStorage(url)
+    mirror.put("wal/a", [b"A"])
+    storage = MirroredStorage([Member("primary", Down(f"{url}-p"), "primary"),
+                               Member("west", mirror, "sync")])
+    try:
+        assert storage.get("wal/a").read() == b"A" and Down.calls == 1
+        assert storage.get("wal/a").read() == b"A" and Down.calls == 1  # west asked first now
+        with pytest.raises(Missing):  # proven absent by the sync mirror, no wait on the primary
+            storage.get("wal/b")
+        assert Down.calls == 1
+        storage._down.clear()  # (its time is up)
+        assert storage.get("wal/a").read() == b"A" and Down.calls == 2
+    finally:
+        MemoryStorage.forget(url)
+        MemoryStorage.forget(f"{url}-p")

@@ -1,0 +1,378 @@
+"""Several repositories behind the one storage protocol: a primary and its mirrors.
+
+:class:`MirroredStorage` is a :class:`~walship.storage.base.Storage` over named members, the
+primary first. It adds no storage of its own: every operation is the members' own ``put``,
+``get``, ``head``, ``list`` and ``delete``.
+
+* ``put`` stores the same stored bytes (produced once, by the caller's codec) into the primary
+  and every ``sync`` mirror in parallel: the data is read once and handed to each member
+  through a small bounded queue (memory: a few chunks per member, whatever the object's
+  size). It returns only when every one of them holds the object durably. A member that
+  already holds the key is reported in :class:`MirrorAlreadyExists` (``holders``), after the
+  others have been written, so the caller judges the stored content in each holder. ``async``
+  mirrors are not written here: ``walship repo-sync`` (:mod:`walship.reposync`) copies to them.
+* ``get`` and ``head`` ask the members in order and fall over to the next on an unreachable or
+  missing repository, or a missing object. :class:`~walship.errors.NotFound` when every
+  member that answered says the object does not exist and one of them is the primary or a
+  sync mirror: each of those holds every object a push acknowledged, so its absence there is
+  proven even while another repository cannot answer (without this, losing the primary's
+  region would abort every recovery at its first probe for a history file that does not
+  exist). When only async mirrors (which lag) answered, the error of one that could not
+  answer is raised (the existing exit rules apply). A fall-over is logged once per process
+  and member, loudly, on stderr. A member that could not answer is asked last for the next
+  :data:`DOWN_SECONDS` (it is still asked when the others fail).
+* ``list`` is the union of the reachable members' listings, sorted by key (a key held by
+  several members is listed once, as the first of them holds it). Unreachable members are
+  skipped, loudly; when none is reachable the first one's error is raised.
+* ``delete`` deletes from every member (deletes are idempotent), or only from those named in
+  ``delete_only``; a member that fails makes the call fail after the others were tried. Since
+  ``list`` is the union, retention keeps in every repository what any kept backup needs.
+
+Verification happens above storage (the codec decodes): :func:`read_elsewhere` retries a read
+that failed verification on each member in turn, for the archive and backup readers.
+"""
+
+from __future__ import annotations
+
+import heapq
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from walship.errors import (AlreadyExists, IntegrityError, NotFound, StorageError, Unavailable,
+                            WalshipError)
+from walship.storage.base import Download, MetadataSource, ObjectInfo, Storage
+
+if TYPE_CHECKING:
+    from walship.archive import Archive
+    from walship.config import Settings
+
+DOWN_SECONDS = 60.0  # a member that could not answer is asked last for this long
+QUEUE_DEPTH = 4  # chunks waiting for each member of a parallel put
+_POLL = 0.2  # seconds between looks at a member that may have stopped reading
+_END = object()
+T = TypeVar("T")
+
+# (errors after which another member is asked: the member could not answer or lacks the object)
+FALL_OVER = (NotFound, Unavailable, StorageError)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One repository of a mirrored set: its name (``primary`` or the mirror's), its storage
+    and its mode (``primary``, ``sync`` or ``async``)."""
+
+    name: str
+    storage: Storage
+    mode: str
+
+
+class MirrorAlreadyExists(AlreadyExists):
+    """A put found the key taken in ``holders`` (the storages, in member order); the other
+    members written by the same put now hold the new object."""
+
+    def __init__(self, what: str, holders: list[Storage]) -> None:
+        super().__init__(what, "", "")
+        self.holders = holders
+
+
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_once(member: str, kind: str, text: str) -> None:
+    """Print ``text`` as a WARNING once per process for (member, kind)."""
+    with _warned_lock:
+        if (member, kind) in _warned:
+            return
+        _warned.add((member, kind))
+    print(f"walship: WARNING: {text}", file=sys.stderr, flush=True)
+
+
+def _why(error: WalshipError) -> str:
+    return error.one_line()
+
+
+class MirroredStorage:
+    """A primary repository and its mirrors as one :class:`Storage` (see the module
+    docstring)."""
+
+    def __init__(self, members: list[Member]) -> None:
+        if not members or members[0].mode != "primary":
+            raise ValueError("the first member of a mirrored storage is the primary")
+        self.members = members
+        # ``delete --repo NAME``: delete from these members only (None: from every one);
+        # what goes is decided on the union of the members' listings all the same
+        self.delete_only: frozenset[str] | None = None
+        self._down: dict[str, float] = {}  # member name -> monotonic time it is asked first again
+        names = ", ".join(m.name for m in members[1:])
+        self.url = f"{members[0].storage.url} (mirrors: {names})"
+
+    def member(self, name: str) -> Member:
+        for member in self.members:
+            if member.name == name:
+                return member
+        raise KeyError(name)
+
+    # -- writes --------------------------------------------------------------------------------
+    def put(self, key: str, data: Iterable[bytes], *,
+            metadata: MetadataSource | None = None) -> ObjectInfo:
+        targets = [m for m in self.members if m.mode != "async"]
+        if len(targets) == 1:
+            try:
+                return targets[0].storage.put(key, data, metadata=metadata)
+            except AlreadyExists as error:
+                raise MirrorAlreadyExists(error.what, [targets[0].storage]) from None
+        once = _Once(metadata)
+        feeds = [_Feed() for _ in targets]
+        results: list[ObjectInfo | BaseException | None] = [None] * len(targets)
+
+        def run(index: int) -> None:
+            try:
+                results[index] = targets[index].storage.put(
+                    key, feeds[index].chunks(), metadata=once if metadata else None)
+            except BaseException as error:  # noqa: BLE001 - handed to the caller below
+                results[index] = error
+            finally:
+                feeds[index].stopped.set()
+
+        threads = [threading.Thread(target=run, args=(i,), name=f"walship-put-{m.name}",
+                                    daemon=True) for i, m in enumerate(targets)]
+        for thread in threads:
+            thread.start()
+        try:
+            for chunk in data:
+                for feed in feeds:
+                    feed.offer(chunk)
+            for feed in feeds:
+                feed.offer(_END)
+        except BaseException as error:
+            for feed in feeds:
+                feed.abort(error)  # the members' puts fail: no partial object anywhere
+            for thread in threads:
+                thread.join()
+            raise
+        for thread in threads:
+            thread.join()
+        failures = [(m, r) for m, r in zip(targets, results) if isinstance(r, BaseException)]
+        for member, error in failures:
+            if not isinstance(error, AlreadyExists):
+                if isinstance(error, WalshipError) and len(targets) > 1:
+                    error.what = f"repository {member.name}: {error.what}"
+                raise error
+        if failures:
+            raise MirrorAlreadyExists(f"object {key} already exists in "
+                                      + ", ".join(m.name for m, _ in failures),
+                                      [m.storage for m, _ in failures])
+        return results[0]  # type: ignore[return-value]
+
+    def delete(self, key: str) -> None:
+        first: BaseException | None = None
+        for member in self.members:
+            if self.delete_only is not None and member.name not in self.delete_only:
+                continue
+            try:
+                member.storage.delete(key)
+            except WalshipError as error:
+                error.what = f"repository {member.name}: {error.what}"
+                first = first or error
+        if first is not None:
+            raise first
+
+    # -- reads ---------------------------------------------------------------------------------
+    def _order(self) -> list[Member]:
+        """The members in order, those that could not answer lately last (so a long-lived
+        reader, the prefetch worker, does not wait on a lost region before every read)."""
+        now = time.monotonic()
+        down = [m for m in self.members if self._down.get(m.name, 0.0) > now]
+        return [m for m in self.members if m not in down] + down
+
+    def _first(self, key: str, read: Callable[[Storage], T]) -> T:
+        errors: list[tuple[Member, WalshipError]] = []
+        now = time.monotonic()
+        for member in self._order():
+            if self._down.get(member.name, 0.0) > now and any(
+                    isinstance(e, NotFound) and m.mode != "async" for m, e in errors):
+                continue  # absence proven; a member that just could not answer is not waited on
+            try:
+                result = read(member.storage)
+            except FALL_OVER as error:
+                if not isinstance(error, NotFound):
+                    self._down[member.name] = time.monotonic() + DOWN_SECONDS
+                errors.append((member, error))
+                continue
+            self._down.pop(member.name, None)
+            for failed, error in errors:
+                if isinstance(error, NotFound):
+                    warn_once(failed.name, "missing", f"repository {failed.name} lacks "
+                              f"{key}: read from repository {member.name} (run walship "
+                              "repo-sync)")
+                else:
+                    warn_once(failed.name, "unreachable", f"repository {failed.name} could "
+                              f"not answer ({_why(error)}): reading from repository "
+                              f"{member.name}")
+            return result
+        unanswered = [(m, e) for m, e in errors if not isinstance(e, NotFound)]
+        complete = [(m, e) for m, e in errors if isinstance(e, NotFound) and m.mode != "async"]
+        if unanswered and complete:
+            # The primary and every sync mirror hold each file a push acknowledged: the
+            # absence in one of them is proven, whoever else could not answer.
+            for member, error in unanswered:
+                warn_once(member.name, "unreachable", f"repository {member.name} could not "
+                          f"answer ({_why(error)}): {key} is absent from repository "
+                          f"{complete[0][0].name}, which holds every acknowledged push")
+            raise complete[0][1]
+        for member, error in unanswered:
+            error.what = f"repository {member.name}: {error.what}"
+            raise error  # an async mirror lags: its absence proves nothing
+        raise errors[0][1]
+
+    def get(self, key: str) -> Download:
+        return self._first(key, lambda storage: storage.get(key))
+
+    def head(self, key: str) -> ObjectInfo:
+        return self._first(key, lambda storage: storage.head(key))
+
+    def list(self, prefix: str = "", *, limit: int | None = None) -> Iterator[ObjectInfo]:
+        streams: list[Iterator[ObjectInfo]] = []
+        first_error: WalshipError | None = None
+        for member in self.members:
+            stream = iter(member.storage.list(prefix, limit=limit))
+            try:
+                head = next(stream, None)
+            except (Unavailable, StorageError) as error:
+                warn_once(member.name, "unreachable", f"repository {member.name} could not "
+                          f"be listed ({_why(error)}): listing the others only")
+                first_error = first_error or error
+                continue
+            if head is not None:
+                streams.append(_prepend(head, stream))
+            else:
+                streams.append(iter(()))
+        if not streams and first_error is not None:
+            raise first_error
+        return self._union(streams, limit)
+
+    @staticmethod
+    def _union(streams: list[Iterator[ObjectInfo]], limit: int | None) -> Iterator[ObjectInfo]:
+        last = None
+        count = 0
+        for info in heapq.merge(*streams, key=lambda i: i.key):
+            if info.key == last:
+                continue
+            last = info.key
+            yield info
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+    def close(self) -> None:
+        for member in self.members:
+            member.storage.close()
+
+
+def _prepend(head: ObjectInfo, rest: Iterator[ObjectInfo]) -> Iterator[ObjectInfo]:
+    yield head
+    yield from rest
+
+
+class _Once:
+    """A metadata source called by several members: computed once, the same for all."""
+
+    def __init__(self, source: MetadataSource | None) -> None:
+        self._source = source
+        self._lock = threading.Lock()
+        self._value: Mapping[str, str] | None = None
+
+    def __call__(self) -> Mapping[str, str]:
+        with self._lock:
+            if self._value is None:
+                self._value = dict(self._source()) if self._source else {}
+            return self._value
+
+
+class _Feed:
+    """The chunks of one member's put, through a bounded queue. A member that stopped reading
+    (it failed, or found the key taken before reading) is no longer fed."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[object] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self.stopped = threading.Event()
+
+    def offer(self, item: object) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=_POLL)
+                return
+            except queue.Full:
+                continue
+
+    def abort(self, error: BaseException) -> None:
+        failure = Unavailable("the data of a mirrored put failed", str(error))
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(failure, timeout=_POLL)
+                return
+            except queue.Full:
+                try:
+                    self.queue.get_nowait()  # make room: this put is abandoned anyway
+                except queue.Empty:
+                    pass
+
+    def chunks(self) -> Iterator[bytes]:
+        while True:
+            item = self.queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+
+
+def read_elsewhere(storage: Storage, attempt: Callable[[Storage], T]) -> T:
+    """Call ``attempt`` on each member of ``storage`` alone, in order, after a read through
+    ``storage`` failed verification (the exception being handled): the first that succeeds
+    wins, loudly; when none does, the original error is raised again."""
+    original = sys.exc_info()[1]
+    assert isinstance(original, IntegrityError)
+    for member in getattr(storage, "members", ()):
+        try:
+            result = attempt(member.storage)
+        except (IntegrityError, *FALL_OVER):
+            continue
+        warn_once(member.name, "verified", f"{original.one_line()}; read a verified copy "
+                  f"from repository {member.name} instead")
+        return result
+    raise original
+
+
+def open_mirrored(primary: Storage, settings: Settings,
+                  deadline: float | None = None) -> MirroredStorage:
+    """The primary (already open) and every configured mirror as one storage."""
+    from walship.storage import open_storage
+
+    members = [Member("primary", primary, "primary")]
+    for mirror in settings.mirrors:
+        members.append(Member(mirror.name, open_storage(
+            mirror.repo, settings.mirror_options(mirror, deadline)), mirror.mode))
+    return MirroredStorage(members)
+
+
+def verified_read(archive: Archive, action: Callable[[Archive], T]) -> T:
+    """``action(archive)``; when it fails verification and the archive has mirrors, the whole
+    action again on each repository alone, in order (for reads that cannot resume half-way,
+    such as a backup-fetch whose files are written as its parts stream: a failed one has
+    removed what it wrote). A single repository: exactly ``action(archive)``."""
+    try:
+        return action(archive)
+    except IntegrityError:
+        if not hasattr(archive.storage, "members"):
+            raise
+        from walship.archive import Archive
+
+        return read_elsewhere(archive.storage,
+                              lambda storage: action(Archive(storage, archive.codec)))
