@@ -778,7 +778,8 @@ def render(results: dict, info: dict) -> tuple[str, str]:
     return "\n".join(txt), "\n".join(md)
 
 
-DRILL_LABELS = {"walship-drill": "`walship drill`, wall clock of the command",
+DRILL_LABELS = {"walship-drill-exec": "`walship drill`, exec to first query answered",
+                "walship-drill": "`walship drill`, wall clock of the whole command",
                 "walship-drill-rto": "`walship drill`, its own `rto_seconds`",
                 "walship": "`walship backup-fetch` + recovery (harness)",
                 "pgbackrest": "`pgbackrest restore` + recovery",
@@ -790,6 +791,14 @@ def drill_rows(drill: dict) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for key, runs in drill.items():
         if key == "walship-drill":
+            if all("exec_to_rto" in r for r in runs):
+                totals = [r["exec_to_rto"] for r in runs]
+                out["walship-drill-exec"] = {
+                    "seconds": median(totals), "runs": totals,
+                    "restore": median([r["before_start"] + r["phases"]["backup_fetch"]
+                                       for r in runs]),
+                    "recovery": median([r["rto_seconds"] - r["phases"]["backup_fetch"]
+                                        for r in runs])}
             for row, field in (("walship-drill", "seconds"), ("walship-drill-rto", "rto_seconds")):
                 totals = [r[field] for r in runs]
                 out[row] = {"seconds": median(totals), "runs": totals,
@@ -812,7 +821,8 @@ def drill_tables(drill: dict, info: dict, table) -> None:
     wal = info.get("drill_wal", {})
     segs = [w["bytes_after_backup"] / SEGMENT for w in wal.values()]
     body = []
-    for key in ("walship-drill", "walship-drill-rto", "walship", "pgbackrest", "barman"):
+    for key in ("walship-drill-exec", "walship-drill", "walship-drill-rto", "walship",
+                "pgbackrest", "barman"):
         if key not in rows:
             continue
         r = rows[key]
@@ -828,19 +838,30 @@ def drill_tables(drill: dict, info: dict, table) -> None:
           ["how", "median s", "restore s", "recovery until promoted and answering s",
            "time vs pgBackRest", "time vs barman-cloud", "runs (s)"], body)
     if pgbr and "walship-drill" in rows:
-        goal = [["(h) `walship drill` RTO (wall clock) vs pgBackRest restore + recovery",
-                 f"{rows['walship-drill']['seconds'] / pgbr:.2f}x", "<= 0.5x",
-                 "met" if rows["walship-drill"]["seconds"] <= 0.5 * pgbr else "MISSED"],
-                ["(h) `walship drill` own `rto_seconds` vs pgBackRest restore + recovery",
-                 f"{rows['walship-drill-rto']['seconds'] / pgbr:.2f}x", "<= 0.5x",
-                 "met" if rows["walship-drill-rto"]["seconds"] <= 0.5 * pgbr else "MISSED"]]
+        goal = []
+        for key, what in (("walship-drill-exec", "exec to first query answered (like the "
+                           "peers' rows)"), ("walship-drill", "wall clock of the whole command"),
+                          ("walship-drill-rto", "its own `rto_seconds`")):
+            if key in rows:
+                ratio = rows[key]["seconds"] / pgbr
+                goal.append([f"(h) `walship drill`, {what}, vs pgBackRest restore + recovery",
+                             f"{ratio:.2f}x", "<= 0.5x", "met" if ratio <= 0.5 else "MISSED"])
         table("(h) Goal: walship's RTO at most half of pgBackRest's", ["target", "measured",
                                                                         "goal", "result"], goal)
-    phases = drill.get("walship-drill", [])
-    if phases:
-        names = list(phases[0]["phases"])
-        table("(h) `walship drill`'s own phases (median s)", names,
-              [[f"{median([r['phases'][n] for r in phases]):.2f}" for n in names]])
+    runs = drill.get("walship-drill", [])
+    if runs and all("before_start" in r for r in runs):
+        names = list(runs[0]["phases"])
+        checks = list(runs[0]["checks"])
+        header = (["before the drill's start (process, repository, choosing the backup)"]
+                  + [f"phase {n}" for n in names]
+                  + [f"check {c!r}" for c in checks]
+                  + ["after the RTO, all (checks, stopping the server, storing the result)"])
+        row = ([f"{median([r['before_start'] for r in runs]):.2f}"]
+               + [f"{median([r['phases'][n] for r in runs]):.2f}" for n in names]
+               + [f"{median([r['checks'][c] for r in runs]):.2f}" for c in checks]
+               + [f"{median([r['after_rto'] for r in runs]):.2f}"])
+        table("(h) Where `walship drill`'s wall clock goes (median s of each part)", header,
+              [row])
 
 
 def target_rows(results: dict, info: dict) -> list[list[str]]:
@@ -1175,15 +1196,19 @@ page cache is emptied and memory warmed (as in (f)); the order of the rows rotat
 runs. Timed, start to finish:
 
 * **`walship drill`** (`--json --keep --scratch DIR`, `[drill] checksums = false`, checks
-  `SELECT 1` then `pgbench_accounts` against the source): the command's wall clock, from exec
-  to exit (choosing the backup, restore, recovery, checks, stopping the scratch server,
-  storing its result in the repository; `--keep` leaves the stopped scratch directory so the
-  deletion is not timed, as for the other rows), and the drill's own `rto_seconds` (its start
-  to the first check answered).
+  `SELECT 1` then `pgbench_accounts` against the source), three figures of each run: *exec to
+  first query answered*, the like-for-like with the other rows (the time from exec to the
+  drill's start, read from the `started` of its JSON against the harness's clock when it
+  executed the command, plus its `rto_seconds`); its own `rto_seconds` (drill start to the
+  first check answered: it leaves out the process start, opening the repository and choosing
+  the backup); and the wall clock of the whole command, exec to exit (also the second check,
+  stopping the scratch server and storing the result in the repository; `--keep` leaves the
+  stopped scratch directory, so its deletion is not timed, as for the other rows).
 * **restore + recovery** (walship `backup-fetch LATEST DIR`, `pgbackrest restore
   --pg1-path=DIR`, `barman-cloud-restore URL SERVER ID DIR`, the ID looked up with
-  `barman-cloud-backup-list` inside the timing, as an operator must): the restore, then `recovery.signal`, the tool's `restore_command`
-  (`walship wal-fetch`, `pgbackrest archive-get` with its async archive-get, `barman-cloud-wal-restore`),
+  `barman-cloud-backup-list` inside the timing, as an operator must): the restore, then
+  `recovery.signal`, the tool's `restore_command` (`walship wal-fetch`, `pgbackrest
+  archive-get` with its async archive-get, `barman-cloud-wal-restore`),
   `recovery_target_action = 'promote'`, `pg_ctl start`, and polling every 50 ms until
   `pg_is_in_recovery()` is false on a connection that answered. Each run then checks
   `count(*)` and `sum(abalance)` of `pgbench_accounts` against the source when that tool's WAL
