@@ -10,7 +10,9 @@ Measures, in one run on one Azurite:
       in order) for every segment, from the archive each tool filled in (a); byte-identical check;
   (c) recovery: a base backup taken part-way through the backlog, recovered with each tool's
       restore_command until promotion, and with a plain `cp` from a directory (the floor);
-  (d) bytes stored per tool; peak RSS of single push and fetch calls.
+  (d) bytes stored per tool; peak RSS of single push and fetch calls;
+  (e)-(g) base backups and their restores; (h) the restore drill: RTO end to end (--only drill
+      runs just that and writes it as its own section of the report).
 Each timed measurement runs --repeat times (default 5); tables show medians. Writes
 docs/benchmarks.md after a full run (not with --quick). Everything runs under /tmp/walship-bench-*
 and is removed afterwards (servers stopped, Azurite killed), also on errors or Ctrl-C.
@@ -1097,6 +1099,12 @@ are noisy: read the medians and the same-run ratios, not one run.
   `restore_command`, `recovery.signal`, `recovery_target = 'immediate'` and
   `recovery_target_action = 'promote'`; once promoted it must answer
   `SELECT count(*) || '/' || sum(abalance) FROM pgbench_accounts` exactly as the source did.
+* **(h) Restore drill**: each tool takes one more backup with its own `archive_command` on, then
+  pgbench writes `--drill-wal` segments (default 8) more, archived by that tool; timed per tool
+  and run, from nothing on disk to a restored server that replayed its archive to the end,
+  promoted and answered a query: `walship drill` (exec to first query answered, its own
+  `rto_seconds`, and the wall clock of the whole command) and each tool's restore followed by
+  recovery with its `restore_command` (see `bench/backups.py`). `--only drill` runs just this.
 """
     path.write_text(text)
 
@@ -1176,7 +1184,7 @@ def write_drill_section(path: Path, markdown: str, info: dict, command: str) -> 
 Measured by `bench/run.py --only drill` on {info['date']} (UTC), in one run against one Azurite
 over HTTPS on 127.0.0.1, separately from the run above (about {info['minutes']:.0f} minutes):
 {m['cpu']}, {m['cores']} cores (shared with other work: a noisy machine), {m['memory_gib']} GiB,
-{m['os']}; PostgreSQL {v['postgresql']}, walship {v['walship']} (commit
+{m['os']}; PostgreSQL {v['postgresql']}, walship {v['walship'].removeprefix('walship ')} (commit
 {v['walship_commit']}), pgBackRest {v['pgbackrest']}, barman-cloud {v['barman']}, Azurite
 {v['azurite']}. Times are medians of {info['repeat']} runs per row (each run listed); ratios are
 between medians of this run.
@@ -1188,8 +1196,8 @@ between medians of this run.
 {markdown}
 How (see `bench/backups.py`): one running pgbench cluster; for each tool in turn, its
 `archive_command` on, one full backup (untimed; walship `backup-push`, `pgbackrest --type=full
-backup`, `barman-cloud-backup --lz4 -J 2`), then pgbench until {info['drill_segments']} segments
-of WAL more were written, `pg_switch_wal()` and everything archived by that tool: the
+backup`, `barman-cloud-backup --lz4 -J 2`), then pgbench (2 clients, 2000 transactions at a
+time) until at least {info['drill_segments']} segments of WAL more were written, `pg_switch_wal()` and everything archived by that tool: the
 repository holds the backup, the WAL it needs and WAL after it, so every RTO below includes
 replaying that WAL to the end of the archive. Before every timed run, outside the timing: the
 page cache is emptied and memory warmed (as in (f)); the order of the rows rotates between
