@@ -13,11 +13,25 @@ Restores go into an empty directory on the same filesystem. The first restore of
 checked: the restored cluster is started with the tool's own restore_command,
 recovery_target = 'immediate' and promoted, and must answer ``SELECT count(*) FROM
 pgbench_accounts`` with scale * 100000 rows (and the sum of abalance the source had).
+
+The restore drill (``--only drill``, or after (e)-(g) in a full run) measures each tool's RTO
+the way an operator meets it: from nothing on disk to a restored server that has replayed the
+archive to its end, promoted, and answers a query. Each tool takes one backup (untimed) with
+its own archive_command on, then pgbench writes ``--drill-wal`` segments more, archived by that
+tool: the WAL recovery replays after the backup's own. Timed, per tool and run (order rotated,
+page cache emptied and memory warmed first, as for (f)): ``walship drill`` end to end (its own
+``rto_seconds`` and the wall clock of the command), and for every tool its restore command
+(``walship backup-fetch``, ``pgbackrest restore``, ``barman-cloud-restore``), then
+``recovery.signal``, the tool's restore_command, ``pg_ctl start`` and polling (every 50 ms)
+until ``pg_is_in_recovery()`` is false and the server answers. Every run checks
+``pgbench_accounts`` against the source as it was when that tool's last segment was archived.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import statistics
 import os
 import shlex
 import shutil
@@ -28,10 +42,12 @@ from pathlib import Path
 import pgcluster
 from peers import BARMAN_SERVER, LEVEL, Barman, PgBackRest, Tool, Walship
 from pgcluster import BIN, Cluster, make_dir, run_pg
-from pgwire import Connection
+from pgwire import Connection, PgError
 
 BARMAN_COMPRESSION = "lz4"  # fastest of what barman-cloud-backup 3.19 offers (no zstd there)
 ACCOUNTS_SQL = "SELECT count(*) || '/' || sum(abalance) FROM pgbench_accounts"
+SEGMENT = 16 * 2**20
+POLL = 0.05
 
 
 def tree_bytes(path: Path, skip: tuple[str, ...] = ("pg_wal",)) -> tuple[int, int]:
@@ -331,6 +347,164 @@ class BackupBench:
                          f" RSS), {out['stored_bytes'] / 1e6:.1f} MB stored in "
                          f"{out['stored_blobs']} blobs"
                          + (f"; check: {out['check']}" if "check" in out else ""))
+        return results
+
+    # -- the restore drill: RTO end to end ------------------------------------------------------
+    def prepare_drill(self, segments: int) -> dict:
+        """Each tool: its backup (untimed) with its archive_command on, then ``segments`` of
+        pgbench WAL archived by it; the source's pgbench_accounts when that WAL was archived."""
+        assert self.conn is not None and self.cluster is not None
+        self.drill_expected: dict[str, str] = {}
+        self.drill_wal: dict[str, dict] = {}
+        for tool in self.tools:
+            self.use_archiver(tool)
+            seconds, _, _ = tool.push()
+            start = self.conn.value("SELECT pg_current_wal_lsn()::text")
+            self.write_wal(segments * SEGMENT)
+            end = self.conn.value("SELECT pg_walfile_name(pg_switch_wal())")
+            self.wait_archived()
+            written = int(self.conn.value(f"SELECT pg_current_wal_lsn() - '{start}'::pg_lsn"))
+            self.drill_expected[tool.key] = self.conn.value(ACCOUNTS_SQL)
+            self.drill_wal[tool.key] = {"bytes_after_backup": written, "last_wal": end,
+                                        "backup_seconds": seconds}
+            self.log(f"drill: {tool.label} backup taken ({seconds:.1f} s), then "
+                     f"{written / SEGMENT:.1f} segments of WAL archived up to {end}")
+        return self.drill_wal
+
+    def write_wal(self, size: int) -> None:
+        assert self.conn is not None
+        start = self.conn.value("SELECT pg_current_wal_lsn()::text")
+        deadline = time.monotonic() + 600
+        while int(self.conn.value(f"SELECT pg_current_wal_lsn() - '{start}'::pg_lsn")) < size:
+            if time.monotonic() > deadline:
+                raise RuntimeError("pgbench did not write the drill's WAL in 10 minutes")
+            run_pg([str(BIN / "pgbench"), "-h", str(self.sockdir), "-U", "postgres", "-n",
+                    "-c", "2", "-t", "2000", "postgres"])
+
+    def drill_walship(self, repeat: int) -> dict:
+        """``walship drill`` end to end, timed from outside; its own report read back."""
+        tool = self.tools[0]
+        assert isinstance(tool, WalshipBackup)
+        config = self.work / "drill.toml"
+        if not config.exists():
+            config.write_text(
+                '[drill]\nchecksums = false\n\n[[drill.check]]\nname = "answers"\n'
+                'sql = "SELECT 1"\n\n[[drill.check]]\nname = "pgbench_accounts"\n'
+                f'sql = "{ACCOUNTS_SQL}"\nvalue = "{self.drill_expected[tool.key]}"\n')
+            os.chmod(config, 0o644)
+        scratch = self.work / f"drill-scratch-{repeat}"
+        env = {**tool.env(), "WALSHIP_CONFIG": str(config)}
+        pgcluster.cold_cache()
+        pgcluster.warm_memory(self.work, self.args.warm_mib)
+        exec_at = time.time()
+        started = time.perf_counter()
+        proc = subprocess.run([self.tool_exe(), "drill", "--json", "--keep", "--scratch",
+                               str(scratch)], env=env, cwd=str(self.work), capture_output=True,
+                              text=True, timeout=self.args.timeout, **pgcluster.as_postgres())
+        wall = time.perf_counter() - started
+        self.restored.append(scratch)
+        self.kill_strays(scratch)
+        if proc.returncode != 0:
+            raise RuntimeError(f"walship drill exited {proc.returncode}:\n"
+                               f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        report = json.loads(proc.stdout)
+        checks = {c["name"]: c for c in report["checks"]}
+        if not checks["pgbench_accounts"]["passed"]:
+            raise RuntimeError(f"walship drill: {checks['pgbench_accounts']['detail']}")
+        os.sync()
+        # The drill's start (its RTO's zero) on the wall clock, against when it was executed:
+        # what it did before (process start, opening the repository, choosing the backup).
+        before = dt.datetime.fromisoformat(report["started"]).timestamp() - exec_at
+        return {"seconds": wall, "rto_seconds": report["rto_seconds"],
+                "before_start": before, "exec_to_rto": before + report["rto_seconds"],
+                "after_rto": wall - before - report["rto_seconds"],
+                "checks": {c["name"]: c["seconds"] for c in report["checks"]},
+                "phases": report["phases"], "check": checks["pgbench_accounts"]["detail"]}
+
+    def tool_exe(self) -> str:
+        return self.tools[0].tool.ctx.walship
+
+    def drill_manual(self, tool: BackupTool, repeat: int) -> dict:
+        """The tool's restore, then recovery to the end of its archive until promoted and
+        answering, timed from the restore's start."""
+        target = self.work / f"drill-{tool.key}-{repeat}"
+        make_dir(target)
+        os.chmod(target, 0o700)
+        sock = make_dir(self.work / f"drill-sock-{tool.key}-{repeat}")
+        pgcluster.cold_cache()
+        pgcluster.warm_memory(self.work, self.args.warm_mib)
+        self.restored.append(target)
+        started = time.perf_counter()
+        fetch_s, _, _ = tool.fetch(target)
+        cluster = Cluster(target, sock, self.work / f"drill-{tool.key}-{repeat}.log")
+        cluster.configure(unix_socket_directories=str(sock), archive_mode=False,
+                          archive_command="", restore_command=tool.restore_command(target),
+                          recovery_target_action="promote", hot_standby=True,
+                          log_min_messages="log")
+        (target / "recovery.signal").touch()
+        pgcluster.chown_tree(target)
+        conn = None
+        try:
+            cluster.start(env=tool.env(), wait=False)
+            t_started = time.perf_counter()
+            deadline = started + self.args.timeout
+            while True:
+                now = time.perf_counter()
+                if now > deadline:
+                    raise RuntimeError(f"{tool.label}: recovery did not end:\n"
+                                       f"{cluster.log_tail()}")
+                if now - t_started > 3 and not (target / "postmaster.pid").exists():
+                    raise RuntimeError(f"{tool.label}: the server stopped:\n"
+                                       f"{cluster.log_tail()}")
+                if conn is None:
+                    try:
+                        conn = Connection(str(sock), timeout=5)
+                    except (OSError, PgError):
+                        time.sleep(POLL)
+                        continue
+                try:
+                    if conn.value("SELECT pg_is_in_recovery()") == "f":
+                        break
+                except (OSError, PgError):
+                    conn.close()
+                    conn = None
+                time.sleep(POLL)
+            seconds = time.perf_counter() - started
+            got = conn.value(ACCOUNTS_SQL)
+        finally:
+            if conn is not None:
+                conn.close()
+            cluster.stop()
+            self.kill_strays(target)
+        if got != self.drill_expected[tool.key]:
+            raise RuntimeError(f"{tool.label}: pgbench_accounts {got} after recovery, the "
+                               f"source had {self.drill_expected[tool.key]} when its WAL "
+                               "was archived")
+        os.sync()
+        return {"seconds": seconds, "fetch_seconds": fetch_s,
+                "recovery_seconds": seconds - (t_started - started),
+                "check": f"pgbench_accounts count/sum(abalance) = {got} as in the source"}
+
+    def run_drill(self, repeat: int) -> dict:
+        """Medians are taken by the report; every run is kept."""
+        rows: list[tuple[str, object]] = [("walship-drill", None)] + \
+            [(t.key, t) for t in self.tools]
+        results: dict[str, list[dict]] = {key: [] for key, _ in rows}
+        pgcluster.settle_removals(self.log)
+        for r in range(1, repeat + 1):
+            k = (r - 1) % len(rows)
+            for key, tool in rows[k:] + rows[:k]:
+                if tool is None:
+                    out = self.drill_walship(r)
+                    self.log(f"(h) drill walship drill run {r}: wall {out['seconds']:.2f} s, "
+                             f"rto_seconds {out['rto_seconds']:.2f} s, phases {out['phases']}")
+                else:
+                    out = self.drill_manual(tool, r)  # type: ignore[arg-type]
+                    self.log(f"(h) drill {tool.label} run {r}: {out['seconds']:.2f} s "  # type: ignore[union-attr]
+                             f"(restore {out['fetch_seconds']:.2f} s)")
+                results[key].append(out)
+        for key, runs in results.items():
+            self.log(f"(h) {key}: median {statistics.median(r['seconds'] for r in runs):.2f} s")
         return results
 
     def close(self) -> None:

@@ -10,7 +10,9 @@ Measures, in one run on one Azurite:
       in order) for every segment, from the archive each tool filled in (a); byte-identical check;
   (c) recovery: a base backup taken part-way through the backlog, recovered with each tool's
       restore_command until promotion, and with a plain `cp` from a directory (the floor);
-  (d) bytes stored per tool; peak RSS of single push and fetch calls.
+  (d) bytes stored per tool; peak RSS of single push and fetch calls;
+  (e)-(g) base backups and their restores; (h) the restore drill: RTO end to end (--only drill
+      runs just that and writes it as its own section of the report).
 Each timed measurement runs --repeat times (default 5); tables show medians. Writes
 docs/benchmarks.md after a full run (not with --quick). Everything runs under /tmp/walship-bench-*
 and is removed afterwards (servers stopped, Azurite killed), also on errors or Ctrl-C.
@@ -773,7 +775,95 @@ def render(results: dict, info: dict) -> tuple[str, str]:
                 for key, runs in bk.items()]
         table("(g) Restored clusters checked (first run of each tool)",
               ["tool", "check"], rows)
+    if results.get("drill"):
+        drill_tables(results["drill"], info, table)
     return "\n".join(txt), "\n".join(md)
+
+
+DRILL_LABELS = {"walship-drill-exec": "`walship drill`, exec to first query answered",
+                "walship-drill": "`walship drill`, wall clock of the whole command",
+                "walship-drill-rto": "`walship drill`, its own `rto_seconds`",
+                "walship": "`walship backup-fetch` + recovery (harness)",
+                "pgbackrest": "`pgbackrest restore` + recovery",
+                "barman": "`barman-cloud-restore` + recovery (`barman-cloud-wal-restore`)"}
+
+
+def drill_rows(drill: dict) -> dict[str, dict]:
+    """Per row of (h): median total, restore and recovery seconds, and every run's total."""
+    out: dict[str, dict] = {}
+    for key, runs in drill.items():
+        if key == "walship-drill":
+            if all("exec_to_rto" in r for r in runs):
+                totals = [r["exec_to_rto"] for r in runs]
+                out["walship-drill-exec"] = {
+                    "seconds": median(totals), "runs": totals,
+                    "restore": median([r["before_start"] + r["phases"]["backup_fetch"]
+                                       for r in runs]),
+                    "recovery": median([r["rto_seconds"] - r["phases"]["backup_fetch"]
+                                        for r in runs])}
+            for row, field in (("walship-drill", "seconds"), ("walship-drill-rto", "rto_seconds")):
+                totals = [r[field] for r in runs]
+                out[row] = {"seconds": median(totals), "runs": totals,
+                            "restore": median([r["phases"]["backup_fetch"] for r in runs]),
+                            "recovery": median([r["rto_seconds"] - r["phases"]["backup_fetch"]
+                                                for r in runs])}
+        else:
+            totals = [r["seconds"] for r in runs]
+            out[key] = {"seconds": median(totals), "runs": totals,
+                        "restore": median([r["fetch_seconds"] for r in runs]),
+                        "recovery": median([r["recovery_seconds"] for r in runs])}
+    return out
+
+
+def drill_tables(drill: dict, info: dict, table) -> None:
+    rows = drill_rows(drill)
+    pgbr = rows.get("pgbackrest", {}).get("seconds")
+    barman = rows.get("barman", {}).get("seconds")
+    src = info["backup_source"]
+    wal = info.get("drill_wal", {})
+    segs = [w["bytes_after_backup"] / SEGMENT for w in wal.values()]
+    body = []
+    for key in ("walship-drill-exec", "walship-drill", "walship-drill-rto", "walship",
+                "pgbackrest", "barman"):
+        if key not in rows:
+            continue
+        r = rows[key]
+        body.append([DRILL_LABELS[key], f"{r['seconds']:.2f}", f"{r['restore']:.2f}",
+                     f"{r['recovery']:.2f}",
+                     f"{r['seconds'] / pgbr:.2f}" if pgbr else "-",
+                     f"{r['seconds'] / barman:.2f}" if barman else "-",
+                     fmt_samples(r["runs"])])
+    table(f"(h) Restore drill, RTO end to end: backup of pgbench scale {src['scale']} "
+          f"({src['bytes'] / 1e6:.0f} MB) + "
+          f"{min(segs, default=0):.1f}-{max(segs, default=0):.1f} segments of WAL after it, "
+          "restored, replayed to the end of the archive, promoted, answering a query",
+          ["how", "median s", "restore s", "recovery until promoted and answering s",
+           "time vs pgBackRest", "time vs barman-cloud", "runs (s)"], body)
+    if pgbr and "walship-drill" in rows:
+        goal = []
+        for key, what in (("walship-drill-exec", "exec to first query answered (like the "
+                           "peers' rows)"), ("walship-drill", "wall clock of the whole command"),
+                          ("walship-drill-rto", "its own `rto_seconds`")):
+            if key in rows:
+                ratio = rows[key]["seconds"] / pgbr
+                goal.append([f"(h) `walship drill`, {what}, vs pgBackRest restore + recovery",
+                             f"{ratio:.2f}x", "<= 0.5x", "met" if ratio <= 0.5 else "MISSED"])
+        table("(h) Goal: walship's RTO at most half of pgBackRest's", ["target", "measured",
+                                                                        "goal", "result"], goal)
+    runs = drill.get("walship-drill", [])
+    if runs and all("before_start" in r for r in runs):
+        names = list(runs[0]["phases"])
+        checks = list(runs[0]["checks"])
+        header = (["before the drill's start (process, repository, choosing the backup)"]
+                  + [f"phase {n}" for n in names]
+                  + [f"check {c!r}" for c in checks]
+                  + ["after the RTO, all (checks, stopping the server, storing the result)"])
+        row = ([f"{median([r['before_start'] for r in runs]):.2f}"]
+               + [f"{median([r['phases'][n] for r in runs]):.2f}" for n in names]
+               + [f"{median([r['checks'][c] for r in runs]):.2f}" for c in checks]
+               + [f"{median([r['after_rto'] for r in runs]):.2f}"])
+        table("(h) Where `walship drill`'s wall clock goes (median s of each part)", header,
+              [row])
 
 
 def target_rows(results: dict, info: dict) -> list[list[str]]:
@@ -1009,6 +1099,12 @@ are noisy: read the medians and the same-run ratios, not one run.
   `restore_command`, `recovery.signal`, `recovery_target = 'immediate'` and
   `recovery_target_action = 'promote'`; once promoted it must answer
   `SELECT count(*) || '/' || sum(abalance) FROM pgbench_accounts` exactly as the source did.
+* **(h) Restore drill**: each tool takes one more backup with its own `archive_command` on, then
+  pgbench writes `--drill-wal` segments (default 8) more, archived by that tool; timed per tool
+  and run, from nothing on disk to a restored server that replayed its archive to the end,
+  promoted and answered a query: `walship drill` (exec to first query answered, its own
+  `rto_seconds`, and the wall clock of the whole command) and each tool's restore followed by
+  recovery with its `restore_command` (see `bench/backups.py`). `--only drill` runs just this.
 """
     path.write_text(text)
 
@@ -1026,6 +1122,117 @@ def kept_notes(path: Path) -> str:
     start = old.find(NOTES_HEADING)
     end = old.find("## Method", start)
     return old[start:end] if start >= 0 and end > start else ""
+
+
+DRILL_BEGIN = "<!-- drill-rto: written by bench/run.py --only drill -->"
+DRILL_END = "<!-- drill-rto: end -->"
+
+
+def drill_only(args, work: Path, walship: Walship, pgbr: PgBackRest, barman: Barman,
+               info: dict, began: float) -> int:
+    """``--only drill``: the backup cluster, one backup per tool and the drill (h); the section
+    is written into the existing report (between DRILL_BEGIN and DRILL_END, else before the
+    notes), the rest of the report left as it was."""
+    backups = BackupBench(args, work, walship, pgbr, barman, log, kill_strays)
+    res: dict = {}
+    try:
+        info["backup_source"] = backups.build(args.backup_scale)
+        info["backup_labels"] = {t.key: t.label for t in backups.tools}
+        info["drill_wal"] = backups.prepare_drill(args.drill_wal)
+        info["drill_segments"] = args.drill_wal
+        res["drill"] = backups.run_drill(args.repeat)
+    finally:
+        backups.close()
+    info["minutes"] = (time.monotonic() - began) / 60
+    md: list[str] = []
+    txt: list[str] = []
+
+    def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+        md.append(f"### {title}\n")
+        md.append("| " + " | ".join(header) + " |")
+        md.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
+        md.extend("| " + " | ".join(row) + " |" for row in rows)
+        md.append("")
+        txt.append(title)
+        txt.extend("  " + "  ".join(row) for row in [header] + rows)
+        txt.append("")
+
+    drill_tables(res["drill"], info, table)
+    print("\n".join(txt))
+    command = ("WALSHIP_VENV=/opt/walship-bench-venv bash bench/setup.sh && "
+               "/opt/walship-bench-venv/bin/python bench/run.py --only drill"
+               + (f" --repeat {args.repeat}" if args.repeat != 5 else "")
+               + (f" --backup-scale {args.backup_scale}" if args.backup_scale != 30 else "")
+               + (f" --drill-wal {args.drill_wal}" if args.drill_wal != 8 else ""))
+    info["command"] = command
+    if args.json:
+        args.json.write_text(json.dumps({"info": info, "results": res}, indent=2))
+    if args.no_docs:
+        log("docs not written (--no-docs)")
+    else:
+        write_drill_section(args.docs, "\n".join(md), info, command)
+        log(f"wrote the drill section of {args.docs}")
+    log(f"done in {info['minutes']:.1f} minutes")
+    return 0
+
+
+def write_drill_section(path: Path, markdown: str, info: dict, command: str) -> None:
+    v, m = info["versions"], info["machine"]
+    section = f"""{DRILL_BEGIN}
+## Restore drill: RTO end to end, against pgBackRest and barman-cloud
+
+Measured by `bench/run.py --only drill` on {info['date']} (UTC), in one run against one Azurite
+over HTTPS on 127.0.0.1, separately from the run above (about {info['minutes']:.0f} minutes):
+{m['cpu']}, {m['cores']} cores (shared with other work: a noisy machine), {m['memory_gib']} GiB,
+{m['os']}; PostgreSQL {v['postgresql']}, walship {v['walship'].removeprefix('walship ')} (commit
+{v['walship_commit']}), pgBackRest {v['pgbackrest']}, barman-cloud {v['barman']}, Azurite
+{v['azurite']}. Times are medians of {info['repeat']} runs per row (each run listed); ratios are
+between medians of this run.
+
+```sh
+{command}
+```
+
+{markdown}
+How (see `bench/backups.py`): one running pgbench cluster; for each tool in turn, its
+`archive_command` on, one full backup (untimed; walship `backup-push`, `pgbackrest --type=full
+backup`, `barman-cloud-backup --lz4 -J 2`), then pgbench (2 clients, 2000 transactions at a
+time) until at least {info['drill_segments']} segments of WAL more were written, `pg_switch_wal()` and everything archived by that tool: the
+repository holds the backup, the WAL it needs and WAL after it, so every RTO below includes
+replaying that WAL to the end of the archive. Before every timed run, outside the timing: the
+page cache is emptied and memory warmed (as in (f)); the order of the rows rotates between
+runs. Timed, start to finish:
+
+* **`walship drill`** (`--json --keep --scratch DIR`, `[drill] checksums = false`, checks
+  `SELECT 1` then `pgbench_accounts` against the source), three figures of each run: *exec to
+  first query answered*, the like-for-like with the other rows (the time from exec to the
+  drill's start, read from the `started` of its JSON against the harness's clock when it
+  executed the command, plus its `rto_seconds`); its own `rto_seconds` (drill start to the
+  first check answered: it leaves out the process start, opening the repository and choosing
+  the backup); and the wall clock of the whole command, exec to exit (also the second check,
+  stopping the scratch server and storing the result in the repository; `--keep` leaves the
+  stopped scratch directory, so its deletion is not timed, as for the other rows).
+* **restore + recovery** (walship `backup-fetch LATEST DIR`, `pgbackrest restore
+  --pg1-path=DIR`, `barman-cloud-restore URL SERVER ID DIR`, the ID looked up with
+  `barman-cloud-backup-list` inside the timing, as an operator must): the restore, then
+  `recovery.signal`, the tool's `restore_command` (`walship wal-fetch`, `pgbackrest
+  archive-get` with its async archive-get, `barman-cloud-wal-restore`),
+  `recovery_target_action = 'promote'`, `pg_ctl start`, and polling every 50 ms until
+  `pg_is_in_recovery()` is false on a connection that answered. Each run then checks
+  `count(*)` and `sum(abalance)` of `pgbench_accounts` against the source when that tool's WAL
+  was archived.
+
+{DRILL_END}
+"""
+    text = path.read_text()
+    start, end = text.find(DRILL_BEGIN), text.find(DRILL_END)
+    if start >= 0 and end > start:
+        text = text[:start] + section + text[end + len(DRILL_END) + 1:]
+    else:
+        at = text.find(NOTES_HEADING)
+        at = at if at >= 0 else len(text)
+        text = text[:at] + section + "\n" + text[at:]
+    path.write_text(text)
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -1075,6 +1282,14 @@ def parse_args() -> argparse.Namespace:
                    help="skip the base backup measurements (e), (f)")
     p.add_argument("--backup-scale", type=int, default=30,
                    help="pgbench -i scale of the cluster backed up in (e) (default 30)")
+    p.add_argument("--only", choices=["drill"],
+                   help="drill: measure only the restore drill (h) (RTO end to end: backup, "
+                        "restore, WAL replay until promoted and answering) and write it as its "
+                        "own section of the report, leaving the rest of the report as it is")
+    p.add_argument("--drill-wal", type=int, default=8, metavar="SEGMENTS",
+                   help="segments of WAL archived after each tool's backup, replayed by the "
+                        "drill (h) (default 8)")
+    p.add_argument("--no-drill", action="store_true", help="skip the restore drill (h)")
     p.add_argument("--walship-file-repo", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
@@ -1151,6 +1366,8 @@ def main() -> int:
             | {"cp": "cp from a directory (floor)"},
         }
         log("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+        if args.only == "drill":
+            return drill_only(args, work, walship, pgbr, barman, info, began)
         bench.template = build_template(work, args.segments, args.replay, args.scale)
         info["segments"] = len(bench.template.backlog)
         info["replayed"] = len(bench.template.replayed)
@@ -1217,6 +1434,10 @@ def main() -> int:
                 info["backup_source"] = backups.build(args.backup_scale)
                 info["backup_labels"] = {t.key: t.label for t in backups.tools}
                 res["backups"] = backups.run(args.repeat)
+                if not args.no_drill:
+                    info["drill_wal"] = backups.prepare_drill(args.drill_wal)
+                    info["drill_segments"] = args.drill_wal
+                    res["drill"] = backups.run_drill(args.repeat)
             finally:
                 backups.close()
         info["minutes"] = (time.monotonic() - began) / 60
@@ -1232,6 +1453,8 @@ def main() -> int:
                  "--no-sync-row" if args.no_sync_row else "",
                  f"--backup-scale {args.backup_scale}" if args.backup_scale != 30 else "",
                  "--no-backups" if args.no_backups else "",
+                 f"--drill-wal {args.drill_wal}" if args.drill_wal != 8 else "",
+                 "--no-drill" if args.no_drill else "",
                  (f"--walship-baseline {args.walship_baseline} --walship-baseline-label "
                   f"{shlex.quote(args.walship_baseline_label)}") if args.walship_baseline else ""]
         command = " ".join([command, *filter(None, extra)])

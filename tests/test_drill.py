@@ -146,8 +146,10 @@ def test_html_report_is_escaped():
         "<script>", "sql", False, 0.1, "0 rows & <b>", "db")], rto_seconds=61.0))
     assert page.startswith("<!DOCTYPE html>") and "walship drill: FAILED" in page
     assert "<script>" not in page and "&lt;script&gt;" in page and "&amp; &lt;b&gt;" in page
-    assert "<td>RTO</td><td>61.0 s</td><td>1 min</td><td>MISSED</td>" in page
-    assert "<td>backup_fetch</td><td>10.00</td>" in page
+    assert ('<tr data-objective="rto"><th>RTO</th><td data-seconds="61.0">61.0 s</td>'
+            '<td data-seconds="60">1 min</td><td class="missed">MISSED</td></tr>') in page
+    assert ('<tr data-phase="backup_fetch"><td>backup fetch</td><td data-seconds="0.0">0.00'
+            '</td><td data-seconds="10.0">10.00</td></tr>') in page
 
 
 def test_history_and_status(file_repo_env, capsys):

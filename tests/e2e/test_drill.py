@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.postgres import PgCluster, PgWorkspace, chown_to
+from tests.test_drill_html import assert_self_contained, html_figures, json_figures
 
 pytestmark = pytest.mark.e2e
 
@@ -161,7 +162,18 @@ no_rows = true
     assert {k: v for k, v in after.items() if k not in before} == {
         report["stored_as"]: after[report["stored_as"]]}
     assert {k: v for k, v in after.items() if k in before} == before
-    assert "walship drill: PASSED" in prom.with_name("drill.html").read_text()
+    # The HTML page shows the JSON's figures, and the repository's window: the backup and
+    # the WAL of timeline 1, without a gap.
+    page = prom.with_name("drill.html").read_text()
+    assert "walship drill: PASSED" in page
+    figures = html_figures(page)
+    assert figures.pop("charts") == ["objectives-chart", "phases-chart", "window-chart"]
+    assert figures == json_figures(report)
+    window = report["recoverable_window"]
+    assert [b["name"] for b in window["backups"]] == [report["backup"]]
+    assert [r["timeline"] for r in window["wal"]] == [1], window["wal"]
+    assert window["wal"][0]["first"] <= window["backups"][0]["start_wal"]
+    assert_self_contained(page)
     text = prom.read_text()
     assert "walship_drill_passed 1\n" in text
     assert f"walship_drill_rto_seconds {report['rto_seconds']:.3f}".rstrip("0") in text

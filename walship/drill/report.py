@@ -1,5 +1,6 @@
-"""A drill's results: the report (phases, RTO, RPO, checks, verdict) and its forms, a human
-summary, JSON, Prometheus textfile metrics and an HTML page; the results stored in the
+"""A drill's results: the report (phases, RTO, RPO, checks, verdict, the repository's
+recoverable window) and its forms, a human summary, JSON, Prometheus textfile metrics and a
+self-contained HTML page with charts (inline SVG, no script); the results stored in the
 repository (``drills/<UTC time>.<passed|failed|missed>.json``, create-only, through the codec)
 and what ``walship status`` says about them (the last drill, the last successful one, overdue).
 """
@@ -33,6 +34,96 @@ class CheckResult:
     database: str | None = None
 
 
+@dataclass(frozen=True)
+class BackupSpan:
+    """A complete backup of the repository, as the recoverable window shows it."""
+
+    name: str
+    timeline: int
+    start_time: datetime
+    stop_time: datetime
+    start_wal: str
+    stop_wal: str
+
+
+@dataclass(frozen=True)
+class WalRange:
+    """Consecutive archived segments ``first``..``last`` of one timeline and when the first
+    and the last were stored (the objects' modification times)."""
+
+    timeline: int
+    first: str
+    last: str
+    segments: int
+    first_stored: datetime | None
+    last_stored: datetime | None
+
+
+@dataclass(frozen=True)
+class RecoverableWindow:
+    """The repository as the drill found it: its complete backups and its WAL coverage per
+    timeline (runs of consecutive segments; between two runs of a timeline lies a gap)."""
+
+    backups: tuple[BackupSpan, ...] = ()
+    wal: tuple[WalRange, ...] = ()
+    ranges_left_out: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backups": [{"name": b.name, "timeline": b.timeline,
+                         "start_time": iso_utc(b.start_time), "stop_time": iso_utc(b.stop_time),
+                         "start_wal": b.start_wal, "stop_wal": b.stop_wal}
+                        for b in self.backups],
+            "wal": [{"timeline": r.timeline, "first": r.first, "last": r.last,
+                     "segments": r.segments, "first_stored": iso_utc(r.first_stored),
+                     "last_stored": iso_utc(r.last_stored)} for r in self.wal],
+            "wal_ranges_left_out": self.ranges_left_out,
+        }
+
+
+MAX_WAL_RANGES = 200
+
+
+def recoverable_window(manifests: list[Any], wal_objects: list[tuple[str, float | None]],
+                       segment_size: int) -> RecoverableWindow:
+    """The window from the backups' manifests and the archived WAL (file name, stored time):
+    runs of consecutive segments per timeline, the newest :data:`MAX_WAL_RANGES` kept."""
+    from walship import wal
+
+    backups = tuple(sorted((BackupSpan(m.name, m.timeline, m.start_time, m.stop_time,
+                                       m.start_wal, m.stop_wal) for m in manifests),
+                           key=lambda b: b.start_time))
+    numbers: dict[int, dict[int, float | None]] = {}
+    for name, stored in wal_objects:
+        try:
+            item = wal.parse_name(name)
+        except ValueError:
+            continue
+        if item.kind is wal.FileKind.SEGMENT:
+            numbers.setdefault(item.timeline, {})[item.segment_number(segment_size)] = stored
+    ranges: list[WalRange] = []
+
+    def when(value: float | None) -> datetime | None:
+        return None if value is None else datetime.fromtimestamp(value, timezone.utc)
+
+    for timeline in sorted(numbers):
+        found = numbers[timeline]
+        run: list[int] = []
+        for n in sorted(found) + [-1]:
+            if run and n == run[-1] + 1:
+                run.append(n)
+                continue
+            if run:
+                times = [found[i] for i in run if found[i] is not None]
+                ranges.append(WalRange(timeline, wal.segment_name(timeline, run[0], segment_size),
+                                       wal.segment_name(timeline, run[-1], segment_size),
+                                       len(run), when(min(times) if times else None),
+                                       when(max(times) if times else None)))
+            run = [n]
+    left_out = max(0, len(ranges) - MAX_WAL_RANGES)
+    return RecoverableWindow(backups, tuple(ranges[left_out:]), left_out)
+
+
 @dataclass
 class DrillReport:
     """Everything a drill measured; plain values (see :meth:`to_dict`)."""
@@ -57,6 +148,7 @@ class DrillReport:
     error: str | None = None
     finished: datetime | None = None
     stored_as: str | None = None
+    window: RecoverableWindow | None = None
 
     @property
     def restored(self) -> bool:
@@ -126,6 +218,7 @@ class DrillReport:
             "passed": self.passed, "cause": None if self.passed else self.cause(),
             "next_drill_due": iso_utc((self.finished or self.started)
                                    + timedelta(seconds=self.plan.interval)),
+            "recoverable_window": self.window.to_dict() if self.window else None,
         }
 
 
@@ -175,52 +268,333 @@ def human_summary(report: DrillReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+PHASE_LABELS = {"backup_fetch": "backup fetch",
+                "wal_replay_until_consistent": "WAL replay until consistent",
+                "until_recovery_end": "until recovery ended",
+                "first_query": "first query answered"}
+_GREEN, _RED, _AMBER, _GREY, _BLUE = "#1a7f37", "#cf222e", "#bf8700", "#8c959f", "#0969da"
+
+
 def html_report(report: DrillReport) -> str:
-    """A self-contained HTML page of the drill (for a web server or an e-mail); every value
-    is escaped."""
+    """A self-contained HTML page of the drill (for a web server, an e-mail or drill minutes):
+    targets against measured, the phases on a time axis, the checks and the repository's
+    recoverable window as charts (inline SVG, no script, font or anything fetched), beside
+    tables whose figures are the JSON report's (``data-seconds`` / ``data-time`` hold the JSON
+    values). Every value is escaped."""
     from html import escape
 
-    def row(*cells: object, head: bool = False) -> str:
-        tag = "th" if head else "td"
-        return "<tr>" + "".join(f"<{tag}>{escape(str(c))}</{tag}>" for c in cells) + "</tr>"
+    data = report.to_dict()
 
-    def target(actual: float | None, goal: float | None) -> tuple[str, str, str]:
-        shown = "-" if actual is None else format_duration(actual)
-        if goal is None:
-            return shown, "no target", ""
-        return shown, format_duration(goal), (
-            "" if actual is None else "met" if actual <= goal else "MISSED")
+    def cell(value: object, tag: str = "td", **attrs: object) -> str:
+        extra = "".join(f' {k.replace("_", "-")}="{escape(str(v))}"' for k, v in attrs.items()
+                        if v is not None)
+        return f"<{tag}{extra}>{escape(str(value))}</{tag}>"
+
+    def head(*names: str) -> str:
+        return "<tr>" + "".join(cell(n, "th") for n in names) + "</tr>"
+
+    def seconds_cell(value: float | None) -> str:
+        return cell("-" if value is None else format_duration(value), data_seconds=value)
+
+    def when(value: str | None) -> str:
+        return "-" if value is None else value[:19].replace("T", " ")
+
+    def time_cell(value: str | None) -> str:
+        return cell(when(value), data_time=value)
 
     verdict = {"passed": "PASSED", "failed": "FAILED", "missed": "TARGET MISSED"}[report.result]
-    colour = {"passed": "#1a7f37", "failed": "#cf222e", "missed": "#bf8700"}[report.result]
-    data = report.to_dict()
+    colour = {"passed": _GREEN, "failed": _RED, "missed": _AMBER}[report.result]
     summary = "Restored, validated, targets met." if report.passed else report.cause()
     title = f"walship drill {report.started.strftime('%Y-%m-%d %H:%M')} UTC: {verdict}"
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}")
+    style = ("body{font-family:sans-serif;margin:1.5em 2em;color:#1f2328;max-width:1000px}"
+             "h1{margin:.2em 0}h2{margin:1.4em 0 .4em;font-size:1.2em;border-bottom:1px solid "
+             "#d0d7de}table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid "
+             "#d0d7de;padding:.25em .6em;text-align:left;font-size:.92em}th{background:#f6f8fa}"
+             "td[data-seconds]{text-align:right}.met{color:#1a7f37;font-weight:bold}"
+             ".missed{color:#cf222e;font-weight:bold}p{margin:.4em 0}.note{color:#57606a;"
+             "font-size:.9em}svg{display:block;margin:.4em 0}")
+    objectives = [("RTO", "rto", report.rto_seconds, report.plan.rto),
+                  ("RPO", "rpo", report.rpo_seconds, report.plan.rpo)]
+
+    def result_cell(key: str) -> str:
+        met = data["targets"][f"{key}_met"]
+        text = "no target" if met is None else "met" if met else "MISSED"
+        return (f'<td class="{"met" if met else "missed" if met is False else ""}">'
+                f"{escape(text)}</td>")
+
     parts = [
-        "<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">",
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{escape(title)}</title>", f"<style>{style}</style></head><body>",
-        f"<h1 style=\"color:{colour}\">walship drill: {verdict}</h1>",
-        f"<p>{escape(summary)}</p>",
-        "<table>", row("backup", report.backup or "-"), row("target", report.target),
-        row("started (UTC)", report.started.strftime("%Y-%m-%d %H:%M:%S")),
-        row("next drill due (UTC)", str(data["next_drill_due"])[:19].replace("T", " ")),
+        f'<h1 style="color:{colour}">walship drill: {verdict}</h1>',
+        f'<p id="summary">{escape(summary)}</p>',
+        '<table id="drill">',
+        f"<tr>{cell('backup', 'th')}{cell(report.backup or '-')}</tr>",
+        f"<tr>{cell('recovery target', 'th')}{cell(report.target)}</tr>",
+        f"<tr>{cell('started (UTC)', 'th')}{time_cell(data['started'])}</tr>",
+        f"<tr>{cell('finished (UTC)', 'th')}{time_cell(data['finished'])}</tr>",
+        f"<tr>{cell('next drill due (UTC)', 'th')}{time_cell(data['next_drill_due'])}</tr>",
+        f"<tr>{cell('result stored as', 'th')}{cell(report.stored_as or '-')}</tr>"
+        if report.stored_as else "",
         "</table>",
-        "<h2>Objectives</h2><table>", row("", "measured", "target", "", head=True),
-        row("RTO", *target(report.rto_seconds, report.plan.rto)),
-        row("RPO", *target(report.rpo_seconds, report.plan.rpo)), "</table>",
-        f"<p>RPO: {escape(report.rpo_derivation)}</p>" if report.rpo_derivation else "",
-        f"<p>Archive: {escape(report.archive_timeout_note)}</p>"
+        "<h2>Objectives: measured against the targets</h2>",
+        _objectives_svg(objectives),
+        '<table id="objectives">', head("objective", "measured", "target", "result"),
+        *(f'<tr data-objective="{key}">{cell(name, "th")}{seconds_cell(data[f"{key}_seconds"])}'
+          f'{seconds_cell(data["targets"][f"{key}_seconds"])}{result_cell(key)}</tr>'
+          for name, key, _, _ in objectives),
+        "</table>",
+        ('<p class="note">RTO: drill start to the first validation query answered by the '
+         "restored, promoted server.</p>"),
+        f'<p class="note">RPO = {escape(report.rpo_derivation)}</p>'
+        if report.rpo_derivation else "",
+        f'<p class="note">Archive: {escape(report.archive_timeout_note)}</p>'
         if report.archive_timeout_note else "",
-        "<h2>Phases</h2><table>", row("phase", "seconds", head=True),
-        *(row(name, f"{seconds:.2f}") for name, seconds in report.phases.items()), "</table>",
-        "<h2>Checks</h2><table>", row("check", "database", "result", "seconds", "detail",
-                                      head=True),
-        *(row(c.name, c.database or "-", "ok" if c.passed else "FAILED", f"{c.seconds:.2f}",
-              c.detail) for c in report.checks), "</table>",
+        "<h2>Phases of the restore (the RTO is their sum)</h2>",
+        _phases_svg(data["phases"], report.plan.rto),
+        '<table id="phases">', head("phase", "from (s)", "seconds"),
+        *_phase_rows(data["phases"], cell),
+        "</table>",
+        "<h2>Validation checks</h2>",
+        '<table id="checks">', head("check", "database", "result", "seconds", "detail"),
+        *(f'<tr data-check="{escape(c["name"])}">{cell(c["name"])}{cell(c["database"] or "-")}'
+          f'<td class="{"met" if c["passed"] else "missed"}">'
+          f'{"ok" if c["passed"] else "FAILED"}</td>'
+          f'{cell(format(c["seconds"], ".2f"), data_seconds=c["seconds"])}'
+          f'{cell(c["detail"])}</tr>' for c in data["checks"]),
+        "</table>" if data["checks"] else "</table><p>No check ran.</p>",
+        *_window_html(report, data, cell, head, time_cell),
         "</body></html>"]
     return "\n".join(part for part in parts if part) + "\n"
+
+
+def _nice_step(span: float, ticks: int = 6) -> float:
+    """A 1, 2 or 5 times a power of ten step giving at most ``ticks`` ticks over ``span``."""
+    import math
+
+    raw = max(span, 1e-9) / ticks
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+
+
+def _svg_text(x: float, y: float, text: str, *, anchor: str = "start", size: int = 12,
+              fill: str = "#1f2328", weight: str = "normal") -> str:
+    from html import escape
+
+    return (f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" fill="{fill}" '
+            f'text-anchor="{anchor}" font-weight="{weight}">{escape(text)}</text>')
+
+
+def _objectives_svg(objectives: list[tuple[str, str, float | None, float | None]]) -> str:
+    """Per objective, a bar of the measured value and a line at the target, on one scale each
+    (the larger of the two and a margin)."""
+    left, width, row = 60, 760, 34
+    out = [(f'<svg id="objectives-chart" xmlns="http://www.w3.org/2000/svg" width="900" '
+            f'height="{row * len(objectives) + 10}" role="img" aria-label="measured against '
+            'target">')]
+    for i, (name, _, actual, goal) in enumerate(objectives):
+        y = 8 + i * row
+        out.append(_svg_text(4, y + 17, name, weight="bold", size=14))
+        if actual is None:
+            out.append(_svg_text(left, y + 17, "not measured", fill=_GREY))
+            continue
+        scale = max(actual, goal or 0) * 1.15 or 1.0
+        colour = _GREY if goal is None else _GREEN if actual <= goal else _RED
+        bar = max(2.0, width * actual / scale)
+        out.append(f'<rect x="{left}" y="{y + 4}" width="{bar:.1f}" height="18" '
+                   f'fill="{colour}"/>')
+        label = format_duration(actual) + ("" if goal is None else
+                                           f" (target {format_duration(goal)})")
+        out.append(_svg_text(left + bar + 6, y + 17, label))
+        if goal is not None:
+            gx = left + width * goal / scale
+            out.append(f'<line x1="{gx:.1f}" y1="{y}" x2="{gx:.1f}" y2="{y + 26}" '
+                       'stroke="#1f2328" stroke-width="2" stroke-dasharray="4 2"/>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _phase_rows(phases: dict[str, float], cell: Any) -> list[str]:
+    rows, at = [], 0.0
+    for name, seconds in phases.items():
+        rows.append(f'<tr data-phase="{name}">{cell(PHASE_LABELS.get(name, name))}'
+                    f'{cell(format(at, ".2f"), data_seconds=round(at, 3))}'
+                    f'{cell(format(seconds, ".2f"), data_seconds=seconds)}</tr>')
+        at += seconds
+    return rows
+
+
+def _phases_svg(phases: dict[str, float], rto_target: float | None) -> str:
+    """The phases as bars on a seconds axis, one row each, end to end; the RTO target as a
+    dashed line when it falls on the axis (within twice the measured RTO)."""
+    if not phases:
+        return '<p class="note">The drill ended before its first phase.</p>'
+    total = sum(phases.values())
+    span = max(total, rto_target or 0.0) if rto_target and rto_target <= 2 * total else total
+    span = span * 1.05 or 1.0
+    left, width, row = 210, 660, 26
+    height = 30 + row * len(phases) + 26
+    out = [(f'<svg id="phases-chart" xmlns="http://www.w3.org/2000/svg" width="900" '
+            f'height="{height}" role="img" aria-label="phases on a time axis">')]
+    step = _nice_step(span)
+    tick = 0.0
+    axis_y = 22 + row * len(phases)
+    while tick <= span + 1e-9:
+        x = left + width * tick / span
+        out.append(f'<line x1="{x:.1f}" y1="14" x2="{x:.1f}" y2="{axis_y}" stroke="#d0d7de"/>')
+        out.append(_svg_text(x, axis_y + 16, f"{tick:g} s", anchor="middle", size=11,
+                             fill="#57606a"))
+        tick += step
+    at = 0.0
+    colours = [_BLUE, "#8250df", "#bf3989", _GREEN, "#953800", "#1b7c83"]
+    for i, (name, seconds) in enumerate(phases.items()):
+        y = 18 + i * row
+        x = left + width * at / span
+        bar = max(1.5, width * seconds / span)
+        out.append(_svg_text(4, y + 14, PHASE_LABELS.get(name, name)))
+        out.append(f'<rect x="{x:.1f}" y="{y}" width="{bar:.1f}" height="18" '
+                   f'fill="{colours[i % len(colours)]}"/>')
+        label = f"{seconds:.2f} s"
+        inside = bar > 70
+        out.append(_svg_text(x + bar / 2 if inside else x + bar + 4, y + 14, label,
+                             anchor="middle" if inside else "start",
+                             fill="#ffffff" if inside else "#1f2328"))
+        at += seconds
+    end = left + width * total / span
+    out.append(f'<line x1="{end:.1f}" y1="10" x2="{end:.1f}" y2="{axis_y}" stroke="#1f2328" '
+               'stroke-width="2"/>')
+    out.append(_svg_text(end, 10, f"RTO {format_duration(total)}", anchor="middle", size=11,
+                         weight="bold"))
+    if rto_target and rto_target <= 2 * total:
+        gx = left + width * rto_target / span
+        out.append(f'<line x1="{gx:.1f}" y1="14" x2="{gx:.1f}" y2="{axis_y}" stroke="{_RED}" '
+                   'stroke-width="2" stroke-dasharray="5 3"/>')
+        out.append(_svg_text(gx - 3, axis_y - 3, f"target {format_duration(rto_target)}",
+                             anchor="end", size=11, fill=_RED))
+    out.append("</svg>")
+    if rto_target and rto_target > 2 * total:
+        out.append(f'<p class="note">RTO target {format_duration(rto_target)}: beyond this '
+                   "axis.</p>")
+    return "".join(out)
+
+
+def _window_html(report: DrillReport, data: dict[str, Any], cell: Any, head: Any,
+                 time_cell: Any) -> list[str]:
+    from html import escape
+
+    window = report.window
+    parts = ["<h2>Recoverable window: backups and archived WAL per timeline</h2>"]
+    if window is None:
+        return [*parts, '<p class="note">Not read (the drill ended before).</p>']
+    doc = data["recoverable_window"]
+    parts.append(_window_svg(report, window))
+    timelines = sorted({r.timeline for r in window.wal})
+    lines = []
+    for timeline in timelines:
+        ranges = [r for r in window.wal if r.timeline == timeline]
+        gaps = len(ranges) - 1
+        lines.append(f"timeline {timeline}: {sum(r.segments for r in ranges)} segments, "
+                     f"{ranges[0].first} to {ranges[-1].last}, "
+                     + ("continuous" if not gaps else f"{gaps} gap{'s' if gaps > 1 else ''}"))
+    if window.backups:
+        first, last = window.backups[0], window.backups[-1]
+        lines.insert(0, f"{len(window.backups)} complete backup"
+                     f"{'s' if len(window.backups) > 1 else ''}, taken "
+                     f"{first.start_time.strftime('%Y-%m-%d %H:%M')} to "
+                     f"{last.stop_time.strftime('%Y-%m-%d %H:%M')} UTC")
+    if window.ranges_left_out:
+        lines.append(f"{window.ranges_left_out} older WAL ranges left out")
+    parts.append('<p class="note">' + "; ".join(escape(x) for x in lines) + ". WAL is placed "
+                 "on the time axis by when each object was stored; between two ranges of one "
+                 "timeline segments are missing (a gap: recovery stops there).</p>")
+    parts += ['<table id="window-backups">',
+              head("backup", "timeline", "start (UTC)", "stop (UTC)", "WAL from", "WAL to")]
+    parts += [f'<tr data-backup="{escape(b["name"])}">{cell(b["name"])}{cell(b["timeline"])}'
+              f'{time_cell(b["start_time"])}{time_cell(b["stop_time"])}{cell(b["start_wal"])}'
+              f'{cell(b["stop_wal"])}</tr>' for b in doc["backups"]]
+    parts += ["</table>", '<table id="window-wal">',
+              head("timeline", "first segment", "last segment", "segments",
+                   "first stored (UTC)", "last stored (UTC)")]
+    parts += [f'<tr>{cell(r["timeline"])}{cell(r["first"])}{cell(r["last"])}'
+              f'{cell(r["segments"])}{time_cell(r["first_stored"])}'
+              f'{time_cell(r["last_stored"])}</tr>' for r in doc["wal"]]
+    parts.append("</table>")
+    return parts
+
+
+_TIME_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600,
+               43200, 86400, 172800, 604800, 2592000)
+
+
+def _window_svg(report: DrillReport, window: RecoverableWindow) -> str:
+    """Backups and WAL ranges per timeline on a UTC time axis, with the drill's start and the
+    last transaction it recovered."""
+    from html import escape
+
+    moments = [b.start_time for b in window.backups] + [b.stop_time for b in window.backups]
+    moments += [t for r in window.wal for t in (r.first_stored, r.last_stored) if t]
+    moments.append(report.started)
+    if report.last_replayed_transaction:
+        moments.append(report.last_replayed_transaction)
+    low, high = min(moments), max(moments)
+    span = max((high - low).total_seconds(), 1.0)
+    low -= timedelta(seconds=span * 0.03)
+    span *= 1.06
+    timelines = sorted({r.timeline for r in window.wal})
+    rows = ["backups"] + [f"WAL, timeline {t}" for t in timelines]
+    left, width, row = 150, 720, 30
+    axis_y = 28 + row * len(rows)
+    out = [(f'<svg id="window-chart" xmlns="http://www.w3.org/2000/svg" width="900" '
+            f'height="{axis_y + 34}" role="img" aria-label="recoverable window">')]
+
+    def x_of(moment: datetime) -> float:
+        return left + width * (moment - low).total_seconds() / span
+
+    step = next((s for s in _TIME_STEPS if span / s <= 6), _TIME_STEPS[-1])
+    fmt = "%H:%M:%S" if step < 60 else "%H:%M" if span < 86400 else "%m-%d %H:%M"
+    epoch = low.timestamp()
+    tick = datetime.fromtimestamp((epoch // step + 1) * step, timezone.utc)
+    while tick < low + timedelta(seconds=span):
+        x = x_of(tick)
+        out.append(f'<line x1="{x:.1f}" y1="20" x2="{x:.1f}" y2="{axis_y}" stroke="#d0d7de"/>')
+        out.append(_svg_text(x, axis_y + 15, tick.strftime(fmt), anchor="middle", size=11,
+                             fill="#57606a"))
+        tick += timedelta(seconds=step)
+    out.append(_svg_text(left + width, axis_y + 30, "UTC", anchor="end", size=11,
+                         fill="#57606a"))
+    for i, name in enumerate(rows):
+        out.append(_svg_text(4, 24 + i * row + 14, name))
+    for b in window.backups:
+        x = x_of(b.start_time)
+        w = max(4.0, x_of(b.stop_time) - x)
+        out.append(f'<rect x="{x:.1f}" y="24" width="{w:.1f}" height="18" fill="{_BLUE}">'
+                   f"<title>{escape(b.name)}</title></rect>")
+    for i, timeline in enumerate(timelines, 1):
+        y = 24 + i * row
+        ranges = [r for r in window.wal if r.timeline == timeline and r.first_stored]
+        for r, after in zip(ranges, ranges[1:] + [None]):
+            assert r.first_stored is not None and r.last_stored is not None
+            x = x_of(r.first_stored)
+            w = max(3.0, x_of(r.last_stored) - x)
+            out.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="18" '
+                       f'fill="{_GREEN}"><title>{escape(r.first)} .. {escape(r.last)}</title></rect>')
+            if after is not None and after.first_stored is not None:
+                gx = x + w
+                gw = max(3.0, x_of(after.first_stored) - gx)
+                out.append(f'<rect x="{gx:.1f}" y="{y + 4}" width="{gw:.1f}" height="10" '
+                           f'fill="{_RED}"><title>gap after {escape(r.last)}</title></rect>')
+                out.append(_svg_text(gx + gw / 2, y - 2, "gap", anchor="middle", size=11,
+                                     fill=_RED))
+    marks = [(report.started, "drill started", "#1f2328", "")]
+    if report.last_replayed_transaction:
+        marks.insert(0, (report.last_replayed_transaction, "recovered to", _GREEN,
+                         ' stroke-dasharray="5 3"'))
+    for k, (moment, label, colour, dash) in enumerate(marks):
+        x = x_of(moment)
+        out.append(f'<line x1="{x:.1f}" y1="{8 + 10 * k}" x2="{x:.1f}" y2="{axis_y}" '
+                   f'stroke="{colour}" stroke-width="2"{dash}/>')
+        out.append(_svg_text(x - 3, 16 + 10 * k, label, anchor="end", size=11, fill=colour))
+    out.append("</svg>")
+    return "".join(out)
 
 
 def prometheus_text(report: DrillReport) -> str:

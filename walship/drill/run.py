@@ -103,10 +103,10 @@ def run_drill(archive: Archive, settings: Any, plan: DrillPlan, options: DrillOp
     runner = Runner.for_current_user()
     port = choose_port(options.port)
     # Choose the backup first: the binaries and tablespace locations depend on it.
+    manifests = [e.manifest for e in catalog.list_backups(archive) if e.manifest]
     if options.backup and options.backup.upper() != catalog.LATEST:
         manifest = catalog.resolve(archive, options.backup)
     else:
-        manifests = [e.manifest for e in catalog.list_backups(archive) if e.manifest]
         manifest = choose_backup(manifests, target)
     bindir = find_bindir(plan.pg_bindir, manifest.pg_major)
     scratch = make_scratch(options.scratch or plan.scratch, runner)
@@ -118,7 +118,7 @@ def run_drill(archive: Archive, settings: Any, plan: DrillPlan, options: DrillOp
                     plan.user or runner.name)
     try:
         with _sigterm_raises():
-            _newest_wal(archive, report, options)
+            _newest_wal(archive, report, options, manifests, manifest.wal_segment_size)
             _restore_and_check(archive, settings, manifest, target, scratch, server, report,
                                t0, clock, log)
     except (Interrupted, KeyboardInterrupt) as signum:
@@ -158,13 +158,20 @@ def _environmental(error: Exception) -> bool:
     return isinstance(error, psycopg.Error)
 
 
-def _newest_wal(archive: Archive, report: DrillReport, options: DrillOptions) -> None:
+def _newest_wal(archive: Archive, report: DrillReport, options: DrillOptions,
+                manifests: list[Any], segment_size: int) -> None:
+    """The newest archived WAL and the recoverable window (one LIST of the WAL), and the
+    primary's archive_timeout when asked."""
     from walship import layout
+    from walship.drill.report import recoverable_window
 
     newest: tuple[float, str] | None = None
+    objects: list[tuple[str, float | None]] = []
     for info in archive.storage.list(layout.WAL_PREFIX):
+        objects.append((layout.wal_name(info.key), info.modified))
         if info.modified is not None and (newest is None or info.modified > newest[0]):
             newest = (info.modified, layout.wal_name(info.key))
+    report.window = recoverable_window(manifests, objects, segment_size)
     if newest is not None:
         report.newest_wal = newest[1]
         report.newest_wal_stored = datetime.fromtimestamp(newest[0], timezone.utc)
