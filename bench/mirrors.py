@@ -36,7 +36,8 @@ sys.path.insert(0, str(HERE))
 import pgcluster  # noqa: E402
 from azurite import Azurite, find_binary  # noqa: E402
 from pgcluster import Cluster, copy_tree, make_dir  # noqa: E402
-from run import DEFAULT_CERT_DIR, build_template, kill_strays, log, machine_info  # noqa: E402
+from run import (DEFAULT_CERT_DIR, build_template, cpu_seconds, kill_strays, log,  # noqa: E402
+                 machine_info, process_cpu)
 
 MIB = 2**20
 POLL = 0.05
@@ -91,6 +92,8 @@ def drain(s: Setup, template, mode: str, repeat: int, backup: bool) -> dict:
         last = template.backlog[-1]
         with cluster.connect() as conn:
             conn.query("ALTER SYSTEM SET archive_command = '" + command + "'")
+            azurites = [s.a.proc.pid, s.b.proc.pid]
+            az_cpu, cpu = process_cpu(azurites), cpu_seconds()
             started = time.perf_counter()
             conn.query("SELECT pg_reload_conf()")
             deadline = started + s.args.timeout
@@ -104,6 +107,8 @@ def drain(s: Setup, template, mode: str, repeat: int, backup: bool) -> dict:
                                        f"{cluster.log_tail()}")
                 time.sleep(POLL)
             result["seconds"] = time.perf_counter() - started
+            result["cpu"] = cpu_seconds() - cpu  # the whole machine's
+            result["azurite_cpu"] = process_cpu(azurites) - az_cpu
             result["failed"] = int(conn.value("SELECT failed_count FROM pg_stat_archiver"))
         if backup:
             benv = dict(env, PGHOST=str(sockdir), PGPORT="5432", PGUSER="postgres",
