@@ -137,14 +137,14 @@ def repo_sync(s: Setup, source: str, repeat: int) -> dict:
     config = s.config(run_dir / "walship.toml", target, "async")
     env = s.env(source, make_dir(run_dir / "home"), config)
     started = time.perf_counter()
-    proc = subprocess.run([s.exe, "repo-sync", "--to", "b", "--json"], env=env, cwd="/",
+    proc = subprocess.run([s.exe, "repo-sync", "--to", "b", "--json"], env=env, cwd="/", check=False,
                           capture_output=True, text=True, timeout=1800,
                           **pgcluster.as_postgres())
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"repo-sync exited {proc.returncode}: {proc.stderr[-3000:]}")
     blobs, stored = s.b.container_usage(target)
-    src_blobs, src_bytes = s.a.container_usage(source)
+    src_blobs, _ = s.a.container_usage(source)
     if blobs != src_blobs:
         raise RuntimeError(f"repo-sync copied {blobs} of {src_blobs} objects")
     return {"seconds": seconds, "blobs": blobs, "bytes": stored,
@@ -157,7 +157,7 @@ def backup_fetch(s: Setup, source: str, repeat: int) -> dict:
     env = s.env(source, make_dir(run_dir / "home"), config)
     target = run_dir / "restored"
     started = time.perf_counter()
-    proc = subprocess.run([s.exe, "backup-fetch", "LATEST", str(target)], env=env, cwd="/",
+    proc = subprocess.run([s.exe, "backup-fetch", "LATEST", str(target)], env=env, cwd="/", check=False,
                           capture_output=True, text=True, timeout=1800,
                           **pgcluster.as_postgres())
     seconds = time.perf_counter() - started
