@@ -137,8 +137,8 @@ def repo_sync(s: Setup, source: str, repeat: int) -> dict:
     config = s.config(run_dir / "walship.toml", target, "async")
     env = s.env(source, make_dir(run_dir / "home"), config)
     started = time.perf_counter()
-    proc = subprocess.run([s.exe, "repo-sync", "--to", "b", "--json"], env=env, cwd="/", check=False,
-                          capture_output=True, text=True, timeout=1800,
+    proc = subprocess.run([s.exe, "repo-sync", "--to", "b", "--json"], env=env, cwd="/",
+                          capture_output=True, text=True, timeout=1800, check=False,
                           **pgcluster.as_postgres())
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
@@ -157,8 +157,8 @@ def backup_fetch(s: Setup, source: str, repeat: int) -> dict:
     env = s.env(source, make_dir(run_dir / "home"), config)
     target = run_dir / "restored"
     started = time.perf_counter()
-    proc = subprocess.run([s.exe, "backup-fetch", "LATEST", str(target)], env=env, cwd="/", check=False,
-                          capture_output=True, text=True, timeout=1800,
+    proc = subprocess.run([s.exe, "backup-fetch", "LATEST", str(target)], env=env, cwd="/",
+                          capture_output=True, text=True, timeout=1800, check=False,
                           **pgcluster.as_postgres())
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
