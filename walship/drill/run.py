@@ -245,13 +245,7 @@ def _restore_and_check(archive: Archive, settings: Any, manifest: Any, target: A
     deadline = t0 + report.plan.timeout
 
     # Until consistent: the first connection (hot standby) that still is in recovery.
-    conn = None
-    in_recovery = True
-    while conn is None:
-        conn, in_recovery = _try_connect(server)
-        if conn is None:
-            _check_alive(server, clock, deadline, "reach a consistent state")
-            time.sleep(0.1)
+    conn, in_recovery = _connect(server, clock, deadline, "reach a consistent state")
     t_consistent = clock()
     try:
         while in_recovery:
@@ -262,11 +256,7 @@ def _restore_and_check(archive: Archive, settings: Any, manifest: Any, target: A
             except Exception:  # noqa: BLE001 - the server may restart the connection
                 conn.close()
                 conn = None
-                while conn is None:
-                    conn, in_recovery = _try_connect(server)
-                    if conn is None:
-                        _check_alive(server, clock, deadline, "end recovery")
-                        time.sleep(0.1)
+                conn, in_recovery = _connect(server, clock, deadline, "end recovery")
         t_promoted = clock()
         row = conn.execute("SELECT pg_last_xact_replay_timestamp(), "
                            "pg_last_wal_replay_lsn()::text, "
@@ -337,6 +327,17 @@ def _try_connect(server: Server):
     except psycopg.Error:
         conn.close()
         return None, True
+
+
+def _connect(server: Server, clock: Callable[[], float], deadline: float, what: str):
+    """The first connection the scratch server accepts, and whether it is in recovery; the
+    drill fails once the server has stopped or the deadline passed (``what`` it was to do)."""
+    while True:
+        conn, in_recovery = _try_connect(server)
+        if conn is not None:
+            return conn, in_recovery
+        _check_alive(server, clock, deadline, what)
+        time.sleep(0.1)
 
 
 def _check_alive(server: Server, clock: Callable[[], float], deadline: float,
