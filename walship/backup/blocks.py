@@ -43,11 +43,12 @@ import hashlib
 import json
 import re
 import struct
-from itertools import pairwise
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 
 from walship.archive import Archive
+from walship.backup import catalog
 from walship.backup.manifest import Manifest, PartEntry
 from walship.codec import OBJECT_DIGEST_METADATA
 from walship.errors import IntegrityError, NotFound
@@ -249,6 +250,20 @@ def check_maps(archive: Archive, manifest: Manifest) -> int:
                                      f"{file_map.path!r}: {file_map.size} bytes",
                                      "take a full backup: the next diff or incr needs it")
     return sum(p.stored_size for p in manifest.block_maps)
+
+
+def check_chain_maps(archive: Archive, manifest: Manifest) -> int:
+    """:func:`check_maps` for ``manifest`` and every backup of its chain (its parents'
+    manifests read from the repository); return the stored bytes read. A block map damaged or
+    missing anywhere in the chain is an IntegrityError: restore and verify refuse it."""
+    stored = check_maps(archive, manifest)
+    seen = {manifest.name}
+    current = manifest
+    while current.parent is not None and current.parent not in seen:
+        seen.add(current.parent)
+        current = catalog.load_manifest(archive, current.parent)
+        stored += check_maps(archive, current)
+    return stored
 
 
 def member_name(path: str, first_block: int) -> str:

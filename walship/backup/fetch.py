@@ -27,7 +27,9 @@ What it promises about the directory left behind:
 Block-delta files are rebuilt in place: the base is written, then each backup's blocks are
 written at their offsets (``pwrite``), backup by backup in chain order (see
 :func:`walship.backup.unpack.read_parts`); the file is then cut to its final size and read back,
-and its size and SHA-256 must be the manifest's, before anything startable is written.
+and its size and SHA-256 must be the manifest's, before anything startable is written. The
+block maps of the backup and of its whole chain are read and checked first: a damaged or missing
+one fails the restore.
 
 Data directories are 0700 with 0600 files (0750/0640 for a cluster initialised with group
 access); run as root, the files are given to the owner of the target directory, else to the
@@ -51,13 +53,13 @@ from pathlib import Path
 
 from walship.archive import Archive
 from walship.backup import catalog
-from walship.backup.blocks import digest as block_digest
+from walship.backup.blocks import check_chain_maps
 from walship.backup.manifest import (BACKUP_LABEL, PG_CONTROL, PG_VERSION, TABLESPACE_MAP,
                                      FileEntry, Manifest, PartEntry, format_tablespace_map,
                                      parse_tablespace_map)
 from walship.backup.parts import Cancelled
 from walship.backup.progress import NullProgress, Progress
-from walship.backup.unpack import PartSink, read_parts
+from walship.backup.unpack import PartSink, check_rebuilt, read_parts, write_blocks
 from walship.errors import IntegrityError, StorageError, UsageError
 
 MARKER = ".walship-incomplete"
@@ -273,7 +275,6 @@ class _Writer(PartSink):
         self.dir_mode = 0o750 if group else 0o700
         self.deferred: dict[str, bytes] = {}
         self.unsynced: list[Path] = []
-        self.created: set[str] = set()  # block-delta files whose first piece is in blocks
 
     def sync_written(self, roots: list[Path]) -> None:
         """Make every file written so far durable, before the files that make the directory
@@ -342,78 +343,29 @@ class _Writer(PartSink):
     def apply_blocks(self, entry: FileEntry, index: int,
                      blocks: list[tuple[int, memoryview]]) -> None:
         """Write the blocks of piece ``index`` at their offsets (after every older piece)."""
-        path = self.root / entry.path
-        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        with self._lock:
-            if index == 0:
-                if entry.path not in self.created:
-                    self.created.add(entry.path)
-                    flags |= os.O_CREAT | os.O_EXCL
-            elif self.applied.get(entry.path, 0) != index:
-                raise IntegrityError(f"blocks of {entry.path} came before its base or an "
-                                     "older delta", f"piece {index}, "
-                                     f"{self.applied.get(entry.path, 0)} applied",
-                                     "the repository was tampered with")
-        try:
-            fd = os.open(path, flags, self.file_mode)
-        except OSError as error:
-            raise StorageError(f"cannot write {path}", os.strerror(error.errno or 0)) from None
-        try:
-            size = self.manifest.block_size
-            for number, data in blocks:
-                os.pwrite(fd, data, number * size)
-        finally:
-            os.close(fd)
+        create = self.first_blocks(entry, index)
+        write_blocks(self.root / entry.path, blocks, self.manifest.block_size, create=create,
+                     mode=self.file_mode)
 
     def finish_blocks(self, parallel: int) -> None:
         """Cut every block-delta file to its final size, read it back and check its size and
         SHA-256 against the manifest (``parallel`` files at a time)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        rebuilt = [f for f in self.manifest.files if f.pieces]
-        if not rebuilt:
-            return
-
         def finish(entry: FileEntry) -> None:
-            import hashlib
-
-            if self.applied.get(entry.path, 0) != len(entry.pieces):
-                raise IntegrityError(f"{entry.path} lacks some of its pieces",
-                                     hint="the repository was tampered with")
             path = self.root / entry.path
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-            digest = hashlib.sha256()
-            size = 0
-            block_size = self.manifest.block_size
-            with open(fd, "r+b", buffering=0) as handle:
-                os.ftruncate(fd, entry.size)
-                while True:
-                    if self.cancel.is_set():
-                        raise Cancelled(entry.path)
-                    chunk = handle.read(1 << 20)
-                    if not chunk:
-                        break
-                    if entry.sha256:
-                        digest.update(chunk)
-                    else:  # known by its block digests only (see FileEntry)
-                        view = memoryview(chunk)
-                        for start in range(0, len(chunk), block_size):
-                            digest.update(block_digest(view[start:start + block_size]))
-                    size += len(chunk)
-            if size != entry.size or digest.hexdigest() != (entry.sha256
-                                                            or entry.blocks_sha256):
-                raise IntegrityError(f"file {entry.path} rebuilt from its pieces is damaged",
-                                     f"its SHA-256 or size ({size}) does not match the "
-                                     "manifest", "the repository was tampered with")
+            check_rebuilt(path, entry, self.manifest.block_size, self.cancel)
             os.utime(path, (entry.mtime, entry.mtime))
             self.own(path)
             with self._lock:
                 self.unsynced.append(path)
 
-        with ThreadPoolExecutor(max_workers=max(1, parallel),
-                                thread_name_prefix="walship-rebuild") as pool:
-            for _ in pool.map(finish, rebuilt):
-                pass
+        rebuilt = self.rebuilt_files()
+        if rebuilt:
+            with ThreadPoolExecutor(max_workers=max(1, parallel),
+                                    thread_name_prefix="walship-rebuild") as pool:
+                for _ in pool.map(finish, rebuilt):
+                    pass
 
     def write_small(self, rel: str, content: bytes, mtime: float | None = None) -> None:
         """Write a small file atomically (temporary name, fsync, rename, fsync directory)."""
@@ -490,6 +442,7 @@ def fetch_backup(archive: Archive, name: str, directory: str | os.PathLike[str],
     root = check_directory(directory, force=force)  # before the repository is even asked
     manifest = manifest or catalog.resolve(archive, name)
     catalog.check_chain(archive, manifest)  # a parent missing: refused before anything else
+    check_chain_maps(archive, manifest)  # (small; what the next backup will compare against)
     targets = _tablespace_targets(manifest, tablespace_map or {})
     for oid, location in targets.items():
         if not location.is_absolute():

@@ -270,7 +270,10 @@ def unchanged_files(files: Sequence[SourceFile], parent: Manifest, parallel: int
     for source in files:
         found = hashed.get(source.path)
         old = previous.get(source.path)
-        if found is None or old is None or (found[0], found[3]) != (old.size, old.sha256):
+        # (a parent's file rebuilt from block pieces is never a plain reference: its holder
+        # has only the base)
+        if found is None or old is None or old.pieces or (found[0], found[3]) != (
+                old.size, old.sha256):
             store.append(source)
             continue
         holder = old.backup or parent.name

@@ -27,20 +27,22 @@ so a delta is never applied before its base or an older delta of the same file.
 from __future__ import annotations
 
 import hashlib
+import os
 import tarfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import replace
+from pathlib import Path
 
 from walship.archive import Archive
 from walship.backup import layout
-from walship.backup.blocks import decode_blocks, split_member
+from walship.backup.blocks import block_digests, decode_blocks, split_member
 from walship.backup.manifest import PIECE_BLOCKS, PIECE_FILE, FileEntry, Manifest, PartEntry
 from walship.backup.parts import Cancelled, TarReader, pipelined
 from walship.backup.progress import NullProgress, Progress
 from walship.codec import OBJECT_DIGEST_METADATA
-from walship.errors import IntegrityError, NotFound
+from walship.errors import IntegrityError, NotFound, StorageError
 
 
 class PartSink:
@@ -61,6 +63,7 @@ class PartSink:
                 self.pieces_at.setdefault(piece.holder, {})[entry.path] = index
         self.piece_hashes: dict[tuple[str, int], list] = {}  # type: ignore[type-arg]
         self.applied: dict[str, int] = {}  # pieces of each file checked, phase after phase
+        self._created: set[str] = set()  # block-delta files whose base is in blocks, begun
         self.seen: set[str] = set()
         self.done = 0  # file bytes handled
         self._lock = threading.Lock()
@@ -150,6 +153,32 @@ class PartSink:
                      blocks: list[tuple[int, memoryview]]) -> None:
         """Use the blocks of piece ``index`` of ``entry`` (here: nothing, they are checked)."""
 
+    def first_blocks(self, entry: FileEntry, index: int) -> bool:
+        """Whether these are the first blocks written of ``entry`` (a base stored in blocks:
+        the file is then created); IntegrityError if an older piece is not applied yet."""
+        with self._lock:
+            if index == 0:
+                if entry.path in self._created:
+                    return False
+                self._created.add(entry.path)
+                return True
+            if self.applied.get(entry.path, 0) != index:
+                raise IntegrityError(f"blocks of {entry.path} came before its base or an "
+                                     "older delta", f"piece {index}, "
+                                     f"{self.applied.get(entry.path, 0)} applied",
+                                     "the repository was tampered with")
+            return False
+
+    def rebuilt_files(self) -> list[FileEntry]:
+        """The block-delta files, once every phase has run; IntegrityError if one lacks a
+        piece."""
+        rebuilt = [f for f in self.manifest.files if f.pieces]
+        for entry in rebuilt:
+            if self.applied.get(entry.path, 0) != len(entry.pieces):
+                raise IntegrityError(f"{entry.path} lacks some of its pieces",
+                                     hint="the repository was tampered with")
+        return rebuilt
+
     def end_phase(self, backup: str | None) -> None:
         """Every piece held by ``backup`` (None: every piece) has been read: check each one's
         bytes against the manifest, and count it applied."""
@@ -204,6 +233,55 @@ class HashSink(PartSink):
             size += len(chunk)
             self.advance(len(chunk))
         self.verify(entry, digest.hexdigest(), size)
+
+
+def write_blocks(path: Path, blocks: list[tuple[int, memoryview]], block_size: int, *,
+                 create: bool, mode: int) -> None:
+    """Write ``blocks`` (block number, data) into the file ``path`` at their offsets; with
+    ``create``, the file must not exist yet."""
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    if create:
+        flags |= os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as error:
+        raise StorageError(f"cannot write {path}", os.strerror(error.errno or 0)) from None
+    try:
+        for number, data in blocks:
+            os.pwrite(fd, data, number * block_size)
+    finally:
+        os.close(fd)
+
+
+def check_rebuilt(path: Path, entry: FileEntry, block_size: int,
+                  cancel: threading.Event) -> None:
+    """Cut (or extend) the rebuilt file ``path`` to the manifest's size, read it back and
+    check its size and SHA-256 (or, for a file whose manifest knows it by its block digests
+    only, the SHA-256 of those: see :class:`~walship.backup.manifest.FileEntry`);
+    IntegrityError if they differ. Reads 1 MiB at a time."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        raise StorageError(f"cannot open {path}", os.strerror(error.errno or 0)) from None
+    digest = hashlib.sha256()
+    size = 0
+    with open(fd, "r+b", buffering=0) as handle:
+        os.ftruncate(fd, entry.size)
+        while True:
+            if cancel.is_set():
+                raise Cancelled(entry.path)
+            chunk = handle.read(1 << 20)  # (a multiple of any block size)
+            if not chunk:
+                break
+            if entry.sha256:
+                digest.update(chunk)
+            else:
+                digest.update(block_digests(chunk, block_size))
+            size += len(chunk)
+    if size != entry.size or digest.hexdigest() != (entry.sha256 or entry.blocks_sha256):
+        raise IntegrityError(f"file {entry.path} rebuilt from its pieces is damaged",
+                             f"its SHA-256 or size ({size}) does not match the manifest",
+                             "the repository was tampered with")
 
 
 def _cancellable(chunks: Iterator[bytes], cancel: threading.Event) -> Iterator[bytes]:
