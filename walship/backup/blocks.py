@@ -25,8 +25,10 @@ hashed; a block is unchanged only if its digest equals the parent's digest of th
 number; blocks past the parent's size are new; a file shorter than the parent's is truncated at
 restore (the manifest's size). Never size or time. A *change source* (:data:`ChangeSource`,
 e.g. PostgreSQL 17+ WAL summaries) may instead say, per file, which blocks may have changed
-(:class:`ChangedBlocks`): the other blocks' digests are then copied from the parent's map
-instead of computed (the file is still read for its SHA-256).
+(:class:`ChangedBlocks`): only those blocks are read and compared, the other blocks'
+digests are copied from the parent's map. The file's own SHA-256 is then unknown; its manifest
+entry records instead ``blocks_sha256``, the SHA-256 of its block digests (its block map's),
+which a restore checks on the rebuilt file as it checks a SHA-256.
 
 **Block members.** The changed blocks of each 1 MiB read (:data:`CHUNK`, a "super block" of
 128 blocks of 8 KiB) are one tar member named ``<path>//<first block of the read>`` (a name no
@@ -110,9 +112,14 @@ class FileMap:
 
 @dataclass(frozen=True)
 class ChangedBlocks:
-    """What a change source knows of one file since the parent backup: the blocks that may
-    have changed, and ``limit``, when the relation was truncated meanwhile, the block count it
-    was truncated to (every block from there on may have changed)."""
+    """What a change source knows of one file (a relation segment) since the parent backup.
+
+    ``blocks``: the block numbers of the file (0 = its first block) that may have changed;
+    every other block below ``limit`` MUST be byte for byte as the parent backup read it.
+    ``limit``: None, or a block number from which on every block may have changed (e.g. the
+    file was truncated to that many blocks within the range, then perhaps extended again; a
+    source that only knows the file's block count at the later end of the range may give that).
+    Blocks past the parent's size are always read, whatever the source says."""
 
     blocks: frozenset[int]
     limit: int | None = None
@@ -121,9 +128,14 @@ class ChangedBlocks:
         return block in self.blocks or (self.limit is not None and block >= self.limit)
 
 
-# path relative to PGDATA -> what changed since the parent backup, or None: not covered (every
-# block is then read and compared).
 ChangeSource = Callable[[str], "ChangedBlocks | None"]
+"""``source(path)``, ``path`` relative to PGDATA as in the manifest (``base/5/16384.1``), asked
+once per large relation file of a diff or incr backup that has a parent version of it, during
+the backup (from a part's thread: it must be thread-safe), for the range from the parent
+backup's start to this backup's: the blocks that may have changed (:class:`ChangedBlocks`), or
+None when it does not cover the file (every block is then read and compared). A source that
+answers for a file it does not truly cover makes a backup that restores wrong data: the
+restore's check of the rebuilt file's digest catches only damage after the backup."""
 
 
 def encode_map(block_size: int, part: int, maps: Iterable[FileMap]) -> bytes:
