@@ -341,7 +341,7 @@ def backup_push(state: _State, dbname: str | None, part_size: int, checkpoint: s
                  f"out={result.bytes_out} seconds={result.seconds:.3f} "
                  f"files={len(manifest.files)} parts={len(manifest.parts)} "
                  f"type={manifest.backup_type} parent={manifest.parent or '-'} "
-                 f"unchanged={result.referenced}")
+                 f"unchanged={result.referenced} block_deltas={result.deltas}")
     return ExitStatus.OK
 
 
