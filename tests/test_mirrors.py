@@ -494,3 +494,166 @@ def test_a_repository_that_could_not_answer_is_asked_last_for_a_while():
     finally:
         MemoryStorage.forget(url)
         MemoryStorage.forget(f"{url}-p")
+
+
+# -- read-only mirrors (mode = "read": an account's RA-GRS secondary endpoint) -----------------
+def tree(root):
+    """Every file under ``root`` (dot-files too) with its bytes and mtime: what a write would
+    change."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def with_reader(repos, tmp_path, monkeypatch):
+    """The ``repos`` set plus ``reader``, a mirror walship may only read (``mode = "read"``),
+    kept current behind walship's back (as Azure's geo-replication keeps a secondary)."""
+    reader = tmp_path / "reader"
+    reader.mkdir()
+    config = tmp_path / "walship.toml"
+    config.write_text(config.read_text() + f'[[mirrors]]\nname = "reader"\n'
+                      f'repo = "file://{reader}"\nmode = "read"\n')
+    repos["reader"] = reader
+    return repos
+
+
+def replicate(repos):
+    """Copy the primary into the read-only mirror (Azure's replication, in the test)."""
+    import shutil
+
+    shutil.copytree(repos["primary"], repos["reader"], dirs_exist_ok=True)
+
+
+def test_a_read_mirror_is_never_written_by_push_delete_or_repo_sync(with_reader, tmp_path,
+                                                                     capsys):
+    from tests.backup.test_pipeline import FakeSource, make_cluster
+
+    from walship.archive import open_archive
+    from walship.backup.push import push_backup
+
+    repos = with_reader
+    archive = open_archive(load_settings())
+    data, ts = make_cluster(tmp_path)
+    key = "wal/000000010000000000000002"  # (the WAL the backups wait for)
+    stored = archive.codec.stored_form(key, [b"x"])
+    archive.storage.put(key, stored, metadata=stored.metadata)
+    old = push_backup(archive, FakeSource(data, ts), part_size=1 << 20).manifest.name
+    push_backup(archive, FakeSource(data, ts), part_size=1 << 20)
+    assert tree(repos["reader"]) == {}
+    replicate(repos)
+    before = tree(repos["reader"])
+    assert any(f"{old}/" in key for key in before)
+    capsys.readouterr()
+    # retention deletes from the others, never from it
+    assert main(["delete", "--retain-full", "1", "--confirm"]) == 0
+    for name in ("primary", "west"):
+        assert not any(f"{old}/" in key for key in tree(repos[name])), name
+    assert tree(repos["reader"]) == before
+    # naming it is refused, clearly
+    assert main(["delete", "--retain-full", "1", "--confirm", "--repo", "reader"]) \
+        == ExitStatus.USAGE
+    assert "cannot delete from repository reader: it is read-only" in capsys.readouterr().err
+    assert main(["repo-sync", "--to", "reader"]) == ExitStatus.USAGE
+    assert "cannot repo-sync into repository reader: it is read-only" in \
+        capsys.readouterr().err
+    # repo-sync's default targets leave it out; it may be a source (to seed another)
+    assert main(["repo-sync", "--json"]) == 0
+    import json
+
+    out, err = capsys.readouterr()
+    assert [r["to"] for r in json.loads(out)] == ["west", "north"]
+    assert 'repo-sync primary -> reader: skipped, it is read-only (mode = "read")' in err
+    assert main(["repo-sync", "--from", "reader", "--to", "north"]) == 0
+    assert main(["repo-sync", "--from", "reader"]) == 0
+    assert tree(repos["reader"]) == before
+
+
+def test_a_read_mirror_serves_reads_but_its_absence_proves_nothing(with_reader, wal_dir,
+                                                                   tmp_path, capsys):
+    repos = with_reader
+    assert main(["wal-push", str(wal_dir / SEG)]) == 0
+    assert tree(repos["reader"]) == {}  # not a push target
+    replicate(repos)
+    before = tree(repos["reader"])
+    for name in ("primary", "west", "north"):  # every writable repository is lost
+        repos[name].rename(tmp_path / f"{name}-away")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["wal-fetch", SEG, str(out)]) == 0
+    assert out.read_bytes() == (wal_dir / SEG).read_bytes()
+    assert "reading from repository reader" in capsys.readouterr().err
+    # it lags (Azure replicates asynchronously): its "not found" is no proof of absence
+    assert main(["wal-fetch", SEG2, str(tmp_path / "out2")]) >= 126
+    assert tree(repos["reader"]) == before
+
+
+def test_mirrored_storage_never_writes_or_deletes_a_read_member():
+    import uuid
+
+    from walship.storage.memory import MemoryStorage
+    from walship.storage.mirrored import Member, MirroredStorage
+
+    class ReadOnly(MemoryStorage):
+        def put(self, key, data, *, metadata=None):
+            raise AssertionError(f"put {key} into a read-only member")
+
+        def delete(self, key):
+            raise AssertionError(f"delete {key} from a read-only member")
+
+    url = f"memory://{uuid.uuid4().hex}"
+    reader = ReadOnly(f"{url}-r")
+    MemoryStorage.put(reader, "wal/old", [b"O"])  # (replicated behind walship's back)
+    storage = MirroredStorage([Member("primary", MemoryStorage(url), "primary"),
+                               Member("reader", reader, "read")])
+    try:
+        storage.put("wal/a", [b"A"])
+        storage.delete("wal/a")
+        storage.delete("wal/old")
+        assert storage.get("wal/old").read() == b"O"  # still there: read, never deleted
+        assert [i.key for i in storage.list("wal/")] == ["wal/old"]
+    finally:
+        MemoryStorage.forget(url)
+        MemoryStorage.forget(f"{url}-r")
+
+
+SECONDARY_KEY = "RGV2ZWxvcG1lbnRLZXk="  # (a made-up key: never used to sign anything here)
+
+
+@pytest.mark.parametrize("azure,mode,expected", [
+    # an account's secondary endpoint: read-only, and read is its default mode
+    ('account = "geo"\naccount_url = "https://geo-secondary.blob.core.windows.net"\n', None,
+     "read"),
+    ('account = "geo"\naccount_url = "https://geo-secondary.blob.core.windows.net/"\n',
+     "read", "read"),
+    (f'connection_string = "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;'
+     f'AccountKey={SECONDARY_KEY};BlobEndpoint=http://127.0.0.1:10000/'
+     f'devstoreaccount1-secondary;"\n', None, "read"),  # Azurite's path-style form
+    # the primary endpoint: async unless told
+    ('account = "geo"\naccount_url = "https://geo.blob.core.windows.net"\n', None, "async"),
+    ('account = "geo"\n', None, "async"),
+    ('account = "geo"\naccount_url = "https://geo.blob.core.windows.net"\n', "read", "read"),
+])
+def test_a_secondary_endpoint_makes_a_read_mirror(tmp_path, azure, mode, expected):
+    path = tmp_path / "walship.toml"
+    path.write_text('repo = "azure://wal/c1"\n[azure]\naccount = "main"\n'
+                    '[[mirrors]]\nname = "paired"\nrepo = "azure://wal/c1"\n'
+                    + (f'mode = "{mode}"\n' if mode else "") + "[mirrors.azure]\n" + azure)
+    path.chmod(0o600)
+    (mirror,) = load_settings({}, {}, str(path)).mirrors
+    assert mirror.mode == expected
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_secondary_endpoint_cannot_be_written_to(tmp_path, mode):
+    path = tmp_path / "walship.toml"
+    path.write_text('repo = "azure://wal/c1"\n[azure]\naccount = "main"\n'
+                    f'[[mirrors]]\nname = "paired"\nrepo = "azure://wal/c1"\nmode = "{mode}"\n'
+                    '[mirrors.azure]\naccount = "geo"\n'
+                    'account_url = "https://geo-secondary.blob.core.windows.net"\n')
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, {}, str(path))
+    line = raised.value.one_line()
+    assert f"mirror paired in [[mirrors]] number 1 in config file {path} has mode = '{mode}'" \
+        in line
+    assert "https://geo-secondary.blob.core.windows.net is an account's secondary" in line
+    assert 'write mode = "read"' in line

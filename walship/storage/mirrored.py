@@ -11,21 +11,24 @@ primary first. It adds no storage of its own: every operation is the members' ow
   already holds the key is reported in :class:`MirrorAlreadyExists` (``holders``), after the
   others have been written, so the caller judges the stored content in each holder. ``async``
   mirrors are not written here: ``walship repo-sync`` (:mod:`walship.reposync`) copies to them.
+  ``read`` mirrors (an Azure account's read-only secondary endpoint, which Azure's
+  geo-replication keeps current) are never written at all: not by ``put``, not by ``delete``.
 * ``get`` and ``head`` ask the members in order and fall over to the next on an unreachable or
   missing repository, or a missing object. :class:`~walship.errors.NotFound` when every
   member that answered says the object does not exist and one of them is the primary or a
   sync mirror: each of those holds every object a push acknowledged, so its absence there is
   proven even while another repository cannot answer (without this, losing the primary's
   region would abort every recovery at its first probe for a history file that does not
-  exist). When only async mirrors (which lag) answered, the error of one that could not
-  answer is raised (the existing exit rules apply). A fall-over is logged once per process
+  exist). When only async or read mirrors (which lag) answered, the error of one that could
+  not answer is raised (the existing exit rules apply). A fall-over is logged once per process
   and member, loudly, on stderr. A member that could not answer is asked last for the next
   :data:`DOWN_SECONDS` (it is still asked when the others fail).
 * ``list`` is the union of the reachable members' listings, sorted by key (a key held by
   several members is listed once, as the first of them holds it). Unreachable members are
   skipped, loudly; when none is reachable the first one's error is raised.
-* ``delete`` deletes from every member (deletes are idempotent), or only from those named in
-  ``delete_only``; a member that fails makes the call fail after the others were tried. Since
+* ``delete`` deletes from every member but the read ones (deletes are idempotent), or only
+  from those named in ``delete_only``; a member that fails makes the call fail after the
+  others were tried. Since
   ``list`` is the union, retention keeps in every repository what any kept backup needs.
 
 Verification happens above storage (the codec decodes): :func:`read_elsewhere` retries a read
@@ -59,12 +62,15 @@ T = TypeVar("T")
 
 # (errors after which another member is asked: the member could not answer or lacks the object)
 FALL_OVER = (NotFound, Unavailable, StorageError)
+# the modes of the members every acknowledged push was written to: a "not found" there is proof
+COMPLETE = frozenset({"primary", "sync"})
+READ_ONLY = "read"  # a member walship never writes (an account's RA-GRS secondary endpoint)
 
 
 @dataclass(frozen=True)
 class Member:
     """One repository of a mirrored set: its name (``primary`` or the mirror's), its storage
-    and its mode (``primary``, ``sync`` or ``async``)."""
+    and its mode (``primary``, ``sync``, ``async`` or ``read``)."""
 
     name: str
     storage: Storage
@@ -121,7 +127,7 @@ class MirroredStorage:
     # -- writes --------------------------------------------------------------------------------
     def put(self, key: str, data: Iterable[bytes], *,
             metadata: MetadataSource | None = None) -> ObjectInfo:
-        targets = [m for m in self.members if m.mode != "async"]
+        targets = [m for m in self.members if m.mode in COMPLETE]
         if len(targets) == 1:
             try:
                 return targets[0].storage.put(key, data, metadata=metadata)
@@ -173,7 +179,8 @@ class MirroredStorage:
     def delete(self, key: str) -> None:
         first: BaseException | None = None
         for member in self.members:
-            if self.delete_only is not None and member.name not in self.delete_only:
+            if member.mode == READ_ONLY or (self.delete_only is not None
+                                            and member.name not in self.delete_only):
                 continue
             try:
                 member.storage.delete(key)
@@ -196,7 +203,7 @@ class MirroredStorage:
         now = time.monotonic()
         for member in self._order():
             if self._down.get(member.name, 0.0) > now and any(
-                    isinstance(e, NotFound) and m.mode != "async" for m, e in errors):
+                    isinstance(e, NotFound) and m.mode in COMPLETE for m, e in errors):
                 continue  # absence proven; a member that just could not answer is not waited on
             try:
                 result = read(member.storage)
@@ -217,7 +224,7 @@ class MirroredStorage:
                               f"{member.name}")
             return result
         unanswered = [(m, e) for m, e in errors if not isinstance(e, NotFound)]
-        complete = [(m, e) for m, e in errors if isinstance(e, NotFound) and m.mode != "async"]
+        complete = [(m, e) for m, e in errors if isinstance(e, NotFound) and m.mode in COMPLETE]
         if unanswered and complete:
             # The primary and every sync mirror hold each file a push acknowledged: the
             # absence in one of them is proven, whoever else could not answer.
@@ -228,7 +235,7 @@ class MirroredStorage:
             raise complete[0][1]
         for member, error in unanswered:
             error.what = f"repository {member.name}: {error.what}"
-            raise error  # an async mirror lags: its absence proves nothing
+            raise error  # an async or read mirror lags: its absence proves nothing
         raise errors[0][1]
 
     def get(self, key: str) -> Download:
