@@ -657,3 +657,69 @@ def test_a_secondary_endpoint_cannot_be_written_to(tmp_path, mode):
         in line
     assert "https://geo-secondary.blob.core.windows.net is an account's secondary" in line
     assert 'write mode = "read"' in line
+
+
+# -- damaged objects: every reader falls over to the next repository ---------------------------
+def flip(path):
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 3] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_manifest_or_part_is_read_from_the_next_repository_by_list_restore_and_drill(
+        repos, tmp_path, capsys, monkeypatch):
+    import json
+
+    from tests.backup.test_pipeline import FakeSource, make_cluster, push_wal_names
+
+    from walship.archive import open_archive
+    from walship.backup.push import push_backup
+    from walship.backup.restore import RecoveryTarget
+    from walship.drill import run as drill_run
+    from walship.drill.report import DrillReport
+    from walship.drill.scratch import Scratch
+
+    archive = open_archive(load_settings())
+    data, ts = make_cluster(tmp_path)
+    push_wal_names(archive, ["000000010000000000000002"])
+    manifest = push_backup(archive, FakeSource(data, ts), part_size=1 << 20).manifest
+    flip(repos["primary"] / f"backups/{manifest.name}/manifest")
+    flip(repos["primary"] / manifest.parts[1].key)
+    capsys.readouterr()
+    # the listing (and so delete, status, a drill's choice of backup) reads the next copy
+    assert main(["backup-list", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [(r["name"], r["complete"]) for r in json.loads(out)] == [(manifest.name, True)]
+    assert "read a verified copy from repository west" in err
+    assert main(["restore", str(tmp_path / "restored"), "--tablespace-map",
+                 f"16400={tmp_path / 'restored-ts'}"]) == 0
+    assert (tmp_path / "restored/base/5/16384").read_bytes() == \
+        (data / "base/5/16384").read_bytes()
+
+    # the drill's restore: stopped right after it, before any server would start
+    class Restored(Exception):
+        pass
+
+    def stop(*args):
+        raise Restored
+
+    monkeypatch.setattr(drill_run, "controldata", stop)
+    scratch = Scratch(tmp_path / "scratch", True)
+    scratch.root.mkdir()
+    server = type("Server", (), {"runner": type("Runner", (), {"own": lambda self, p: None})(),
+                                 "bindir": "/nowhere"})()
+    report = DrillReport(datetime_now(), drill_run.DrillPlan(), "latest", manifest.name,
+                         str(scratch.root), 5432, "/nowhere")
+    settings = load_settings()
+    archive = open_archive(settings)  # (a new process would: nothing remembered)
+    with pytest.raises(Restored):
+        drill_run._restore_and_check(archive, settings, manifest, RecoveryTarget(), scratch,
+                                     server, report, 0.0, lambda: 0.0, lambda _: None)
+    assert (scratch.data / "base/5/16384").read_bytes() == (data / "base/5/16384").read_bytes()
+    assert (scratch.data / "recovery.signal").exists()
+
+
+def datetime_now():
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
