@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from tests.backup.test_backup_e2e import env_for, start_restored, walship
+from tests.backup.test_backup_e2e import start_restored, walship
 from tests.e2e.test_standby_outage import Proxy
 from tests.fixtures.postgres import chown_to, repository_names
 
