@@ -347,7 +347,6 @@ def test_status_shows_each_mirrors_lag_until_repo_sync_catches_up(repos, wal_dir
 
 def test_backups_go_to_every_sync_repository_and_damage_falls_over(repos, tmp_path, capsys):
     from tests.backup.test_pipeline import FakeSource, make_cluster, push_wal_names
-
     from walship.archive import open_archive
     from walship.backup.push import push_backup
 
@@ -407,7 +406,6 @@ def test_repo_sync_beside_delete_never_leaves_a_manifest_without_its_parts(repos
 
 def test_delete_applies_retention_to_every_repository_or_one(repos, tmp_path, capsys):
     from tests.backup.test_pipeline import FakeSource, make_cluster
-
     from walship.archive import Archive, open_archive
     from walship.backup import catalog
     from walship.backup.push import push_backup
@@ -527,7 +525,6 @@ def replicate(repos):
 def test_a_read_mirror_is_never_written_by_push_delete_or_repo_sync(with_reader, tmp_path,
                                                                      capsys):
     from tests.backup.test_pipeline import FakeSource, make_cluster
-
     from walship.archive import open_archive
     from walship.backup.push import push_backup
 
@@ -625,9 +622,9 @@ SECONDARY_KEY = "RGV2ZWxvcG1lbnRLZXk="  # (a made-up key: never used to sign any
      "read"),
     ('account = "geo"\naccount_url = "https://geo-secondary.blob.core.windows.net/"\n',
      "read", "read"),
-    (f'connection_string = "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;'
-     f'AccountKey={SECONDARY_KEY};BlobEndpoint=http://127.0.0.1:10000/'
-     f'devstoreaccount1-secondary;"\n', None, "read"),  # Azurite's path-style form
+    ((f'connection_string = "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;'
+      f'AccountKey={SECONDARY_KEY};BlobEndpoint=http://127.0.0.1:10000/'
+      f'devstoreaccount1-secondary;"\n'), None, "read"),  # Azurite's path-style form
     # the primary endpoint: async unless told
     ('account = "geo"\naccount_url = "https://geo.blob.core.windows.net"\n', None, "async"),
     ('account = "geo"\n', None, "async"),
@@ -671,7 +668,6 @@ def test_a_damaged_manifest_or_part_is_read_from_the_next_repository_by_list_res
     import json
 
     from tests.backup.test_pipeline import FakeSource, make_cluster, push_wal_names
-
     from walship.archive import open_archive
     from walship.backup.push import push_backup
     from walship.backup.restore import RecoveryTarget
@@ -723,3 +719,132 @@ def datetime_now():
     from datetime import datetime, timezone
 
     return datetime.now(timezone.utc)
+
+
+# -- a silent primary: the call's time is shared out between the repositories ----------------
+@pytest.fixture
+def silent_endpoint():
+    """A port that accepts connections and never answers (a hung storage front end)."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield listener.getsockname()[1]
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+AZURITE_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/"
+               "KBHBeksoGMGw==")  # (Azurite's public development key: no secret)
+CALL_TIMEOUT = 8
+
+
+@pytest.mark.parametrize("transport,mirror", [("auto", "file"), ("auto", "azure"),
+                                               ("sdk", "azure")])
+def test_a_silent_primary_leaves_the_mirror_time_to_deliver(silent_endpoint, tmp_path,
+                                                            monkeypatch, wal_dir, transport,
+                                                            mirror, request):
+    """A primary endpoint that accepts connections and never answers, and a sync mirror
+    (a directory, or Azurite, whose requests keep to the call's deadline too): wal-fetch
+    delivers from the mirror within call_timeout, the primary having had its share."""
+    import time
+
+    for var in list(os.environ):
+        if var.startswith(("WALSHIP_", "AZURE_")):
+            monkeypatch.delenv(var)
+    (tmp_path / "none.toml").write_text("")
+    monkeypatch.setenv("WALSHIP_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "0")
+    if mirror == "file":
+        west = tmp_path / "west"
+        west.mkdir()
+        url, table = f"file://{west}", ""
+    else:
+        repo = request.getfixturevalue("azure_repository")
+        connection = repo.azurite.connection_string
+        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", connection)
+        url, table = repo.url, f'[mirrors.azure]\nconnection_string = "{connection}"\n'
+    monkeypatch.setenv("WALSHIP_REPO", url)
+    assert main(["wal-push", str(wal_dir / SEG)]) == 0  # (what the sync mirror holds)
+    monkeypatch.delenv("WALSHIP_REPO")
+    monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
+    config = tmp_path / "walship.toml"
+    config.write_text(
+        'repo = "azure://wal/cluster1"\n[azure]\nconnection_string = "DefaultEndpointsProtocol='
+        f'http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};BlobEndpoint=http://'
+        f'127.0.0.1:{silent_endpoint}/devstoreaccount1;"\n'
+        f'[[mirrors]]\nname = "west"\nrepo = "{url}"\nmode = "sync"\n' + table)
+    config.chmod(0o600)
+    monkeypatch.setenv("WALSHIP_CONFIG", str(config))
+    monkeypatch.setenv("WALSHIP_PREFETCH", "0")
+    monkeypatch.setenv("WALSHIP_AZURE_TRANSPORT", transport)
+    # a request may wait 30 s and be retried: alone, the silent primary would take the call
+    monkeypatch.setenv("WALSHIP_STORAGE_TIMEOUT", "30")
+    monkeypatch.setenv("WALSHIP_STORAGE_RETRIES", "4")
+    monkeypatch.setenv("WALSHIP_CALL_TIMEOUT", str(CALL_TIMEOUT))
+    out = tmp_path / "out"
+    started = time.monotonic()
+    assert main(["wal-fetch", SEG, str(out)]) == 0
+    took = time.monotonic() - started
+    assert out.read_bytes() == (wal_dir / SEG).read_bytes()
+    # the primary had half the call (its share), the mirror delivered within the rest
+    assert CALL_TIMEOUT * 0.5 - 0.5 <= took < CALL_TIMEOUT - 1, took
+
+
+def test_each_read_shares_read_seconds_out_when_there_is_no_call_deadline():
+    """The prefetch worker has no call deadline: ``read_seconds`` from the start of each read
+    is shared out as a call's would be (the first repository asked gets half, the last one
+    the rest, bounded by its own deadline only)."""
+    import time
+    import uuid
+
+    from walship.errors import Unavailable
+    from walship.storage.base import effective_deadline
+    from walship.storage.memory import MemoryStorage
+    from walship.storage.mirrored import Member, MirroredStorage
+
+    seen: list[tuple[str, float | None]] = []
+
+    class Silent(MemoryStorage):
+        def get(self, key):
+            seen.append(("primary", effective_deadline(None)))
+            raise Unavailable("no answer")
+
+    class Answering(MemoryStorage):
+        def get(self, key):
+            seen.append(("west", effective_deadline(None)))
+            return super().get(key)
+
+    url = f"memory://{uuid.uuid4().hex}"
+    west = Answering(f"{url}-w")
+    west.put("wal/a", [b"A"])
+    storage = MirroredStorage([Member("primary", Silent(url), "primary"),
+                               Member("west", west, "sync")])
+    try:
+        assert storage.get("wal/a").read() == b"A"
+        assert seen == [("primary", None), ("west", None)]  # no deadline, no read_seconds
+        storage._down.clear()
+        seen.clear()
+        storage.read_seconds = 10.0
+        before = time.monotonic()
+        assert storage.get("wal/a").read() == b"A"
+        (first, share), (second, last) = seen
+        assert (first, second, last) == ("primary", "west", None)
+        assert before + 4.9 <= share <= time.monotonic() + 5.0
+        assert effective_deadline(None) is None  # (the share ends with the read)
+    finally:
+        MemoryStorage.forget(url)
+        MemoryStorage.forget(f"{url}-w")
