@@ -799,6 +799,7 @@ def test_a_silent_primary_leaves_the_mirror_time_to_deliver(silent_endpoint, tmp
     started = time.monotonic()
     assert main(["wal-fetch", SEG, str(out)]) == 0
     took = time.monotonic() - started
+    print(f"wal-fetch with a silent primary took {took:.2f} s (call_timeout {CALL_TIMEOUT})")
     assert out.read_bytes() == (wal_dir / SEG).read_bytes()
     # the primary had half the call (its share), the mirror delivered within the rest
     assert CALL_TIMEOUT * 0.5 - 0.5 <= took < CALL_TIMEOUT - 1, took
