@@ -28,7 +28,8 @@ but pgbench changes pages between the measurements and the backups). Every round
 
 Measured per backup (from outside, as the postgres user):
 
-* wall time (and peak RSS, /usr/bin/time %M);
+* wall time (and peak RSS, /usr/bin/time %M; and the CPU time the whole machine used meanwhile,
+  from /proc/stat: tool, PostgreSQL and Azurite);
 * bytes read, from the kernel's I/O accounting of the whole process tree: the harness reads
   its own /proc/self/io before and after the command; the counters of a reaped child (and of
   the children it reaped) are added to its parent's, so the difference covers the tool and
@@ -39,7 +40,9 @@ Measured per backup (from outside, as the postgres user):
   (plus any of its own files not in cache: none after the first round's warm-up call).
   ``rchar`` (bytes returned by read() and the like, cached or not) is shown too, but counts the
   pipes between pgBackRest's processes and the HTTP responses as well, so it is not the
-  data-directory figure;
+  data-directory figure. (walship reads every file: it proves a file unchanged by its
+  SHA-256; pgBackRest's incr/diff, without --delta, reads only the files whose size or
+  modification time changed);
 * stored bytes: the container is listed before and after; the growth of every blob outside
   the WAL prefix (walship ``cluster/wal/``, pgBackRest ``repo/archive/``).
 
@@ -601,7 +604,8 @@ def main() -> int:
         info: dict = {
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
             "machine": machine_info(), "rounds": args.rounds, "touch": args.touch,
-            "versions": {"walship": walship.version(), "walship_commit": git_revision(),
+            "versions": {"walship": walship.version().removeprefix("walship "),
+                         "walship_commit": git_revision(),
                          "pgbackrest": pgbr.version(),
                          "postgresql": subprocess.run([str(BIN / "postgres"), "--version"],
                                                       capture_output=True, text=True)
