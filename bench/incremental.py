@@ -36,8 +36,10 @@ Measured per backup (from outside, as the postgres user):
   every helper process it started and waited for (pgBackRest's ``process-max`` workers).
   ``read_bytes`` is what the tree caused to be fetched from the block device: right before
   every backup the data directory (and only it) is written back and evicted from the page cache
-  (``posix_fadvise(DONTNEED)`` on each file), so it is the data-directory bytes the tool read
-  (plus any of its own files not in cache: none after the first round's warm-up call).
+  (``posix_fadvise(DONTNEED)`` on each file) and the tools' own files (walship's venv and
+  Python's standard library, pgbackrest, the shared libraries of both) are read into it, so it
+  is the data-directory bytes the tool read. (A page PostgreSQL writes back during the backup,
+  at its starting checkpoint, is read from the cache and not counted: a few MB at most here.)
   ``rchar`` (bytes returned by read() and the like, cached or not) is shown too, but counts the
   pipes between pgBackRest's processes and the HTTP responses as well, so it is not the
   data-directory figure. (walship reads every file: it proves a file unchanged by its
@@ -117,6 +119,47 @@ def evict(directory: Path) -> None:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
+
+
+def tool_files(walship: str, pgbackrest: str) -> list[str]:
+    """The files the two tools run from: walship's venv and its interpreter's standard library,
+    pgbackrest, and every shared library these load (ldd). Read before each backup (see
+    :func:`prewarm`), so that the bytes a backup reads from the block device are the data
+    directory's, not the tool's own code left cold by an earlier page-cache drop."""
+    venv = Path(walship).parent.parent
+    python = venv / "bin" / "python"
+    stdlib = subprocess.run([str(python), "-c", "import sysconfig; "
+                             "print(sysconfig.get_paths()['stdlib'])"],
+                            capture_output=True, text=True).stdout.strip()
+    roots = [venv] + ([Path(stdlib)] if stdlib else [])
+    files: set[str] = set()
+    objects = [pgbackrest, os.path.realpath(python), "/usr/bin/time", os.path.realpath("/bin/sh")]
+    for root in roots:
+        for directory, dirs, names in os.walk(root):
+            for name in names:
+                path = os.path.join(directory, name)
+                if os.path.isfile(path) and not os.path.islink(path):
+                    files.add(path)
+                    if ".so" in name:
+                        objects.append(path)
+    for i in range(0, len(objects), 200):
+        out = subprocess.run(["ldd", *objects[i:i + 200]], capture_output=True,
+                             text=True).stdout
+        for line in out.splitlines():
+            if "=>" in line and "/" in line.split("=>", 1)[1]:
+                files.add(os.path.realpath(line.split("=>", 1)[1].split("(")[0].strip()))
+    files.update(os.path.realpath(o) for o in objects)
+    return sorted(files)
+
+
+def prewarm(files: list[str]) -> None:
+    for path in files:
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                while handle.read(1 << 20):
+                    pass
+        except OSError:
+            pass
 
 
 def measured(argv: list[str], env: dict[str, str]) -> dict:
@@ -252,6 +295,7 @@ class IncrBench:
         self.conn = None
         self.restored: list[Path] = []
         self.transactions = 0  # pgbench transactions that reached --touch in the last round
+        self.tool_files = tool_files(walship.ctx.walship, pgbackrest.ctx.pgbackrest)
 
     def build(self, scale: int) -> dict:
         started = time.monotonic()
@@ -300,6 +344,7 @@ class IncrBench:
     def backup(self, tool, kind: str) -> dict:
         self.use_archiver(tool)
         before = tool.blobs()
+        prewarm(self.tool_files)
         evict(self.data)
         pgcluster.warm_memory(self.work, self.args.warm_mib)
         out = measured(tool.push_kind(kind), tool.env())
