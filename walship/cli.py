@@ -819,6 +819,9 @@ def status(state: _State, dbname: str | None, as_json: bool, prometheus: str | N
     age = current.newest_backup_age
     click.echo(f"newest backup  {current.newest_backup or 'none'}"
                + (f" (stopped {_age(age)} ago)" if age is not None else ""))
+    for broken in current.broken_backups:
+        click.echo(f"WARNING: backup {broken.name} ({broken.backup_type}) is newer but cannot "
+                   f"be restored: its chain is broken ({broken.problem})")
     click.echo(f"WAL            {current.wal_files} files, {_size(current.wal_bytes)}")
     click.echo(f"backups        {current.backups_complete} complete, "
                f"{current.backups_incomplete} incomplete, {_size(current.backup_bytes)}")
