@@ -1,80 +1,93 @@
 """Which blocks of which relation files changed between two WAL positions, from the WAL
 summaries PostgreSQL 17 and later keep in ``pg_wal/summaries`` with ``summarize_wal = on``: a
-change source for block-level incremental backups, so that unchanged blocks are never read.
+change source for block-level differential and incremental backups, so that the blocks that did
+not change need not be read and compared.
 
-Two parts:
+Responsibility. Two parts:
 
 * :class:`BlockChanges`, a pure value built from the rows of ``pg_wal_summary_contents``
   (:meth:`BlockChanges.from_rows`): for a file path relative to PGDATA and the file's size it
   answers :meth:`BlockChanges.file_changes` -- the blocks of that file (numbered from the
-  file's first block) that must be read, or None when the file is not covered at all.
+  file's first block) that must be read, or None when the summaries do not cover the file.
 * :func:`changed_blocks` (and :func:`read_block_changes`, which says why not), the server
-  part: given a psycopg 3 connection, the timeline and the range ``[since_lsn, until_lsn)``
-  (the parent backup's start LSN and this backup's start LSN, both redo pointers), it waits a
-  bounded time for the WAL summarizer to reach ``until_lsn``, checks that the summaries cover
-  the whole range contiguously on the right timelines (rule 7), and reads them. It is all or
-  nothing: a :class:`BlockChanges` built from every summary of the range, or None (and one
-  log line saying why), never a partial answer.
+  part: given a psycopg 3 connection, the timeline and the range ``[since_lsn, until_lsn)``,
+  it waits a bounded time for the WAL summarizer to reach ``until_lsn``, checks that the
+  summaries cover the whole range without a gap on the right timelines (rule 7), and reads
+  them. It is all or nothing: a :class:`BlockChanges` built from every summary of the range,
+  or None (and one log line saying why), never a partial answer.
+
+Which range. ``since_lsn`` is the parent backup's *start* (redo) LSN, ``until_lsn`` this
+backup's start (redo) LSN, as PostgreSQL's own incremental backup does. The parent copied its
+files at some moment between its start and its stop, so a block it holds is the block as it
+was at its start only if the block was not modified after that start; the checkpoint that began
+the parent backup had flushed every change logged before its redo pointer, so every later
+difference on disk comes from WAL at or after it. A block that no WAL record in
+``[since_lsn, until_lsn)`` names is therefore, at this backup's start, what the parent copied.
+Changes after ``until_lsn`` (while this backup runs) are repaired by replaying WAL from this
+backup's start, as for any online backup (full_page_writes is forced on during a backup).
+Starting from the parent's stop LSN instead would miss a block changed after the parent had
+read it but before its stop.
 
 Safety rules. A file for which :meth:`BlockChanges.file_changes` returns a
-:class:`FileChanges` may take every block *not* listed in it from the parent backup's block
-map, provided the caller also keeps the rules marked (caller) below. Everything else must be
-read and compared as without summaries:
+:class:`FileChanges` may take every block *not* listed in it from the parent backup, provided
+the caller also keeps the rules marked (caller) below. Everything else must be read and
+compared as without summaries:
 
 1. Anything that is not a relation data file (``base/<db>/<relfilenode>[.<seg>]``,
-   ``global/<relfilenode>...``, ``pg_tblspc/<spc>/PG_<major>_<catversion>/<db>/<relfilenode>...``):
-   configuration, ``pg_control``, ``pg_xact``, ``pg_filenode.map``, ``PG_VERSION``, the
-   ``pg_wal`` directory and the summaries' own ``pg_wal/summaries``, temporary relations
-   (``t<n>_<relfilenode>``), a tablespace directory of another major version: None.
-2. Only main forks are covered. Free space map forks (``_fsm``) are not WAL-logged in full and
-   PostgreSQL leaves them out of its summaries: None. Visibility map forks (``_vm``): None too,
-   because a bit is *cleared* without the map's page being named in the WAL record (the heap
-   record's redo clears it; see "Clearing visibility map bits is not separately WAL-logged" in
-   PostgreSQL's visibilitymap.c), so the summaries miss those changes: pgsql-hackers, March
-   2026, "Why clearing the VM doesn't require registering vm buffer in wal record", found
-   incremental backups restoring an outdated map, and PostgreSQL 17.x's summaries gave the
-   map the main fork's limit block. A map is one page per 32,000 heap pages: reading it costs
-   nothing. Init forks (``_init``) of unlogged relations: None (they are tiny). The other forks
-   of unlogged relations are not WAL-logged at all and must not be backed up
-   (``walship.backup.scan`` leaves them out); they are not covered either (caller).
+   ``global/<relfilenode>...``, ``pg_tblspc/<spc>/PG_<major>_<catversion>/<db>/<relfilenode>...``,
+   the names ``walship.backup.scan`` gives): configuration, ``pg_control``, ``pg_xact``,
+   ``pg_filenode.map``, ``PG_VERSION``, temporary relations (``t<n>_<relfilenode>``), a
+   tablespace directory of another major version: None.
+2. Only main forks are covered. Free space map forks (``_fsm``) are not fully WAL-logged and
+   the summarizer ignores them. Visibility map forks (``_vm``): a bit is *cleared* without the
+   map's page being named in the WAL record ("Clearing visibility map bits is not separately
+   WAL-logged", PostgreSQL's visibilitymap.c: the heap record's redo clears it), so the
+   summaries can miss a changed map page; a map is one page per 32,672 heap pages (8 kB
+   blocks), reading it whole costs little. Init forks (``_init``): tiny, read. The other forks
+   of unlogged relations are not WAL-logged at all; ``walship.backup.scan`` leaves them out of
+   every backup, and the caller must never ask for them (caller).
 3. A relation fork created, dropped or recreated in the range (``CREATE TABLE``, ``TRUNCATE``,
-   ``VACUUM FULL``, ``CLUSTER``, a rewrite, ``SET TABLESPACE``: all give a new relfilenode
-   with limit block 0), and every file of a database directory created or dropped in the
-   range (``CREATE DATABASE``, ``ALTER DATABASE SET TABLESPACE``; relfilenode 0 in the
-   summaries): None, the whole file is new.
+   ``VACUUM FULL``, ``CLUSTER``, a rewrite, ``SET TABLESPACE``: a new relfilenode, limit block
+   0), and every file of a database created or dropped in the range (``CREATE DATABASE``
+   either strategy, ``DROP DATABASE``, ``ALTER DATABASE SET TABLESPACE``: relfilenode 0 with
+   limit 0 in the summaries, walsummarizer.c's SummarizeDbaseRecord): None, the whole file is
+   new.
 4. A fork truncated in the range (its limit block, e.g. ``VACUUM`` cutting a table's tail):
-   blocks at or after the limit are listed as changed, all of them, up to the file's current
-   size; a segment that starts at or after the limit: None.
+   every block at or after the limit, up to the file's current size, is listed as changed and
+   ``limit`` says where; a segment file that starts at or after the limit: None.
 5. A file whose size is not a whole number of blocks or exceeds a segment: None.
 6. (caller) A file the parent backup does not have, and blocks at or beyond the length the
-   parent had for that file, have no parent digest: read them. (A relation created after
-   ``until_lsn``, during the backup, is not in the summaries at all; relation extension does
-   not WAL-log the zero-filled pages it adds.)
-7. (caller) The parent must be a backup of this same system (``system_identifier``) whose
-   timeline is in this server's history: otherwise :func:`changed_blocks` returns None. A
-   timeline switch between the parent and now is followed as PostgreSQL does
-   (:func:`timeline_pieces`): the range is cut at each switch point of the current timeline's
-   history and each piece must be summarized on its own timeline; the parent's timeline must
-   be an ancestor, its start within that timeline's span and, on an ancestor timeline, its
-   stop LSN at or before the switch (otherwise it saw WAL of another history: None). Without
-   the parent's stop LSN, or without the history file, a switch gives None. Any gap in the
-   summaries gives None (``summarize_wal`` off for a while, WAL written with ``wal_level =
-   minimal``, summaries removed after ``wal_summary_keep_time``).
+   parent had for that file, have nothing to take from the parent: read them. (A relation
+   created after ``until_lsn`` is not in these summaries at all; relation extension does not
+   WAL-log the zero-filled pages it adds.)
+7. The parent must be a backup of this same system (``system_identifier``) whose timeline is
+   in this server's history: otherwise None. A timeline switch between the parent and now is
+   followed as PostgreSQL does (:func:`timeline_pieces`): the range is cut at each switch point
+   of the current timeline's history and each piece must be summarized on its own timeline;
+   the parent's timeline must be an ancestor, its start within that timeline's span and, on an
+   ancestor timeline, its stop LSN at or before the switch (otherwise it saw WAL of another
+   history: None). Without the parent's stop LSN, or without the history file, a switch gives
+   None. Any gap in the summaries gives None (``summarize_wal`` off for a while, WAL written
+   with ``wal_level = minimal``, which the summarizer skips, summaries removed after
+   ``wal_summary_keep_time``). What this cannot see, no more than PostgreSQL can: two servers
+   of one system promoted separately to the same timeline number from the same switch point
+   (history files not shared, e.g. restores with archiving off).
+
+Hint bits set without WAL (data checksums off and ``wal_log_hints = off``) change pages the
+summaries do not name; such a page taken from the parent lacks hints, which PostgreSQL sets
+again when it reads the rows: the same as PostgreSQL's own incremental backups. With data
+checksums (or ``wal_log_hints``) the first hint change after a checkpoint is logged as a full
+page image, so the block is named.
 
 Block numbers come from the server's own ``block_size`` and ``segment_size`` (RELSEG_SIZE),
-never assumed. Summaries may reach before ``since_lsn`` and after ``until_lsn`` (they end at
+never assumed. Summaries may reach before ``since_lsn`` and after ``until_lsn`` (they are cut at
 checkpoints' redo pointers); extra changes only make the set larger, which is safe.
 
-Memory. The rows are streamed through a server-side cursor in batches of 10,000 (a few MB of
-Python tuples in flight), already sorted and deduplicated by the server (which spills to disk
-past ``work_mem``), so the client never sorts. Each changed block is kept as 4 bytes
-(``array('I')``) per relation fork, plus about 200 bytes per fork: 5 % of a 1 TB database
-changed (6.7 million 8 kB blocks) is about 27 MB. Rows given to
-:meth:`BlockChanges.from_rows` in another order cost one transient sort per fork. Measured
-(``bench/walsummary.py``, PostgreSQL 18, pgbench scale 70 = 114,755 account pages, 2 shared
-cores): 5 % of the pages updated, 11,577 changed blocks, 0.13 s, 2.2 MB peak; 50 %, 77,450
-blocks, 0.9-1.3 s, 3.9 MB peak. The server's reading and sorting of the summaries is not
-interruptible from here: bound it with the session's ``statement_timeout`` if needed.
+Memory. The rows are streamed through a server-side cursor in batches of 10,000, already
+deduplicated and sorted by the server (which spills to disk past ``work_mem``), without the
+blocks at or after a fork's limit. Each changed block is kept as 4 bytes (``array('I')``) per
+relation fork. The server's reading and sorting of the summaries is not interruptible from
+here: bound it with the session's ``statement_timeout`` if needed.
 """
 
 from __future__ import annotations
@@ -95,8 +108,7 @@ MAIN_FORK, FSM_FORK, VM_FORK, INIT_FORK = 0, 1, 2, 3
 FORK_SUFFIXES = {MAIN_FORK: "", FSM_FORK: "_fsm", VM_FORK: "_vm", INIT_FORK: "_init"}
 MIN_VERSION = 170000  # the first PostgreSQL with WAL summaries
 MAX_BLOCK = 0xFFFFFFFE  # InvalidBlockNumber (2^32 - 1) is never a block
-DEFAULT_WAIT = 15.0  # seconds the summarizer may go without reading any WAL (it naps up to
-# 30 s when idle, but every checkpoint wakes it: a backup's start is one)
+DEFAULT_WAIT = 15.0  # seconds the summarizer may go without progress before we give up
 MAX_WAIT = 300.0  # seconds it may take in all to catch up with until_lsn while it progresses
 
 _FORK_BY_SUFFIX = {suffix: fork for fork, suffix in FORK_SUFFIXES.items()}
@@ -108,13 +120,11 @@ Log = Callable[[str], None]
 
 def tablespace_directory(version_num: int, catalog_version: int) -> str:
     """The per-version directory PostgreSQL puts inside a tablespace
-    (TABLESPACE_VERSION_DIRECTORY): ``PG_17_202406281`` from ``server_version_num`` 170002;
-    ``PG_9.6_201608131`` for the releases before 10."""
-    if version_num >= 100000:
-        major = str(version_num // 10000)
-    else:
-        major = f"{version_num // 10000}.{version_num // 100 % 100}"
-    return f"PG_{major}_{catalog_version}"
+    (TABLESPACE_VERSION_DIRECTORY): ``PG_17_202406281`` from ``server_version_num`` 170002
+    and ``catalog_version_no`` 202406281 (PostgreSQL 10 and later)."""
+    if version_num < 100000:
+        raise ValueError(f"server_version_num {version_num}: before PostgreSQL 10")
+    return f"PG_{version_num // 10000}_{catalog_version}"
 
 
 @dataclass(frozen=True, order=True)
@@ -325,6 +335,8 @@ def read_block_changes(connection, *, timeline: int, since_lsn: wal.Lsn,
                        history: Sequence[wal.HistoryEntry] | None = None,
                        system_identifier: str | None = None, wait: float = DEFAULT_WAIT,
                        max_wait: float = MAX_WAIT, poll: float = 0.1,
+                       clock: Callable[[], float] | None = None,
+                       sleep: Callable[[float], None] | None = None,
                        ) -> BlockChanges | NoChangeSource:
     """:func:`changed_blocks`, with the reason when there is no answer.
 
@@ -336,8 +348,9 @@ def read_block_changes(connection, *, timeline: int, since_lsn: wal.Lsn,
     history of ``timeline`` (:func:`walship.wal.parse_history`), read from the server's
     ``pg_wal`` when the parent's timeline differs and it is not given. The WAL summarizer must
     have written summaries up to ``until_lsn`` (as PostgreSQL's own incremental backup waits
-    for it): polled every ``poll`` seconds, given up after ``wait`` seconds in which it read
-    no WAL, or ``max_wait`` in all.
+    for it): polled every ``poll`` seconds, given up after ``wait`` seconds in which it made
+    no progress, or ``max_wait`` in all (``clock`` and ``sleep``: time.monotonic and
+    time.sleep unless given).
     """
     try:
         import psycopg
@@ -370,7 +383,8 @@ def read_block_changes(connection, *, timeline: int, since_lsn: wal.Lsn,
             segment_size = int(setting) * _unit_bytes(unit, block_size) // block_size
             version_directory = tablespace_directory(version, int(catalog))
             if since_lsn < until_lsn:  # (an empty range needs no summary)
-                done = _wait_for_summarizer(cur, until_lsn, wait, max_wait, poll)
+                done = _wait_for_summarizer(cur, until_lsn, wait, max_wait, poll,
+                                            clock or time.monotonic, sleep or time.sleep)
                 if isinstance(done, NoChangeSource):
                     return done
             if parent_timeline == timeline:
@@ -403,10 +417,12 @@ def read_block_changes(connection, *, timeline: int, since_lsn: wal.Lsn,
                                       [start for _, start, _ in chosen],
                                       [end for _, _, end in chosen]))
             return BlockChanges.from_rows(_rows(named), **common)
+    except ValueError as error:  # an LSN, a setting or a block number that does not parse
+        return NoChangeSource(f"the server's answer was not understood: {error}")
     except psycopg.Error as error:
         diag = getattr(error, "diag", None)
         text = " ".join(str(getattr(diag, "message_primary", None) or error).split())
-        return NoChangeSource(f"PostgreSQL refused to read the WAL summaries: {text} (a "
+        return NoChangeSource(f"reading the WAL summaries failed: {text} (they need a "
                               "superuser, or EXECUTE on pg_available_wal_summaries, "
                               "pg_wal_summary_contents, pg_get_wal_summarizer_state, and "
                               "pg_read_file for a timeline switch)")
@@ -455,27 +471,30 @@ def _unit_bytes(unit: str | None, block_size: int) -> int:
 
 
 def _wait_for_summarizer(cur, until_lsn: wal.Lsn, wait: float, max_wait: float,
-                         poll: float) -> None | NoChangeSource:
+                         poll: float, clock: Callable[[], float],
+                         sleep: Callable[[float], None]) -> None | NoChangeSource:
     """Poll pg_get_wal_summarizer_state until the summaries on disk reach ``until_lsn``; give
-    up after ``wait`` seconds without progress (pending_lsn, what it has read, standing still)
-    or ``max_wait`` seconds in all."""
-    start = last_progress = time.monotonic()
-    pending_seen = None
+    up after ``wait`` seconds without progress (neither what it has summarized nor what it has
+    read, pending_lsn, moving) or ``max_wait`` seconds in all."""
+    start = last_progress = clock()
+    seen: tuple[object, object] | None = None
     while True:
         _tli, summarized, pending, pid = _one(
             cur, "SELECT summarized_tli, summarized_lsn::text, pending_lsn::text, "
                  "summarizer_pid FROM pg_get_wal_summarizer_state()")
         if summarized and wal.Lsn.parse(summarized) >= until_lsn:
             return None
-        now = time.monotonic()
-        if pending != pending_seen:
-            pending_seen, last_progress = pending, now
+        now = clock()
+        if (summarized, pending) != seen:
+            seen, last_progress = (summarized, pending), now
         if now - last_progress >= wait or now - start >= max_wait:
             running = "running" if pid is not None else "not running"
+            why = (f"no progress for {now - last_progress:.1f} s" if now - start < max_wait
+                   else f"still behind after {now - start:.1f} s")
             return NoChangeSource(f"the WAL summarizer ({running}) has summarized up to "
                                   f"{summarized or '-'} ({pending or '-'} read), not "
-                                  f"{until_lsn}, after {now - start:.1f} s")
-        time.sleep(poll)
+                                  f"{until_lsn}: {why}")
+        sleep(poll)
 
 
 def _covering_summaries(cur, pieces: list[tuple[int, wal.Lsn, wal.Lsn]],
@@ -556,8 +575,8 @@ def select_summaries(summaries: Iterable[tuple[int, wal.Lsn, wal.Lsn]], timeline
     if others:
         return NoChangeSource(
             f"the summaries from {reached} on are on timeline(s) "
-            f"{', '.join(map(str, others))}, not {timeline}: a timeline switch between the "
-            "parent backup and now (summaries are not followed across timelines)")
+            f"{', '.join(map(str, others))}, not {timeline}: a timeline switch the history "
+            "given does not show")
     oldest = min((s[1] for s in every if s[0] == timeline), default=None)
     if not chosen and oldest is not None and oldest >= until_lsn:
         return NoChangeSource(f"no WAL summary of timeline {timeline} covers {since_lsn}.."
