@@ -224,7 +224,7 @@ def test_permission_denied_names_what_is_needed():
     assert changed_blocks(FakeConnection(server), timeline=1, since_lsn=L("1/0"),
                           until_lsn=L("1/100"), log=lines.append) is None
     assert len(lines) == 1 and "permission denied" in lines[0], lines
-    assert "superuser, or EXECUTE on pg_available_wal_summaries" in lines[0]
+    assert "EXECUTE on pg_get_wal_summarizer_state" in lines[0]
 
 
 def test_a_summary_removed_while_read_gives_none_not_part():

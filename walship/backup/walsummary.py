@@ -422,10 +422,11 @@ def read_block_changes(connection, *, timeline: int, since_lsn: wal.Lsn,
     except psycopg.Error as error:
         diag = getattr(error, "diag", None)
         text = " ".join(str(getattr(diag, "message_primary", None) or error).split())
-        return NoChangeSource(f"reading the WAL summaries failed: {text} (they need a "
-                              "superuser, or EXECUTE on pg_available_wal_summaries, "
-                              "pg_wal_summary_contents, pg_get_wal_summarizer_state, and "
-                              "pg_read_file for a timeline switch)")
+        return NoChangeSource(f"reading the WAL summaries failed: {text} (they need EXECUTE "
+                              "on pg_get_wal_summarizer_state, pg_available_wal_summaries and "
+                              "pg_wal_summary_contents, PUBLIC's by default, and after a "
+                              "timeline switch pg_read_file: a superuser or "
+                              "pg_read_server_files)")
 
 
 # Every summary's rows, distinct, sorted the way BlockChanges.from_rows keeps memory flat (a
