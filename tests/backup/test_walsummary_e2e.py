@@ -163,3 +163,70 @@ def test_the_summaries_never_miss_a_changed_block(pg, pg_install):
     finally:
         source.close()
     assert len(lines) == 1 and "permission denied" in lines[0], lines
+
+
+@pytest.mark.pg_versions
+@pytest.mark.timeout(600)
+def test_a_timeline_switch_is_followed_through_the_history(pg, pg_install):
+    """The parent on timeline 1, the server promoted (timeline 2) since: the summaries of both
+    timelines, cut at the switch point the history file (read by the server) gives."""
+    primary = pg.initdb("primary", archive=False)
+    if pg_install.major >= 17:
+        primary.configure(summarize_wal=True)
+    primary.start()
+    if pg_install.major < 17:  # the version is checked before anything else
+        source = source_for(primary)
+        try:
+            assert changed_blocks(source._conn, timeline=2, since_lsn=wal.Lsn(0),
+                                  until_lsn=wal.Lsn(1), parent_timeline=1,
+                                  parent_stop_lsn=wal.Lsn(0)) is None
+        finally:
+            source.close()
+        return
+    primary.pgbench_init(scale=2)
+    primary.psql("VACUUM (FREEZE)")
+    since = redo_lsn(primary)  # the parent's start
+    before = relation_files(primary.data)
+    primary.pgbench(transactions=100, clients=2)  # on timeline 1, while the parent "ran"
+    parent_stop = wal.Lsn.parse(primary.psql("SELECT pg_current_wal_lsn()"))
+    primary.pgbench(transactions=100, clients=2)  # on timeline 1, after the parent
+    primary.stop()  # then a promotion: timeline 2
+    (primary.data / "standby.signal").touch()
+    os.chown(primary.data / "standby.signal", primary.data.stat().st_uid,
+             primary.data.stat().st_gid)
+    primary.start()
+    primary.promote()
+    primary.wait_promoted()
+    assert primary.timeline() == 2
+    primary.pgbench(transactions=100, clients=2)  # on timeline 2
+
+    source = source_for(primary)
+    lines: list[str] = []
+    try:
+        until = source.start("walsummary e2e", fast=True)
+        after = relation_files(primary.data)
+        found = changed_blocks(source._conn, timeline=2, since_lsn=since, until_lsn=until,
+                               parent_timeline=1, parent_stop_lsn=parent_stop,
+                               log=lines.append)
+        # a parent that stopped after the switch point saw WAL this history does not have
+        switch = wal.parse_history((primary.data / "pg_wal" / "00000002.history").read_text())
+        late = changed_blocks(source._conn, timeline=2, since_lsn=since, until_lsn=until,
+                              parent_timeline=1,
+                              parent_stop_lsn=wal.Lsn(switch[0].switchpoint.value + 1),
+                              log=lines.append)
+        source.stop(wait_for_archive=False)
+    finally:
+        source.close()
+    assert isinstance(found, BlockChanges), lines
+    assert found.summaries >= 2  # both timelines
+    assert late is None and len(lines) == 1 and "after its switch point" in lines[0], lines
+    checked = missed = 0
+    for path, now in sorted(after.items()):
+        changes = found.file_changes(path, len(now)) if path in before else None
+        if changes is None:
+            continue
+        reported = set(changes.blocks)
+        for block in differing_blocks(before[path], now):
+            checked += 1
+            missed += block not in reported
+    assert missed == 0 and checked >= 50, (missed, checked)
