@@ -347,7 +347,6 @@ def test_status_shows_each_mirrors_lag_until_repo_sync_catches_up(repos, wal_dir
 
 def test_backups_go_to_every_sync_repository_and_damage_falls_over(repos, tmp_path, capsys):
     from tests.backup.test_pipeline import FakeSource, make_cluster, push_wal_names
-
     from walship.archive import open_archive
     from walship.backup.push import push_backup
 
@@ -407,7 +406,6 @@ def test_repo_sync_beside_delete_never_leaves_a_manifest_without_its_parts(repos
 
 def test_delete_applies_retention_to_every_repository_or_one(repos, tmp_path, capsys):
     from tests.backup.test_pipeline import FakeSource, make_cluster
-
     from walship.archive import Archive, open_archive
     from walship.backup import catalog
     from walship.backup.push import push_backup
@@ -494,3 +492,360 @@ def test_a_repository_that_could_not_answer_is_asked_last_for_a_while():
     finally:
         MemoryStorage.forget(url)
         MemoryStorage.forget(f"{url}-p")
+
+
+# -- read-only mirrors (mode = "read": an account's RA-GRS secondary endpoint) -----------------
+def tree(root):
+    """Every file under ``root`` (dot-files too) with its bytes and mtime: what a write would
+    change."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def with_reader(repos, tmp_path, monkeypatch):
+    """The ``repos`` set plus ``reader``, a mirror walship may only read (``mode = "read"``),
+    kept current behind walship's back (as Azure's geo-replication keeps a secondary)."""
+    reader = tmp_path / "reader"
+    reader.mkdir()
+    config = tmp_path / "walship.toml"
+    config.write_text(config.read_text() + f'[[mirrors]]\nname = "reader"\n'
+                      f'repo = "file://{reader}"\nmode = "read"\n')
+    repos["reader"] = reader
+    return repos
+
+
+def replicate(repos):
+    """Copy the primary into the read-only mirror (Azure's replication, in the test)."""
+    import shutil
+
+    shutil.copytree(repos["primary"], repos["reader"], dirs_exist_ok=True)
+
+
+def test_a_read_mirror_is_never_written_by_push_delete_or_repo_sync(with_reader, tmp_path,
+                                                                     capsys):
+    from tests.backup.test_pipeline import FakeSource, make_cluster
+    from walship.archive import open_archive
+    from walship.backup.push import push_backup
+
+    repos = with_reader
+    archive = open_archive(load_settings())
+    data, ts = make_cluster(tmp_path)
+    key = "wal/000000010000000000000002"  # (the WAL the backups wait for)
+    stored = archive.codec.stored_form(key, [b"x"])
+    archive.storage.put(key, stored, metadata=stored.metadata)
+    old = push_backup(archive, FakeSource(data, ts), part_size=1 << 20).manifest.name
+    push_backup(archive, FakeSource(data, ts), part_size=1 << 20)
+    assert tree(repos["reader"]) == {}
+    replicate(repos)
+    before = tree(repos["reader"])
+    assert any(f"{old}/" in key for key in before)
+    capsys.readouterr()
+    # retention deletes from the others, never from it
+    assert main(["delete", "--retain-full", "1", "--confirm"]) == 0
+    for name in ("primary", "west"):
+        assert not any(f"{old}/" in key for key in tree(repos[name])), name
+    assert tree(repos["reader"]) == before
+    # naming it is refused, clearly
+    assert main(["delete", "--retain-full", "1", "--confirm", "--repo", "reader"]) \
+        == ExitStatus.USAGE
+    assert "cannot delete from repository reader: it is read-only" in capsys.readouterr().err
+    assert main(["repo-sync", "--to", "reader"]) == ExitStatus.USAGE
+    assert "cannot repo-sync into repository reader: it is read-only" in \
+        capsys.readouterr().err
+    # repo-sync's default targets leave it out; it may be a source (to seed another)
+    assert main(["repo-sync", "--json"]) == 0
+    import json
+
+    out, err = capsys.readouterr()
+    assert [r["to"] for r in json.loads(out)] == ["west", "north"]
+    assert 'repo-sync primary -> reader: skipped, it is read-only (mode = "read")' in err
+    assert main(["repo-sync", "--from", "reader", "--to", "north"]) == 0
+    assert main(["repo-sync", "--from", "reader"]) == 0
+    assert tree(repos["reader"]) == before
+
+
+def test_a_read_mirror_serves_reads_but_its_absence_proves_nothing(with_reader, wal_dir,
+                                                                   tmp_path, capsys):
+    repos = with_reader
+    assert main(["wal-push", str(wal_dir / SEG)]) == 0
+    assert tree(repos["reader"]) == {}  # not a push target
+    replicate(repos)
+    before = tree(repos["reader"])
+    for name in ("primary", "west", "north"):  # every writable repository is lost
+        repos[name].rename(tmp_path / f"{name}-away")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["wal-fetch", SEG, str(out)]) == 0
+    assert out.read_bytes() == (wal_dir / SEG).read_bytes()
+    assert "reading from repository reader" in capsys.readouterr().err
+    # it lags (Azure replicates asynchronously): its "not found" is no proof of absence
+    assert main(["wal-fetch", SEG2, str(tmp_path / "out2")]) >= 126
+    assert tree(repos["reader"]) == before
+
+
+def test_mirrored_storage_never_writes_or_deletes_a_read_member():
+    import uuid
+
+    from walship.storage.memory import MemoryStorage
+    from walship.storage.mirrored import Member, MirroredStorage
+
+    class ReadOnly(MemoryStorage):
+        def put(self, key, data, *, metadata=None):
+            raise AssertionError(f"put {key} into a read-only member")
+
+        def delete(self, key):
+            raise AssertionError(f"delete {key} from a read-only member")
+
+    url = f"memory://{uuid.uuid4().hex}"
+    reader = ReadOnly(f"{url}-r")
+    MemoryStorage.put(reader, "wal/old", [b"O"])  # (replicated behind walship's back)
+    storage = MirroredStorage([Member("primary", MemoryStorage(url), "primary"),
+                               Member("reader", reader, "read")])
+    try:
+        storage.put("wal/a", [b"A"])
+        storage.delete("wal/a")
+        storage.delete("wal/old")
+        assert storage.get("wal/old").read() == b"O"  # still there: read, never deleted
+        assert [i.key for i in storage.list("wal/")] == ["wal/old"]
+    finally:
+        MemoryStorage.forget(url)
+        MemoryStorage.forget(f"{url}-r")
+
+
+SECONDARY_KEY = "RGV2ZWxvcG1lbnRLZXk="  # (a made-up key: never used to sign anything here)
+
+
+@pytest.mark.parametrize("azure,mode,expected", [
+    # an account's secondary endpoint: read-only, and read is its default mode
+    ('account = "geo"\naccount_url = "https://geo-secondary.blob.core.windows.net"\n', None,
+     "read"),
+    ('account = "geo"\naccount_url = "https://geo-secondary.blob.core.windows.net/"\n',
+     "read", "read"),
+    ((f'connection_string = "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;'
+      f'AccountKey={SECONDARY_KEY};BlobEndpoint=http://127.0.0.1:10000/'
+      f'devstoreaccount1-secondary;"\n'), None, "read"),  # Azurite's path-style form
+    # the primary endpoint: async unless told
+    ('account = "geo"\naccount_url = "https://geo.blob.core.windows.net"\n', None, "async"),
+    ('account = "geo"\n', None, "async"),
+    ('account = "geo"\naccount_url = "https://geo.blob.core.windows.net"\n', "read", "read"),
+])
+def test_a_secondary_endpoint_makes_a_read_mirror(tmp_path, azure, mode, expected):
+    path = tmp_path / "walship.toml"
+    path.write_text('repo = "azure://wal/c1"\n[azure]\naccount = "main"\n'
+                    '[[mirrors]]\nname = "paired"\nrepo = "azure://wal/c1"\n'
+                    + (f'mode = "{mode}"\n' if mode else "") + "[mirrors.azure]\n" + azure)
+    path.chmod(0o600)
+    (mirror,) = load_settings({}, {}, str(path)).mirrors
+    assert mirror.mode == expected
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_secondary_endpoint_cannot_be_written_to(tmp_path, mode):
+    path = tmp_path / "walship.toml"
+    path.write_text('repo = "azure://wal/c1"\n[azure]\naccount = "main"\n'
+                    f'[[mirrors]]\nname = "paired"\nrepo = "azure://wal/c1"\nmode = "{mode}"\n'
+                    '[mirrors.azure]\naccount = "geo"\n'
+                    'account_url = "https://geo-secondary.blob.core.windows.net"\n')
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, {}, str(path))
+    line = raised.value.one_line()
+    assert f"mirror paired in [[mirrors]] number 1 in config file {path} has mode = '{mode}'" \
+        in line
+    assert "https://geo-secondary.blob.core.windows.net is an account's secondary" in line
+    assert 'write mode = "read"' in line
+
+
+# -- damaged objects: every reader falls over to the next repository ---------------------------
+def flip(path):
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 3] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_manifest_or_part_is_read_from_the_next_repository_by_list_restore_and_drill(
+        repos, tmp_path, capsys, monkeypatch):
+    import json
+
+    from tests.backup.test_pipeline import FakeSource, make_cluster, push_wal_names
+    from walship.archive import open_archive
+    from walship.backup.push import push_backup
+    from walship.backup.restore import RecoveryTarget
+    from walship.drill import run as drill_run
+    from walship.drill.report import DrillReport
+    from walship.drill.scratch import Scratch
+
+    archive = open_archive(load_settings())
+    data, ts = make_cluster(tmp_path)
+    push_wal_names(archive, ["000000010000000000000002"])
+    manifest = push_backup(archive, FakeSource(data, ts), part_size=1 << 20).manifest
+    flip(repos["primary"] / f"backups/{manifest.name}/manifest")
+    flip(repos["primary"] / manifest.parts[1].key)
+    capsys.readouterr()
+    # the listing (and so delete, status, a drill's choice of backup) reads the next copy
+    assert main(["backup-list", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [(r["name"], r["complete"]) for r in json.loads(out)] == [(manifest.name, True)]
+    assert "read a verified copy from repository west" in err
+    assert main(["restore", str(tmp_path / "restored"), "--tablespace-map",
+                 f"16400={tmp_path / 'restored-ts'}"]) == 0
+    assert (tmp_path / "restored/base/5/16384").read_bytes() == \
+        (data / "base/5/16384").read_bytes()
+
+    # the drill's restore: stopped right after it, before any server would start
+    class Restored(Exception):
+        pass
+
+    def stop(*args):
+        raise Restored
+
+    monkeypatch.setattr(drill_run, "controldata", stop)
+    scratch = Scratch(tmp_path / "scratch", True)
+    scratch.root.mkdir()
+    server = type("Server", (), {"runner": type("Runner", (), {"own": lambda self, p: None})(),
+                                 "bindir": "/nowhere"})()
+    report = DrillReport(datetime_now(), drill_run.DrillPlan(), "latest", manifest.name,
+                         str(scratch.root), 5432, "/nowhere")
+    settings = load_settings()
+    archive = open_archive(settings)  # (a new process would: nothing remembered)
+    with pytest.raises(Restored):
+        drill_run._restore_and_check(archive, settings, manifest, RecoveryTarget(), scratch,
+                                     server, report, 0.0, lambda: 0.0, lambda _: None)
+    assert (scratch.data / "base/5/16384").read_bytes() == (data / "base/5/16384").read_bytes()
+    assert (scratch.data / "recovery.signal").exists()
+
+
+def datetime_now():
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
+
+
+# -- a silent primary: the call's time is shared out between the repositories ----------------
+@pytest.fixture
+def silent_endpoint():
+    """A port that accepts connections and never answers (a hung storage front end)."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield listener.getsockname()[1]
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+AZURITE_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/"
+               "KBHBeksoGMGw==")  # (Azurite's public development key: no secret)
+CALL_TIMEOUT = 8
+
+
+@pytest.mark.parametrize("transport,mirror", [("auto", "file"), ("auto", "azure"),
+                                               ("sdk", "azure")])
+def test_a_silent_primary_leaves_the_mirror_time_to_deliver(silent_endpoint, tmp_path,
+                                                            monkeypatch, wal_dir, transport,
+                                                            mirror, request):
+    """A primary endpoint that accepts connections and never answers, and a sync mirror
+    (a directory, or Azurite, whose requests keep to the call's deadline too): wal-fetch
+    delivers from the mirror within call_timeout, the primary having had its share."""
+    import time
+
+    for var in list(os.environ):
+        if var.startswith(("WALSHIP_", "AZURE_")):
+            monkeypatch.delenv(var)
+    (tmp_path / "none.toml").write_text("")
+    monkeypatch.setenv("WALSHIP_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "0")
+    if mirror == "file":
+        west = tmp_path / "west"
+        west.mkdir()
+        url, table = f"file://{west}", ""
+    else:
+        repo = request.getfixturevalue("azure_repository")
+        connection = repo.azurite.connection_string
+        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", connection)
+        url, table = repo.url, f'[mirrors.azure]\nconnection_string = "{connection}"\n'
+    monkeypatch.setenv("WALSHIP_REPO", url)
+    assert main(["wal-push", str(wal_dir / SEG)]) == 0  # (what the sync mirror holds)
+    monkeypatch.delenv("WALSHIP_REPO")
+    monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
+    config = tmp_path / "walship.toml"
+    config.write_text(
+        'repo = "azure://wal/cluster1"\n[azure]\nconnection_string = "DefaultEndpointsProtocol='
+        f'http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};BlobEndpoint=http://'
+        f'127.0.0.1:{silent_endpoint}/devstoreaccount1;"\n'
+        f'[[mirrors]]\nname = "west"\nrepo = "{url}"\nmode = "sync"\n' + table)
+    config.chmod(0o600)
+    monkeypatch.setenv("WALSHIP_CONFIG", str(config))
+    monkeypatch.setenv("WALSHIP_PREFETCH", "0")
+    monkeypatch.setenv("WALSHIP_AZURE_TRANSPORT", transport)
+    # a request may wait 30 s and be retried: alone, the silent primary would take the call
+    monkeypatch.setenv("WALSHIP_STORAGE_TIMEOUT", "30")
+    monkeypatch.setenv("WALSHIP_STORAGE_RETRIES", "4")
+    monkeypatch.setenv("WALSHIP_CALL_TIMEOUT", str(CALL_TIMEOUT))
+    out = tmp_path / "out"
+    started = time.monotonic()
+    assert main(["wal-fetch", SEG, str(out)]) == 0
+    took = time.monotonic() - started
+    print(f"wal-fetch with a silent primary took {took:.2f} s (call_timeout {CALL_TIMEOUT})")
+    assert out.read_bytes() == (wal_dir / SEG).read_bytes()
+    # the primary had half the call (its share), the mirror delivered within the rest
+    assert CALL_TIMEOUT * 0.5 - 0.5 <= took < CALL_TIMEOUT - 1, took
+
+
+def test_each_read_shares_read_seconds_out_when_there_is_no_call_deadline():
+    """The prefetch worker has no call deadline: ``read_seconds`` from the start of each read
+    is shared out as a call's would be (the first repository asked gets half, the last one
+    the rest, bounded by its own deadline only)."""
+    import time
+    import uuid
+
+    from walship.errors import Unavailable
+    from walship.storage.base import effective_deadline
+    from walship.storage.memory import MemoryStorage
+    from walship.storage.mirrored import Member, MirroredStorage
+
+    seen: list[tuple[str, float | None]] = []
+
+    class Silent(MemoryStorage):
+        def get(self, key):
+            seen.append(("primary", effective_deadline(None)))
+            raise Unavailable("no answer")
+
+    class Answering(MemoryStorage):
+        def get(self, key):
+            seen.append(("west", effective_deadline(None)))
+            return super().get(key)
+
+    url = f"memory://{uuid.uuid4().hex}"
+    west = Answering(f"{url}-w")
+    west.put("wal/a", [b"A"])
+    storage = MirroredStorage([Member("primary", Silent(url), "primary"),
+                               Member("west", west, "sync")])
+    try:
+        assert storage.get("wal/a").read() == b"A"
+        assert seen == [("primary", None), ("west", None)]  # no deadline, no read_seconds
+        storage._down.clear()
+        seen.clear()
+        storage.read_seconds = 10.0
+        before = time.monotonic()
+        assert storage.get("wal/a").read() == b"A"
+        (first, share), (second, last) = seen
+        assert (first, second, last) == ("primary", "west", None)
+        assert before + 4.9 <= share <= time.monotonic() + 5.0
+        assert effective_deadline(None) is None  # (the share ends with the read)
+    finally:
+        MemoryStorage.forget(url)
+        MemoryStorage.forget(f"{url}-w")

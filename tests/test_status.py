@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.test_prune import NOW, fake_backup, put
+from tests.test_prune import NOW, fake_backup, put, set_age
 from walship.archive import Archive
+from walship.backup import catalog, layout
 from walship.codec import Codec
 from walship.entry import main
 from walship.status import ArchiverStats, Status, gather, prometheus_text, write_textfile
@@ -114,3 +116,61 @@ def test_a_password_in_dbname_is_never_shown(dbname):
     with pytest.raises(StorageError) as caught:
         PostgresSource(dbname)
     assert "S3CRET" not in caught.value.one_line()
+
+
+def fake_incr(archive: Archive, parent: str, start_seg: int, start: datetime,
+              backup_type: str = "incr") -> str:
+    """An incremental backup on ``parent`` (by name: its manifest need not exist), made from a
+    :func:`fake_backup` whose manifest is rewritten to name the parent."""
+    name = fake_backup(archive, start_seg, start)
+    manifest = catalog.load_manifest(archive, name)
+    archive.storage.delete(layout.manifest_key(name))
+    catalog.store_manifest(archive, replace(manifest, backup_type=backup_type, parent=parent))
+    set_age(archive, layout.manifest_key(name), manifest.stop_time)
+    return name
+
+
+def test_a_newer_backup_with_a_broken_chain_is_not_the_newest_backup(repo, tmp_path, capsys):
+    """The newest complete backup is an incr whose parent has no manifest: it cannot be
+    restored, so the backup age is the newest usable one's, and status says why."""
+    full = fake_backup(repo, 10, NOW - timedelta(days=2))
+    diff = fake_incr(repo, full, 20, NOW - timedelta(days=1), "diff")
+    gone = fake_backup(repo, 25, NOW - timedelta(hours=10), complete=False)
+    incr = fake_incr(repo, gone, 30, NOW - timedelta(hours=3))
+    status = gather(repo, environ={}, now=NOW)
+    assert status.newest_backup == diff and status.backups_complete == 3
+    assert 86000 - 1200 < status.newest_backup_age < 86400  # type: ignore[operator]
+    assert [(b.name, b.backup_type) for b in status.broken_backups] == [(incr, "incr")]
+    assert gone in status.broken_backups[0].problem
+    prom = tmp_path / "walship.prom"
+    assert main(["status", "--prometheus", str(prom)]) == 0
+    out = capsys.readouterr().out
+    assert f"newest backup  {diff} (stopped" in out
+    assert (f"WARNING: backup {incr} (incr) is newer but cannot be restored: its chain is "
+            f"broken (its parent {gone} is missing or incomplete (no manifest))") in out
+    assert "walship_newest_backup_chain_broken 1\n" in prom.read_text()
+    assert main(["status", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["newest_backup"] == diff
+    assert [(b["name"], b["type"]) for b in doc["broken_backups"]] == [(incr, "incr")]
+    assert "missing or incomplete" in doc["broken_backups"][0]["problem"]
+
+
+def test_no_usable_backup_when_every_chain_is_broken(repo):
+    incr = fake_incr(repo, "20200101T000000Z", 30, NOW - timedelta(hours=3))
+    status = gather(repo, environ={}, now=NOW)
+    assert status.newest_backup is None and status.newest_backup_age is None
+    assert [b.name for b in status.broken_backups] == [incr]
+    text = prometheus_text(status)
+    assert "walship_newest_backup_chain_broken 1\n" in text
+    assert "walship_newest_backup_age_seconds" not in text
+
+
+def test_chain_broken_gauge_is_0_with_a_usable_newest_backup_and_absent_without_backups(repo):
+    assert "walship_newest_backup_chain_broken" not in prometheus_text(
+        gather(repo, environ={}, now=NOW))
+    full = fake_backup(repo, 10, NOW - timedelta(days=1))
+    fake_incr(repo, full, 20, NOW - timedelta(hours=1))
+    status = gather(repo, environ={}, now=NOW)
+    assert status.broken_backups == () and status.newest_backup is not None
+    assert "walship_newest_backup_chain_broken 0\n" in prometheus_text(status)

@@ -341,7 +341,7 @@ def backup_push(state: _State, dbname: str | None, part_size: int, checkpoint: s
                  f"out={result.bytes_out} seconds={result.seconds:.3f} "
                  f"files={len(manifest.files)} parts={len(manifest.parts)} "
                  f"type={manifest.backup_type} parent={manifest.parent or '-'} "
-                 f"unchanged={result.referenced}")
+                 f"unchanged={result.referenced} block_deltas={result.deltas}")
     return ExitStatus.OK
 
 
@@ -509,7 +509,8 @@ def restore(state: _State, directory: str, target_time: str | None, target_lsn: 
               "what would go.")
 @click.option("--json", "as_json", is_flag=True, help="The plan as JSON on stdout.")
 @click.option("--repo", "repositories", metavar="NAME", multiple=True, help="With mirrors: "
-              "delete only from this repository (repeatable). [default: from every one]")
+              "delete only from this repository (repeatable). [default: every one but the "
+              "read-only]")
 @click.pass_obj
 def delete(state: _State, retain_full: int | None, retain_days: float | None,
            before: str | None, incomplete_grace: float, confirm: bool, as_json: bool,
@@ -538,6 +539,7 @@ def delete(state: _State, retain_full: int | None, retain_days: float | None,
             raise UsageError(f"no repository named {(unknown or list(repositories))[0]!r}",
                              "configured: " + (", ".join(names) or "no [[mirrors]]"),
                              "use --repo with a mirror's name, or primary")
+        _refuse_read_only(archive.storage, repositories, "delete from")
         archive.storage.delete_only = frozenset(repositories)
     plan = prune.make_plan(archive, policy)
     if as_json:
@@ -689,11 +691,21 @@ def backup_verify(state: _State, name: str, as_json: bool, repo_name: str | None
     return ExitStatus.OK
 
 
+def _refuse_read_only(storage: Any, names: tuple[str, ...], action: str) -> None:
+    """A UsageError when one of ``names`` is a read-only (``mode = "read"``) repository."""
+    for name in names:
+        if storage.member(name).mode == "read":
+            raise UsageError(f"cannot {action} repository {name}", 'it is read-only (mode = '
+                             '"read"): walship never writes it (an account\'s secondary '
+                             "endpoint is written by Azure's geo-replication alone)",
+                             "name the primary, a sync or an async mirror")
+
+
 @cli.command("repo-sync")
 @click.option("--from", "source", metavar="NAME", default="primary", show_default=True,
               help="The repository to copy from (primary or a mirror's name).")
 @click.option("--to", "targets", metavar="NAME", multiple=True, help="A repository to copy "
-              "into (repeatable). [default: every other configured repository]")
+              "into (repeatable). [default: every other one but the read-only]")
 @click.option("--dry-run", is_flag=True, help="Only say what would be copied.")
 @click.option("--json", "as_json", is_flag=True, help="The result as JSON on stdout.")
 @click.pass_obj
@@ -721,8 +733,14 @@ def repo_sync(state: _State, source: str, targets: tuple[str, ...], dry_run: boo
             raise UsageError(f"no repository named {name!r}", "configured: "
                              + ", ".join(names), "use --from/--to with one of those names")
     origin = archive.storage.member(source)
+    _refuse_read_only(archive.storage, targets, "repo-sync into")
     chosen = [archive.storage.member(n) for n in targets] if targets else \
-        [m for m in members if m.name != source]
+        [m for m in members if m.name != source and m.mode != "read"]
+    if not targets:
+        for member in members:
+            if member.mode == "read" and member.name != source:
+                logline.info(f"repo-sync {source} -> {member.name}: skipped, it is read-only "
+                             '(mode = "read")')
     reports: list[dict[str, Any]] = []
     first_error: BaseException | None = None
     for target in chosen:
@@ -801,6 +819,9 @@ def status(state: _State, dbname: str | None, as_json: bool, prometheus: str | N
     age = current.newest_backup_age
     click.echo(f"newest backup  {current.newest_backup or 'none'}"
                + (f" (stopped {_age(age)} ago)" if age is not None else ""))
+    for broken in current.broken_backups:
+        click.echo(f"WARNING: backup {broken.name} ({broken.backup_type}) is newer but cannot "
+                   f"be restored: its chain is broken ({broken.problem})")
     click.echo(f"WAL            {current.wal_files} files, {_size(current.wal_bytes)}")
     click.echo(f"backups        {current.backups_complete} complete, "
                f"{current.backups_incomplete} incomplete, {_size(current.backup_bytes)}")

@@ -20,7 +20,7 @@ from typing import Any
 from walship.codec import DEFAULT_LEVEL
 from walship.errors import ConfigError
 from walship.spool import DEFAULT_CALL_TIMEOUT, DEFAULT_PREFETCH, DEFAULT_PUSH_AHEAD
-from walship.storage import AzureCredentials, StorageOptions
+from walship.storage import AzureCredentials, StorageOptions, secondary_endpoint
 
 DEFAULT_CONFIG_FILE = "/etc/walship/walship.toml"
 
@@ -51,7 +51,7 @@ _AZURE: dict[str, str] = {
 }
 SECRET_FIELDS = frozenset({"connection_string", "account_key", "sas_token"})
 PRIMARY_NAME = "primary"
-MIRROR_MODES = ("sync", "async")
+MIRROR_MODES = ("sync", "async", "read")
 _MIRROR_KEYS = frozenset({"name", "repo", "mode", "azure"})
 
 
@@ -59,8 +59,10 @@ _MIRROR_KEYS = frozenset({"name", "repo", "mode", "azure"})
 class MirrorSettings:
     """One ``[[mirrors]]`` entry: a further repository holding the same objects as the primary.
 
-    ``mode`` is ``sync`` (a push succeeds only once the mirror holds the object too) or
-    ``async`` (``walship repo-sync`` copies to it later). ``azure`` is the mirror's own
+    ``mode`` is ``sync`` (a push succeeds only once the mirror holds the object too),
+    ``async`` (``walship repo-sync`` copies to it later) or ``read`` (walship never writes it:
+    an Azure account's read-only secondary endpoint, kept current by Azure's geo-replication;
+    the default for a mirror whose endpoint is one). ``azure`` is the mirror's own
     credentials, None to use the primary's (another container of the same account)."""
 
     name: str
@@ -306,11 +308,12 @@ def _read_mirrors(path: str, entries: Any) -> tuple[MirrorSettings, ...]:
         if not repo:
             raise ConfigError(f"mirror {name} has no repo in {where}",
                               hint='e.g. repo = "azure://wal/cluster1" or "file:///mnt/wal"')
-        mode = entry.get("mode", "async")
-        if mode not in MIRROR_MODES:
+        mode = entry.get("mode")
+        if mode is not None and mode not in MIRROR_MODES:
             raise ConfigError(f"invalid mode {mode!r} of mirror {name} in {where}",
-                              "it is sync (a push waits for the mirror) or async "
-                              "(walship repo-sync copies later)")
+                              "it is sync (a push waits for the mirror), async (walship "
+                              "repo-sync copies later) or read (never written: an account's "
+                              "secondary endpoint)")
         azure = entry.get("azure")
         credentials = None
         if azure is not None:
@@ -327,7 +330,17 @@ def _read_mirrors(path: str, entries: Any) -> tuple[MirrorSettings, ...]:
                                       f"it must be text, not {_toml_kind(value)}",
                                       "write it in quotes")
             credentials = AzureCredentials(**{k: v for k, v in azure.items() if v})
-        mirrors.append(MirrorSettings(name, repo, mode, credentials))
+        secondary = secondary_endpoint(credentials) if repo.startswith("azure:") else None
+        if secondary is not None and mode not in (None, "read"):
+            from walship.redact import mask_url
+
+            raise ConfigError(f"mirror {name} in {where} has mode = {mode!r} but its endpoint "
+                              f"{mask_url(secondary)} is an account's secondary",
+                              "a secondary endpoint (read-access geo-redundant storage) can "
+                              "only be read: Azure replicates the account to it",
+                              'write mode = "read" (or leave mode out)')
+        mirrors.append(MirrorSettings(name, repo, mode or ("read" if secondary else "async"),
+                                      credentials))
     return tuple(mirrors)
 
 

@@ -149,6 +149,10 @@ class Worker:
         self.cache = cache
         self.settings = load_settings()
         self.archive = open_archive(self.settings)
+        if hasattr(self.archive.storage, "read_seconds"):
+            # (with mirrors: each read shares call_timeout out between the repositories, as a
+            # wal-fetch call does, so a silent primary does not hold a segment up for long)
+            self.archive.storage.read_seconds = self.settings.call_timeout
         self.fingerprint = spool.settings_fingerprint()
         self.depth = self.settings.prefetch
         self.max_bytes = self.settings.cache_max_mb << 20

@@ -13,7 +13,8 @@ archiver's failures as PostgreSQL's ``pg_stat_archiver`` records them, when a se
 :func:`write_textfile` writes them atomically (a temporary file in the same directory, fsynced,
 then renamed), so the collector never reads half a file.
 
-Costs: one LIST of ``wal/``, one of ``backups/`` and one manifest read; psycopg is imported
+Costs: one LIST of ``wal/``, one of ``backups/`` and the manifests of the newest backup's chain
+(one read for a full backup; more only for its parents and for broken newer ones); psycopg is imported
 only when a server is queried.
 """
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from walship import layout as wal_layout
 from walship.archive import Archive
 from walship.backup import catalog
+from walship.backup.manifest import Manifest
 from walship.errors import StorageError
 from walship.reposync import MirrorLag, mirror_lags
 
@@ -50,6 +52,15 @@ class ArchiverStats:
 
 
 @dataclass(frozen=True)
+class BrokenBackup:
+    """A complete backup, newer than the newest usable one, whose chain is not complete."""
+
+    name: str
+    backup_type: str
+    problem: str
+
+
+@dataclass(frozen=True)
 class Status:
     now: datetime
     repository: str
@@ -64,6 +75,7 @@ class Status:
     newest_backup_stop: datetime | None
     archiver: ArchiverStats
     mirrors: tuple[MirrorLag, ...] = ()  # with [[mirrors]]: how far behind each one is
+    broken_backups: tuple[BrokenBackup, ...] = ()  # newer than newest_backup, chain broken
 
     @property
     def last_archived_age(self) -> float | None:
@@ -129,10 +141,7 @@ def gather(archive: Archive, *, dbname: str | None = None,
     groups = catalog.backup_objects(archive)
     complete = [name for name, objects in groups.items() if catalog.has_manifest(objects)]
     backup_bytes = sum(o.size for objects in groups.values() for o in objects)
-    newest_backup = stop = None
-    if complete:
-        manifest = catalog.load_manifest(archive, complete[-1])  # names sort by start time
-        newest_backup, stop = manifest.name, manifest.stop_time
+    newest_backup, stop, broken = _newest_usable(archive, complete)
     if query_server is None:
         query_server = server_given(dbname, environ)
     archiver = read_archiver(dbname) if query_server else ArchiverStats(
@@ -141,7 +150,32 @@ def gather(archive: Archive, *, dbname: str | None = None,
         now or datetime.now(timezone.utc), archive.storage.url, wal_files, wal_bytes,
         last, datetime.fromtimestamp(stored, timezone.utc) if stored is not None else None,
         len(complete), len(groups) - len(complete), backup_bytes, newest_backup, stop,
-        archiver, tuple(mirror_lags(archive.storage)))
+        archiver, tuple(mirror_lags(archive.storage)), broken)
+
+
+def _newest_usable(archive: Archive, complete: list[str]) -> tuple[
+        str | None, datetime | None, tuple[BrokenBackup, ...]]:
+    """The newest of the ``complete`` backups (names, oldest first: they sort by start time)
+    whose chain is complete, its stop time, and the newer ones whose chain is broken."""
+    loaded: dict[str, Manifest] = {}
+    names = set(complete)
+
+    def find(name: str) -> Manifest | None:
+        if name not in names:
+            return None
+        if name not in loaded:
+            loaded[name] = catalog.load_manifest(archive, name)
+        return loaded[name]
+
+    broken: list[BrokenBackup] = []
+    for name in reversed(complete):
+        manifest = find(name)
+        assert manifest is not None
+        problem = catalog.chain_problem(manifest, find)
+        if problem is None:
+            return manifest.name, manifest.stop_time, tuple(broken)
+        broken.append(BrokenBackup(manifest.name, manifest.backup_type, problem))
+    return None, None, tuple(broken)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -158,6 +192,8 @@ def status_dict(status: Status) -> dict[str, object]:
         "newest_backup": status.newest_backup,
         "newest_backup_stop": _iso(status.newest_backup_stop),
         "newest_backup_age_seconds": status.newest_backup_age,
+        "broken_backups": [{"name": b.name, "type": b.backup_type, "problem": b.problem}
+                           for b in status.broken_backups],
         "wal": {"files": status.wal_files, "bytes": status.wal_bytes},
         "backups": {"complete": status.backups_complete,
                     "incomplete": status.backups_incomplete, "bytes": status.backup_bytes},
@@ -202,6 +238,10 @@ def prometheus_text(status: Status) -> str:
             "When the newest complete backup stopped (POSIX time).",
             [("", status.newest_backup_stop.timestamp() if status.newest_backup_stop
               else None)])
+    _metric(lines, "walship_newest_backup_chain_broken",
+            "1 if the newest complete backup cannot be restored (its chain is broken), else 0.",
+            [("", (1 if status.broken_backups else 0)
+              if status.newest_backup or status.broken_backups else None)])
     _metric(lines, "walship_archive_bytes", "Bytes stored in the repository, by kind.",
             [('{kind="wal"}', status.wal_bytes), ('{kind="backup"}', status.backup_bytes)])
     _metric(lines, "walship_wal_files", "WAL files stored in the repository.",

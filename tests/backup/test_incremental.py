@@ -143,7 +143,9 @@ def test_a_change_within_the_same_second_and_same_size_is_stored(archive, tmp_pa
     assert victim.stat().st_size == st.st_size and victim.stat().st_mtime == st.st_mtime
     incr = push(archive, source, "incr").manifest
     entry = next(f for f in incr.files if f.path == "base/5/16384")
-    assert entry.backup == "" and entry.sha256 == hashlib.sha256(content).hexdigest()
+    # (a large relation file: the changed block is stored, in this backup, as a piece)
+    assert entry.sha256 == hashlib.sha256(content).hexdigest()
+    assert [p.backup for p in entry.pieces] == [full.name, ""] and entry.backup == full.name
     assert entry.sha256 != next(f for f in full.files if f.path == entry.path).sha256
     out = restored(archive, incr.name, tmp_path, "x")
     assert out["base/5/16384"] == hashlib.sha256(content).hexdigest()
@@ -257,9 +259,17 @@ def test_incomplete_chain_is_never_used_and_a_damaged_parent_fails_the_child(tmp
     row = catalog.summary(catalog.list_backups(archive)[-1], catalog.WalIndex(archive),
                           {incr.name: incr})
     assert row["usable"] is False and "parent" in str(row["chain_problem"])
+    # status does not count it as the newest backup, and says why
+    from walship.status import gather
+
+    status = gather(archive, environ={})
+    assert status.newest_backup is None
+    assert [(b.name, b.backup_type) for b in status.broken_backups] == [(incr.name, "incr")]
     # and a new incr finds no usable parent: a full backup
     again = push(archive, source, "incr")
     assert again.manifest.backup_type == "full"
+    status = gather(archive, environ={})
+    assert status.newest_backup == again.manifest.name and status.broken_backups == ()
 
 
 def test_a_manifest_naming_a_foreign_part_it_does_not_match_is_refused(archive, tmp_path):

@@ -1,7 +1,9 @@
 """Differential and incremental backups end to end, on a real PostgreSQL under pgbench: full,
 incr, incr, (a restart), diff, incr; each restored to its own point (a restore point made right
 after it), one to the end of WAL; data equal to the source, pg_amcheck and pg_checksums clean;
-a parent's object deleted fails the child's restore and leaves nothing startable."""
+the large relation files stored as their changed blocks (block pieces used, each backup
+verified with its files rebuilt); a parent's object (a block map, a part) deleted fails the
+child's restore and leaves nothing startable."""
 
 from __future__ import annotations
 
@@ -10,8 +12,14 @@ import time
 
 import pytest
 
-from tests.backup.test_backup_e2e import (archive_everything, backup_list, start_restored,
-                                          summary_line, walship)
+from tests.backup.test_backup_e2e import (
+    archive_everything,
+    backup_list,
+    start_restored,
+    summary_line,
+    walship,
+)
+from tests.fixtures.postgres import PGBENCH_TABLES
 
 pytestmark = pytest.mark.e2e
 
@@ -22,8 +30,20 @@ def test_full_incr_incr_diff_incr_under_pgbench(pg, file_repository):
     primary = pg.initdb("primary", env=file_repository.env)  # initdb --data-checksums
     primary.start()
     primary.pgbench_init(scale=1)
+    # a larger table of which a few rows change between backups (pgbench rewrites most pages
+    # of its 13 MB table in a minute: those files are often stored anew as a whole)
+    primary.psql("CREATE TABLE stable AS SELECT g AS id, repeat('x', 200) AS pad "
+                 "FROM generate_series(1, 100000) g")
+    primary.psql("VACUUM (FREEZE) stable")  # (hint bits and freezing: not a change later)
+    primary.psql("CHECKPOINT")
+    stable = primary.psql("SELECT pg_relation_filepath('stable')").strip()
+    tables = {**PGBENCH_TABLES, "stable": "id, pad"}
     points: list[tuple[str, str, dict[str, str]]] = []  # (backup, restore point, state)
+    deltas: list[int] = []  # block_deltas of each backup-push line
     for number, kind in enumerate(["full", "incr", "incr", "diff", "incr"]):
+        if number:  # a few rows of "stable" change
+            primary.psql(f"UPDATE stable SET pad = repeat('{number}', 200) "
+                         f"WHERE id % 20000 = {number}")
         if number == 3:  # a server restarted between backups: content decides, not the restart
             primary.stop()
             primary.start()
@@ -37,13 +57,14 @@ def test_full_incr_incr_diff_incr_under_pgbench(pg, file_repository):
             load.wait(timeout=60)
         line = summary_line(push.stderr, "backup-push")
         assert f" type={kind} " in line, line
+        deltas.append(int(line.rsplit(" block_deltas=", 1)[1].split()[0]))
         name = line.split()[2]
         point = f"after_{number}"
-        state = primary.table_checksums()
+        state = primary.table_checksums(tables)
         primary.create_restore_point(point)
         points.append((name, point, state))
     primary.pgbench(transactions=200)
-    final = primary.table_checksums()
+    final = primary.table_checksums(tables)
     archive_everything(primary)
 
     rows = {r["name"]: r for r in backup_list(pg, primary)}
@@ -54,6 +75,26 @@ def test_full_incr_incr_diff_incr_under_pgbench(pg, file_repository):
     for name in names[1:]:
         assert rows[name]["usable"]
         assert rows[name]["stored_bytes"] < rows[name]["logical_bytes"] / 2, rows[name]
+    # pgbench_accounts (13 MB at scale 1) and its index: stored as their changed blocks
+    assert deltas[0] == 0 and all(n > 0 for n in deltas[1:]), deltas
+    storage = file_repository.open()
+    try:
+        from walship.archive import Archive
+        from walship.backup import catalog
+        from walship.codec import Codec
+
+        manifests = [catalog.load_manifest(Archive(storage, Codec()), n) for n in names]
+    finally:
+        storage.close()
+    assert manifests[0].block_maps
+    for manifest in manifests[1:]:
+        assert manifest.version == 3 and manifest.block_maps
+        entry = next(f for f in manifest.files if f.path == stable)  # 24 MB, 5 rows changed
+        own = [p for p in entry.pieces[1:] if p.backup == ""]
+        assert entry.pieces[0].backup == names[0] and own, (manifest.name, entry)
+        assert own[0].size < 256 << 10, (manifest.name, entry)
+    for name in names:
+        walship(pg, primary, "backup-verify", name)  # (exit status 0, or it raises)
 
     def check(copy) -> None:
         copy.psql("CREATE EXTENSION IF NOT EXISTS amcheck")
@@ -69,14 +110,30 @@ def test_full_incr_incr_diff_incr_under_pgbench(pg, file_repository):
         walship(pg, primary, "restore", str(pg.path / f"at{number}"), "--backup", name,
                 "--target-name", point, "--target-action", "promote", "--archive-mode", "off")
         copy = start_restored(pg, primary, f"at{number}")
-        assert copy.table_checksums() == state, (number, name)
+        assert copy.table_checksums(tables) == state, (number, name)
         check(copy)
     # an incremental backup replayed to the end of WAL (a later time than its own)
     walship(pg, primary, "restore", str(pg.path / "later"), "--backup", names[2],
             "--archive-mode", "off")
     later = start_restored(pg, primary, "later")
-    assert later.table_checksums() == final
+    assert later.table_checksums(tables) == final
     check(later)
+
+    # The diff's block map gone: the incr on top of it fails loudly, before anything
+    # startable is written (the map is what the next backup compares against).
+    storage = file_repository.open()
+    try:
+        maps = [info.key for info in storage.list(f"backups/{names[3]}/")
+                if "/blockmap." in info.key]
+        assert maps
+        storage.delete(maps[0])
+    finally:
+        storage.close()
+    bad = walship(pg, primary, "restore", str(pg.path / "bad"), "--backup", names[4],
+                  "--archive-mode", "off", check=False)
+    assert bad.returncode == 5, bad.stderr
+    assert "missing" in bad.stderr and "block map" in bad.stderr
+    assert not (pg.path / "bad").exists() or not any((pg.path / "bad").iterdir())
 
     # One part of the full backup gone: the incremental backups that read it fail loudly,
     # before anything startable is written.

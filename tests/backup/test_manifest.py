@@ -69,7 +69,7 @@ def test_manifest_keeps_unknown_fields_of_the_same_version():
 
 
 @pytest.mark.parametrize("mutate,message", [
-    (lambda d: d.update(version=3), "newer"),
+    (lambda d: d.update(version=4), "newer"),
     (lambda d: d.update(format="other"), "not a walship"),
     (lambda d: d.pop("files"), "malformed"),
     (lambda d: d["files"].append(dict(d["files"][0])), "twice"),

@@ -42,6 +42,8 @@ class FakeConnection:
             rows = []
         elif "pg_control_checkpoint" in sql:
             rows = [(1,)]
+        elif "block_size" in sql:
+            rows = [("8192",)]
         else:  # set_config, current_setting
             rows = [("/var/lib/postgresql/data",)]
         return SimpleNamespace(fetchone=lambda: rows[0] if rows else None,
@@ -75,7 +77,7 @@ def test_supported_versions_use_their_backup_functions(server, version, start, s
     conn = server(version)
     source = PostgresSource()
     info = source.describe()
-    assert info.major == version // 10000
+    assert info.major == version // 10000 and info.block_size == 8192
     source.start("label", True)
     source.stop(True)
     source.close()

@@ -176,7 +176,9 @@ no_rows = true
     assert_self_contained(page)
     text = prom.read_text()
     assert "walship_drill_passed 1\n" in text
-    assert f"walship_drill_rto_seconds {report['rto_seconds']:.3f}".rstrip("0") in text
+    # (the exporter writes 3.000 as "3", 2.500 as "2.5": the whole line must match)
+    rto = f"{report['rto_seconds']:.3f}".rstrip("0").rstrip(".")
+    assert f"\nwalship_drill_rto_seconds {rto}\n" in text
     assert "walship_drill_rpo_seconds" in text
     assert "walship_drill_last_run_timestamp_seconds" in text
     # walship status shows the last drill.

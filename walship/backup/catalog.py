@@ -26,8 +26,9 @@ from walship import layout as wal_layout
 from walship.archive import Archive
 from walship.backup import layout
 from walship.backup.manifest import Manifest, ManifestError
+from walship.codec import Codec
 from walship.errors import AlreadyExists, IntegrityError, NotFound, UsageError
-from walship.storage.base import ObjectInfo
+from walship.storage.base import ObjectInfo, Storage
 
 LATEST = "LATEST"
 
@@ -60,10 +61,23 @@ def store_manifest(archive: Archive, manifest: Manifest) -> ObjectInfo:
 
 
 def load_manifest(archive: Archive, name: str) -> Manifest:
-    """Read and verify the manifest of backup ``name``. NotFound if it has none."""
+    """Read and verify the manifest of backup ``name``. NotFound if it has none. With
+    mirrors, a copy that fails verification is read from the next repository, loudly."""
+    try:
+        return _load_manifest(archive.storage, archive.codec, name)
+    except IntegrityError:
+        if not hasattr(archive.storage, "members"):
+            raise
+        from walship.storage.mirrored import read_elsewhere
+
+        return read_elsewhere(archive.storage,
+                              lambda storage: _load_manifest(storage, archive.codec, name))
+
+
+def _load_manifest(storage: Storage, codec: Codec, name: str) -> Manifest:
     key = layout.manifest_key(name)
-    with archive.storage.get(key) as download:
-        data = b"".join(archive.codec.decode(key, download, download.info.metadata))
+    with storage.get(key) as download:
+        data = b"".join(codec.decode(key, download, download.info.metadata))
     try:
         manifest = Manifest.from_json(data)
     except ManifestError as error:

@@ -24,6 +24,13 @@ What it promises about the directory left behind:
   would start on: without ``PG_VERSION`` it refuses to;
 * on any failure, everything the fetch created is removed before the error is raised.
 
+Block-delta files are rebuilt in place: the base is written, then each backup's blocks are
+written at their offsets (``pwrite``), backup by backup in chain order (see
+:func:`walship.backup.unpack.read_parts`); the file is then cut to its final size and read back,
+and its size and SHA-256 must be the manifest's, before anything startable is written. The
+block maps of the backup and of its whole chain are read and checked first: a damaged or missing
+one fails the restore.
+
 Data directories are 0700 with 0600 files (0750/0640 for a cluster initialised with group
 access); run as root, the files are given to the owner of the target directory, else to the
 cluster's original owner when that user exists here.
@@ -46,12 +53,13 @@ from pathlib import Path
 
 from walship.archive import Archive
 from walship.backup import catalog
+from walship.backup.blocks import check_chain_maps
 from walship.backup.manifest import (BACKUP_LABEL, PG_CONTROL, PG_VERSION, TABLESPACE_MAP,
-                                     Manifest, PartEntry, format_tablespace_map,
+                                     FileEntry, Manifest, PartEntry, format_tablespace_map,
                                      parse_tablespace_map)
 from walship.backup.parts import Cancelled
 from walship.backup.progress import NullProgress, Progress
-from walship.backup.unpack import PartSink, read_parts
+from walship.backup.unpack import PartSink, check_rebuilt, read_parts, write_blocks
 from walship.errors import IntegrityError, StorageError, UsageError
 
 MARKER = ".walship-incomplete"
@@ -255,6 +263,7 @@ class _Writer(PartSink):
     """Writes verified files into the new data directory (shared by the part workers)."""
 
     rehash = False  # a part checked against the manifest's digest covers its files
+    phased = True  # block deltas applied in chain order
 
     def __init__(self, root: Path, manifest: Manifest, owner: _Owner | None,
                  progress: Progress, cancel: threading.Event) -> None:
@@ -331,6 +340,33 @@ class _Writer(PartSink):
         with self._lock:
             self.unsynced.append(path)  # made durable together by sync_written()
 
+    def apply_blocks(self, entry: FileEntry, index: int,
+                     blocks: list[tuple[int, memoryview]]) -> None:
+        """Write the blocks of piece ``index`` at their offsets (after every older piece)."""
+        create = self.first_blocks(entry, index)
+        write_blocks(self.root / entry.path, blocks, self.manifest.block_size, create=create,
+                     mode=self.file_mode)
+
+    def finish_blocks(self, parallel: int) -> None:
+        """Cut every block-delta file to its final size, read it back and check its size and
+        SHA-256 against the manifest (``parallel`` files at a time)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def finish(entry: FileEntry) -> None:
+            path = self.root / entry.path
+            check_rebuilt(path, entry, self.manifest.block_size, self.cancel)
+            os.utime(path, (entry.mtime, entry.mtime))
+            self.own(path)
+            with self._lock:
+                self.unsynced.append(path)
+
+        rebuilt = self.rebuilt_files()
+        if rebuilt:
+            with ThreadPoolExecutor(max_workers=max(1, parallel),
+                                    thread_name_prefix="walship-rebuild") as pool:
+                for _ in pool.map(finish, rebuilt):
+                    pass
+
     def write_small(self, rel: str, content: bytes, mtime: float | None = None) -> None:
         """Write a small file atomically (temporary name, fsync, rename, fsync directory)."""
         path = self.root / rel
@@ -406,6 +442,7 @@ def fetch_backup(archive: Archive, name: str, directory: str | os.PathLike[str],
     root = check_directory(directory, force=force)  # before the repository is even asked
     manifest = manifest or catalog.resolve(archive, name)
     catalog.check_chain(archive, manifest)  # a parent missing: refused before anything else
+    check_chain_maps(archive, manifest)  # (small; what the next backup will compare against)
     targets = _tablespace_targets(manifest, tablespace_map or {})
     for oid, location in targets.items():
         if not location.is_absolute():
@@ -438,6 +475,7 @@ def fetch_backup(archive: Archive, name: str, directory: str | os.PathLike[str],
             raise IntegrityError(f"backup {manifest.name} lacks {len(missing)} files its "
                                  f"manifest lists", f"e.g. {sorted(missing)[0]}",
                                  "the repository was tampered with")
+        writer.finish_blocks(parallel)
         for link in manifest.links:
             os.symlink(link.target, root / link.path)
             writer.own(root / link.path)

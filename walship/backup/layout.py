@@ -3,6 +3,8 @@
 A backup is the set of objects under ``backups/<NAME>/``:
 
 * ``backups/<NAME>/part.NNNNN``: data parts, numbered from 00001, each a POSIX tar stream;
+* ``backups/<NAME>/blockmap.NNNNN``: the per-block digests of the large relation files of part
+  NNNNN (see :mod:`walship.backup.blocks`), read by the next backup to find changed blocks;
 * ``backups/<NAME>/manifest``: the JSON manifest, written LAST. It is the commit point: a backup
   without a manifest is incomplete and is never listed as usable nor restored.
 
@@ -19,6 +21,7 @@ from datetime import datetime, timezone
 BACKUP_PREFIX = "backups/"
 MANIFEST = "manifest"
 PART_PREFIX = "part."
+BLOCK_MAP_PREFIX = "blockmap."
 NAME_PATTERN = re.compile(r"^(?P<stamp>\d{8}T\d{6}Z)(?:-(?P<suffix>[1-9]\d{0,5}))?$")
 _PART = re.compile(r"^part\.(\d{5,})$")
 
@@ -56,6 +59,10 @@ def manifest_key(name: str) -> str:
 
 def part_key(name: str, number: int) -> str:
     return f"{backup_prefix(name)}{PART_PREFIX}{number:05d}"
+
+
+def block_map_key(name: str, number: int) -> str:
+    return f"{backup_prefix(name)}{BLOCK_MAP_PREFIX}{number:05d}"
 
 
 def split_key(key: str) -> tuple[str, str] | None:

@@ -14,6 +14,16 @@ files that changed: every other file's entry names the backup whose part holds i
 in ``referenced_parts`` with the object digest its own manifest records, so a restore reads each
 file from exactly one object and checks every byte against this manifest.
 
+Block-level deltas (format version 3, written only by a backup that has at least one): a large
+relation file that changed in a few blocks is stored as its *pieces* (:class:`Piece`), applied
+in order: a base (the whole file, or a set of blocks covering it) and the blocks that changed in
+each later backup (see :mod:`walship.backup.blocks`). The entry's ``size`` and ``sha256`` are
+those of the rebuilt file; ``backup``/``part`` name the base's holder; every piece's holder is
+listed, like any other holder, in ``parts`` or ``referenced_parts``. Chains are resolved when
+the backup is taken: restore never reads another manifest to rebuild a file. Every backup (full
+too) lists its per-block digest maps in ``block_maps`` (objects apart from the parts, one per
+part holding a large relation file), with the server's ``block_size``.
+
 This module is pure: no I/O. :func:`Manifest.to_json` and :func:`Manifest.from_json` are exact
 inverses; reading refuses a manifest of another format or of a newer format version.
 """
@@ -28,7 +38,7 @@ from typing import Any
 from walship import wal
 
 FORMAT = "walship-backup"
-FORMAT_VERSION = 2  # the newest this walship reads; full backups are still written as 1
+FORMAT_VERSION = 3  # the newest this walship reads; full backups are still written as 1
 FULL, DIFF, INCR = "full", "diff", "incr"
 BACKUP_TYPES = (FULL, DIFF, INCR)
 
@@ -43,10 +53,35 @@ class ManifestError(ValueError):
     """The manifest text is not a manifest this walship can read."""
 
 
+PIECE_FILE, PIECE_BLOCKS = "file", "blocks"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One stored piece of a block-delta file, in part ``part`` of ``backup`` ("" = this
+    backup): ``file``, the whole file as a tar member (only as the first piece), or
+    ``blocks``, block members (see :mod:`walship.backup.blocks`); ``size`` and ``sha256``
+    are those of the piece's own bytes (the member, or the block members' contents in order)."""
+
+    backup: str
+    part: int
+    kind: str
+    size: int
+    sha256: str
+
+    @property
+    def holder(self) -> tuple[str, int]:
+        return (self.backup, self.part)
+
+
 @dataclass(frozen=True)
 class FileEntry:
     """A regular file stored in part ``part``: ``size`` bytes whose SHA-256 is ``sha256``.
-    ``backup`` names the (older) backup whose part holds the bytes; empty: this backup."""
+    ``backup`` names the (older) backup whose part holds the bytes; empty: this backup.
+    With ``pieces`` (block deltas), ``size`` and ``sha256`` are the rebuilt file's and
+    ``backup``/``part`` the holder of the first piece. A file whose unchanged blocks were
+    not read (a change source said so) has no ``sha256`` (""): ``blocks_sha256``, the SHA-256
+    of its block digests (its block map's, see :mod:`walship.backup.blocks`), stands for it."""
 
     path: str
     size: int
@@ -55,6 +90,8 @@ class FileEntry:
     sha256: str
     part: int
     backup: str = ""
+    pieces: tuple[Piece, ...] = ()
+    blocks_sha256: str = ""
 
     @property
     def holder(self) -> tuple[str, int]:
@@ -146,6 +183,8 @@ class Manifest:
     backup_type: str = FULL
     parent: str | None = None
     referenced_parts: tuple[PartEntry, ...] = ()
+    block_size: int = 0  # the server's block size, when block maps are recorded
+    block_maps: tuple[PartEntry, ...] = ()  # per-block digest maps, by part number
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     # -- derived values ------------------------------------------------------------------------
@@ -160,8 +199,9 @@ class Manifest:
 
     @property
     def stored_size(self) -> int:
-        """Bytes this backup's own parts take in the repository (the manifest excluded)."""
-        return sum(p.stored_size for p in self.parts)
+        """Bytes this backup's own parts and block maps take in the repository (the manifest
+        excluded)."""
+        return sum(p.stored_size for p in self.parts + self.block_maps)
 
     @property
     def referenced_backups(self) -> tuple[str, ...]:
@@ -176,7 +216,9 @@ class Manifest:
     @property
     def version(self) -> int:
         """The format version written: 1 for a full backup (older walship reads it), 2 for a
-        backup that depends on another."""
+        backup that depends on another, 3 for one with block deltas."""
+        if any(f.pieces for f in self.files):
+            return 3
         return 1 if (self.backup_type == FULL and self.parent is None
                      and not self.referenced_parts) else 2
 
@@ -223,13 +265,19 @@ class Manifest:
             "links": [{"path": link.path, "target": link.target} for link in self.links],
             "files": [{"path": f.path, "size": f.size, "mode": f.mode, "mtime": f.mtime,
                        "sha256": f.sha256, "part": f.part,
-                       **({"backup": f.backup} if f.backup else {})} for f in self.files],
+                       **({"backup": f.backup} if f.backup else {}),
+                       **({"pieces": [_piece_dict(p) for p in f.pieces]} if f.pieces else {}),
+                       **({"blocks_sha256": f.blocks_sha256} if f.blocks_sha256 else {})}
+                      for f in self.files],
             "parts": [_part_dict(p) for p in self.parts],
             "totals": {"files": len(self.files), "size": self.size,
                        "stored_size": self.stored_size, "parts": len(self.parts)},
             **({"type": self.backup_type, "parent": self.parent,
                 "referenced_parts": [_part_dict(p) for p in self.referenced_parts]}
                if self.version > 1 else {}),
+            **({"block_size": self.block_size,
+                "block_maps": [_part_dict(p) for p in self.block_maps]}
+               if self.block_size else {}),
             **self.extra,
         }
 
@@ -253,7 +301,7 @@ class Manifest:
                  "stop_wal", "wal_segment_size", "start_time", "stop_time", "duration",
                  "from_standby", "data_directory", "data_mode", "owner", "tablespaces",
                  "directories", "links", "files", "parts", "totals", "type", "parent",
-                 "referenced_parts"}
+                 "referenced_parts", "block_size", "block_maps"}
         try:
             owner = doc.get("owner") or {}
             manifest = cls(
@@ -284,12 +332,16 @@ class Manifest:
                             for link in doc.get("links", [])),
                 files=tuple(FileEntry(str(f["path"]), int(f["size"]), int(f["mode"]),
                                       float(f["mtime"]), str(f["sha256"]), int(f["part"]),
-                                      str(f.get("backup", "")))
+                                      str(f.get("backup", "")),
+                                      tuple(_piece(p) for p in f.get("pieces", [])),
+                                      str(f.get("blocks_sha256", "")))
                             for f in doc["files"]),
                 parts=tuple(_part(p) for p in doc["parts"]),
                 backup_type=str(doc.get("type", FULL)),
                 parent=None if doc.get("parent") is None else str(doc["parent"]),
                 referenced_parts=tuple(_part(p) for p in doc.get("referenced_parts", [])),
+                block_size=int(doc.get("block_size", 0)),
+                block_maps=tuple(_part(p) for p in doc.get("block_maps", [])),
                 extra={k: v for k, v in doc.items() if k not in known},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -334,8 +386,14 @@ class Manifest:
             seen.add(entry.path)
             if entry.holder not in parts or entry.backup == self.name:
                 raise ManifestError(f"file {entry.path} is in part {entry.part}, not listed")
-            if len(entry.sha256) != 64 or entry.size < 0:
+            digest = entry.sha256 or (entry.blocks_sha256 if entry.pieces else "")
+            if len(digest) != 64 or entry.size < 0 or entry.blocks_sha256 and (
+                    not entry.pieces or len(entry.blocks_sha256) != 64):
                 raise ManifestError(f"file {entry.path} has a malformed size or digest")
+            if entry.pieces:
+                _check_pieces(entry, parts, self.block_size)
+        if self.block_maps and self.block_size <= 0:
+            raise ManifestError("block maps without a block size")
         for directory in self.directories:
             _check_path(directory.path)
         for link in self.links:
@@ -352,6 +410,36 @@ def _part_dict(p: PartEntry) -> dict[str, Any]:
     return {"number": p.number, "key": p.key, "size": p.size, "stored_size": p.stored_size,
             "files": p.files, **({"digest": p.digest} if p.digest else {}),
             **({"backup": p.backup} if p.backup else {})}
+
+
+def _piece_dict(p: Piece) -> dict[str, Any]:
+    return {"part": p.part, "kind": p.kind, "size": p.size, "sha256": p.sha256,
+            **({"backup": p.backup} if p.backup else {})}
+
+
+def _piece(p: dict[str, Any]) -> Piece:
+    return Piece(str(p.get("backup", "")), int(p["part"]), str(p["kind"]), int(p["size"]),
+                 str(p["sha256"]))
+
+
+def _check_pieces(entry: FileEntry, parts: set[tuple[str, int]], block_size: int) -> None:
+    """A block-delta entry: its base first, then deltas, each in a listed part of a backup of
+    its own, the first piece's holder being the entry's."""
+    what = f"file {entry.path}"
+    if block_size <= 0:
+        raise ManifestError(f"{what} has block pieces but the manifest no block size")
+    if entry.pieces[0].holder != entry.holder:
+        raise ManifestError(f"{what}: its first piece is not in part {entry.part}")
+    if len({p.backup for p in entry.pieces}) != len(entry.pieces):
+        raise ManifestError(f"{what}: two pieces in one backup")
+    for number, piece in enumerate(entry.pieces):
+        if piece.holder not in parts:
+            raise ManifestError(f"{what}: a piece in part {piece.part}, not listed")
+        if piece.kind not in (PIECE_FILE, PIECE_BLOCKS) or (
+                piece.kind == PIECE_FILE and number > 0):
+            raise ManifestError(f"{what}: a piece of kind {piece.kind!r} at {number}")
+        if len(piece.sha256) != 64 or piece.size < 0:
+            raise ManifestError(f"{what}: a piece with a malformed size or digest")
 
 
 def _part(p: dict[str, Any]) -> PartEntry:

@@ -19,15 +19,38 @@ import os
 import tarfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from walship.backup.manifest import FileEntry
+from walship.backup import blocks as block_delta
+from walship.backup.manifest import PIECE_BLOCKS, PIECE_FILE, FileEntry, Piece
 from walship.errors import UsageError
 
 BLOCK = tarfile.BLOCKSIZE
 READ_SIZE = 1 << 20
 DEFAULT_PART_SIZE = 64 << 20
 _ZEROS = bytes(READ_SIZE)
+
+
+@dataclass(frozen=True)
+class ParentFile:
+    """What the parent backup holds of a large relation file: its block map and the pieces
+    that rebuild it (holders named absolutely: never "" for "this backup")."""
+
+    map: block_delta.FileMap
+    pieces: tuple[Piece, ...]
+
+
+@dataclass(frozen=True)
+class BlockContext:
+    """How a part stores the large relation files (see :mod:`walship.backup.blocks`):
+    ``eligible``, the paths recorded in a block map; ``parents``, the parent's version of
+    those it has (absent: stored whole); ``changed``, an optional change source."""
+
+    block_size: int
+    eligible: frozenset[str]
+    parents: dict[str, ParentFile]
+    changed: block_delta.ChangeSource | None = None
 
 
 class Cancelled(Exception):
@@ -80,9 +103,12 @@ class PartWriter:
 
     def __init__(self, number: int, files: Sequence[SourceFile], *,
                  progress: Callable[[int], None] | None = None,
-                 cancel: threading.Event | None = None) -> None:
+                 cancel: threading.Event | None = None,
+                 blocks: BlockContext | None = None) -> None:
         self.number = number
         self.files = files
+        self.blocks = blocks
+        self.maps: list[block_delta.FileMap] = []  # block maps of the large relation files
         self.entries: list[FileEntry] = []
         self.skipped: list[str] = []
         self.size = 0
@@ -101,6 +127,8 @@ class PartWriter:
         for source in self.files:
             if source.content is not None:
                 yield from self._memory_file(source)
+            elif self.blocks is not None and source.path in self.blocks.eligible:
+                yield from self._block_file(source, self.blocks.parents.get(source.path))
             else:
                 yield from self._disk_file(source)
         yield self._emit(bytes(2 * BLOCK))  # end-of-archive marker
@@ -124,6 +152,145 @@ class PartWriter:
         yield self._emit(bytes(tar_size(len(data)) - len(data)))
         self.entries.append(FileEntry(source.path, len(data), 0o600, mtime,
                                       hashlib.sha256(data).hexdigest(), self.number))
+
+    def _block_file(self, source: SourceFile, parent: ParentFile | None) -> Iterator[bytes]:
+        """A large relation file: whole (no parent version) or its changed blocks, with its
+        block map (see :mod:`walship.backup.blocks`), in one read of the file; with a change
+        source covering it, only the blocks that may have changed are read."""
+        assert self.blocks is not None
+        block_size = self.blocks.block_size
+        try:
+            fd = os.open(source.disk, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            self.skipped.append(source.path)
+            return
+        except OSError as error:
+            raise UsageError(f"cannot read {source.disk}", os.strerror(error.errno or 0),
+                             "run backup-push as the cluster's OS user (postgres)") from None
+        with open(fd, "rb", buffering=0) as handle:
+            st = os.fstat(fd)
+            size = st.st_size
+            digests = bytearray()
+            whole = hashlib.sha256()
+            if parent is None:
+                yield self._emit(self._header(source.path, size, st.st_mode, st.st_mtime))
+            hint = (self.blocks.changed(source.path)
+                    if parent is not None and self.blocks.changed is not None else None)
+            piece = hashlib.sha256()
+            piece_size = 0
+            every_read_whole = True
+            # (read ahead, the block digests computed by a small pool of threads: with the
+            # file's SHA-256 computed here meanwhile, hashing uses more than one core)
+            reads = _read_ahead(handle, size, block_size) if hint is None else None
+            for offset in range(0, size, block_delta.CHUNK):
+                want = min(block_delta.CHUNK, size - offset)
+                first = offset // block_size
+                count = -(-want // block_size)
+                if reads is not None:
+                    chunk, found = next(reads)
+                    whole.update(chunk)
+                if parent is None:
+                    digests += found
+                    yield self._emit(chunk)
+                    continue
+                known = parent.map.blocks
+                if hint is not None:  # only the blocks that may have changed are read
+                    wanted = [b for b in range(first, first + count)
+                              if b >= known or hint.may_differ(b)]
+                    if 2 * len(wanted) <= count:
+                        every_read_whole = False
+                        content = self._sparse_blocks(fd, parent, wanted, first, count, size,
+                                                      digests)
+                        if content:
+                            piece.update(content)
+                            piece_size += len(content)
+                            yield from self._block_member(source.path, first, content, st)
+                        continue
+                    chunk = os.pread(fd, want, offset)  # mostly: compared whole, as below
+                    chunk += _ZEROS[:want - len(chunk)]
+                    found = block_delta.block_digests(chunk, block_size)
+                view = memoryview(chunk)
+                digests += found
+                old = parent.map.digests[first * DIGEST:(first + count) * DIGEST]
+                if found == old:
+                    changed: list[int] = []
+                else:
+                    changed = [first + i for i in range(count)
+                               if first + i >= known
+                               or found[i * DIGEST:(i + 1) * DIGEST] != old[i * DIGEST:
+                                                                             (i + 1) * DIGEST]]
+                if 2 * len(changed) > count:  # mostly changed: the whole read
+                    changed = list(range(first, first + count))
+                else:
+                    every_read_whole = False
+                if changed:
+                    content = block_delta.encode_blocks(changed, first, view, block_size)
+                    piece.update(content)
+                    piece_size += len(content)
+                    yield from self._block_member(source.path, first, content, st)
+            if parent is None:
+                padding = tar_size(size) - size
+                if padding:
+                    yield self._emit(bytes(padding))
+        mode = st.st_mode & 0o7777
+        # With a change source, the blocks not read are the parent's: the file's SHA-256 is
+        # unknown, the SHA-256 of its block digests stands for it.
+        sha256 = whole.hexdigest() if hint is None else ""
+        blocks_sha256 = "" if hint is None else hashlib.sha256(digests).hexdigest()
+        self.maps.append(block_delta.FileMap(source.path, size, bytes(digests)))
+        if parent is None:
+            self.entries.append(FileEntry(source.path, size, mode, st.st_mtime, sha256,
+                                          self.number))
+            return
+        own = Piece("", self.number, PIECE_BLOCKS, piece_size, piece.hexdigest())
+        if piece_size and every_read_whole:
+            pieces: tuple[Piece, ...] = (own,)  # a new base
+        elif piece_size:
+            pieces = parent.pieces + (own,)
+        else:
+            pieces = parent.pieces
+        base = pieces[0]
+        if len(pieces) == 1 and base.kind == PIECE_FILE and (base.size, base.sha256) == (
+                size, sha256):  # unchanged, held whole by an older backup: a plain reference
+            pieces = ()
+        self.entries.append(FileEntry(source.path, size, mode, st.st_mtime, sha256, base.part,
+                                      base.backup, pieces, blocks_sha256))
+
+    def _sparse_blocks(self, fd: int, parent: ParentFile, wanted: list[int], first: int,
+                       count: int, size: int, digests: bytearray) -> bytes:
+        """The blocks ``wanted`` of one read (a change source named them) read alone and
+        compared; the others' digests copied from the parent's map. Returns the block
+        member's content, or b"" when none changed."""
+        assert self.blocks is not None
+        block_size = self.blocks.block_size
+        wanted_set = set(wanted)
+        changed: list[tuple[int, bytes]] = []
+        for block in range(first, first + count):
+            if block not in wanted_set:
+                digests += parent.map.digest(block)
+                continue
+            length = min(block_size, size - block * block_size)
+            data = os.pread(fd, length, block * block_size)
+            data += _ZEROS[:length - len(data)]
+            value = block_delta.digest(data)
+            digests += value
+            if block >= parent.map.blocks or value != parent.map.digest(block):
+                changed.append((block, data))
+        if not changed:
+            return b""
+        numbers = [n for n, _ in changed]
+        return block_delta.encode_blocks(numbers, numbers[0],
+                                         memoryview(b"".join(d for _, d in changed)),
+                                         block_size, contiguous=False)
+
+    def _block_member(self, path: str, first: int, content: bytes, st: os.stat_result
+                      ) -> Iterator[bytes]:
+        yield self._emit(self._header(block_delta.member_name(path, first), len(content),
+                                      st.st_mode, st.st_mtime))
+        yield self._emit(content)
+        padding = tar_size(len(content)) - len(content)
+        if padding:
+            yield self._emit(bytes(padding))
 
     def _disk_file(self, source: SourceFile) -> Iterator[bytes]:
         try:
@@ -152,6 +319,59 @@ class PartWriter:
                 yield self._emit(bytes(padding))
         self.entries.append(FileEntry(source.path, size, st.st_mode & 0o7777, st.st_mtime,
                                       digest.hexdigest(), self.number))
+
+
+DIGEST = block_delta.DIGEST_SIZE
+_pool_lock = threading.Lock()
+_digest_pool: ThreadPoolExecutor | None = None
+
+
+def _digests() -> ThreadPoolExecutor:
+    """The threads computing block digests, shared by every part (made on first use)."""
+    global _digest_pool
+    with _pool_lock:
+        if _digest_pool is None:
+            _digest_pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
+                                              thread_name_prefix="walship-digest")
+        return _digest_pool
+
+
+def _read_ahead(handle: object, size: int, block_size: int, depth: int = 4
+                ) -> Iterator[tuple[bytes, bytes]]:
+    """``(read, its block digests)`` for each 1 MiB read of ``handle`` (``size`` bytes), in
+    order; up to ``depth`` reads ahead, their digests computed meanwhile by the pool."""
+    from collections import deque
+
+    pool = _digests()
+    pending: deque[tuple[bytes, Future[bytes]]] = deque()
+    try:
+        for offset in range(0, size, block_delta.CHUNK):
+            chunk = _read_full(handle, min(block_delta.CHUNK, size - offset))
+            pending.append((chunk, pool.submit(block_delta.block_digests, chunk, block_size)))
+            if len(pending) > depth:
+                chunk, future = pending.popleft()
+                yield chunk, future.result()
+        while pending:
+            chunk, future = pending.popleft()
+            yield chunk, future.result()
+    finally:
+        for _, future in pending:
+            future.cancel()
+
+
+def _read_full(handle: object, want: int) -> bytes:
+    """``want`` bytes read from ``handle``: a file that shrank while read is padded with
+    zeros, as a whole stored file is."""
+    parts = []
+    got = 0
+    while got < want:
+        chunk = handle.read(want - got)  # type: ignore[attr-defined]
+        if not chunk:
+            parts.append(_ZEROS[:want - got])
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class TarReader:

@@ -17,6 +17,12 @@ SHA-256 equal the parent's entry (see :func:`unchanged_files`; the README explai
 time are never enough). A reference names the backup and part that actually hold the bytes
 (resolved through the parent's own references), so a restore reads each file from one object.
 
+Large relation files (:mod:`walship.backup.blocks`) are compared block by block instead: every
+backup records their block maps; a diff or incr reads its parent's maps alongside its own parts
+(in the same file order) and stores only the blocks whose digest differs, the entry listing the
+pieces (base and deltas, resolved through the parent's entry) that rebuild the file. A change
+source (``changed_blocks``, e.g. WAL summaries) may narrow which blocks are compared.
+
 Promises: memory stays bounded whatever the cluster's size (one read buffer and one compressor
 per part in flight); a backup is listed as usable only once everything it needs is stored; on
 any failure the backup is aborted on the server, the parts already stored are deleted (as far
@@ -36,12 +42,13 @@ from pathlib import Path
 
 from walship import __version__, wal
 from walship.archive import Archive
+from walship.backup import blocks as block_delta
 from walship.backup import catalog, layout
-from walship.backup.manifest import (BACKUP_LABEL, DIFF, FULL, INCR, PG_CONTROL,
-                                     TABLESPACE_MAP, FileEntry, Manifest, PartEntry,
+from walship.backup.manifest import (BACKUP_LABEL, DIFF, FULL, INCR, PG_CONTROL, PIECE_FILE,
+                                     TABLESPACE_MAP, FileEntry, Manifest, PartEntry, Piece,
                                      parse_backup_label)
-from walship.backup.parts import (DEFAULT_PART_SIZE, Cancelled, PartWriter, SourceFile,
-                                  pipelined, plan_parts)
+from walship.backup.parts import (DEFAULT_PART_SIZE, BlockContext, Cancelled, ParentFile,
+                                  PartWriter, SourceFile, pipelined, plan_parts)
 from walship.backup.progress import Progress
 from walship.backup.scan import Scan, scan
 from walship.backup.source import BackupSource, ServerInfo, StopResult
@@ -63,6 +70,7 @@ class PushResult:
     wal_missing: tuple[str, ...]  # segments the backup needs that are not archived yet
     referenced: int = 0  # files unchanged since the parent, stored as references
     note: str = ""  # why a diff or incr backup became a full one
+    deltas: int = 0  # large relation files stored as their changed blocks
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,7 @@ class _StoredPart:
     part: PartEntry
     files: tuple[FileEntry, ...]
     skipped: tuple[str, ...]
+    block_map: PartEntry | None = None
 
 
 def choose_name(archive: Archive, start: datetime) -> str:
@@ -84,31 +93,78 @@ def choose_name(archive: Archive, start: datetime) -> str:
 
 def store_part(archive: Archive, name: str, number: int, files: Sequence[SourceFile], *,
                progress: Callable[[int], None] | None = None,
-               cancel: threading.Event | None = None) -> _StoredPart:
-    """Stream ``files`` as tar part ``number`` of backup ``name`` into the repository."""
+               cancel: threading.Event | None = None,
+               blocks: BlockContext | None = None) -> _StoredPart:
+    """Stream ``files`` as tar part ``number`` of backup ``name`` into the repository, and
+    the block map of its large relation files (``blocks``) beside it."""
     key = layout.part_key(name, number)
-    writer = PartWriter(number, files, progress=progress, cancel=cancel)
+    writer = PartWriter(number, files, progress=progress, cancel=cancel, blocks=blocks)
     # (reading and hashing the files runs ahead in a thread of its own)
     plaintext = pipelined(writer.stream(), name=f"walship-read-{number}")
     stored = archive.codec.stored_form(key, plaintext)
     archive.storage.put(key, stored, metadata=stored.metadata)
+    block_map = None
+    if writer.maps:
+        assert blocks is not None
+        map_key = layout.block_map_key(name, number)
+        try:
+            data = block_delta.encode_map(blocks.block_size, number, writer.maps)
+            form = archive.codec.stored_form(map_key, [data], size_hint=len(data))
+            archive.storage.put(map_key, form, metadata=form.metadata)
+        except BaseException:
+            _delete_parts(archive, [key], None)
+            raise
+        block_map = PartEntry(number, map_key, len(data), form.size, len(writer.maps),
+                              form.metadata()[OBJECT_DIGEST_METADATA])
     return _StoredPart(PartEntry(number, key, writer.size, stored.size, len(writer.entries),
                                  stored.metadata()[OBJECT_DIGEST_METADATA]),
-                       tuple(writer.entries), tuple(writer.skipped))
+                       tuple(writer.entries), tuple(writer.skipped), block_map)
 
 
 def _store_parts(archive: Archive, name: str, plan: list[list[SourceFile]], parallel: int,
                  progress: Callable[[int], None] | None,
-                 stored: list[_StoredPart]) -> None:
-    """Store every planned part, ``parallel`` at a time; stop them all at the first failure."""
+                 stored: list[_StoredPart],
+                 blocks_for: Callable[[list[SourceFile]], BlockContext] | None = None
+                 ) -> None:
+    """Store every planned part, ``parallel`` at a time; stop them all at the first failure.
+
+    ``blocks_for(files)``, called here in part order (it reads the parent's block maps as
+    one stream), gives each part its block context; at most ``parallel`` parts are handed out
+    at a time, so that only their maps are held."""
     cancel = threading.Event()
+    slots = threading.Semaphore(max(1, parallel))
+    futures: list[Future[_StoredPart]] = []
+    try:
+        _submit_parts(archive, name, plan, parallel, progress, blocks_for, cancel, slots,
+                      futures)
+    finally:  # (what was stored is known to the caller, to delete it on failure)
+        stored.extend(f.result() for f in futures
+                      if f.done() and not f.cancelled() and not f.exception())
+    errors = [f.exception() for f in futures if not f.cancelled() and f.exception()]
+    if errors:
+        real = [e for e in errors if not isinstance(e, Cancelled)]
+        raise (real or errors)[0]  # type: ignore[misc]
+
+
+def _submit_parts(archive: Archive, name: str, plan: list[list[SourceFile]], parallel: int,
+                  progress: Callable[[int], None] | None,
+                  blocks_for: Callable[[list[SourceFile]], BlockContext] | None,
+                  cancel: threading.Event, slots: threading.Semaphore,
+                  futures: list[Future[_StoredPart]]) -> None:
     with ThreadPoolExecutor(max_workers=max(1, parallel),
                             thread_name_prefix="walship-part") as pool:
-        futures: list[Future[_StoredPart]] = []
         try:
             for number, files in enumerate(plan, 1):
-                futures.append(pool.submit(store_part, archive, name, number, files,
-                                           progress=progress, cancel=cancel))
+                while not slots.acquire(timeout=0.05):
+                    if any(f.done() and f.exception() is not None for f in futures):
+                        break
+                if any(f.done() and f.exception() is not None for f in futures):
+                    break
+                context = blocks_for(files) if blocks_for is not None else None
+                future = pool.submit(store_part, archive, name, number, files,
+                                     progress=progress, cancel=cancel, blocks=context)
+                future.add_done_callback(lambda _: slots.release())
+                futures.append(future)
             wait(futures, return_when=FIRST_EXCEPTION)
         finally:
             if not all(f.done() and f.exception() is None for f in futures):
@@ -116,11 +172,6 @@ def _store_parts(archive: Archive, name: str, plan: list[list[SourceFile]], para
                 for future in futures:
                     future.cancel()
         wait(futures)
-    errors = [f.exception() for f in futures if not f.cancelled() and f.exception()]
-    stored.extend(f.result() for f in futures if not f.cancelled() and not f.exception())
-    if errors:
-        real = [e for e in errors if not isinstance(e, Cancelled)]
-        raise (real or errors)[0]  # type: ignore[misc]
 
 
 def choose_parent(manifests: Sequence[Manifest], backup_type: str, info: ServerInfo
@@ -219,7 +270,10 @@ def unchanged_files(files: Sequence[SourceFile], parent: Manifest, parallel: int
     for source in files:
         found = hashed.get(source.path)
         old = previous.get(source.path)
-        if found is None or old is None or (found[0], found[3]) != (old.size, old.sha256):
+        # (a parent's file rebuilt from block pieces is never a plain reference: its holder
+        # has only the base)
+        if found is None or old is None or old.pieces or (found[0], found[3]) != (
+                old.size, old.sha256):
             store.append(source)
             continue
         holder = old.backup or parent.name
@@ -228,6 +282,54 @@ def unchanged_files(files: Sequence[SourceFile], parent: Manifest, parallel: int
         same.append(FileEntry(source.path, found[0], found[1], found[2], found[3], old.part,
                               holder))
     return store, same, parts
+
+
+def _block_contexts(archive: Archive, parent: Manifest | None, eligible: frozenset[str],
+                    block_size: int, changed: block_delta.ChangeSource | None
+                    ) -> Callable[[list[SourceFile]], BlockContext]:
+    """The block context of each part, in part order: the parent's map and pieces of each of
+    its large relation files, read from the parent's block maps as one stream."""
+    maps = block_delta.ParentMaps(archive, parent) if parent is not None else None
+    previous = {f.path: f for f in parent.files} if parent is not None else {}
+
+    def context(files: list[SourceFile]) -> BlockContext:
+        paths = [f.path for f in files if f.path in eligible]
+        parents: dict[str, ParentFile] = {}
+        if maps is not None and parent is not None:
+            for path in paths:
+                found = maps.take(path)
+                entry = previous.get(path)
+                if found is not None and entry is not None and found.size == entry.size:
+                    parents[path] = ParentFile(found, _pieces_of(parent, entry))
+        return BlockContext(block_size, frozenset(paths), parents, changed)
+
+    return context
+
+
+def _pieces_of(parent: Manifest, entry: FileEntry) -> tuple[Piece, ...]:
+    """The pieces rebuilding the parent's ``entry``, their holders named absolutely."""
+    if entry.pieces:
+        return tuple(replace(p, backup=p.backup or parent.name) for p in entry.pieces)
+    return (Piece(entry.backup or parent.name, entry.part, PIECE_FILE, entry.size,
+                  entry.sha256),)
+
+
+def _referenced(parent: Manifest | None, files: Sequence[FileEntry]
+                ) -> dict[tuple[str, int], PartEntry]:
+    """The parts of older backups that ``files`` read (whole files and block pieces)."""
+    if parent is None:
+        return {}
+    held = {(parent.name, p.number): replace(p, backup=parent.name) for p in parent.parts}
+    held.update({(p.backup, p.number): p for p in parent.referenced_parts})
+    out: dict[tuple[str, int], PartEntry] = {}
+    for entry in files:
+        for holder in {entry.holder, *(p.holder for p in entry.pieces)}:
+            if holder[0]:
+                if holder not in held:
+                    raise IntegrityError(f"file {entry.path} refers to part {holder[1]} of "
+                                         f"{holder[0]}, which the parent does not list")
+                out[holder] = held[holder]
+    return out
 
 
 def _read_pg_control(path: str) -> bytes:
@@ -293,9 +395,12 @@ def _owner(path: str) -> tuple[str, str, int]:
 def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
                 part_size: int = DEFAULT_PART_SIZE, fast: bool = True,
                 progress: Progress | None = None, log: Log | None = None,
-                wal_timeout: float | None = None, backup_type: str = FULL) -> PushResult:
+                wal_timeout: float | None = None, backup_type: str = FULL,
+                changed_blocks: block_delta.ChangeSource | None = None) -> PushResult:
     """Take a base backup of the server behind ``source`` into ``archive``'s repository;
-    ``backup_type`` full, diff or incr (see the module docstring).
+    ``backup_type`` full, diff or incr (see the module docstring). ``changed_blocks(path)``,
+    when given, says which blocks of a large relation file may have changed since the parent
+    (None for a file it does not cover: read and compared whole).
 
     On a primary the manifest is written once the WAL the backup needs is in the repository,
     or after ``wal_timeout`` seconds (default :data:`WAL_TIMEOUT`) with a warning: the backup
@@ -331,16 +436,24 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
         content: Scan = scan(pgdata, info.major, info.tablespace_names)
         to_store: list[SourceFile] = list(content.files)
         same: list[FileEntry] = []
-        referenced: dict[tuple[str, int], PartEntry] = {}
+        eligible = frozenset(f.path for f in to_store
+                             if block_delta.eligible(f.path, f.size))
+        with_maps = parent is not None and parent.block_size == info.block_size
         if parent is not None:  # read and hash after the backup started: see unchanged_files
-            to_store, same, referenced = unchanged_files(to_store, parent, parallel)
+            compared = [f for f in to_store if not (with_maps and f.path in eligible)]
+            blockwise = [f for f in to_store if with_maps and f.path in eligible]
+            to_store, same, _ = unchanged_files(compared, parent, parallel)
+            to_store += blockwise
+        to_store.sort(key=lambda f: block_delta.order_key(f.path))
+        blocks_for = _block_contexts(archive, parent if with_maps else None, eligible,
+                                     info.block_size, changed_blocks)
         plan = plan_parts(to_store, part_size)
         advance = None
         if progress is not None:
             progress.start(sum(f.size for f in to_store))
             advance = progress.advance
         try:
-            _store_parts(archive, name, plan, parallel, advance, stored)
+            _store_parts(archive, name, plan, parallel, advance, stored, blocks_for)
         finally:
             if progress is not None:
                 progress.finish()
@@ -358,6 +471,7 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
         stored.sort(key=lambda s: s.part.number)
         files = tuple(sorted([*(f for s in stored for f in s.files), *same],
                              key=lambda f: f.path))
+        referenced = _referenced(parent, files)
         manifest = Manifest(
             name=name, label=label, pg_version=info.version,
             system_identifier=info.system_identifier, timeline=timeline,
@@ -371,7 +485,9 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
             backup_type=backup_type if parent is not None else FULL,
             parent=parent.name if parent is not None else None,
             referenced_parts=tuple(sorted(referenced.values(),
-                                          key=lambda p: (p.backup, p.number))))
+                                          key=lambda p: (p.backup, p.number))),
+            block_size=info.block_size,
+            block_maps=tuple(s.block_map for s in stored if s.block_map is not None))
         manifest.check()
         if not info.in_recovery:  # a standby's WAL is archived by its primary, in its time
             _await_wal(archive, manifest.needed_wal(),
@@ -381,7 +497,8 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
     except BaseException:
         source.close()  # ends the session: the server aborts the backup if still running
         if not committed:
-            _delete_parts(archive, [s.part.key for s in stored], log)
+            _delete_parts(archive, [s.part.key for s in stored]
+                          + [s.block_map.key for s in stored if s.block_map], log)
         raise
     source.close()
     if manifest.parent is not None and log is not None:
@@ -398,7 +515,11 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
                " (hint: is archive_command 'walship wal-push %p' with this repository?)"))
     return PushResult(manifest, sum(p.size for p in manifest.parts),
                       manifest.stored_size + written.size, time.monotonic() - started,
-                      sum(len(s.skipped) for s in stored), tuple(missing), len(same), note)
+                      sum(len(s.skipped) for s in stored), tuple(missing),
+                      sum(1 for f in manifest.files
+                          if f.backup and all(p.backup for p in f.pieces)), note,
+                      sum(1 for f in manifest.files
+                          if len(f.pieces) > 1 and f.pieces[-1].backup == ""))
 
 
 WAL_TIMEOUT = 60.0

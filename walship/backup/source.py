@@ -39,6 +39,7 @@ class ServerInfo:
     archive_mode: str
     tablespace_names: dict[int, str] = field(default_factory=dict)
     timeline: int = 0  # of the latest checkpoint (0: unknown; no incremental backup then)
+    block_size: int = 8192  # the server's block_size (BLCKSZ)
 
     @property
     def major(self) -> int:
@@ -123,6 +124,7 @@ class PostgresSource:
             "SELECT setting, unit FROM pg_settings WHERE name = 'wal_segment_size'")
         segment_size = int(setting) * {"B": 1, "8kB": 8192, "MB": 1 << 20}.get(unit or "B", 1)
         in_recovery = bool(self._one("SELECT pg_is_in_recovery()")[0])
+        block_size = int(self._one("SELECT current_setting('block_size')")[0])
         archive_mode = str(self._one("SELECT current_setting('archive_mode')")[0])
         try:
             rows = self._conn.execute(
@@ -138,7 +140,8 @@ class PostgresSource:
             timeline = 0
         return ServerInfo(self._version, data_directory, system_identifier,
                           wal.check_segment_size(segment_size), in_recovery, archive_mode,
-                          {int(oid): name for oid, name in map(_decoded, rows)}, timeline)
+                          {int(oid): name for oid, name in map(_decoded, rows)}, timeline,
+                          block_size)
 
     def now(self) -> datetime:
         return self._one("SELECT clock_timestamp()")[0]

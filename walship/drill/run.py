@@ -222,6 +222,7 @@ def _restore_and_check(archive: Archive, settings: Any, manifest: Any, target: A
                        scratch: Scratch, server: Server, report: DrillReport, t0: float,
                        clock: Callable[[], float], log: Callable[[str], None]) -> None:
     from walship.backup.restore import restore
+    from walship.storage.mirrored import verified_read
 
     spaces = {t.oid: str(scratch.root / "tablespaces" / str(t.oid))
               for t in manifest.tablespaces}
@@ -230,8 +231,11 @@ def _restore_and_check(archive: Archive, settings: Any, manifest: Any, target: A
         runner_own = server.runner.own
         runner_own(scratch.root / "tablespaces")
     try:
-        restore(archive, scratch.data, target, action="promote", backup=manifest.name,
-                tablespace_map=spaces, archive_mode_off=True, parallel=settings.parallel)
+        # (with mirrors: a backup part that fails verification in one repository is read
+        # from the next, as by walship restore; the scratch server's wal-fetch does the same)
+        verified_read(archive, lambda source: restore(
+            source, scratch.data, target, action="promote", backup=manifest.name,
+            tablespace_map=spaces, archive_mode_off=True, parallel=settings.parallel))
     except WalshipError as error:
         raise DrillFailed("the restore failed", error.one_line()) from None
     t_fetched = clock()

@@ -50,6 +50,33 @@ class StorageOptions:
     deadline: float | None = None
 
 
+SECONDARY_SUFFIX = "-secondary"
+
+
+def secondary_endpoint(creds: AzureCredentials | None) -> str | None:
+    """The blob endpoint of ``creds`` when it is an Azure account's read-only secondary
+    (read-access geo-redundant storage), else None: ``https://ACCOUNT-secondary.blob.core.
+    windows.net``, or path-style ``http://HOST:PORT/ACCOUNT-secondary`` (Azurite, the
+    emulator). Read from ``account_url`` or a connection string's ``BlobEndpoint``."""
+    if creds is None:
+        return None
+    url = creds.account_url
+    if creds.connection_string:
+        url = None
+        for item in creds.connection_string.split(";"):
+            name, _, value = item.partition("=")
+            if name.strip().lower() == "blobendpoint":
+                url = value.strip()
+    if not url:
+        return None
+    parts = urlsplit(url)
+    host_label = (parts.hostname or "").split(".", 1)[0]
+    first_segment = parts.path.strip("/").split("/", 1)[0]
+    if host_label.endswith(SECONDARY_SUFFIX) or first_segment.endswith(SECONDARY_SUFFIX):
+        return url
+    return None
+
+
 def open_storage(url: str, options: StorageOptions | None = None) -> Storage:
     """Open the repository at ``url`` with the backend registered for its scheme."""
     scheme = urlsplit(url).scheme

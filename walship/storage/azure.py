@@ -61,7 +61,8 @@ from walship.errors import (AlreadyExists, ConfigError, NotFound, RepositoryMiss
 from walship.redact import mask_url, redact
 from walship.storage import AzureCredentials, StorageOptions, azure_rest
 from walship.storage.azure_rest import NetworkFailure, ServiceFailure
-from walship.storage.base import MetadataSource, ObjectInfo, check_key, check_metadata
+from walship.storage.base import (MetadataSource, ObjectInfo, check_key, check_metadata,
+                                  effective_deadline)
 
 # One request per object whenever the object fits: every request costs a round trip, a
 # transaction on the bill, and (measured on Azurite) about 20 ms of the server's CPU, so a 6 MB
@@ -140,21 +141,18 @@ def _client_options(options: StorageOptions) -> dict[str, Any]:
     """Pipeline settings: bounded SDK retries with short back-offs, per-request timeouts, and
     with ``options.deadline``, a retry policy and a per-attempt policy that keep to it; and
     the REST transport's service version."""
-    from azure.storage.blob import ExponentialRetry
-
     retries = max(0, int(options.retries))
-    retry = ExponentialRetry if options.deadline is None else _deadline_retry(options.deadline)
+    # (installed without a deadline too: a mirrored read may set this thread's time share)
+    retry = _deadline_retry(options.deadline)
     policy = retry(initial_backoff=_INITIAL_BACKOFF,  # type: ignore[arg-type]
                    increment_base=_INCREMENT_BASE,  # type: ignore[arg-type]
                    random_jitter_range=_JITTER,  # type: ignore[arg-type]
                    retry_total=retries, retry_connect=retries, retry_read=retries,
                    retry_status=retries)
-    extra: dict[str, Any] = {}
-    if options.deadline is not None:  # (appended after the retry policy: runs per attempt)
-        extra["_additional_pipeline_policies"] = [_deadline_timeouts(options.deadline,
-                                                                     options.timeout)]
     return {
-        **extra,
+        # (appended after the retry policy: runs per attempt)
+        "_additional_pipeline_policies": [_deadline_timeouts(options.deadline,
+                                                             options.timeout)],
         "retry_policy": policy,
         "connection_timeout": options.timeout,
         "read_timeout": options.timeout,
@@ -171,15 +169,18 @@ def _client_options(options: StorageOptions) -> dict[str, Any]:
 _DEADLINE = "the call's deadline (call_timeout)"
 
 
-def _deadline_retry(deadline: float) -> type:
+def _deadline_retry(deadline: float | None) -> type:
     """The SDK's exponential retry policy, making no retry whose back-off ends past
-    ``deadline`` (a :func:`time.monotonic` instant)."""
+    ``deadline`` (a :func:`time.monotonic` instant) or this thread's share of the time
+    (:func:`walship.storage.base.effective_deadline`)."""
     from azure.storage.blob import ExponentialRetry
 
     class DeadlineRetry(ExponentialRetry):
         def increment(self, settings: dict[str, Any], request: Any, response: Any = None,
                       error: Any = None) -> bool:
-            if time.monotonic() + self.get_backoff_time(settings) >= deadline:
+            until = effective_deadline(deadline)
+            if until is not None and time.monotonic() + self.get_backoff_time(settings) \
+                    >= until:
                 if error is not None:  # (told in the error line: see _translate)
                     error.walship_deadline = True
                 return False
@@ -188,15 +189,19 @@ def _deadline_retry(deadline: float) -> type:
     return DeadlineRetry
 
 
-def _deadline_timeouts(deadline: float, timeout: float) -> Any:
+def _deadline_timeouts(deadline: float | None, timeout: float) -> Any:
     """A per-attempt pipeline policy: each attempt's connect and read timeouts are cut to what
-    is left before ``deadline``, and no attempt starts after it."""
+    is left before ``deadline`` (or this thread's share of the time), and no attempt starts
+    after it."""
     from azure.core.exceptions import ServiceResponseTimeoutError
     from azure.core.pipeline.policies import HTTPPolicy
 
     class DeadlineTimeouts(HTTPPolicy):  # type: ignore[type-arg]
         def send(self, request: Any) -> Any:
-            left = deadline - time.monotonic()
+            until = effective_deadline(deadline)
+            if until is None:
+                return self.next.send(request)
+            left = until - time.monotonic()
             if left <= 0:
                 raise ServiceResponseTimeoutError(f"no answer within {_DEADLINE}")
             request.context.options["connection_timeout"] = max(0.001, min(timeout, left))

@@ -49,6 +49,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
+from walship.storage.base import effective_deadline
+
 API_VERSION = "2021-08-06"  # a service version that Azure and Azurite both serve
 _RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
@@ -232,8 +234,10 @@ class Client:
 
     # -- the deadline ----------------------------------------------------------------------------
     def _left(self) -> float:
-        """Seconds left before the deadline (infinite without one)."""
-        return math.inf if self.deadline is None else self.deadline - time.monotonic()
+        """Seconds left before the deadline, or this thread's share of it (infinite without
+        either: :func:`walship.storage.base.effective_deadline`)."""
+        deadline = effective_deadline(self.deadline)
+        return math.inf if deadline is None else deadline - time.monotonic()
 
     def _socket_timeout(self) -> float:
         """The timeout of the next socket wait: ``timeout``, or less near the deadline."""

@@ -17,12 +17,18 @@ Errors are walship's own, translated at the backend boundary (see :mod:`walship.
 * :class:`~walship.errors.Unavailable`: transient failures persisted past the retry budget.
   Retries live inside backends and nowhere else.
 * :class:`~walship.errors.StorageError`: a permanent failure (permissions, authentication).
+
+A backend that waits on the network keeps to :func:`effective_deadline`: its own deadline
+(:attr:`walship.storage.StorageOptions.deadline`), or an earlier one the calling thread set
+with :func:`time_share` (a mirrored read gives each repository a share of the call's time).
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -30,6 +36,32 @@ from walship.errors import UsageError
 
 KEY_PATTERN = re.compile(r"(?!.*(?:^|/)\.)[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
 METADATA_KEY_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
+
+
+_share = threading.local()
+
+
+@contextmanager
+def time_share(until: float | None) -> Iterator[None]:
+    """Within the block, this thread's storage requests end by ``until`` (a
+    :func:`time.monotonic` instant) at the latest, retries and back-offs included, as if it
+    were their deadline; None: no further bound. Nests (the earliest bound wins)."""
+    previous = getattr(_share, "until", None)
+    if until is not None and previous is not None:
+        until = min(until, previous)
+    _share.until = until if until is not None else previous
+    try:
+        yield
+    finally:
+        _share.until = previous
+
+
+def effective_deadline(deadline: float | None) -> float | None:
+    """``deadline``, or this thread's :func:`time_share` bound when that is earlier."""
+    until = getattr(_share, "until", None)
+    if until is None:
+        return deadline
+    return until if deadline is None else min(deadline, until)
 
 
 def check_key(key: str) -> str:

@@ -11,21 +11,35 @@ primary first. It adds no storage of its own: every operation is the members' ow
   already holds the key is reported in :class:`MirrorAlreadyExists` (``holders``), after the
   others have been written, so the caller judges the stored content in each holder. ``async``
   mirrors are not written here: ``walship repo-sync`` (:mod:`walship.reposync`) copies to them.
+  ``read`` mirrors (an Azure account's read-only secondary endpoint, which Azure's
+  geo-replication keeps current) are never written at all: not by ``put``, not by ``delete``.
 * ``get`` and ``head`` ask the members in order and fall over to the next on an unreachable or
   missing repository, or a missing object. :class:`~walship.errors.NotFound` when every
   member that answered says the object does not exist and one of them is the primary or a
   sync mirror: each of those holds every object a push acknowledged, so its absence there is
   proven even while another repository cannot answer (without this, losing the primary's
   region would abort every recovery at its first probe for a history file that does not
-  exist). When only async mirrors (which lag) answered, the error of one that could not
-  answer is raised (the existing exit rules apply). A fall-over is logged once per process
+  exist). When only async or read mirrors (which lag) answered, the error of one that could
+  not answer is raised (the existing exit rules apply). A fall-over is logged once per process
   and member, loudly, on stderr. A member that could not answer is asked last for the next
   :data:`DOWN_SECONDS` (it is still asked when the others fail).
+* **Time shares.** With a deadline (a wal-fetch call's ``call_timeout``; for the prefetch
+  worker, ``read_seconds`` from the start of each read), a member that is not the last one
+  asked gets :data:`SHARE` of the time left (:func:`walship.storage.base.time_share`: its
+  requests, retries and back-offs end by then), so that a repository that accepts
+  connections and never answers cannot spend the whole call before the next one is asked:
+  with two repositories and call_timeout 30, the primary gets 15 s, the mirror the rest. A
+  share bounds the request up to the first byte of the object (``get``'s reply); the body is
+  read within the call's deadline. Why half: the first repository is the one expected to
+  answer, so it gets the larger part; each next one still gets a real chance.
 * ``list`` is the union of the reachable members' listings, sorted by key (a key held by
   several members is listed once, as the first of them holds it). Unreachable members are
-  skipped, loudly; when none is reachable the first one's error is raised.
-* ``delete`` deletes from every member (deletes are idempotent), or only from those named in
-  ``delete_only``; a member that fails makes the call fail after the others were tried. Since
+  skipped, loudly; when none is reachable the first one's error is raised. Members are asked
+  in the read order, with the same time shares for their first page; one that could not
+  answer lately is not asked again while the primary or a sync mirror answers.
+* ``delete`` deletes from every member but the read ones (deletes are idempotent), or only
+  from those named in ``delete_only``; a member that fails makes the call fail after the
+  others were tried. Since
   ``list`` is the union, retention keeps in every repository what any kept backup needs.
 
 Verification happens above storage (the codec decodes): :func:`read_elsewhere` retries a read
@@ -45,13 +59,14 @@ from typing import TYPE_CHECKING, TypeVar
 
 from walship.errors import (AlreadyExists, IntegrityError, NotFound, StorageError, Unavailable,
                             WalshipError)
-from walship.storage.base import Download, MetadataSource, ObjectInfo, Storage
+from walship.storage.base import Download, MetadataSource, ObjectInfo, Storage, time_share
 
 if TYPE_CHECKING:
     from walship.archive import Archive
     from walship.config import Settings
 
 DOWN_SECONDS = 60.0  # a member that could not answer is asked last for this long
+SHARE = 0.5  # of the time left, for a member that is not the last one asked (see Time shares)
 QUEUE_DEPTH = 4  # chunks waiting for each member of a parallel put
 _POLL = 0.2  # seconds between looks at a member that may have stopped reading
 _END = object()
@@ -59,12 +74,15 @@ T = TypeVar("T")
 
 # (errors after which another member is asked: the member could not answer or lacks the object)
 FALL_OVER = (NotFound, Unavailable, StorageError)
+# the modes of the members every acknowledged push was written to: a "not found" there is proof
+COMPLETE = frozenset({"primary", "sync"})
+READ_ONLY = "read"  # a member walship never writes (an account's RA-GRS secondary endpoint)
 
 
 @dataclass(frozen=True)
 class Member:
     """One repository of a mirrored set: its name (``primary`` or the mirror's), its storage
-    and its mode (``primary``, ``sync`` or ``async``)."""
+    and its mode (``primary``, ``sync``, ``async`` or ``read``)."""
 
     name: str
     storage: Storage
@@ -109,6 +127,10 @@ class MirroredStorage:
         # what goes is decided on the union of the members' listings all the same
         self.delete_only: frozenset[str] | None = None
         self._down: dict[str, float] = {}  # member name -> monotonic time it is asked first again
+        # the call's deadline (a time.monotonic() instant) that reads share out; without one,
+        # read_seconds (if set: the prefetch worker) from the start of each read
+        self.deadline: float | None = None
+        self.read_seconds: float | None = None
         names = ", ".join(m.name for m in members[1:])
         self.url = f"{members[0].storage.url} (mirrors: {names})"
 
@@ -121,7 +143,7 @@ class MirroredStorage:
     # -- writes --------------------------------------------------------------------------------
     def put(self, key: str, data: Iterable[bytes], *,
             metadata: MetadataSource | None = None) -> ObjectInfo:
-        targets = [m for m in self.members if m.mode != "async"]
+        targets = [m for m in self.members if m.mode in COMPLETE]
         if len(targets) == 1:
             try:
                 return targets[0].storage.put(key, data, metadata=metadata)
@@ -173,7 +195,8 @@ class MirroredStorage:
     def delete(self, key: str) -> None:
         first: BaseException | None = None
         for member in self.members:
-            if self.delete_only is not None and member.name not in self.delete_only:
+            if member.mode == READ_ONLY or (self.delete_only is not None
+                                            and member.name not in self.delete_only):
                 continue
             try:
                 member.storage.delete(key)
@@ -191,15 +214,33 @@ class MirroredStorage:
         down = [m for m in self.members if self._down.get(m.name, 0.0) > now]
         return [m for m in self.members if m not in down] + down
 
+    def _deadline(self) -> float | None:
+        """The instant this read must end by: the call's deadline, or ``read_seconds`` from
+        now (None: no bound but the members' own)."""
+        if self.deadline is not None or self.read_seconds is None:
+            return self.deadline
+        return time.monotonic() + self.read_seconds
+
+    @staticmethod
+    def _share(deadline: float | None, last: bool) -> float | None:
+        """The instant a member's requests must end by (see Time shares)."""
+        if deadline is None or last:
+            return None  # (the member's own deadline: the call's, or none)
+        now = time.monotonic()
+        return now + max(0.0, deadline - now) * SHARE
+
     def _first(self, key: str, read: Callable[[Storage], T]) -> T:
         errors: list[tuple[Member, WalshipError]] = []
         now = time.monotonic()
-        for member in self._order():
+        deadline = self._deadline()
+        order = self._order()
+        for index, member in enumerate(order):
             if self._down.get(member.name, 0.0) > now and any(
-                    isinstance(e, NotFound) and m.mode != "async" for m, e in errors):
+                    isinstance(e, NotFound) and m.mode in COMPLETE for m, e in errors):
                 continue  # absence proven; a member that just could not answer is not waited on
             try:
-                result = read(member.storage)
+                with time_share(self._share(deadline, index == len(order) - 1)):
+                    result = read(member.storage)
             except FALL_OVER as error:
                 if not isinstance(error, NotFound):
                     self._down[member.name] = time.monotonic() + DOWN_SECONDS
@@ -217,7 +258,7 @@ class MirroredStorage:
                               f"{member.name}")
             return result
         unanswered = [(m, e) for m, e in errors if not isinstance(e, NotFound)]
-        complete = [(m, e) for m, e in errors if isinstance(e, NotFound) and m.mode != "async"]
+        complete = [(m, e) for m, e in errors if isinstance(e, NotFound) and m.mode in COMPLETE]
         if unanswered and complete:
             # The primary and every sync mirror hold each file a push acknowledged: the
             # absence in one of them is proven, whoever else could not answer.
@@ -228,7 +269,7 @@ class MirroredStorage:
             raise complete[0][1]
         for member, error in unanswered:
             error.what = f"repository {member.name}: {error.what}"
-            raise error  # an async mirror lags: its absence proves nothing
+            raise error  # an async or read mirror lags: its absence proves nothing
         raise errors[0][1]
 
     def get(self, key: str) -> Download:
@@ -238,24 +279,32 @@ class MirroredStorage:
         return self._first(key, lambda storage: storage.head(key))
 
     def list(self, prefix: str = "", *, limit: int | None = None) -> Iterator[ObjectInfo]:
-        streams: list[Iterator[ObjectInfo]] = []
+        found: dict[str, Iterator[ObjectInfo]] = {}
         first_error: WalshipError | None = None
-        for member in self.members:
+        now = time.monotonic()
+        deadline = self._deadline()
+        order = self._order()
+        for index, member in enumerate(order):
+            if self._down.get(member.name, 0.0) > now and any(
+                    self.member(name).mode in COMPLETE for name in found):
+                warn_once(member.name, "unreachable", f"repository {member.name} could not "
+                          "answer lately: listing the others only")
+                continue
             stream = iter(member.storage.list(prefix, limit=limit))
             try:
-                head = next(stream, None)
+                with time_share(self._share(deadline, index == len(order) - 1)):
+                    head = next(stream, None)
             except (Unavailable, StorageError) as error:
+                self._down[member.name] = time.monotonic() + DOWN_SECONDS
                 warn_once(member.name, "unreachable", f"repository {member.name} could not "
                           f"be listed ({_why(error)}): listing the others only")
                 first_error = first_error or error
                 continue
-            if head is not None:
-                streams.append(_prepend(head, stream))
-            else:
-                streams.append(iter(()))
-        if not streams and first_error is not None:
+            found[member.name] = iter(()) if head is None else _prepend(head, stream)
+        if not found and first_error is not None:
             raise first_error
-        return self._union(streams, limit)
+        # (in member order: a key several hold is listed as the first of them holds it)
+        return self._union([found[m.name] for m in self.members if m.name in found], limit)
 
     @staticmethod
     def _union(streams: list[Iterator[ObjectInfo]], limit: int | None) -> Iterator[ObjectInfo]:
@@ -359,7 +408,9 @@ def open_mirrored(primary: Storage, settings: Settings,
     for mirror in settings.mirrors:
         members.append(Member(mirror.name, open_storage(
             mirror.repo, settings.mirror_options(mirror, deadline)), mirror.mode))
-    return MirroredStorage(members)
+    storage = MirroredStorage(members)
+    storage.deadline = deadline
+    return storage
 
 
 def verified_read(archive: Archive, action: Callable[[Archive], T]) -> T:
