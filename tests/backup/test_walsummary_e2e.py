@@ -230,3 +230,40 @@ def test_a_timeline_switch_is_followed_through_the_history(pg, pg_install):
             checked += 1
             missed += block not in reported
     assert missed == 0 and checked >= 50, (missed, checked)
+
+
+@pytest.mark.pg_versions
+@pytest.mark.timeout(600)
+def test_an_incr_backup_uses_the_summaries_and_restores_equal(pg, file_repository, pg_install):
+    """backup-push --type incr on 18 with summarize_wal: the log says the summaries were used;
+    the backup restores to data equal to the source's. On 15: no summaries, no such line."""
+    from tests.backup.test_backup_e2e import (archive_everything, start_restored,
+                                              summary_line, walship)
+
+    primary = pg.initdb("primary", env=file_repository.env)
+    if pg_install.major >= 17:
+        primary.configure(summarize_wal=True)
+    primary.start()
+    primary.pgbench_init(scale=3)  # pgbench_accounts: 2.5 MB, a large relation file
+    walship(pg, primary, "backup-push", "--type", "full")
+    primary.pgbench(transactions=200, clients=2)
+    push = walship(pg, primary, "backup-push", "--type", "incr")
+    line = summary_line(push.stderr, "backup-push")
+    assert " type=incr " in line, push.stderr
+    used = [x for x in push.stderr.splitlines() if "WAL summaries used" in x]
+    if pg_install.major >= 17:
+        assert len(used) == 1, push.stderr
+        assert "not used" not in push.stderr, push.stderr
+    else:
+        assert used == [] and "summar" not in push.stderr.lower(), push.stderr
+    name = line.split()[2]
+    primary.create_restore_point("after_incr")
+    state = primary.table_checksums()
+    archive_everything(primary)
+    walship(pg, primary, "restore", str(pg.path / "copy"), "--backup", name, "--target-name",
+            "after_incr", "--target-action", "promote", "--archive-mode", "off")
+    copy = start_restored(pg, primary, "copy")
+    assert copy.table_checksums() == state
+    copy.psql("CREATE EXTENSION IF NOT EXISTS amcheck")
+    pg.run_client([str(pg.bindir / "pg_amcheck"), "-h", str(copy.sockdir), "-U", "postgres",
+                   "-d", "postgres", "--heapallindexed"], describe="pg_amcheck", log=copy.log)
