@@ -21,7 +21,9 @@ Large relation files (:mod:`walship.backup.blocks`) are compared block by block 
 backup records their block maps; a diff or incr reads its parent's maps alongside its own parts
 (in the same file order) and stores only the blocks whose digest differs, the entry listing the
 pieces (base and deltas, resolved through the parent's entry) that rebuild the file. A change
-source (``changed_blocks``, e.g. WAL summaries) may narrow which blocks are compared.
+source (``changed_blocks``) may narrow which blocks are compared; without one, on PostgreSQL 17
+and later, the server's WAL summaries are asked (:func:`wal_summary_source`), and when they
+cannot prove the range every block is read and compared.
 
 Promises: memory stays bounded whatever the cluster's size (one read buffer and one compressor
 per part in flight); a backup is listed as usable only once everything it needs is stored; on
