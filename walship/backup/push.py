@@ -21,7 +21,9 @@ Large relation files (:mod:`walship.backup.blocks`) are compared block by block 
 backup records their block maps; a diff or incr reads its parent's maps alongside its own parts
 (in the same file order) and stores only the blocks whose digest differs, the entry listing the
 pieces (base and deltas, resolved through the parent's entry) that rebuild the file. A change
-source (``changed_blocks``, e.g. WAL summaries) may narrow which blocks are compared.
+source (``changed_blocks``) may narrow which blocks are compared; without one, on PostgreSQL 17
+and later, the server's WAL summaries are asked (:func:`wal_summary_source`), and when they
+cannot prove the range every block is read and compared.
 
 Promises: memory stays bounded whatever the cluster's size (one read buffer and one compressor
 per part in flight); a backup is listed as usable only once everything it needs is stored; on
@@ -284,6 +286,54 @@ def unchanged_files(files: Sequence[SourceFile], parent: Manifest, parallel: int
     return store, same, parts
 
 
+WAL_SUMMARY_VERSION = 170000  # PostgreSQL 17: the first with WAL summaries
+
+
+def wal_summary_source(source: BackupSource, info: ServerInfo, parent: Manifest,
+                       start_lsn: wal.Lsn, pgdata: str, log: Log | None
+                       ) -> block_delta.ChangeSource | None:
+    """A change source from the server's WAL summaries (:mod:`walship.backup.walsummary`), or
+    None (then every block of a large file is read and compared; the log says why).
+
+    The range is from the PARENT'S START LSN to THIS BACKUP'S START LSN. The parent copied its
+    files at some moment during its run, so a block modified after its start may be in the
+    parent as it was before or after that change: only a block that no WAL record since the
+    parent's start names is certainly what the parent holds (the checkpoint that began the
+    parent had flushed every earlier change). Starting at the parent's stop would miss a block
+    changed after the parent read it and before its stop. Changes after this backup's start
+    are repaired by replaying WAL from this backup's start, as for any online backup."""
+    summaries = getattr(source, "wal_summary_changes", None)
+    if summaries is None or info.version < WAL_SUMMARY_VERSION or not info.timeline:
+        return None
+    changes = summaries(timeline=info.timeline, since_lsn=parent.start_lsn,
+                        until_lsn=start_lsn, parent_timeline=parent.timeline,
+                        parent_stop_lsn=parent.stop_lsn,
+                        system_identifier=parent.system_identifier,
+                        log=(lambda line: log(f"backup-push: {line.removeprefix('walship: ')}"))
+                        if log is not None else None)
+    if changes is None:
+        return None
+    if log is not None:
+        log(f"backup-push: WAL summaries used: {changes.block_count} blocks of "
+            f"{changes.fork_count} relation forks changed from the parent's start "
+            f"{parent.start_lsn} to {start_lsn} ({changes.summaries} summaries); only those "
+            "are read and compared in the large relation files")
+
+    def changed(path: str) -> block_delta.ChangedBlocks | None:
+        try:  # the size now: the blocks the summaries name past it are gone (truncated since)
+            size = os.stat(os.path.join(pgdata, path)).st_size
+        except OSError:
+            return None
+        found = changes.file_changes(path, size)
+        if found is None:
+            return None
+        limit = found.limit
+        return block_delta.ChangedBlocks(
+            frozenset(b for b in found.blocks if limit is None or b < limit), limit)
+
+    return changed
+
+
 def _block_contexts(archive: Archive, parent: Manifest | None, eligible: frozenset[str],
                     block_size: int, changed: block_delta.ChangeSource | None
                     ) -> Callable[[list[SourceFile]], BlockContext]:
@@ -439,6 +489,8 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
         eligible = frozenset(f.path for f in to_store
                              if block_delta.eligible(f.path, f.size))
         with_maps = parent is not None and parent.block_size == info.block_size
+        if changed_blocks is None and with_maps and parent is not None:
+            changed_blocks = wal_summary_source(source, info, parent, start_lsn, pgdata, log)
         if parent is not None:  # read and hash after the backup started: see unchanged_files
             compared = [f for f in to_store if not (with_maps and f.path in eligible)]
             blockwise = [f for f in to_store if with_maps and f.path in eligible]

@@ -163,6 +163,14 @@ class PostgresSource:
         lsn, label, spcmap, when = self._one(sql, (wait_for_archive,))
         return StopResult(wal.Lsn.parse(lsn), label or "", spcmap or "", when)
 
+    def wal_summary_changes(self, **kwargs: object) -> object:
+        """:func:`walship.backup.walsummary.changed_blocks` on this session's connection (the
+        backup's own: the summaries are read after ``pg_backup_start``). Optional for a
+        :class:`BackupSource`: push looks for it with ``getattr``."""
+        from walship.backup.walsummary import changed_blocks
+
+        return changed_blocks(self._conn, **kwargs)  # type: ignore[arg-type]
+
     def close(self) -> None:
         try:
             self._conn.close()
