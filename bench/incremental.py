@@ -8,6 +8,11 @@ as configured by default (file-level: a changed file is stored whole), and, unle
     bash bench/setup.sh && /opt/walship-bench-venv/bin/python bench/incremental.py \\
         --scale 70 --rounds 3 --walship /opt/walship-bench-venv/bin/walship
 
+--pg-bindir runs the cluster (and pgbench) from another PostgreSQL, --summarize-wal sets
+``summarize_wal = on`` (PostgreSQL 17+: walship's incr/diff then read only the blocks the WAL
+summaries name; its log line saying so is shown), --no-pgbackrest leaves pgBackRest out (2.45
+cannot back up PostgreSQL 18: "unexpected control version = 1800").
+
 One source cluster (pgbench -i at --scale: 70 is about 1.1 GB; autovacuum off, so that nothing
 but pgbench changes pages between the measurements and the backups). Every round:
 
@@ -697,6 +702,9 @@ def main() -> int:
     if not pgbackrest:
         raise SystemExit("pgbackrest missing: run bench/setup.sh")
     run_pg([args.walship, "--version"])  # the postgres user must be able to run it
+    if args.write_docs and (args.no_pgbackrest or args.pg_bindir):
+        raise SystemExit("--write-docs replaces the pgBackRest comparison section: not with "
+                         "--no-pgbackrest or --pg-bindir (use --markdown)")
     if args.pg_bindir:  # read at call time by pgcluster (initdb, pg_ctl, psql, PATH)
         pgcluster.BIN = args.pg_bindir.resolve()
         run_pg([str(pgcluster.BIN / "postgres"), "--version"])
