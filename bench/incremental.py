@@ -8,6 +8,11 @@ as configured by default (file-level: a changed file is stored whole), and, unle
     bash bench/setup.sh && /opt/walship-bench-venv/bin/python bench/incremental.py \\
         --scale 70 --rounds 3 --walship /opt/walship-bench-venv/bin/walship
 
+--pg-bindir runs the cluster (and pgbench) from another PostgreSQL, --summarize-wal sets
+``summarize_wal = on`` (PostgreSQL 17+: walship's incr/diff then read only the blocks the WAL
+summaries name; its log line saying so is shown), --no-pgbackrest leaves pgBackRest out (2.45
+cannot back up PostgreSQL 18: "unexpected control version = 1800").
+
 One source cluster (pgbench -i at --scale: 70 is about 1.1 GB; autovacuum off, so that nothing
 but pgbench changes pages between the measurements and the backups). Every round:
 
@@ -81,7 +86,7 @@ import pgcluster  # noqa: E402
 from azurite import Azurite, find_binary  # noqa: E402
 from backups import ACCOUNTS_SQL, PgBackRestBackup, WalshipBackup, timed_rss, tree_bytes  # noqa: E402
 from peers import Context, PgBackRest, Walship  # noqa: E402
-from pgcluster import BIN, Cluster, make_dir, run_pg  # noqa: E402
+from pgcluster import Cluster, make_dir, run_pg  # noqa: E402
 from run import (DEFAULT_CERT_DIR, NOTES_HEADING, cpu_seconds, git_revision,  # noqa: E402
                  kill_strays, log, machine_info)
 
@@ -311,9 +316,10 @@ class IncrBench:
         self.work = make_dir(work / "incr")
         self.sockdir = make_dir(self.work / "sock")
         self.data = self.work / "data"
-        self.tools = [WalshipIncr(walship, self.work, self.sockdir, self.data),
-                      PgBackRestIncr(pgbackrest, self.work, self.sockdir, self.data)]
-        if not args.no_pgbackrest_block:
+        self.tools = [WalshipIncr(walship, self.work, self.sockdir, self.data)]
+        if not args.no_pgbackrest:
+            self.tools.append(PgBackRestIncr(pgbackrest, self.work, self.sockdir, self.data))
+        if not args.no_pgbackrest and not args.no_pgbackrest_block:
             self.tools.append(PgBackRestBlock(pgbackrest, self.work, self.sockdir, self.data))
         self.cluster: Cluster | None = None
         self.conn = None
@@ -328,12 +334,14 @@ class IncrBench:
         cluster.configure(archive_mode=False, max_wal_size="1GB", min_wal_size="80MB",
                           wal_keep_size=0, autovacuum=False)
         cluster.start()
-        run_pg([str(BIN / "pgbench"), "-h", str(self.sockdir), "-U", "postgres", "-i", "-q",
+        run_pg([str(pgcluster.BIN / "pgbench"), "-h", str(self.sockdir), "-U", "postgres", "-i", "-q",
                 "-s", str(scale), "postgres"], timeout=3600)
         cluster.psql("VACUUM ANALYZE")
         cluster.psql("CHECKPOINT")
         cluster.stop()
         cluster.configure(archive_mode=True, archive_command="", log_min_messages="log")
+        if self.args.summarize_wal:  # PostgreSQL 17+: walship's incr/diff read the summaries
+            cluster.configure(summarize_wal=True)
         env = {}
         for tool in self.tools:
             env.update(tool.env())
@@ -393,7 +401,7 @@ class IncrBench:
         t0 = time.monotonic()
         while True:
             per_client = max(1, step // 2)
-            run_pg([str(BIN / "pgbench"), "-h", str(self.sockdir), "-U", "postgres", "-n",
+            run_pg([str(pgcluster.BIN / "pgbench"), "-h", str(self.sockdir), "-U", "postgres", "-n",
                     "-c", "2", "-j", "2", "-t", str(per_client), "postgres"], timeout=3600)
             done += 2 * per_client
             self.conn.query("CHECKPOINT")
@@ -476,6 +484,10 @@ class IncrBench:
                 log(f"round {r}: {tool.label} {kind} {out['seconds']:.2f} s, read "
                     f"{out['read_bytes'] / MB:.1f} MB (rchar {out['rchar'] / MB:.1f} MB), "
                     f"stored {out['stored_bytes'] / MB:.2f} MB")
+                for line in out["stderr"].splitlines():
+                    if "WAL summaries" in line:
+                        out["wal_summaries"] = line.strip()
+                        log(f"round {r}: {tool.label} {kind}: {line.strip()}")
         pgcluster.settle_removals(log)
         for tool in order:
             name = res[tool.key]["incr"]["name"]
@@ -563,15 +575,16 @@ def render(rounds: list[dict], info: dict, labels: dict[str, str]) -> tuple[str,
     ratio = m("walship", "incr", "stored_bytes") / ref if ref else float("inf")
     goals.append(["walship incr stored / zstd-3 of the changed blocks", f"{ratio:.2f}",
                   "<= 1.5", "yes" if ratio <= 1.5 else "no"])
-    ratio = m("pgbackrest", "incr", "seconds") / m("walship", "incr", "seconds")
-    goals.append(["pgBackRest incr time / walship incr time", f"{ratio:.2f}", ">= 1.5",
-                  "yes" if ratio >= 1.5 else "no"])
-    ratio = m("walship", "incr", "stored_bytes") / m("pgbackrest", "incr", "stored_bytes")
-    goals.append(["walship incr stored / pgBackRest incr stored", f"{ratio:.2f}", "<= 1",
-                  "yes" if ratio <= 1 else "no"])
-    ratio = m("pgbackrest", "restore", "seconds") / m("walship", "restore", "seconds")
-    goals.append(["pgBackRest full+incr restore time / walship's", f"{ratio:.2f}", ">= 1.5",
-                  "yes" if ratio >= 1.5 else "no"])
+    if "pgbackrest" in labels:  # not with --no-pgbackrest
+        ratio = m("pgbackrest", "incr", "seconds") / m("walship", "incr", "seconds")
+        goals.append(["pgBackRest incr time / walship incr time", f"{ratio:.2f}", ">= 1.5",
+                      "yes" if ratio >= 1.5 else "no"])
+        ratio = m("walship", "incr", "stored_bytes") / m("pgbackrest", "incr", "stored_bytes")
+        goals.append(["walship incr stored / pgBackRest incr stored", f"{ratio:.2f}", "<= 1",
+                      "yes" if ratio <= 1 else "no"])
+        ratio = m("pgbackrest", "restore", "seconds") / m("walship", "restore", "seconds")
+        goals.append(["pgBackRest full+incr restore time / walship's", f"{ratio:.2f}", ">= 1.5",
+                      "yes" if ratio >= 1.5 else "no"])
     if "pgbackrest-block" in labels:
         ratio = m("pgbackrest-block", "incr", "seconds") / m("walship", "incr", "seconds")
         goals.append(["(not a goal) pgBackRest block incr time / walship incr time",
@@ -584,7 +597,9 @@ def render(rounds: list[dict], info: dict, labels: dict[str, str]) -> tuple[str,
         goals.append(["(not a goal) pgBackRest block full+incr restore time / walship's",
                       f"{ratio:.2f}", "", ""])
     table("Goals (issue 16, against pgBackRest as configured by default: file-level), ratios "
-          "of the medians above", ["measure", "value", "goal", "met"], goals)
+          "of the medians above" if "pgbackrest" in labels else
+          "Goals (issue 16; walship only: --no-pgbackrest), ratios of the medians above",
+          ["measure", "value", "goal", "met"], goals)
     checks = [f"* {labels[key]}: {rounds[0][key]['restore']['check']}"
               for key in keys if "check" in rounds[0][key]["restore"]]
     if checks:
@@ -657,6 +672,14 @@ def parse_args() -> argparse.Namespace:
                    help="memory warmed before each timed command (see bench/pgcluster.py)")
     p.add_argument("--no-pgbackrest-block", action="store_true",
                    help="leave out pgBackRest with repo1-block=y (its beta block incremental)")
+    p.add_argument("--no-pgbackrest", action="store_true",
+                   help="walship only (e.g. on a PostgreSQL pgBackRest cannot back up)")
+    p.add_argument("--pg-bindir", type=Path, default=None,
+                   help="PostgreSQL's bindir for the cluster and pgbench (default: pg_config's; "
+                   "the postgres user must be able to run it)")
+    p.add_argument("--summarize-wal", action="store_true",
+                   help="summarize_wal = on (PostgreSQL 17+: walship's incr/diff read the WAL "
+                   "summaries instead of every file)")
     p.add_argument("--no-check", action="store_true",
                    help="do not start the restored clusters of round 1")
     p.add_argument("--json", type=Path, help="also write the raw results as JSON")
@@ -679,6 +702,12 @@ def main() -> int:
     if not pgbackrest:
         raise SystemExit("pgbackrest missing: run bench/setup.sh")
     run_pg([args.walship, "--version"])  # the postgres user must be able to run it
+    if args.write_docs and (args.no_pgbackrest or args.pg_bindir):
+        raise SystemExit("--write-docs replaces the pgBackRest comparison section: not with "
+                         "--no-pgbackrest or --pg-bindir (use --markdown)")
+    if args.pg_bindir:  # read at call time by pgcluster (initdb, pg_ctl, psql, PATH)
+        pgcluster.BIN = args.pg_bindir.resolve()
+        run_pg([str(pgcluster.BIN / "postgres"), "--version"])
 
     def on_signal(signum, frame):
         raise SystemExit(128 + signum)
@@ -702,7 +731,7 @@ def main() -> int:
             "versions": {"walship": walship.version().removeprefix("walship "),
                          "walship_commit": git_revision(),
                          "pgbackrest": pgbr.version(),
-                         "postgresql": subprocess.run([str(BIN / "postgres"), "--version"],
+                         "postgresql": subprocess.run([str(pgcluster.BIN / "postgres"), "--version"],
                                                       capture_output=True, text=True)
                          .stdout.strip().replace("postgres (PostgreSQL) ", ""),
                          "azurite": azurite.version()},
@@ -722,6 +751,9 @@ def main() -> int:
                    + f" --rounds {args.rounds}"
                    + (f" --touch {args.touch}" if args.touch != 0.05 else "")
                    + (" --no-pgbackrest-block" if args.no_pgbackrest_block else "")
+                   + (" --no-pgbackrest" if args.no_pgbackrest else "")
+                   + (f" --pg-bindir {args.pg_bindir}" if args.pg_bindir else "")
+                   + (" --summarize-wal" if args.summarize_wal else "")
                    + f" --walship {args.walship}")
         info["command"] = command
         labels = {t.key: t.label for t in bench.tools}
