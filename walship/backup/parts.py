@@ -159,14 +159,9 @@ class PartWriter:
         source covering it, only the blocks that may have changed are read."""
         assert self.blocks is not None
         block_size = self.blocks.block_size
-        try:
-            fd = os.open(source.disk, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            self.skipped.append(source.path)
+        fd = self._open(source)
+        if fd is None:
             return
-        except OSError as error:
-            raise UsageError(f"cannot read {source.disk}", os.strerror(error.errno or 0),
-                             "run backup-push as the cluster's OS user (postgres)") from None
         with open(fd, "rb", buffering=0) as handle:
             st = os.fstat(fd)
             size = st.st_size
@@ -292,15 +287,22 @@ class PartWriter:
         if padding:
             yield self._emit(bytes(padding))
 
-    def _disk_file(self, source: SourceFile) -> Iterator[bytes]:
+    def _open(self, source: SourceFile) -> int | None:
+        """A descriptor of the source file (never through a symbolic link), or None when it
+        disappeared since the scan (recorded in ``skipped``: PostgreSQL removed it)."""
         try:
-            fd = os.open(source.disk, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            return os.open(source.disk, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             self.skipped.append(source.path)
-            return
+            return None
         except OSError as error:
             raise UsageError(f"cannot read {source.disk}", os.strerror(error.errno or 0),
                              "run backup-push as the cluster's OS user (postgres)") from None
+
+    def _disk_file(self, source: SourceFile) -> Iterator[bytes]:
+        fd = self._open(source)
+        if fd is None:
+            return
         with open(fd, "rb", buffering=0) as handle:
             st = os.fstat(fd)
             size = st.st_size
