@@ -216,11 +216,17 @@ def test_files_changed_without_block_references():
     assert all(is_limit for *_, is_limit, _ in limits)
     assert set(limits) == {
         (SPC, DB, 600, 0, True, 0),  # created (its FSM left out)
-        (SPC, DB, 601, 0, True, 42), (SPC, DB, 601, 2, True, 42),  # heap and VM truncated
+        (SPC, DB, 601, 0, True, 42), (SPC, DB, 601, 2, True, 1),  # heap and VM truncated
         (1663, 16400, 0, 0, True, 0), (16500, 16401, 0, 0, True, 0),  # databases created
         (1663, 16402, 0, 0, True, 0), (16500, 16402, 0, 0, True, 0),  # ... and dropped
         *((SPC, DB, rel, fork, True, 0) for rel in (603, 604, 605) for fork in (0, 2, 3)),
     }
+
+
+def test_the_length_of_a_truncated_visibility_map():
+    per_page = (8192 - 24) * 4  # heap blocks one map page covers
+    assert [wr.visibility_map_length(n) for n in (0, 1, per_page, per_page + 1)] == [0, 1, 1, 2]
+    assert wr.visibility_map_length(100, block_size=32768) == 1
 
 
 def test_resume_and_complete_only():

@@ -120,13 +120,14 @@ def page_address(header: bytes) -> int | None:
 def scan(segments: Iterable[Segment], *, since: int, until: int, timeline: int,
          segment_size: int, page_size: int = 8192, system_identifier: int | None = None,
          result: ScanResult | None = None, resume: bool = False,
-         complete_only: bool = False) -> Iterator[Row]:
+         complete_only: bool = False, block_size: int = 8192) -> Iterator[Row]:
     """The change rows of every record starting in ``[since, until)`` on ``timeline``.
 
     ``segments``: consecutive segments, the first holding ``since``; each page must carry
     ``timeline`` or an earlier one (the first segment of a timeline starts with its parent's
     pages). ``segment_size`` and ``page_size`` (XLOG_BLCKSZ) must equal what the segments'
-    long headers say, and ``system_identifier`` (when given) theirs. Raises
+    long headers say, and ``system_identifier`` (when given) theirs; ``block_size`` is the
+    relations' (BLCKSZ, for the length of a truncated visibility map). Raises
     :class:`WalReadError` (see the module's docstring) rather than yield a partial answer;
     rows already yielded must then be discarded.
 
@@ -151,7 +152,7 @@ def scan(segments: Iterable[Segment], *, since: int, until: int, timeline: int,
     first_page = since - since % page_size if resume else since - since % segment_size
     reader = _Pages(iter(segments), timeline, segment_size, page_size, system_identifier,
                     since // segment_size, result, first_page)
-    yield from _records(reader, since, until, result, resume, complete_only)
+    yield from _records(reader, since, until, result, resume, complete_only, block_size)
 
 
 class _Pages:
@@ -245,7 +246,7 @@ class _Pages:
 
 
 def _records(pages: _Pages, since: int, until: int, result: ScanResult, resume: bool,
-             complete_only: bool) -> Iterator[Row]:
+             complete_only: bool, block_size: int) -> Iterator[Row]:
     size = pages.page_size
     pages.next_page()
     offset = pages.header
@@ -307,7 +308,7 @@ def _records(pages: _Pages, since: int, until: int, result: ScanResult, resume: 
         end = pages.page_lsn + offset
         if end > since:
             result.records += 1
-            yield from _record_rows(record, info, rmid, start, result)
+            yield from _record_rows(record, info, rmid, start, result, block_size)
         if rmid == RM_XLOG and info & ~XLR_INFO_MASK == XLOG_SWITCH:
             pages.skip_to_segment_end()
             offset = size
@@ -345,8 +346,8 @@ def _skip_continuation(pages: _Pages) -> int:
                                "its segment started with")
 
 
-def _record_rows(record: bytes, info: int, rmid: int, start: int,
-                 result: ScanResult) -> Iterator[Row]:
+def _record_rows(record: bytes, info: int, rmid: int, start: int, result: ScanResult,
+                 block_size: int) -> Iterator[Row]:
     """Decode one record's headers (DecodeXLogRecord's walk) and yield its rows."""
     total = len(record)
     position = RECORD_HEADER
@@ -409,13 +410,14 @@ def _record_rows(record: bytes, info: int, rmid: int, start: int,
     if rmid in (RM_XLOG, RM_XACT, RM_SMGR, RM_DBASE):
         main = record[total - main_length:]
         try:
-            yield from _special_rows(rmid, info & ~XLR_INFO_MASK, main, start)
+            yield from _special_rows(rmid, info & ~XLR_INFO_MASK, main, start, block_size)
         except (struct.error, IndexError):
             raise WalReadError(f"the record at {_lsn(start)} (resource manager {rmid}, info "
                                f"{info:#04x}) has short main data") from None
 
 
-def _special_rows(rmid: int, info: int, main: bytes, start: int) -> Iterator[Row]:
+def _special_rows(rmid: int, info: int, main: bytes, start: int,
+                  block_size: int) -> Iterator[Row]:
     """The rows of the records that change files without naming blocks (walsummarizer.c's
     SummarizeSmgrRecord, SummarizeDbaseRecord, SummarizeXactRecord), and the refusal of
     ``wal_level = minimal``."""
@@ -435,7 +437,8 @@ def _special_rows(rmid: int, info: int, main: bytes, start: int) -> Iterator[Row
             if flags & SMGR_TRUNCATE_HEAP:
                 yield (space, database, relation, MAIN_FORK, True, block)
             if flags & SMGR_TRUNCATE_VM:
-                yield (space, database, relation, VM_FORK, True, block)
+                yield (space, database, relation, VM_FORK, True,
+                       visibility_map_length(block, block_size))
     elif rmid == RM_DBASE:
         if info in (XLOG_DBASE_CREATE_FILE_COPY, XLOG_DBASE_CREATE_WAL_LOG):
             database, space = struct.unpack_from("<II", main)
@@ -462,6 +465,14 @@ def _special_rows(rmid: int, info: int, main: bytes, start: int) -> Iterator[Row
                     space, database, relation = _LOCATOR.unpack_from(main, at + 12 * number)
                     for fork in (MAIN_FORK, VM_FORK, INIT_FORK):
                         yield (space, database, relation, fork, True, 0)
+
+
+def visibility_map_length(heap_blocks: int, block_size: int = 8192) -> int:
+    """The blocks of a visibility map that covers ``heap_blocks`` heap blocks: two bits per
+    heap block in each map page after its 24-byte header (visibilitymap.c's
+    visibilitymap_prepare_truncate; PostgreSQL 18's summarizer sets this as the limit)."""
+    per_page = (block_size - 24) * 4
+    return heap_blocks // per_page + (1 if heap_blocks % per_page else 0)
 
 
 def _lsn(value: int) -> str:

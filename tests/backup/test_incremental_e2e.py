@@ -40,6 +40,7 @@ def test_full_incr_incr_diff_incr_under_pgbench(pg, file_repository):
     tables = {**PGBENCH_TABLES, "stable": "id, pad"}
     points: list[tuple[str, str, dict[str, str]]] = []  # (backup, restore point, state)
     deltas: list[int] = []  # block_deltas of each backup-push line
+    wal_read = 0  # backups whose changed blocks were read from the WAL
     for number, kind in enumerate(["full", "incr", "incr", "diff", "incr"]):
         if number:  # a few rows of "stable" change
             primary.psql(f"UPDATE stable SET pad = repeat('{number}', 200) "
@@ -57,6 +58,12 @@ def test_full_incr_incr_diff_incr_under_pgbench(pg, file_repository):
             load.wait(timeout=60)
         line = summary_line(push.stderr, "backup-push")
         assert f" type={kind} " in line, line
+        if kind != "full":  # which blocks changed: read from the WAL (no summaries here), or
+            # every file compared when there is more WAL than data (one line saying which)
+            said = [x for x in push.stderr.splitlines() if "WAL read for changes" in x
+                    or "WAL not read for changes" in x]
+            assert len(said) == 1, push.stderr
+            wal_read += "WAL read for changes" in said[0]
         deltas.append(int(line.rsplit(" block_deltas=", 1)[1].split()[0]))
         name = line.split()[2]
         point = f"after_{number}"
@@ -77,6 +84,7 @@ def test_full_incr_incr_diff_incr_under_pgbench(pg, file_repository):
         assert rows[name]["stored_bytes"] < rows[name]["logical_bytes"] / 2, rows[name]
     # pgbench_accounts (13 MB at scale 1) and its index: stored as their changed blocks
     assert deltas[0] == 0 and all(n > 0 for n in deltas[1:]), deltas
+    assert wal_read >= 2, wal_read  # the incrs' WAL (a backup's duration of it) is read
     storage = file_repository.open()
     try:
         from walship.archive import Archive

@@ -21,9 +21,10 @@ Large relation files (:mod:`walship.backup.blocks`) are compared block by block 
 backup records their block maps; a diff or incr reads its parent's maps alongside its own parts
 (in the same file order) and stores only the blocks whose digest differs, the entry listing the
 pieces (base and deltas, resolved through the parent's entry) that rebuild the file. A change
-source (``changed_blocks``) may narrow which blocks are compared; without one, on PostgreSQL 17
-and later, the server's WAL summaries are asked (:func:`wal_summary_source`), and when they
-cannot prove the range every block is read and compared.
+source (``changed_blocks``) may narrow which blocks are compared; without one, the WAL since
+the parent says which blocks changed (:func:`wal_summary_source`: the server's WAL summaries on
+PostgreSQL 17 and later, else the WAL records themselves), and when it cannot prove the range
+every block is read and compared.
 
 Promises: memory stays bounded whatever the cluster's size (one read buffer and one compressor
 per part in flight); a backup is listed as usable only once everything it needs is stored; on
@@ -290,10 +291,15 @@ WAL_SUMMARY_VERSION = 170000  # PostgreSQL 17: the first with WAL summaries
 
 
 def wal_summary_source(source: BackupSource, info: ServerInfo, parent: Manifest,
-                       start_lsn: wal.Lsn, pgdata: str, log: Log | None
-                       ) -> block_delta.ChangeSource | None:
-    """A change source from the server's WAL summaries (:mod:`walship.backup.walsummary`), or
-    None (then every block of a large file is read and compared; the log says why).
+                       start_lsn: wal.Lsn, pgdata: str, log: Log | None, *,
+                       archive: Archive | None = None, budget: int | None = None,
+                       scanner: object | None = None) -> block_delta.ChangeSource | None:
+    """A change source from the WAL since the parent: the server's WAL summaries
+    (:mod:`walship.backup.walsummary`, PostgreSQL 17+ with ``summarize_wal = on``), else the
+    WAL itself, read from pg_wal or ``archive`` (:mod:`walship.backup.walscan`, at most
+    ``budget`` bytes of it; ``scanner``: a :class:`walship.backup.walscan.WalScanner` that
+    has read part of the range already, from :func:`wal_prescan`); or None (then every block
+    of a large file is read and compared; the log says why).
 
     The range is from the PARENT'S START LSN to THIS BACKUP'S START LSN. The parent copied its
     files at some moment during its run, so a block modified after its start may be in the
@@ -302,22 +308,35 @@ def wal_summary_source(source: BackupSource, info: ServerInfo, parent: Manifest,
     parent had flushed every earlier change). Starting at the parent's stop would miss a block
     changed after the parent read it and before its stop. Changes after this backup's start
     are repaired by replaying WAL from this backup's start, as for any online backup."""
-    summaries = getattr(source, "wal_summary_changes", None)
-    if summaries is None or info.version < WAL_SUMMARY_VERSION or not info.timeline:
+    if not info.timeline:
         return None
-    changes = summaries(timeline=info.timeline, since_lsn=parent.start_lsn,
-                        until_lsn=start_lsn, parent_timeline=parent.timeline,
-                        parent_stop_lsn=parent.stop_lsn,
-                        system_identifier=parent.system_identifier,
-                        log=(lambda line: log(f"backup-push: {line.removeprefix('walship: ')}"))
-                        if log is not None else None)
+    prefixed = ((lambda line: log(f"backup-push: {line.removeprefix('walship: ')}"))
+                if log is not None else None)
+    scan = getattr(source, "wal_scan_changes", None)
+    changes = None
+    summaries = getattr(source, "wal_summary_changes", None)
+    if summaries is not None and info.version >= WAL_SUMMARY_VERSION:
+        changes = summaries(timeline=info.timeline, since_lsn=parent.start_lsn,
+                            until_lsn=start_lsn, parent_timeline=parent.timeline,
+                            parent_stop_lsn=parent.stop_lsn,
+                            system_identifier=parent.system_identifier, log=prefixed,
+                            instead="reading the WAL instead" if scan is not None
+                            else "reading and comparing every file")
+        if changes is not None and log is not None:
+            log(f"backup-push: WAL summaries used: {changes.block_count} blocks of "
+                f"{changes.fork_count} relation forks changed from the parent's start "
+                f"{parent.start_lsn} to {start_lsn} ({changes.summaries} summaries); only "
+                "those are read and compared in the large relation files")
+    if changes is None and scanner is not None:
+        from walship.backup.walscan import changed_blocks
+
+        changes = changed_blocks(None, until_lsn=start_lsn, scanner=scanner,  # type: ignore[arg-type]
+                                 log=prefixed)
+    elif changes is None and scan is not None:
+        changes = scan(until_lsn=start_lsn, log=prefixed,
+                       **_scan_arguments(info, parent, pgdata, archive, budget))
     if changes is None:
         return None
-    if log is not None:
-        log(f"backup-push: WAL summaries used: {changes.block_count} blocks of "
-            f"{changes.fork_count} relation forks changed from the parent's start "
-            f"{parent.start_lsn} to {start_lsn} ({changes.summaries} summaries); only those "
-            "are read and compared in the large relation files")
 
     def changed(path: str) -> block_delta.ChangedBlocks | None:
         try:  # the size now: the blocks the summaries name past it are gone (truncated since)
@@ -332,6 +351,38 @@ def wal_summary_source(source: BackupSource, info: ServerInfo, parent: Manifest,
             frozenset(b for b in found.blocks if limit is None or b < limit), limit)
 
     return changed
+
+
+def _scan_arguments(info: ServerInfo, parent: Manifest, pgdata: str, archive: Archive | None,
+                    budget: int | None) -> dict[str, object]:
+    """The arguments of a :class:`walship.backup.walscan.WalScanner` for this backup."""
+    return {"pg_wal": os.path.join(pgdata, "pg_wal"),
+            "fetch": (lambda name, path: archive.fetch_wal(name, path, prove_absence=False))
+            if archive is not None else None,
+            "timeline": info.timeline, "since_lsn": parent.start_lsn,
+            "wal_segment_size": info.wal_segment_size, "parent_timeline": parent.timeline,
+            "system_identifier": parent.system_identifier, "budget": budget}
+
+
+def wal_prescan(source: BackupSource, info: ServerInfo, parent: Manifest | None, pgdata: str,
+                archive: Archive, log: Log | None) -> object | None:
+    """Before ``pg_backup_start``, on a primary without WAL summaries (PostgreSQL before 17):
+    a :class:`walship.backup.walscan.WalScanner` that has read the WAL from the parent's
+    start to the server's flush position, while it is still in pg_wal (the backup's starting
+    checkpoint recycles the segments before it, which would then be fetched from the
+    repository). None when there is nothing to scan for. The budget is the parent's large
+    relation files' size."""
+    make = getattr(source, "wal_scanner", None)
+    flush = getattr(source, "flush_lsn", None)
+    if (make is None or flush is None or parent is None or info.in_recovery
+            or not info.timeline or info.version >= WAL_SUMMARY_VERSION
+            or parent.block_size != info.block_size):
+        return None
+    budget = sum(entry.size for entry in parent.files
+                 if block_delta.eligible(entry.path, entry.size))
+    scanner = make(**_scan_arguments(info, parent, pgdata, archive, budget))
+    scanner.read(flush(), complete_only=True)
+    return scanner
 
 
 def _block_contexts(archive: Archive, parent: Manifest | None, eligible: frozenset[str],
@@ -479,6 +530,8 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
     start_time = source.now()
     name = choose_name(archive, start_time)
     label = f"walship backup {name}"
+    scanner = (wal_prescan(source, info, parent, pgdata, archive, log)
+               if changed_blocks is None else None)
     start_lsn = source.start(label, fast)
     stored: list[_StoredPart] = []
     committed = False
@@ -490,7 +543,9 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
                              if block_delta.eligible(f.path, f.size))
         with_maps = parent is not None and parent.block_size == info.block_size
         if changed_blocks is None and with_maps and parent is not None:
-            changed_blocks = wal_summary_source(source, info, parent, start_lsn, pgdata, log)
+            changed_blocks = wal_summary_source(
+                source, info, parent, start_lsn, pgdata, log, archive=archive,
+                budget=sum(f.size for f in to_store if f.path in eligible), scanner=scanner)
         if parent is not None:  # read and hash after the backup started: see unchanged_files
             compared = [f for f in to_store if not (with_maps and f.path in eligible)]
             blockwise = [f for f in to_store if with_maps and f.path in eligible]

@@ -171,6 +171,23 @@ class PostgresSource:
 
         return changed_blocks(self._conn, **kwargs)  # type: ignore[arg-type]
 
+    def flush_lsn(self) -> wal.Lsn:
+        """How far the server has written and flushed its WAL (a primary)."""
+        return wal.Lsn.parse(self._one("SELECT pg_current_wal_flush_lsn()::text")[0])
+
+    def wal_scanner(self, **kwargs: object) -> object:
+        """A :class:`walship.backup.walscan.WalScanner` on this session's connection."""
+        from walship.backup.walscan import WalScanner
+
+        return WalScanner(self._conn, **kwargs)  # type: ignore[arg-type]
+
+    def wal_scan_changes(self, **kwargs: object) -> object:
+        """:func:`walship.backup.walscan.changed_blocks` on this session's connection (the WAL
+        read for the blocks changed, where there are no summaries). Optional, as above."""
+        from walship.backup.walscan import changed_blocks
+
+        return changed_blocks(self._conn, **kwargs)  # type: ignore[arg-type]
+
     def close(self) -> None:
         try:
             self._conn.close()

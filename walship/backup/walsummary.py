@@ -319,10 +319,12 @@ def changed_blocks(connection, *, timeline: int, since_lsn: wal.Lsn,
                    parent_stop_lsn: wal.Lsn | None = None,
                    history: Sequence[wal.HistoryEntry] | None = None,
                    system_identifier: str | None = None, wait: float = DEFAULT_WAIT,
-                   max_wait: float = MAX_WAIT, log: Log | None = None) -> BlockChanges | None:
+                   max_wait: float = MAX_WAIT, log: Log | None = None,
+                   instead: str = "reading and comparing every file") -> BlockChanges | None:
     """The blocks changed on ``timeline`` in ``[since_lsn, until_lsn)`` according to the
-    server's WAL summaries, or None after one ``log`` line saying why they cannot tell. See
-    :func:`read_block_changes` for the arguments."""
+    server's WAL summaries, or None after one ``log`` line saying why they cannot tell (and,
+    ``instead``, what the caller does then). See :func:`read_block_changes` for the
+    arguments."""
     found = read_block_changes(connection, timeline=timeline, since_lsn=since_lsn,
                                until_lsn=until_lsn, parent_timeline=parent_timeline,
                                parent_stop_lsn=parent_stop_lsn, history=history,
@@ -330,8 +332,7 @@ def changed_blocks(connection, *, timeline: int, since_lsn: wal.Lsn,
                                max_wait=max_wait)
     if isinstance(found, NoChangeSource):
         if log is not None:
-            log(f"walship: WAL summaries not used: {found.reason}; reading and comparing "
-                "every file")
+            log(f"walship: WAL summaries not used: {found.reason}; {instead}")
         return None
     return found
 
@@ -379,16 +380,10 @@ def read_block_changes(connection, *, timeline: int, since_lsn: wal.Lsn,
         with connection.transaction(), connection.cursor() as cur:
             if (_one(cur, "SELECT current_setting('summarize_wal')")[0] or "") != "on":
                 return NoChangeSource("summarize_wal is off on the server")
-            system, catalog = _one(cur, "SELECT system_identifier::text, catalog_version_no "
-                                        "FROM pg_control_system()")
+            system, block_size, segment_size, version_directory = server_layout(cur, version)
             if system_identifier is not None and str(system_identifier) != str(system):
                 return NoChangeSource(f"the parent backup is of another system "
                                       f"({system_identifier}, the server is {system})")
-            block_size = int(_one(cur, "SELECT current_setting('block_size')")[0])
-            setting, unit = _one(cur, "SELECT setting, unit FROM pg_settings "
-                                      "WHERE name = 'segment_size'")
-            segment_size = int(setting) * _unit_bytes(unit, block_size) // block_size
-            version_directory = tablespace_directory(version, int(catalog))
             if since_lsn < until_lsn:  # (an empty range needs no summary)
                 done = _wait_for_summarizer(cur, until_lsn, wait, max_wait, poll,
                                             clock or time.monotonic, sleep or time.sleep)
@@ -467,6 +462,18 @@ def _one(cur, sql: str, params: tuple = ()) -> tuple:  # type: ignore[type-arg]
     row = cur.execute(sql, params).fetchone()
     assert row is not None
     return tuple(value.decode() if isinstance(value, bytes) else value for value in row)
+
+
+def server_layout(cur, version: int) -> tuple[str, int, int, str]:
+    """The server's system identifier, block size (BLCKSZ), blocks per relation segment file
+    (RELSEG_SIZE) and tablespace version directory, read on the psycopg cursor ``cur``."""
+    system, catalog = _one(cur, "SELECT system_identifier::text, catalog_version_no "
+                                "FROM pg_control_system()")
+    block_size = int(_one(cur, "SELECT current_setting('block_size')")[0])
+    setting, unit = _one(cur, "SELECT setting, unit FROM pg_settings "
+                              "WHERE name = 'segment_size'")
+    segment_size = int(setting) * _unit_bytes(unit, block_size) // block_size
+    return str(system), block_size, segment_size, tablespace_directory(version, int(catalog))
 
 
 def _unit_bytes(unit: str | None, block_size: int) -> int:

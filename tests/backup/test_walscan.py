@@ -1,0 +1,83 @@
+"""walship.backup.walscan without a server: where segments come from (pg_wal when the file is
+that segment, else the repository), and the bounded store of changed blocks. Against real
+servers: test_walscan_e2e.py."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from tests.test_walrecords import PAGE, SEG, SYSID, Wal, block, record
+from walship import wal, walrecords
+from walship.backup import walscan
+
+
+def page(address: int) -> bytes:
+    return struct.pack("<HHIQI", 0xD110, 2, 1, address, 0).ljust(walrecords.SHORT_HEADER, b"\0")
+
+
+def test_a_file_of_pg_wal_is_used_only_if_it_is_that_segment(tmp_path: Path):
+    (tmp_path / "good").write_bytes(page(5 * SEG) + b"x" * 100)
+    (tmp_path / "old").write_bytes(page(2 * SEG))  # recycled: its first page is older
+    (tmp_path / "short").write_bytes(b"\x10\xd1")
+    (tmp_path / "link").symlink_to(tmp_path / "good")
+    os.mkfifo(tmp_path / "fifo")
+    handle = walscan._open_local(str(tmp_path / "good"), 5 * SEG)
+    assert handle is not None and handle.read(2) == b"\x10\xd1"  # from its first byte
+    handle.close()
+    for name in ("old", "short", "link", "fifo", "missing"):
+        assert walscan._open_local(str(tmp_path / name), 5 * SEG) is None, name
+
+
+def test_segments_from_pg_wal_else_from_the_repository(tmp_path: Path):
+    built = Wal(first_segment=3, segments=3)
+    for n in range(700):  # ~2.2 MB: three 1 MB segments
+        built.add(record(blocks=(block(0, 100, n, image=(3000, 0, 0)),)))
+    segments = built.segments()
+    names = [wal.segment_name(1, s.number, SEG) for s in segments]
+    pg_wal = tmp_path / "pg_wal"
+    pg_wal.mkdir()
+    (pg_wal / names[0]).write_bytes(segments[0].file.getvalue())
+    (pg_wal / names[1]).write_bytes(page(9 * SEG).ljust(SEG, b"\0"))  # recycled under its name
+    archived = {names[1]: segments[1].file.getvalue(), names[2]: segments[2].file.getvalue()}
+    asked: list[str] = []
+
+    def fetch(name: str, path: str) -> None:
+        asked.append(name)
+        Path(path).write_bytes(archived[name])
+
+    stats = walscan.ScanStats()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    provider = walscan._segments(3, 5, 1, SEG, str(pg_wal), fetch, str(scratch), stats)
+    rows = list(walrecords.scan(provider, since=built.base, until=built.pos, timeline=1,
+                                segment_size=SEG, system_identifier=SYSID))
+    assert [r[5] for r in rows] == list(range(700))
+    assert asked == names[1:] and (stats.local, stats.fetched) == (1, 2)
+    assert list(scratch.iterdir()) == []  # a fetched segment is gone once read
+
+    with pytest.raises(walrecords.WalReadError, match="is not in"):
+        list(walrecords.scan(walscan._segments(3, 5, 1, SEG, str(pg_wal), None, str(scratch),
+                                               walscan.ScanStats()),
+                             since=built.base, until=built.pos, timeline=1, segment_size=SEG))
+
+
+def test_the_changed_blocks_are_kept_small_and_bounded():
+    forks = walscan._Forks(max_blocks=50_000)
+    for n in range(30_000):
+        forks.add((1663, 5, 100, 0, False, n % 1000))  # many references to few blocks
+        forks.add((1663, 5, 101, 0, False, n))
+    forks.add((1663, 5, 100, 0, True, 700))
+    forks.add((1663, 5, 100, 0, True, 400))
+    rows = list(forks.rows())
+    assert rows[0] == (1663, 5, 100, 0, True, 400)  # the lowest limit first
+    assert [r[5] for r in rows[1:1001]] == list(range(1000))  # deduplicated, in order
+    assert len(rows) == 1 + 1000 + 30_000
+    assert len(forks.blocks[(1663, 5, 100, 0)]) < 10_000  # compacted as it grew
+    small = walscan._Forks(max_blocks=5_000)
+    with pytest.raises(walscan._TooMany):
+        for n in range(100_000):
+            small.add((1663, 5, 102, 0, False, n))
