@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_walrecords import PAGE, SEG, SYSID, Wal, block, record
+from tests.test_walrecords import SEG, SYSID, Wal, block, record
 from walship import wal, walrecords
 from walship.backup import walscan
 

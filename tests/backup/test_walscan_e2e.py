@@ -25,8 +25,10 @@ from walship.backup import walscan
 from walship.backup.walsummary import (
     MAIN_FORK,
     BlockChanges,
-    changed_blocks as summary_changes,
     parse_relation_path,
+)
+from walship.backup.walsummary import (
+    changed_blocks as summary_changes,
 )
 
 pytestmark = pytest.mark.e2e
@@ -156,8 +158,8 @@ def test_why_the_wal_is_not_read(pg, pg_install):
     reasons = []
     try:
         info = source.describe()
-        common = dict(pg_wal=str(primary.data / "pg_wal"), timeline=1, since_lsn=since,
-                      wal_segment_size=info.wal_segment_size)
+        common = {"pg_wal": str(primary.data / "pg_wal"), "timeline": 1, "since_lsn": since,
+                  "wal_segment_size": info.wal_segment_size}
         until = source.start("walscan reasons", fast=True)
         for extra in ({"fetch": None, "budget": 1000},
                       {"fetch": None},
