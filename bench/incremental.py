@@ -56,9 +56,14 @@ Measured per backup (from outside, as the postgres user):
 * stored bytes: the container is listed before and after; the growth of every blob outside
   the WAL prefix (walship ``cluster/wal/``, pgBackRest ``repo/archive/``).
 
-Before each tool's backup its archive_command is switched on (ALTER SYSTEM + reload, once
-nothing is .ready), as bench/backups.py does, so each tool archives the WAL its own backup
-waits for. The order of the tools alternates between rounds. Tables show medians over rounds
+Every tool archives all the WAL all the time, each into its own repository, as in production
+(an incremental backup that reads its changes from the WAL, as walship's does on PostgreSQL
+before 17, needs the WAL since its parent in its repository once the checkpoints have recycled
+it): archive_command is the tools' archive commands joined with ``&&``, the tool about to back
+up first (switched with ALTER SYSTEM + reload, once nothing is .ready), so the segment its
+backup waits for reaches its repository first. (Until 2026-12-06 only the tool about to back up
+archived, as bench/backups.py does; walship's repository then lacked the WAL archived while the
+others' backups ran.) The order of the tools alternates between rounds. Tables show medians over rounds
 (each round listed). Everything runs under /tmp/walship-incr-* and is removed afterwards.
 """
 
@@ -366,9 +371,12 @@ class IncrBench:
             time.sleep(0.1)
 
     def use_archiver(self, tool) -> None:
+        """Every tool archives, ``tool`` first (see the module docstring)."""
         self.wait_archived()
+        command = " && ".join(t.archive_command()
+                              for t in [tool] + [t for t in self.tools if t is not tool])
         self.conn.query("ALTER SYSTEM SET archive_command = '"
-                        + tool.archive_command().replace("'", "''") + "'")
+                        + command.replace("'", "''") + "'")
         self.conn.query("SELECT pg_reload_conf()")
         time.sleep(0.3)
 
@@ -485,7 +493,7 @@ class IncrBench:
                     f"{out['read_bytes'] / MB:.1f} MB (rchar {out['rchar'] / MB:.1f} MB), "
                     f"stored {out['stored_bytes'] / MB:.2f} MB")
                 for line in out["stderr"].splitlines():
-                    if "WAL summaries" in line:
+                    if "WAL summaries" in line or "WAL read for" in line or "WAL not read" in line:
                         out["wal_summaries"] = line.strip()
                         log(f"round {r}: {tool.label} {kind}: {line.strip()}")
         pgcluster.settle_removals(log)
