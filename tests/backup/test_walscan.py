@@ -81,3 +81,26 @@ def test_the_changed_blocks_are_kept_small_and_bounded():
     with pytest.raises(walscan._TooMany):
         for n in range(100_000):
             small.add((1663, 5, 102, 0, False, n))
+
+
+def test_a_defect_in_the_reader_never_fails_the_backup(monkeypatch, tmp_path: Path):
+    """Anything unexpected while reading makes the scanner say why and the backup compare
+    every block instead."""
+    scanner = walscan.WalScanner.__new__(walscan.WalScanner)  # built by hand: no server
+    scanner.pg_wal, scanner.fetch, scanner.timeline = str(tmp_path), None, 1
+    scanner.since_lsn, scanner.wal_segment_size = wal.Lsn(3 * SEG), SEG
+    scanner.budget, scanner.max_blocks = None, walscan.MAX_BLOCKS
+    scanner.stats, scanner.failed = walscan.ScanStats(), None
+    scanner.position, scanner.started = 3 * SEG, False
+    scanner.result, scanner.forks = walrecords.ScanResult(), walscan._Forks(walscan.MAX_BLOCKS)
+    scanner.layout = ("7001", 8192, 131072, "PG_15_202209061")
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a defect")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(walrecords, "scan", broken)
+    scanner.read(wal.Lsn(4 * SEG))
+    found = scanner.changes(wal.Lsn(4 * SEG))
+    assert isinstance(found, walscan.NoChangeSource)
+    assert "unexpected ZeroDivisionError" in found.reason

@@ -185,6 +185,10 @@ class WalScanner:
             self.failed = NoChangeSource(f"more than {self.max_blocks} blocks changed")
         except (WalshipError, OSError) as error:
             self.failed = NoChangeSource(f"a WAL segment could not be read: {error}")
+        except Exception as error:  # noqa: BLE001 - a defect here must not fail the backup:
+            # comparing every block is always correct
+            self.failed = NoChangeSource(f"unexpected {type(error).__name__} reading the WAL: "
+                                         f"{error}")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
             self.stats.seconds += time.monotonic() - started
