@@ -464,3 +464,35 @@ def test_push_waits_for_the_wal_in_the_repository_then_commits(archive, tmp_path
     assert 0.4 <= time.monotonic() - started < 10
     assert seen == [False]  # no manifest while the WAL was still on its way
     assert result.wal_missing == () and result.manifest.needed_wal() == needed
+
+
+def test_push_stores_the_ready_segment_itself_instead_of_waiting(archive, tmp_path):
+    """The segment pg_backup_stop switched from, marked .ready and not archived yet, is
+    stored by backup-push itself (the archiver's later wal-push of it finds identical content):
+    no wait for the archiver. A .ready that is a link is not followed."""
+    import time
+
+    data, ts = make_cluster(tmp_path)
+    name = "000000010000000000000002"
+    status = data / "pg_wal" / "archive_status"
+    (status / f"{name}.done").unlink()
+    (status / f"{name}.ready").touch()
+    segment = os.urandom(1 << 16) * (SEG >> 16)
+    (data / "pg_wal" / name).write_bytes(segment)
+    started = time.monotonic()
+    result = push_backup(archive, FakeSource(data, ts), wal_timeout=20)
+    assert time.monotonic() - started < 10
+    assert result.wal_missing == ()
+    out = tmp_path / "fetched"
+    archive.fetch_wal(name, out)
+    assert out.read_bytes() == segment
+    assert archive.push_wal(data / "pg_wal" / name).outcome  # the archiver's call: fine
+
+    data2, ts2 = make_cluster(tmp_path / "two")
+    status2 = data2 / "pg_wal" / "archive_status"
+    (status2 / f"{name}.done").unlink()
+    (status2 / f"{name}.ready").symlink_to(status / f"{name}.ready")
+    (data2 / "pg_wal" / name).write_bytes(segment)
+    archive.storage.delete(f"wal/{name}")
+    result = push_backup(archive, FakeSource(data2, ts2), wal_timeout=1)
+    assert result.wal_missing == (name,)  # left to the archiver (none here)
