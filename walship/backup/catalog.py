@@ -104,14 +104,30 @@ def has_manifest(objects: Iterable[ObjectInfo]) -> bool:
     return any(info.key.endswith("/" + layout.MANIFEST) for info in objects)
 
 
+MANIFEST_READERS = 8  # manifests read at once (a month of daily backups: 30 requests)
+
+
 def list_backups(archive: Archive) -> list[BackupEntry]:
-    """Every backup in the repository, oldest first, complete or not."""
+    """Every backup in the repository, oldest first, complete or not. The manifests are read
+    :data:`MANIFEST_READERS` at a time (each is one request, and most commands, backup-push's
+    choice of a parent among them, read them all)."""
+    groups = backup_objects(archive)
+    with_manifest = [name for name, objects in groups.items() if has_manifest(objects)]
+    if len(with_manifest) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(MANIFEST_READERS, len(with_manifest)),
+                                thread_name_prefix="walship-manifest") as pool:
+            loaded = dict(zip(with_manifest, pool.map(lambda name: load_manifest(
+                archive, name), with_manifest)))
+    else:
+        loaded = {name: load_manifest(archive, name) for name in with_manifest}
     entries = []
-    for name, objects in backup_objects(archive).items():
+    for name, objects in groups.items():
         parts = [info for info in objects
                  if layout.part_number(info.key.rsplit("/", 1)[1]) is not None]
-        manifest = load_manifest(archive, name) if has_manifest(objects) else None
-        entries.append(BackupEntry(name, manifest, len(parts), sum(i.size for i in parts)))
+        entries.append(BackupEntry(name, loaded.get(name), len(parts),
+                                   sum(i.size for i in parts)))
     return entries
 
 
