@@ -363,3 +363,19 @@ def test_an_empty_range_reads_nothing():
     assert list(scan([], since=5 * SEG, until=5 * SEG, timeline=1, segment_size=SEG)) == []
     with pytest.raises(WalReadError, match="backwards"):
         list(scan([], since=5 * SEG, until=4 * SEG, timeline=1, segment_size=SEG))
+
+
+def test_max_bytes_counts_the_pages_read_not_the_switched_away_rest():
+    """archive_timeout switches segments often: the rest of a switched segment is never
+    read, and does not count against ``max_bytes``."""
+    wal = Wal(segments=3)
+    for n in range(3):
+        if n:
+            wal.switch()  # each segment: one page used
+        wal.add(record(blocks=(block(0, 980, n),)))
+    result = ScanResult()
+    assert [r[5] for r in rows_of(wal, result=result, max_bytes=5 * PAGE)] == [0, 1, 2]
+    assert result.bytes_read <= 4 * PAGE, result.bytes_read  # 3 segments' first pages (+1)
+    busy = _small_wal(200)  # ~50 pages of records
+    with pytest.raises(wr.TooMuchWal):
+        rows_of(busy, max_bytes=10 * PAGE)

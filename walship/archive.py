@@ -204,6 +204,15 @@ class Archive:
             return read_elsewhere(self.storage, lambda storage: self._fetch_wal_from(
                 storage, name, destination, prove_absence))
 
+    def wal_chunks(self, name: str) -> Iterator[bytes]:
+        """The decoded content of the archived WAL file ``name``, chunk by chunk, for a reader
+        that does not need it on disk. The codec checks it as it is read, the object's digest
+        or authentication at its end: nothing read from it is trustworthy until the iterator
+        is exhausted without error. NotFound if it is not archived."""
+        key = layout.wal_key(name)
+        with self.storage.get(key) as download:
+            yield from self.codec.decode(key, download, download.info.metadata)
+
     def _fetch_wal_from(self, storage: Storage, name: str,
                         destination: str | os.PathLike[str], prove_absence: bool) -> Transfer:
         started = time.monotonic()

@@ -90,6 +90,10 @@ class WalReadError(ValueError):
     """The WAL could not be read as this reader understands it: do not use it."""
 
 
+class TooMuchWal(WalReadError):
+    """More WAL pages than ``max_bytes`` allowed would have to be read."""
+
+
 @dataclass(frozen=True)
 class Segment:
     """One WAL segment to read: its absolute number (position // segment size) and a binary
@@ -105,6 +109,7 @@ class ScanResult:
 
     records: int = 0  # records in [since, until)
     block_references: int = 0
+    bytes_read: int = 0  # pages read (those after an XLOG_SWITCH are skipped, never read)
     end: int = 0  # where the next record begins (the position to resume at)
     last: int | None = None  # where the last record read began (its successor points to it)
     version: int = 0  # PostgreSQL major version from the page magic
@@ -120,14 +125,17 @@ def page_address(header: bytes) -> int | None:
 def scan(segments: Iterable[Segment], *, since: int, until: int, timeline: int,
          segment_size: int, page_size: int = 8192, system_identifier: int | None = None,
          result: ScanResult | None = None, resume: bool = False,
-         complete_only: bool = False, block_size: int = 8192) -> Iterator[Row]:
+         complete_only: bool = False, block_size: int = 8192,
+         max_bytes: int | None = None) -> Iterator[Row]:
     """The change rows of every record starting in ``[since, until)`` on ``timeline``.
 
     ``segments``: consecutive segments, the first holding ``since``; each page must carry
     ``timeline`` or an earlier one (the first segment of a timeline starts with its parent's
     pages). ``segment_size`` and ``page_size`` (XLOG_BLCKSZ) must equal what the segments'
     long headers say, and ``system_identifier`` (when given) theirs; ``block_size`` is the
-    relations' (BLCKSZ, for the length of a truncated visibility map). Raises
+    relations' (BLCKSZ, for the length of a truncated visibility map). Reading more than
+    ``max_bytes`` of pages in all (``result.bytes_read``, over every scan sharing ``result``)
+    raises :class:`TooMuchWal`. Raises
     :class:`WalReadError` (see the module's docstring) rather than yield a partial answer;
     rows already yielded must then be discarded.
 
@@ -151,7 +159,7 @@ def scan(segments: Iterable[Segment], *, since: int, until: int, timeline: int,
         return
     first_page = since - since % page_size if resume else since - since % segment_size
     reader = _Pages(iter(segments), timeline, segment_size, page_size, system_identifier,
-                    since // segment_size, result, first_page)
+                    since // segment_size, result, first_page, max_bytes)
     yield from _records(reader, since, until, result, resume, complete_only, block_size)
 
 
@@ -161,7 +169,7 @@ class _Pages:
 
     def __init__(self, segments: Iterator[Segment], timeline: int, segment_size: int,
                  page_size: int, system_identifier: int | None, first: int,
-                 result: ScanResult, first_page: int) -> None:
+                 result: ScanResult, first_page: int, max_bytes: int | None) -> None:
         if page_size <= 0 or page_size & (page_size - 1) or segment_size % page_size:
             raise WalReadError(f"bad page size {page_size} for segment size {segment_size}")
         self.segments = segments
@@ -173,6 +181,7 @@ class _Pages:
         self.result = result
         self.file: BinaryIO | None = None
         self.first_page = first_page  # the page to start at
+        self.max_bytes = max_bytes
         self.page_lsn = -page_size  # the position of the current page
         self.page = b""
         self.header = 0
@@ -190,7 +199,10 @@ class _Pages:
             if self.first_page > lsn:  # resuming within the segment
                 self.file.seek(self.first_page - lsn)  # type: ignore[union-attr]
                 lsn = self.first_page
+        if self.max_bytes is not None and self.result.bytes_read >= self.max_bytes:
+            raise TooMuchWal(f"more than {self.max_bytes} bytes of WAL to read")
         page = self.file.read(self.page_size)  # type: ignore[union-attr]
+        self.result.bytes_read += len(page)
         if len(page) != self.page_size:
             raise WalReadError(f"the WAL ends early, at {_lsn(lsn)}: a short segment file")
         magic, info, tli, address, rem_len = _PAGE.unpack_from(page)

@@ -13,6 +13,7 @@ import pytest
 from tests.test_walrecords import SEG, SYSID, Wal, block, record
 from walship import wal, walrecords
 from walship.backup import walscan
+from walship.errors import IntegrityError
 
 
 def page(address: int) -> bytes:
@@ -32,37 +33,71 @@ def test_a_file_of_pg_wal_is_used_only_if_it_is_that_segment(tmp_path: Path):
         assert walscan._open_local(str(tmp_path / name), 5 * SEG) is None, name
 
 
-def test_segments_from_pg_wal_else_from_the_repository(tmp_path: Path):
+def _three_segments() -> tuple[Wal, list[walrecords.Segment], list[str]]:
     built = Wal(first_segment=3, segments=3)
     for n in range(700):  # ~2.2 MB: three 1 MB segments
         built.add(record(blocks=(block(0, 100, n, image=(3000, 0, 0)),)))
     segments = built.segments()
-    names = [wal.segment_name(1, s.number, SEG) for s in segments]
+    return built, segments, [wal.segment_name(1, s.number, SEG) for s in segments]
+
+
+def test_segments_from_pg_wal_else_streamed_from_the_repository(tmp_path: Path):
+    built, segments, names = _three_segments()
     pg_wal = tmp_path / "pg_wal"
     pg_wal.mkdir()
     (pg_wal / names[0]).write_bytes(segments[0].file.getvalue())
     (pg_wal / names[1]).write_bytes(page(9 * SEG).ljust(SEG, b"\0"))  # recycled under its name
     archived = {names[1]: segments[1].file.getvalue(), names[2]: segments[2].file.getvalue()}
     asked: list[str] = []
+    drained: list[str] = []
 
-    def fetch(name: str, path: str) -> None:
+    def fetch(name: str):
         asked.append(name)
-        Path(path).write_bytes(archived[name])
+        data = archived[name]
+        for start in range(0, len(data), 100_000):  # odd-sized chunks
+            yield data[start:start + 100_000]
+        drained.append(name)  # read to its end: the codec's checks would have run
 
     stats = walscan.ScanStats()
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    provider = walscan._segments(3, 5, 1, SEG, str(pg_wal), fetch, str(scratch), stats)
+    provider = walscan._segments(3, 5, 1, SEG, str(pg_wal), fetch, stats)
     rows = list(walrecords.scan(provider, since=built.base, until=built.pos, timeline=1,
                                 segment_size=SEG, system_identifier=SYSID))
+    provider.close()
     assert [r[5] for r in rows] == list(range(700))
     assert asked == names[1:] and (stats.local, stats.fetched) == (1, 2)
-    assert list(scratch.iterdir()) == []  # a fetched segment is gone once read
+    assert drained == names[1:]  # the last one too, though the scan stopped inside it
+    assert list(tmp_path.iterdir()) == [pg_wal]  # nothing written
 
     with pytest.raises(walrecords.WalReadError, match="is not in"):
-        list(walrecords.scan(walscan._segments(3, 5, 1, SEG, str(pg_wal), None, str(scratch),
+        list(walrecords.scan(walscan._segments(3, 5, 1, SEG, str(pg_wal), None,
                                                walscan.ScanStats()),
                              since=built.base, until=built.pos, timeline=1, segment_size=SEG))
+
+
+def test_a_streamed_segment_that_fails_its_check_fails_the_scan(tmp_path: Path):
+    """The codec's last check (digest, authentication) comes at the end of the stream: a scan
+    that stopped inside the segment still waits for it, and fails with it."""
+    built, segments, names = _three_segments()
+
+    def fetch(name: str):
+        yield segments[names.index(name)].file.getvalue()
+        raise IntegrityError(f"{name} is damaged")
+
+    provider = walscan._segments(3, 5, 1, SEG, str(tmp_path), fetch, walscan.ScanStats())
+    rows = walrecords.scan(provider, since=built.base, until=built.base + 1000, timeline=1,
+                           segment_size=SEG, system_identifier=SYSID)
+    with pytest.raises(IntegrityError, match="damaged"):
+        list(rows)
+        provider.close()
+
+
+def test_chunk_reader():
+    reader = walscan.ChunkReader([b"abc", b"", b"defgh", b"ij"])
+    assert reader.read(2) == b"ab"
+    assert reader.seek(4) == 4 and reader.read(3) == b"efg"
+    with pytest.raises(OSError):
+        reader.seek(1)
+    assert reader.read(10) == b"hij" and reader.read(1) == b""
 
 
 def test_the_changed_blocks_are_kept_small_and_bounded():

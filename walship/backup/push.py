@@ -358,8 +358,7 @@ def _scan_arguments(info: ServerInfo, parent: Manifest, pgdata: str, archive: Ar
                     budget: int | None) -> dict[str, object]:
     """The arguments of a :class:`walship.backup.walscan.WalScanner` for this backup."""
     return {"pg_wal": os.path.join(pgdata, "pg_wal"),
-            "fetch": (lambda name, path: archive.fetch_wal(name, path, prove_absence=False))
-            if archive is not None else None,
+            "fetch": archive.wal_chunks if archive is not None else None,
             "timeline": info.timeline, "since_lsn": parent.start_lsn,
             "wal_segment_size": info.wal_segment_size, "parent_timeline": parent.timeline,
             "system_identifier": parent.system_identifier, "budget": budget}

@@ -5,8 +5,8 @@ the large relation files need not be read and compared.
 
 Responsibility. The server and repository side around :mod:`walship.walrecords` (the pure
 record reader): it checks that the WAL can answer, finds each segment of the range (in the
-server's ``pg_wal`` first, else in the repository, decoded and verified by the codec into a
-private temporary directory, one segment at a time), runs the reader over them and returns the
+server's ``pg_wal`` first, else in the repository, streamed through the codec, which verifies
+each segment by the time it is read to its end), runs the reader over them and returns the
 same :class:`walship.backup.walsummary.BlockChanges` the WAL summaries give, so that push, the
 block maps and every safety rule of :mod:`walship.backup.walsummary` (its module docstring)
 apply unchanged. All or nothing: a complete answer, or :class:`NoChangeSource` with the reason
@@ -23,25 +23,25 @@ No answer (read and compare instead) when:
 * the parent backup is of another system, or on another timeline than the server now (a
   promotion since the parent: the WAL of the old timeline's last segment is not reliably at
   hand; the first backup after a failover compares, the next ones read WAL again);
-* there is more WAL in the range than bytes in the large relation files (``budget``): reading
-  and parsing it would cost more than comparing the files;
+* the WAL to read (pages actually read: the rest of a segment after an ``XLOG_SWITCH``, e.g.
+  from ``archive_timeout``, is skipped) is more than the bytes of the large relation files
+  (``budget``): reading and parsing it would cost more than comparing the files;
 * a segment is in neither place, is not the segment its name says (a recycled file in
   ``pg_wal``: its page addresses differ), or anything in it is not understood, including
   ``wal_level = minimal`` for a while (:class:`walship.walrecords.WalReadError`);
 * more than ``max_blocks`` distinct blocks changed (memory: 4 bytes each).
 
-Memory: one segment's page and record at a time, and the changed blocks, kept as 4-byte numbers
-per relation fork, sorted and deduplicated whenever a fork's list doubles.
+Memory: one page and record at a time (and a chunk of a segment streamed from the repository),
+and the changed blocks, kept as 4-byte numbers per relation fork, sorted and deduplicated
+whenever a fork's list doubles. Nothing is written to disk.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from walship import wal, walrecords
@@ -50,7 +50,8 @@ from walship.errors import WalshipError
 
 MAX_BLOCKS = 64 << 20  # distinct changed blocks kept (256 MB; 512 GB of 8 kB blocks)
 
-Fetch = Callable[[str, str], None]  # (segment name, destination path): the archived segment
+Fetch = Callable[[str], Iterable[bytes]]  # segment name -> its archived content, in chunks,
+# verified by the time the last chunk has been read (NotFound, IntegrityError...)
 Log = Callable[[str], None]
 
 
@@ -98,8 +99,8 @@ class WalScanner:
 
     ``connection``: an open psycopg 3 connection to the server (its block and segment sizes
     and catalog version are read at once). ``pg_wal``: the server's WAL directory;
-    ``fetch(name, path)`` writes the archived segment ``name`` to ``path`` complete and
-    verified (None: pg_wal only). ``parent_timeline`` and ``system_identifier``: the parent
+    ``fetch(name)`` gives the archived segment ``name`` in chunks, verified once read to the
+    end (None: pg_wal only). ``parent_timeline`` and ``system_identifier``: the parent
     backup's. ``budget``: the most WAL bytes worth reading (None: no limit)."""
 
     def __init__(self, connection, *, pg_wal: str, fetch: Fetch | None, timeline: int,
@@ -152,20 +153,11 @@ class WalScanner:
             self.failed = NoChangeSource(f"the range {self.since_lsn}..{until_lsn} runs "
                                          "backwards")
             return
-        length = until_lsn.value - self.since_lsn.value
-        if self.budget is not None and length > self.budget:
-            self.failed = NoChangeSource(
-                f"{length / 1e6:.0f} MB of WAL since the parent backup, more than the "
-                f"{self.budget / 1e6:.0f} MB of large relation files: comparing them costs "
-                "less")
-            return
         started = time.monotonic()
-        scratch = tempfile.mkdtemp(prefix="walship-walscan-")
         try:
             segments = _segments(self.position // self.wal_segment_size,
                                  until_lsn.value // self.wal_segment_size, self.timeline,
-                                 self.wal_segment_size, self.pg_wal, self.fetch, scratch,
-                                 self.stats)
+                                 self.wal_segment_size, self.pg_wal, self.fetch, self.stats)
             try:
                 for row in walrecords.scan(
                         segments, since=self.position, until=until_lsn.value,
@@ -173,12 +165,17 @@ class WalScanner:
                         system_identifier=int(self.layout[0]),  # type: ignore[index]
                         result=self.result, resume=self.started,
                         complete_only=complete_only,
-                        block_size=self.layout[1]):  # type: ignore[index]
+                        block_size=self.layout[1],  # type: ignore[index]
+                        max_bytes=self.budget):
                     self.forks.add(row)
             finally:
                 segments.close()
             self.position = self.result.end
             self.started = True
+        except walrecords.TooMuchWal:
+            self.failed = NoChangeSource(
+                f"more WAL since the parent backup than the {self.budget / 1e6:.0f} MB of "  # type: ignore[operator]
+                "large relation files: comparing them costs less")
         except walrecords.WalReadError as error:
             self.failed = NoChangeSource(f"the WAL could not be read: {error}")
         except _TooMany:
@@ -190,7 +187,6 @@ class WalScanner:
             self.failed = NoChangeSource(f"unexpected {type(error).__name__} reading the WAL: "
                                          f"{error}")
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
             self.stats.seconds += time.monotonic() - started
         self.stats.records = self.result.records
         self.stats.block_references = self.result.block_references
@@ -257,27 +253,73 @@ class _Forks:
 
 
 def _segments(first: int, last: int, timeline: int, segment_size: int, pg_wal: str,
-              fetch: Fetch | None, scratch: str, stats: ScanStats,
-              ) -> Iterator[walrecords.Segment]:
+              fetch: Fetch | None, stats: ScanStats) -> Iterator[walrecords.Segment]:
     """Segments ``first`` to ``last`` of ``timeline``: each from pg_wal when the file there
-    is that segment (its first page says so), else from the repository."""
+    is that segment (its first page says so), else streamed from the repository. A streamed
+    segment is read to its end once the reader leaves it, or stops in it (the codec verifies
+    it there: until then its rows are not trusted, and a failure fails the whole scan)."""
     for number in range(first, last + 1):
         name = wal.segment_name(timeline, number, segment_size)
         handle = _open_local(os.path.join(pg_wal, name), number * segment_size)
         if handle is not None:
             stats.local += 1
-        else:
-            if fetch is None:
-                raise walrecords.WalReadError(f"segment {name} is not in {pg_wal}")
-            target = os.path.join(scratch, name)
-            fetch(name, target)
-            handle = open(target, "rb")  # noqa: SIM115 - closed below
-            os.unlink(target)  # gone when closed
-            stats.fetched += 1
+            try:
+                yield walrecords.Segment(number, handle)
+            finally:
+                handle.close()
+            continue
+        if fetch is None:
+            raise walrecords.WalReadError(f"segment {name} is not in {pg_wal}")
+        stream = ChunkReader(fetch(name))
+        stats.fetched += 1
         try:
-            yield walrecords.Segment(number, handle)
+            try:
+                yield walrecords.Segment(number, stream)  # type: ignore[arg-type]
+            except GeneratorExit:  # the scan stopped inside this segment: verify what it read
+                stream.drain()
+                raise
+            stream.drain()
         finally:
-            handle.close()
+            stream.close()
+
+
+class ChunkReader:
+    """A forward-only binary file over an iterable of chunks: ``read(n)``, ``seek(offset)``
+    forward from the start, and :meth:`drain` (read the rest, which lets the producer verify
+    the whole)."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._buffer = b""
+        self._offset = 0  # bytes returned or skipped so far
+
+    def read(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += chunk
+        out, self._buffer = self._buffer[:size], self._buffer[size:]
+        self._offset += len(out)
+        return out
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != 0 or offset < self._offset:
+            raise OSError("a streamed segment is read forward only")
+        while self._offset < offset:
+            if not self.read(min(1 << 20, offset - self._offset)):
+                break
+        return self._offset
+
+    def drain(self) -> None:
+        for _ in self._chunks:
+            pass
+        self._buffer = b""
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def _open_local(path: str, address: int):  # -> a binary file or None
