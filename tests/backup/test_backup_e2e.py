@@ -292,16 +292,22 @@ def test_killed_push_is_never_usable_and_tampering_fails_loudly(pg, repo):
     assert not _startable(pg, pg.path / "restored")
 
 
-def test_tablespaces_round_trip_with_a_remap(pg, file_repository):
-    primary = pg.initdb("primary", env=file_repository.env)
-    primary.start()
+def tablespace_table(pg, primary) -> tuple[Path, int]:
+    """Tablespace ``fast`` (its location, its oid) holding table ``tt`` (6 MB, 30,000 rows)
+    and its primary key."""
     location = pg.make_dir(pg.path / "ts-original", 0o700)
     primary.psql(f"CREATE TABLESPACE fast LOCATION '{location}'")
     primary.psql("CREATE TABLE tt (id int PRIMARY KEY USING INDEX TABLESPACE fast, v text) "
                  "TABLESPACE fast")
     primary.psql("INSERT INTO tt SELECT g, repeat(md5(g::text), 5) FROM "
                  "generate_series(1, 30000) g")
-    oid = int(primary.psql("SELECT oid FROM pg_tablespace WHERE spcname = 'fast'"))
+    return location, int(primary.psql("SELECT oid FROM pg_tablespace WHERE spcname = 'fast'"))
+
+
+def test_tablespaces_round_trip_with_a_remap(pg, file_repository):
+    primary = pg.initdb("primary", env=file_repository.env)
+    primary.start()
+    location, oid = tablespace_table(pg, primary)
     walship(pg, primary, "backup-push")
     [backup] = backup_list(pg, primary)
     assert backup["tablespaces"] == [{"oid": oid, "name": "fast", "location": str(location)}]

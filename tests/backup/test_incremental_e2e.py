@@ -17,6 +17,7 @@ from tests.backup.test_backup_e2e import (
     backup_list,
     start_restored,
     summary_line,
+    tablespace_table,
     walship,
 )
 from tests.fixtures.postgres import PGBENCH_TABLES
@@ -170,14 +171,8 @@ def test_an_incr_of_a_table_in_a_tablespace(pg, file_repository):
     tablespace, data equal."""
     primary = pg.initdb("primary", env=file_repository.env)
     primary.start()
-    location = pg.make_dir(pg.path / "ts-original", 0o700)
-    primary.psql(f"CREATE TABLESPACE fast LOCATION '{location}'")
-    primary.psql("CREATE TABLE tt (id int PRIMARY KEY USING INDEX TABLESPACE fast, v text) "
-                 "TABLESPACE fast")
-    primary.psql("INSERT INTO tt SELECT g, repeat(md5(g::text), 5) FROM "
-                 "generate_series(1, 30000) g")  # 6 MB: block level
+    _location, oid = tablespace_table(pg, primary)  # tt: 6 MB, block level
     primary.psql("VACUUM (FREEZE) tt")
-    oid = int(primary.psql("SELECT oid FROM pg_tablespace WHERE spcname = 'fast'"))
     walship(pg, primary, "backup-push", "--type", "full")
     primary.psql("UPDATE tt SET v = 'changed' WHERE id % 3000 = 0")
     push = walship(pg, primary, "backup-push", "--type", "incr")

@@ -16,16 +16,16 @@ from __future__ import annotations
 import pytest
 
 from tests.backup.test_walsummary_e2e import (
-    differing_blocks,
+    assert_never_misses,
+    make_changes,
+    prepare_changes,
     redo_lsn,
     relation_files,
     source_for,
 )
 from walship.backup import walscan
 from walship.backup.walsummary import (
-    MAIN_FORK,
     BlockChanges,
-    parse_relation_path,
 )
 from walship.backup.walsummary import (
     changed_blocks as summary_changes,
@@ -45,27 +45,12 @@ def test_the_wal_never_misses_a_changed_block_and_equals_the_summaries(pg, pg_in
     if pg_install.major >= 17:
         primary.configure(summarize_wal=True)
     primary.start()
-    space = pg.make_dir(pg.path / "space1", 0o700)
-    primary.pgbench_init(scale=3)
-    primary.psql(f"CREATE TABLESPACE space1 LOCATION '{space}'")
-    primary.psql("CREATE TABLE elsewhere TABLESPACE space1 AS "
-                 "SELECT g AS id, repeat('x', 200) AS pad FROM generate_series(1, 20000) g")
-    primary.psql("CREATE TABLE cut AS SELECT g AS id, repeat('y', 200) AS pad "
-                 "FROM generate_series(1, 20000) g")
-    primary.psql("CREATE TABLE gone AS SELECT g AS id FROM generate_series(1, 1000) g")
-    primary.psql("CREATE TABLE dropped AS SELECT g AS id FROM generate_series(1, 1000) g")
-    primary.psql("CREATE DATABASE old_db")
-    primary.psql("VACUUM (FREEZE)")  # hint bits and visibility maps settled before the copy
+    prepare_changes(pg, primary,
+                    "CREATE TABLE dropped AS SELECT g AS id FROM generate_series(1, 1000) g",
+                    "CREATE DATABASE old_db")
     since = redo_lsn(primary)
     before = relation_files(primary.data)
-
-    primary.pgbench(transactions=300, clients=2)
-    primary.psql("UPDATE elsewhere SET pad = 'z' WHERE id % 500 = 0")
-    primary.psql("DELETE FROM cut WHERE id > 12000")
-    primary.psql("VACUUM cut")  # truncates its tail: a limit block
-    primary.psql("INSERT INTO cut SELECT g, 'w' FROM generate_series(1, 3000) g")
-    primary.psql("TRUNCATE gone")  # a new relfilenode
-    primary.psql("INSERT INTO gone SELECT g FROM generate_series(1, 1000) g")
+    make_changes(primary)
     primary.psql("DROP TABLE dropped")  # a commit record listing its files
     primary.psql("BEGIN; CREATE TABLE never AS SELECT 1 AS id; ROLLBACK")  # an abort record
     primary.psql("CREATE DATABASE copied STRATEGY FILE_COPY")
@@ -100,27 +85,9 @@ def test_the_wal_never_misses_a_changed_block_and_equals_the_summaries(pg, pg_in
     assert read_before >= 3, read_before  # the pgbench WAL spans several 1 MB segments
     assert scanner.stats.fetched == 0
 
-    version_directory = found.version_directory
-    checked = missed = 0
-    for path, now in sorted(after.items()):
-        if path not in before:
-            continue  # a new file: read whole (the caller's rule 6)
-        changes = found.file_changes(path, len(now))
-        relation = parse_relation_path(path, version_directory)
-        if relation is not None and relation.fork == MAIN_FORK and len(now) % 8192 == 0:
-            assert changes is not None or found.limit_block(path) is not None, path
-        if changes is None:
-            continue
-        reported = set(changes.blocks)
-        for block in differing_blocks(before[path], now):
-            checked += 1
-            if block not in reported:
-                missed += 1
-                print(f"MISSED {path} block {block}")
-    assert missed == 0, f"{missed} of {checked} changed blocks missed"
-    assert checked >= 100, checked
+    assert_never_misses(found, before, after)
 
-    def main_file(table: str, database: str = "postgres") -> str:
+    def main_file(table: str) -> str:
         return primary.psql(f"SELECT pg_relation_filepath('{table}')")
 
     cut = main_file("cut")

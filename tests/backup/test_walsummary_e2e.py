@@ -43,6 +43,62 @@ def differing_blocks(before: bytes, after: bytes) -> list[int]:
             if before[n * BLOCK:(n + 1) * BLOCK] != after[n * BLOCK:(n + 1) * BLOCK]]
 
 
+def prepare_changes(pg, primary, *more: str) -> None:
+    """The tables :func:`make_changes` changes (pgbench's, one in a tablespace, one to cut,
+    one to truncate), then ``more`` statements; hint bits and visibility maps settled."""
+    space = pg.make_dir(pg.path / "space1", 0o700)
+    primary.pgbench_init(scale=3)
+    primary.psql(f"CREATE TABLESPACE space1 LOCATION '{space}'")
+    primary.psql("CREATE TABLE elsewhere TABLESPACE space1 AS "
+                 "SELECT g AS id, repeat('x', 200) AS pad FROM generate_series(1, 20000) g")
+    primary.psql("CREATE TABLE cut AS SELECT g AS id, repeat('y', 200) AS pad "
+                 "FROM generate_series(1, 20000) g")
+    primary.psql("CREATE TABLE gone AS SELECT g AS id FROM generate_series(1, 1000) g")
+    for statement in more:
+        primary.psql(statement)
+    primary.psql("VACUUM (FREEZE)")  # settled before the first copy
+
+
+def make_changes(primary) -> None:
+    """pgbench, a table in a tablespace updated, a table cut by VACUUM and grown again, a
+    table truncated (a new relfilenode) and refilled."""
+    primary.pgbench(transactions=300, clients=2)
+    primary.psql("UPDATE elsewhere SET pad = 'z' WHERE id % 500 = 0")
+    primary.psql("DELETE FROM cut WHERE id > 12000")
+    primary.psql("VACUUM cut")  # truncates its tail: a limit block
+    primary.psql("INSERT INTO cut SELECT g, 'w' FROM generate_series(1, 3000) g")
+    primary.psql("TRUNCATE gone")  # a new relfilenode
+    primary.psql("INSERT INTO gone SELECT g FROM generate_series(1, 1000) g")
+
+
+def assert_never_misses(found: BlockChanges, before: dict[str, bytes],
+                        after: dict[str, bytes]) -> set[str]:
+    """Every page that differs between the copies, in a file both have, is among the blocks
+    ``found`` reports for it (or the file is left uncovered, and then a relation's main fork
+    only with a limit); at least 100 such pages. Returns the covered files."""
+    checked = missed = 0
+    covered: set[str] = set()
+    for path, now in sorted(after.items()):
+        if path not in before:
+            continue  # a new file: read whole (the caller's rule 6)
+        changes = found.file_changes(path, len(now))
+        relation = parse_relation_path(path, found.version_directory)
+        if relation is not None and relation.fork == MAIN_FORK and len(now) % BLOCK == 0:
+            assert changes is not None or found.limit_block(path) is not None, path
+        if changes is None:
+            continue
+        covered.add(path)
+        reported = set(changes.blocks)
+        for block in differing_blocks(before[path], now):
+            checked += 1
+            if block not in reported:
+                missed += 1
+                print(f"MISSED {path} block {block}")
+    assert missed == 0, f"{missed} of {checked} changed blocks missed"
+    assert checked >= 100, checked  # pgbench really changed pages we checked
+    return covered
+
+
 def redo_lsn(cluster) -> wal.Lsn:
     cluster.psql("CHECKPOINT")
     return wal.Lsn.parse(cluster.psql("SELECT redo_lsn FROM pg_control_checkpoint()"))
@@ -71,26 +127,11 @@ def test_the_summaries_never_miss_a_changed_block(pg, pg_install):
         assert f"PostgreSQL {pg_install.major} has no WAL summaries" in lines[0], lines
         return
 
-    space = pg.make_dir(pg.path / "space1", 0o700)
     primary.psql("CREATE ROLE plain LOGIN")
-    primary.pgbench_init(scale=3)
-    primary.psql(f"CREATE TABLESPACE space1 LOCATION '{space}'")
-    primary.psql("CREATE TABLE elsewhere TABLESPACE space1 AS "
-                 "SELECT g AS id, repeat('x', 200) AS pad FROM generate_series(1, 20000) g")
-    primary.psql("CREATE TABLE cut AS SELECT g AS id, repeat('y', 200) AS pad "
-                 "FROM generate_series(1, 20000) g")
-    primary.psql("CREATE TABLE gone AS SELECT g AS id FROM generate_series(1, 1000) g")
-    primary.psql("VACUUM (FREEZE) ")  # hint bits and visibility maps settled before the copy
+    prepare_changes(pg, primary)
     since = redo_lsn(primary)
     before = relation_files(primary.data)
-
-    primary.pgbench(transactions=300, clients=2)
-    primary.psql("UPDATE elsewhere SET pad = 'z' WHERE id % 500 = 0")
-    primary.psql("DELETE FROM cut WHERE id > 12000")
-    primary.psql("VACUUM cut")  # truncates its tail: a limit block
-    primary.psql("INSERT INTO cut SELECT g, 'w' FROM generate_series(1, 3000) g")
-    primary.psql("TRUNCATE gone")  # a new relfilenode
-    primary.psql("INSERT INTO gone SELECT g FROM generate_series(1, 1000) g")
+    make_changes(primary)
 
     source = source_for(primary)
     lines = []
@@ -107,26 +148,7 @@ def test_the_summaries_never_miss_a_changed_block(pg, pg_install):
     assert found.summaries >= 1 and found.block_count > 0
 
     version_directory = found.version_directory
-    checked = missed = 0
-    covered_paths: set[str] = set()
-    for path, now in sorted(after.items()):
-        if path not in before:
-            continue  # a new file: read whole (the caller's rule 6)
-        changes = found.file_changes(path, len(now))
-        relation = parse_relation_path(path, version_directory)
-        if relation is not None and relation.fork == MAIN_FORK and len(now) % BLOCK == 0:
-            assert changes is not None or found.limit_block(path) is not None, path
-        if changes is None:
-            continue
-        covered_paths.add(path)
-        reported = set(changes.blocks)
-        for block in differing_blocks(before[path], now):
-            checked += 1
-            if block not in reported:
-                missed += 1
-                print(f"MISSED {path} block {block}")
-    assert missed == 0, f"{missed} of {checked} changed blocks missed"
-    assert checked >= 100, checked  # pgbench really changed pages we checked
+    covered_paths = assert_never_misses(found, before, after)
 
     def main_file(table: str) -> str:
         return primary.psql(f"SELECT pg_relation_filepath('{table}')")
@@ -135,7 +157,7 @@ def test_the_summaries_never_miss_a_changed_block(pg, pg_install):
     assert accounts in covered_paths
     assert differing_blocks(before[accounts], after[accounts])
     elsewhere = main_file("elsewhere")
-    assert elsewhere.startswith(f"pg_tblspc/") and f"/{version_directory}/" in elsewhere
+    assert elsewhere.startswith("pg_tblspc/") and f"/{version_directory}/" in elsewhere
     assert elsewhere in covered_paths and differing_blocks(before[elsewhere], after[elsewhere])
     cut = found.file_changes(main_file("cut"), len(after[main_file("cut")]))
     assert cut is not None and cut.limit is not None, cut  # VACUUM's truncation seen
@@ -237,8 +259,12 @@ def test_a_timeline_switch_is_followed_through_the_history(pg, pg_install):
 def test_an_incr_backup_uses_the_summaries_and_restores_equal(pg, file_repository, pg_install):
     """backup-push --type incr on 18 with summarize_wal: the log says the summaries were used;
     the backup restores to data equal to the source's. On 15: no summaries, no such line."""
-    from tests.backup.test_backup_e2e import (archive_everything, start_restored,
-                                              summary_line, walship)
+    from tests.backup.test_backup_e2e import (
+        archive_everything,
+        start_restored,
+        summary_line,
+        walship,
+    )
 
     primary = pg.initdb("primary", env=file_repository.env)
     if pg_install.major >= 17:
