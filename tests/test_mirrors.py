@@ -9,7 +9,7 @@ import pytest
 
 from walship.config import load_settings
 from walship.entry import main
-from walship.errors import ConfigError, ExitStatus
+from walship.errors import ConfigError, ExitStatus, UsageError
 
 SEG = "000000010000000000000001"
 SEG2 = "000000010000000000000002"
@@ -654,6 +654,235 @@ def test_a_secondary_endpoint_cannot_be_written_to(tmp_path, mode):
         in line
     assert "https://geo-secondary.blob.core.windows.net is an account's secondary" in line
     assert 'write mode = "read"' in line
+
+
+# -- a read-only primary (repo is itself an account's secondary endpoint) ---------------------
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def secondary_primary(tmp_path, monkeypatch):
+    """``repo`` on an account's secondary endpoint (Azurite's path-style form, on a port where
+    nothing listens: any request fails at once, exit 4, never 2) and ``west``, a sync mirror
+    (a directory)."""
+    for var in list(os.environ):
+        if var.startswith(("WALSHIP_", "AZURE_")):
+            monkeypatch.delenv(var)
+    west = tmp_path / "west"
+    west.mkdir()
+    endpoint = f"http://127.0.0.1:{closed_port()}/devstoreaccount1-secondary"
+    config = tmp_path / "walship.toml"
+    config.write_text(
+        'repo = "azure://wal/c1"\n[azure]\nconnection_string = "DefaultEndpointsProtocol=http;'
+        f'AccountName=devstoreaccount1;AccountKey={SECONDARY_KEY};BlobEndpoint={endpoint};"\n'
+        f'[[mirrors]]\nname = "west"\nrepo = "file://{west}"\nmode = "sync"\n')
+    config.chmod(0o600)
+    monkeypatch.setenv("WALSHIP_CONFIG", str(config))
+    monkeypatch.setenv("WALSHIP_PREFETCH", "0")
+    monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "0")
+    monkeypatch.setenv("WALSHIP_STORAGE_RETRIES", "0")
+    return west, endpoint
+
+
+def test_a_read_only_primary_is_detected_like_a_read_mirror(tmp_path):
+    path = tmp_path / "walship.toml"
+    for azure, expected in [
+            ('account_url = "https://geo-secondary.blob.core.windows.net"\n',
+             "https://geo-secondary.blob.core.windows.net"),
+            ('connection_string = "AccountName=devstoreaccount1;AccountKey=' + SECONDARY_KEY
+             + ';BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1-secondary"\n',
+             "http://127.0.0.1:10000/devstoreaccount1-secondary"),
+            ('account_url = "https://geo.blob.core.windows.net"\n', None)]:
+        path.write_text('repo = "azure://wal/c1"\n[azure]\naccount = "geo"\n' + azure)
+        path.chmod(0o600)
+        settings = load_settings({}, {}, str(path))
+        assert settings.read_only_primary == expected
+        if expected:
+            with pytest.raises(UsageError) as raised:
+                settings.refuse_read_only_primary("push WAL into")
+            assert raised.value.status == ExitStatus.USAGE
+            assert raised.value.one_line().startswith(
+                f"cannot push WAL into repository primary: its endpoint {expected} is an "
+                "account's secondary, read-only")
+        else:
+            settings.refuse_read_only_primary("push WAL into")
+    # (a file:// primary has no secondary endpoint, whatever [azure] says)
+    path.write_text(f'repo = "file://{tmp_path}"\n[azure]\naccount = "geo"\n'
+                    'account_url = "https://geo-secondary.blob.core.windows.net"\n')
+    assert load_settings({}, {}, str(path)).read_only_primary is None
+
+
+def test_every_command_that_writes_refuses_a_read_only_primary_first(secondary_primary,
+                                                                       wal_dir, tmp_path,
+                                                                       capsys):
+    """wal-push, backup-push, delete and repo-sync --to primary: exit 2 and one line, before
+    any request (one would fail with exit 4: nothing listens there) and before the sync mirror
+    is written."""
+    west, endpoint = secondary_primary
+    why = f"its endpoint {endpoint} is an account's secondary, read-only: walship never writes it"
+    for argv, action in [
+            (["wal-push", str(wal_dir / SEG)], "push WAL into"),
+            (["backup-push", "--dbname", "host=/nonexistent"], "back up into"),
+            (["delete", "--retain-full", "1", "--confirm"], "delete from"),
+            (["delete", "--retain-full", "1"], "delete from"),
+            (["delete", "--retain-full", "1", "--repo", "primary"], "delete from"),
+            (["repo-sync", "--from", "west", "--to", "primary"], "repo-sync into")]:
+        capsys.readouterr()
+        assert main(argv) == ExitStatus.USAGE, argv
+        err = capsys.readouterr().err
+        assert f"cannot {action} repository primary: {why}" in err, (argv, err)
+        assert "hint: write through the account's primary endpoint" in err
+        assert len(err.strip().splitlines()) == 1, err
+    assert list(west.iterdir()) == []
+    # its default targets leave it out, as a read mirror's do
+    assert main(["repo-sync", "--from", "west"]) == 0
+    assert "repo-sync west -> primary: skipped, it is read-only" in capsys.readouterr().err
+
+
+def test_the_background_pusher_refuses_a_read_only_primary(secondary_primary, tmp_path,
+                                                          monkeypatch, capsys):
+    """A backlog: the fast path starts the background pusher without the full program (whose
+    wal-push refuses first); the pusher refuses by itself, writes nothing, and the call exits 2
+    soon after."""
+    import time
+
+    from walship import spool
+
+    west, _ = secondary_primary
+    monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "3")
+    wal_dir = tmp_path / "pg_wal"
+    (wal_dir / "archive_status").mkdir(parents=True)
+    names = [f"0000000100000000{n:08X}" for n in range(1, 11)]
+    for name in names:
+        (wal_dir / name).write_bytes(segment())
+        (wal_dir / "archive_status" / f"{name}.ready").touch()
+    started = time.monotonic()
+    assert main(["wal-push", str(wal_dir / names[0])]) == ExitStatus.USAGE
+    assert "cannot push WAL into repository primary" in capsys.readouterr().err
+    log = wal_dir / "walship" / "pusher.log"
+    deadline = time.monotonic() + 30
+    while spool.pusher_alive(str(wal_dir)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert time.monotonic() - started < 20
+    assert "background pusher: cannot push WAL ahead into repository primary" in \
+        log.read_text()
+    assert list(west.iterdir()) == []
+
+
+def test_a_drill_from_a_read_only_primary_skips_storing_its_result(secondary_primary,
+                                                                   monkeypatch, capsys):
+    from tests.test_drill import _report
+    from walship import drill
+
+    def store(*args):
+        raise AssertionError("the drill's result was written")
+
+    monkeypatch.setattr(drill, "run_drill", lambda *args, **kwargs: _report())
+    monkeypatch.setattr(drill, "store_result", store)
+    assert main(["drill"]) == 0
+    err = capsys.readouterr().err
+    assert "the result was not stored in the repository: repository primary is read-only" \
+        in err
+
+
+@pytest.mark.parametrize("transport", ["auto", "sdk"])
+def test_a_read_only_primary_on_azurite_is_read_and_never_written(azure_repository, wal_dir,
+                                                                  tmp_path, monkeypatch,
+                                                                  capsys, transport):
+    """A DR site with only the secondary endpoint configured (Azurite's ``-secondary`` path,
+    through a proxy that records every request): wal-fetch delivers what the primary endpoint
+    stored, the end of the archive is "not found" (exit 1, as from any single repository),
+    check and backup-list read; wal-push, backup-push and delete are refused with no request
+    sent. (Azurite accepts writes on a -secondary path, the real service does not: so
+    "never written" is checked on the wire.)"""
+    from tests.e2e.test_read_mirror import RecordingProxy
+
+    azurite = azure_repository.azurite
+    for var in list(os.environ):
+        if var.startswith(("WALSHIP_", "AZURE_")):
+            monkeypatch.delenv(var)
+    (tmp_path / "none.toml").write_text("")
+    monkeypatch.setenv("WALSHIP_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("WALSHIP_PREFETCH", "0")
+    monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "0")
+    monkeypatch.setenv("WALSHIP_AZURE_TRANSPORT", transport)
+    monkeypatch.setenv("WALSHIP_REPO", azure_repository.url)
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
+    assert main(["wal-push", str(wal_dir / SEG)]) == 0  # (through the primary endpoint)
+    proxy = RecordingProxy((azurite.host, azurite.port))
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string.replace(
+        f"BlobEndpoint={azurite.blob_endpoint}",
+        f"BlobEndpoint={azurite.scheme}://127.0.0.1:{proxy.port}/{azurite.account}-secondary"))
+    try:
+        out = tmp_path / "out"
+        assert main(["wal-fetch", SEG, str(out)]) == 0
+        assert out.read_bytes() == (wal_dir / SEG).read_bytes()
+        assert main(["wal-fetch", SEG2, str(tmp_path / "out2")]) == ExitStatus.NOT_FOUND
+        capsys.readouterr()
+        assert main(["check"]) == 0
+        assert "repository primary (read)" in capsys.readouterr().out
+        assert main(["backup-list", "--json"]) == 0
+        reads = len(proxy.requests)
+        assert proxy.reads("/wal/") > 0
+        for argv in (["wal-push", str(wal_dir / SEG2)], ["backup-push"],
+                     ["delete", "--retain-full", "1", "--confirm"]):
+            capsys.readouterr()
+            assert main(argv) == ExitStatus.USAGE, argv
+            assert "repository primary: its endpoint" in capsys.readouterr().err
+        assert len(proxy.requests) == reads  # refused before any request
+        assert proxy.writes() == []
+    finally:
+        proxy.down()
+
+
+def test_a_read_only_primary_is_a_member_the_storage_never_writes():
+    """Alone, or with a sync mirror: read, never written or deleted; alone, its "not found" is
+    the answer (a restore at the secondary's site ends at the end of the archive), and a put
+    is refused."""
+    import uuid
+
+    from walship.errors import NotFound
+    from walship.storage.memory import MemoryStorage
+    from walship.storage.mirrored import Member, MirroredStorage
+
+    class ReadOnly(MemoryStorage):
+        def put(self, key, data, *, metadata=None):
+            raise AssertionError(f"put {key} into a read-only member")
+
+        def delete(self, key):
+            raise AssertionError(f"delete {key} from a read-only member")
+
+    url = f"memory://{uuid.uuid4().hex}"
+    secondary = ReadOnly(url)
+    MemoryStorage.put(secondary, "wal/old", [b"O"])  # (replicated behind walship's back)
+    alone = MirroredStorage([Member("primary", secondary, "read")])
+    west = MemoryStorage(f"{url}-w")
+    paired = MirroredStorage([Member("primary", secondary, "read"),
+                              Member("west", west, "sync")])
+    try:
+        assert alone.url == f"{url} (read-only)"
+        assert alone.get("wal/old").read() == b"O"
+        with pytest.raises(NotFound) as raised:
+            alone.get("wal/new")
+        assert not raised.value.what.startswith("repository primary")
+        with pytest.raises(UsageError, match="cannot store wal/a: repository primary is "
+                                             "read-only"):
+            alone.put("wal/a", [b"A"])
+        alone.delete("wal/old")
+        paired.put("wal/a", [b"A"])  # into the sync mirror only
+        assert west.get("wal/a").read() == b"A"
+        paired.delete("wal/old")
+        assert paired.get("wal/old").read() == b"O"
+        with pytest.raises(NotFound):  # (the sync mirror's absence is proof)
+            paired.get("wal/new")
+    finally:
+        MemoryStorage.forget(url)
+        MemoryStorage.forget(f"{url}-w")
 
 
 # -- damaged objects: every reader falls over to the next repository ---------------------------

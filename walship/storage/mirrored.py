@@ -13,6 +13,9 @@ primary first. It adds no storage of its own: every operation is the members' ow
   mirrors are not written here: ``walship repo-sync`` (:mod:`walship.reposync`) copies to them.
   ``read`` mirrors (an Azure account's read-only secondary endpoint, which Azure's
   geo-replication keeps current) are never written at all: not by ``put``, not by ``delete``.
+  A primary that is itself a secondary endpoint is a ``read`` member too (alone, or with
+  mirrors): a ``put`` with no member left to write is refused (the commands that write
+  refuse it before this, :meth:`walship.config.Settings.refuse_read_only_primary`).
 * ``get`` and ``head`` ask the members in order and fall over to the next on an unreachable or
   missing repository, or a missing object. :class:`~walship.errors.NotFound` when every
   member that answered says the object does not exist and one of them is the primary or a
@@ -58,7 +61,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from walship.errors import (AlreadyExists, IntegrityError, NotFound, StorageError, Unavailable,
-                            WalshipError)
+                            UsageError, WalshipError)
 from walship.storage.base import Download, MetadataSource, ObjectInfo, Storage, time_share
 
 if TYPE_CHECKING:
@@ -120,7 +123,7 @@ class MirroredStorage:
     docstring)."""
 
     def __init__(self, members: list[Member]) -> None:
-        if not members or members[0].mode != "primary":
+        if not members or members[0].mode not in ("primary", READ_ONLY):
             raise ValueError("the first member of a mirrored storage is the primary")
         self.members = members
         # ``delete --repo NAME``: delete from these members only (None: from every one);
@@ -132,7 +135,8 @@ class MirroredStorage:
         self.deadline: float | None = None
         self.read_seconds: float | None = None
         names = ", ".join(m.name for m in members[1:])
-        self.url = f"{members[0].storage.url} (mirrors: {names})"
+        self.url = f"{members[0].storage.url} (mirrors: {names})" if names else \
+            f"{members[0].storage.url} (read-only)"
 
     def member(self, name: str) -> Member:
         for member in self.members:
@@ -144,6 +148,10 @@ class MirroredStorage:
     def put(self, key: str, data: Iterable[bytes], *,
             metadata: MetadataSource | None = None) -> ObjectInfo:
         targets = [m for m in self.members if m.mode in COMPLETE]
+        if not targets:  # (a read-only primary: the commands that write refuse it first)
+            raise UsageError(f"cannot store {key}", "repository primary is read-only (an "
+                             "account's secondary endpoint) and no sync mirror is configured",
+                             "write through the account's primary endpoint")
         if len(targets) == 1:
             try:
                 return targets[0].storage.put(key, data, metadata=metadata)
@@ -268,7 +276,8 @@ class MirroredStorage:
                           f"{complete[0][0].name}, which holds every acknowledged push")
             raise complete[0][1]
         for member, error in unanswered:
-            error.what = f"repository {member.name}: {error.what}"
+            if len(self.members) > 1:
+                error.what = f"repository {member.name}: {error.what}"
             raise error  # an async or read mirror lags: its absence proves nothing
         raise errors[0][1]
 
@@ -404,7 +413,10 @@ def open_mirrored(primary: Storage, settings: Settings,
     """The primary (already open) and every configured mirror as one storage."""
     from walship.storage import open_storage
 
-    members = [Member("primary", primary, "primary")]
+    # (a primary that is an account's secondary endpoint is read, never written, as a read
+    # mirror is: walship.config.Settings.read_only_primary)
+    members = [Member("primary", primary,
+                      READ_ONLY if settings.read_only_primary else "primary")]
     for mirror in settings.mirrors:
         members.append(Member(mirror.name, open_storage(
             mirror.repo, settings.mirror_options(mirror, deadline)), mirror.mode))
