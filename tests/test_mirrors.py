@@ -1034,6 +1034,47 @@ def test_a_silent_primary_leaves_the_mirror_time_to_deliver(silent_endpoint, tmp
     assert CALL_TIMEOUT * 0.5 - 0.5 <= took < CALL_TIMEOUT - 1, took
 
 
+def test_a_fall_over_is_told_again_after_the_repository_answered_again(capsys):
+    """Once per episode: a repository that could not answer is told once, however many reads
+    fall over; once it has answered again, its next fall-over is told again (the prefetch
+    worker lives through several)."""
+    import uuid
+
+    from walship.errors import Unavailable
+    from walship.storage.memory import MemoryStorage
+    from walship.storage.mirrored import Member, MirroredStorage
+
+    class Flaky(MemoryStorage):
+        down = True
+
+        def get(self, key):
+            if self.down:
+                raise Unavailable("no answer")
+            return super().get(key)
+
+    url = f"memory://{uuid.uuid4().hex}"
+    primary, west = Flaky(url), MemoryStorage(f"{url}-w")
+    for storage in (primary, west):
+        MemoryStorage.put(storage, "wal/a", [b"A"])
+    storage = MirroredStorage([Member("primary", primary, "primary"),
+                               Member("west", west, "sync")])
+    told = []
+    try:
+        for episode in range(2):
+            primary.down = True
+            for _ in range(3):
+                storage._down.clear()  # (asked first again, as after DOWN_SECONDS)
+                assert storage.get("wal/a").read() == b"A"
+            told.append(capsys.readouterr().err.count("repository primary could not answer"))
+            primary.down = False
+            storage._down["primary"] = 0.0  # (it could not answer lately)
+            assert storage.get("wal/a").read() == b"A"
+        assert told == [1, 1]
+    finally:
+        MemoryStorage.forget(url)
+        MemoryStorage.forget(f"{url}-w")
+
+
 def test_each_read_shares_read_seconds_out_when_there_is_no_call_deadline():
     """The prefetch worker has no call deadline: ``read_seconds`` from the start of each read
     is shared out as a call's would be (the first repository asked gets half, the last one

@@ -24,7 +24,9 @@ primary first. It adds no storage of its own: every operation is the members' ow
   region would abort every recovery at its first probe for a history file that does not
   exist). When only async or read mirrors (which lag) answered, the error of one that could
   not answer is raised (the existing exit rules apply). A fall-over is logged once per process
-  and member, loudly, on stderr. A member that could not answer is asked last for the next
+  and member, loudly, on stderr (a member that could not answer: once per episode, told again
+  after it has answered; the prefetch worker hands its lines to the calls, see
+  :func:`on_warning`). A member that could not answer is asked last for the next
   :data:`DOWN_SECONDS` (it is still asked when the others fail).
 * **Time shares.** With a deadline (a wal-fetch call's ``call_timeout``; for the prefetch
   worker, ``read_seconds`` from the start of each read), a member that is not the last one
@@ -103,15 +105,35 @@ class MirrorAlreadyExists(AlreadyExists):
 
 _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
+# called with the text of each warning printed (the prefetch worker: it hands its fall-overs
+# to the calls that deliver what it fetched, for PostgreSQL's log)
+_listener: Callable[[str], None] | None = None
+
+
+def on_warning(listener: Callable[[str], None] | None) -> None:
+    """Have ``listener`` called with the text of every warning :func:`warn_once` prints."""
+    global _listener
+    _listener = listener
 
 
 def warn_once(member: str, kind: str, text: str) -> None:
-    """Print ``text`` as a WARNING once per process for (member, kind)."""
+    """Print ``text`` as a WARNING once per process for (member, kind) (for ``unreachable``:
+    once per episode, see :meth:`MirroredStorage._first`)."""
     with _warned_lock:
         if (member, kind) in _warned:
             return
         _warned.add((member, kind))
     print(f"walship: WARNING: {text}", file=sys.stderr, flush=True)
+    listener = _listener
+    if listener is not None:
+        listener(text)
+
+
+def _answers_again(member: str) -> None:
+    """``member`` could not answer lately and has answered now: the episode is over, its next
+    fall-over is told again (a long-lived reader, the prefetch worker, sees several)."""
+    with _warned_lock:
+        _warned.discard((member, "unreachable"))
 
 
 def _why(error: WalshipError) -> str:
@@ -254,7 +276,8 @@ class MirroredStorage:
                     self._down[member.name] = time.monotonic() + DOWN_SECONDS
                 errors.append((member, error))
                 continue
-            self._down.pop(member.name, None)
+            if self._down.pop(member.name, None) is not None:
+                _answers_again(member.name)
             for failed, error in errors:
                 if isinstance(error, NotFound):
                     warn_once(failed.name, "missing", f"repository {failed.name} lacks "
