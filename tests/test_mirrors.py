@@ -1075,6 +1075,154 @@ def test_a_fall_over_is_told_again_after_the_repository_answered_again(capsys):
         MemoryStorage.forget(f"{url}-w")
 
 
+def test_a_body_that_fails_mid_way_goes_on_from_the_next_repository(capsys):
+    """The primary answers, then its body fails after some bytes: the read goes on from the
+    next member holding the same stored bytes (same size and object digest), from the byte
+    reached; a member holding other bytes is passed over; with none left, the error stands."""
+    import uuid
+
+    from walship.errors import Unavailable
+    from walship.storage.base import BytesDownload
+    from walship.storage.memory import MemoryStorage
+    from walship.storage.mirrored import Member, MirroredStorage
+
+    body = os.urandom(300_000)
+    same = {"walship_sha256": "d" * 64}
+
+    class Cut(BytesDownload):
+        def read(self, n=-1):
+            if self._pos >= 100_000:
+                raise Unavailable("cannot read wal/a", "timed out")
+            return super().read(min(n, 40_000))
+
+    class Failing(MemoryStorage):
+        def get(self, key):
+            return Cut(MemoryStorage.get(self, key).info, body)
+
+    url = f"memory://{uuid.uuid4().hex}"
+    primary, other, west = Failing(url), MemoryStorage(f"{url}-o"), MemoryStorage(f"{url}-w")
+    MemoryStorage.put(primary, "wal/a", [body], metadata=lambda: same)
+    other.put("wal/a", [os.urandom(300_000)], metadata=lambda: {"walship_sha256": "e" * 64})
+    west.put("wal/a", [body], metadata=lambda: same)
+    try:
+        storage = MirroredStorage([Member("primary", primary, "primary"),
+                                   Member("other", other, "async"),
+                                   Member("west", west, "sync")])
+        with storage.get("wal/a") as download:
+            got = b"".join(iter(lambda: download.read(1 << 16), b""))
+        assert got == body
+        err = capsys.readouterr().err
+        assert ("repository primary could not answer (cannot read wal/a: timed out) after "
+                "120000 of 300000 bytes of wal/a: reading the rest from repository west") in err
+        alone = MirroredStorage([Member("primary", primary, "primary"),
+                                 Member("other", other, "async")])
+        with pytest.raises(Unavailable, match="timed out"), alone.get("wal/a") as download:
+            while download.read(1 << 16):
+                pass
+    finally:
+        for name in (url, f"{url}-o", f"{url}-w"):
+            MemoryStorage.forget(name)
+
+
+@pytest.fixture
+def stalling_proxy():
+    """A TCP proxy to a given target that, once ``stall_after`` is set, passes on only that
+    many bytes of each reply and then nothing (the connection stays open): headers and part
+    of a body, then a stall."""
+    import socket
+    import threading
+
+    from tests.e2e.test_standby_outage import Proxy
+
+    class Stalling(Proxy):
+        stall_after: int | None = None
+
+        def _accept(self, listener):
+            while True:
+                try:
+                    client, _ = listener.accept()
+                except OSError:
+                    return
+                try:
+                    server = socket.create_connection(self.target, timeout=10)
+                except OSError:
+                    client.close()
+                    continue
+                with self.lock:
+                    self.sockets += [client, server]
+                threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+                threading.Thread(target=self._reply, args=(server, client),
+                                 daemon=True).start()
+
+        def _reply(self, server, client):
+            passed = 0
+            try:
+                while data := server.recv(65536):
+                    if self.stall_after is not None:
+                        data = data[:max(0, self.stall_after - passed)]
+                        if not data:
+                            threading.Event().wait()  # (a stall: until the test ends)
+                    client.sendall(data)
+                    passed += len(data)
+            except OSError:
+                pass
+
+    made = []
+
+    def make(target):
+        made.append(Stalling(target))
+        return made[-1]
+
+    yield make
+    for proxy in made:
+        proxy.down()
+
+
+@pytest.mark.parametrize("transport", ["auto", "sdk"])
+def test_a_primary_whose_body_stalls_leaves_the_mirror_time_to_deliver(
+        azure_repository, stalling_proxy, tmp_path, monkeypatch, transport):
+    """The primary (Azurite behind a proxy) sends the reply's headers and 64 KiB of a 1 MiB
+    body, then nothing: wal-fetch goes on from the sync mirror within call_timeout, the
+    primary having had half of it."""
+    import time
+
+    azurite = azure_repository.azurite
+    proxy = stalling_proxy((azurite.host, azurite.port))
+    for var in list(os.environ):
+        if var.startswith(("WALSHIP_", "AZURE_")):
+            monkeypatch.delenv(var)
+    west = tmp_path / "west"
+    west.mkdir()
+    connection = azurite.connection_string.replace(
+        f"BlobEndpoint={azurite.blob_endpoint}",
+        f"BlobEndpoint={azurite.scheme}://127.0.0.1:{proxy.port}/{azurite.account}")
+    config = tmp_path / "walship.toml"
+    config.write_text(f'repo = "{azure_repository.url}"\n[azure]\nconnection_string = '
+                      f'"{connection}"\n[[mirrors]]\nname = "west"\nrepo = "file://{west}"\n'
+                      'mode = "sync"\n')
+    config.chmod(0o600)
+    monkeypatch.setenv("WALSHIP_CONFIG", str(config))
+    monkeypatch.setenv("WALSHIP_PREFETCH", "0")
+    monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "0")
+    monkeypatch.setenv("WALSHIP_AZURE_TRANSPORT", transport)
+    monkeypatch.setenv("WALSHIP_STORAGE_TIMEOUT", "30")
+    monkeypatch.setenv("WALSHIP_STORAGE_RETRIES", "4")
+    monkeypatch.setenv("WALSHIP_CALL_TIMEOUT", str(CALL_TIMEOUT))
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / SEG).write_bytes(os.urandom(1 << 20))  # (stored: 1 MiB, incompressible)
+    assert main(["wal-push", str(source / SEG)]) == 0  # into both, the same stored bytes
+    proxy.stall_after = 64 << 10
+    out = tmp_path / "out"
+    started = time.monotonic()
+    assert main(["wal-fetch", SEG, str(out)]) == 0
+    took = time.monotonic() - started
+    print(f"wal-fetch with a primary whose body stalls took {took:.2f} s "
+          f"(call_timeout {CALL_TIMEOUT}, {transport})")
+    assert out.read_bytes() == (source / SEG).read_bytes()
+    assert CALL_TIMEOUT * 0.5 - 0.5 <= took < CALL_TIMEOUT - 1, took
+
+
 def test_each_read_shares_read_seconds_out_when_there_is_no_call_deadline():
     """The prefetch worker has no call deadline: ``read_seconds`` from the start of each read
     is shared out as a call's would be (the first repository asked gets half, the last one

@@ -34,8 +34,11 @@ primary first. It adds no storage of its own: every operation is the members' ow
   requests, retries and back-offs end by then), so that a repository that accepts
   connections and never answers cannot spend the whole call before the next one is asked:
   with two repositories and call_timeout 30, the primary gets 15 s, the mirror the rest. A
-  share bounds the request up to the first byte of the object (``get``'s reply); the body is
-  read within the call's deadline. Why half: the first repository is the one expected to
+  share bounds the request up to the first byte of the object (``get``'s reply), and then each
+  read of its body (a per-read bound: a body that stalls fails within half the time left, one
+  that flows is not cut). A body that fails or stalls mid-way falls over to the next member
+  holding the same stored bytes, which goes on from the byte reached
+  (:class:`_FallOverDownload`). Why half: the first repository is the one expected to
   answer, so it gets the larger part; each next one still gets a real chance.
 * ``list`` is the union of the reachable members' listings, sorted by key (a key held by
   several members is listed once, as the first of them holds it). Unreachable members are
@@ -82,6 +85,7 @@ FALL_OVER = (NotFound, Unavailable, StorageError)
 # the modes of the members every acknowledged push was written to: a "not found" there is proof
 COMPLETE = frozenset({"primary", "sync"})
 READ_ONLY = "read"  # a member walship never writes (an account's RA-GRS secondary endpoint)
+STORED_DIGEST = "walship_sha256"  # the object digest's metadata (walship.codec), over stored bytes
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,12 @@ class MirroredStorage:
         return now + max(0.0, deadline - now) * SHARE
 
     def _first(self, key: str, read: Callable[[Storage], T]) -> T:
+        return self._answer(key, read)[0]
+
+    def _answer(self, key: str, read: Callable[[Storage], T]
+                ) -> tuple[T, Member, list[Member], float | None]:
+        """The first answer (see the module docstring), the member that gave it, the members
+        not asked yet, in order, and the read's deadline."""
         errors: list[tuple[Member, WalshipError]] = []
         now = time.monotonic()
         deadline = self._deadline()
@@ -287,7 +297,7 @@ class MirroredStorage:
                     warn_once(failed.name, "unreachable", f"repository {failed.name} could "
                               f"not answer ({_why(error)}): reading from repository "
                               f"{member.name}")
-            return result
+            return result, member, order[index + 1:], deadline
         unanswered = [(m, e) for m, e in errors if not isinstance(e, NotFound)]
         complete = [(m, e) for m, e in errors if isinstance(e, NotFound) and m.mode in COMPLETE]
         if unanswered and complete:
@@ -305,7 +315,10 @@ class MirroredStorage:
         raise errors[0][1]
 
     def get(self, key: str) -> Download:
-        return self._first(key, lambda storage: storage.get(key))
+        download, member, rest, deadline = self._answer(key, lambda storage: storage.get(key))
+        if not rest:
+            return download  # (nobody left to fall over to: its own bounds only)
+        return _FallOverDownload(self, key, download, member, rest, deadline)
 
     def head(self, key: str) -> ObjectInfo:
         return self._first(key, lambda storage: storage.head(key))
@@ -354,6 +367,85 @@ class MirroredStorage:
     def close(self) -> None:
         for member in self.members:
             member.storage.close()
+
+
+class _FallOverDownload:
+    """The body of an object one member answered for, read within the time shares (see Time
+    shares: each read of it, by the member that is not the last one left, ends within
+    :data:`SHARE` of the time left), falling over mid-body to the next member that holds the
+    same stored bytes (the same size and object digest: every repository stores the bytes a
+    push encoded once, and repo-sync copies them as stored), which goes on from the byte
+    reached. The codec checks the digest over every byte all the same."""
+
+    def __init__(self, owner: MirroredStorage, key: str, download: Download, serving: Member,
+                 rest: list[Member], deadline: float | None) -> None:
+        self.info = download.info
+        self._owner = owner
+        self._key = key
+        self._download = download
+        self._serving = serving
+        self._rest = list(rest)
+        self._deadline = deadline
+        self._delivered = 0
+
+    def read(self, n: int = -1) -> bytes:
+        while True:
+            try:
+                with time_share(self._owner._share(self._deadline, not self._rest)):
+                    data = self._download.read(n)
+            except FALL_OVER as error:
+                self._fall_over(error)  # (raises the error when no member can go on)
+                continue
+            self._delivered += len(data)
+            return data
+
+    def _fall_over(self, error: WalshipError) -> None:
+        failed = self._serving
+        self._owner._down[failed.name] = time.monotonic() + DOWN_SECONDS
+        _close_quietly(self._download)
+        digest = self.info.metadata.get(STORED_DIGEST)
+        while digest and self._rest:
+            member = self._rest.pop(0)
+            download: Download | None = None
+            try:
+                with time_share(self._owner._share(self._deadline, not self._rest)):
+                    download = member.storage.get(self._key)
+                    if (download.info.size, download.info.metadata.get(STORED_DIGEST)) != (
+                            self.info.size, digest):
+                        _close_quietly(download)
+                        continue  # (other stored bytes: they cannot go on from here)
+                    skip = self._delivered
+                    while skip:
+                        piece = download.read(min(skip, 1 << 20))
+                        if not piece:
+                            raise Unavailable(f"cannot read {self._key}", "it ended early")
+                        skip -= len(piece)
+            except FALL_OVER:
+                if download is not None:
+                    _close_quietly(download)
+                continue
+            warn_once(failed.name, "unreachable", f"repository {failed.name} could not "
+                      f"answer ({_why(error)}) after {self._delivered} of {self.info.size} "
+                      f"bytes of {self._key}: reading the rest from repository {member.name}")
+            self._download, self._serving = download, member
+            return
+        raise error
+
+    def close(self) -> None:
+        self._download.close()
+
+    def __enter__(self) -> _FallOverDownload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _close_quietly(download: Download) -> None:
+    try:
+        download.close()
+    except Exception:  # noqa: BLE001 - releasing a failed download must not hide why it failed
+        pass
 
 
 def _prepend(head: ObjectInfo, rest: Iterator[ObjectInfo]) -> Iterator[ObjectInfo]:
