@@ -122,7 +122,7 @@ def on_warning(listener: Callable[[str], None] | None) -> None:
 
 def warn_once(member: str, kind: str, text: str) -> None:
     """Print ``text`` as a WARNING once per process for (member, kind) (for ``unreachable``:
-    once per episode, see :meth:`MirroredStorage._first`)."""
+    once per episode, see :meth:`MirroredStorage._answer`)."""
     with _warned_lock:
         if (member, kind) in _warned:
             return
