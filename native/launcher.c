@@ -25,7 +25,8 @@
  *     a cache on another filesystem than <dirname of path> hands delivery to Python (a copy);
  *   - the seal <name>.ok: "<boot id> <inode> <size> <settings fingerprint>\n", valid while the
  *     boot id is this boot's, the file has that inode and size, and its mtime is exactly
- *     1970-01-01 00:00:01 (SEALED_MTIME_NS);
+ *     1970-01-01 00:00:01 (SEALED_MTIME_NS); a seal with more (the worker's notes, "note
+ *     <text>\n" lines: a fall-over to a mirror) is handed to Python, which prints them;
  *   - the settings fingerprint: the first 32 hex digits of SHA-256 over "KEY=VALUE\0" for every
  *     WALSHIP_* and AZURE_* variable in key order, then the config file's identity;
  *   - a live worker holds an flock on worker.lock; `want` holds "<name> <size>\n", and a

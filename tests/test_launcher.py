@@ -164,6 +164,20 @@ def test_hands_over_whenever_the_seal_does_not_hold(launcher, site, tmp_path, ch
     assert not (wal / "RECOVERYXLOG").exists() and (cache / SEGMENT).exists()
 
 
+def test_a_seal_with_notes_goes_to_python_which_prints_them(launcher, site):
+    """A seal carrying the worker's notes (a fall-over, once per episode) is left to Python,
+    whose delivery prints them in PostgreSQL's log (spool.deliver_cached); every other seal
+    stays the launcher's."""
+    wal, cache, env = site
+    seal(cache, env)
+    spool.seal_cached(str(cache), SEGMENT, spool.settings_fingerprint(env),
+                      ["repository primary could not answer (x): reading from repository west"])
+    args = ["wal-fetch", SEGMENT, str(wal / "RECOVERYXLOG")]
+    done = call(launcher, env, *args)
+    assert done.returncode == 42 and handed_over(launcher) == args, done.stderr
+    assert not (wal / "RECOVERYXLOG").exists() and (cache / SEGMENT).exists()
+
+
 @pytest.mark.parametrize("args", [
     ["wal-fetch", SEGMENT.lower(), "pg_wal/RECOVERYXLOG"],
     ["wal-fetch", "000000010000000000000001.gz", "pg_wal/RECOVERYXLOG"],

@@ -9,7 +9,7 @@ import pytest
 
 from walship.config import load_settings
 from walship.entry import main
-from walship.errors import ConfigError, ExitStatus
+from walship.errors import ConfigError, ExitStatus, UsageError
 
 SEG = "000000010000000000000001"
 SEG2 = "000000010000000000000002"
@@ -656,6 +656,235 @@ def test_a_secondary_endpoint_cannot_be_written_to(tmp_path, mode):
     assert 'write mode = "read"' in line
 
 
+# -- a read-only primary (repo is itself an account's secondary endpoint) ---------------------
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def secondary_primary(tmp_path, monkeypatch):
+    """``repo`` on an account's secondary endpoint (Azurite's path-style form, on a port where
+    nothing listens: any request fails at once, exit 4, never 2) and ``west``, a sync mirror
+    (a directory)."""
+    for var in list(os.environ):
+        if var.startswith(("WALSHIP_", "AZURE_")):
+            monkeypatch.delenv(var)
+    west = tmp_path / "west"
+    west.mkdir()
+    endpoint = f"http://127.0.0.1:{closed_port()}/devstoreaccount1-secondary"
+    config = tmp_path / "walship.toml"
+    config.write_text(
+        'repo = "azure://wal/c1"\n[azure]\nconnection_string = "DefaultEndpointsProtocol=http;'
+        f'AccountName=devstoreaccount1;AccountKey={SECONDARY_KEY};BlobEndpoint={endpoint};"\n'
+        f'[[mirrors]]\nname = "west"\nrepo = "file://{west}"\nmode = "sync"\n')
+    config.chmod(0o600)
+    monkeypatch.setenv("WALSHIP_CONFIG", str(config))
+    monkeypatch.setenv("WALSHIP_PREFETCH", "0")
+    monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "0")
+    monkeypatch.setenv("WALSHIP_STORAGE_RETRIES", "0")
+    return west, endpoint
+
+
+def test_a_read_only_primary_is_detected_like_a_read_mirror(tmp_path):
+    path = tmp_path / "walship.toml"
+    for azure, expected in [
+            ('account_url = "https://geo-secondary.blob.core.windows.net"\n',
+             "https://geo-secondary.blob.core.windows.net"),
+            ('connection_string = "AccountName=devstoreaccount1;AccountKey=' + SECONDARY_KEY
+             + ';BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1-secondary"\n',
+             "http://127.0.0.1:10000/devstoreaccount1-secondary"),
+            ('account_url = "https://geo.blob.core.windows.net"\n', None)]:
+        path.write_text('repo = "azure://wal/c1"\n[azure]\naccount = "geo"\n' + azure)
+        path.chmod(0o600)
+        settings = load_settings({}, {}, str(path))
+        assert settings.read_only_primary == expected
+        if expected:
+            with pytest.raises(UsageError) as raised:
+                settings.refuse_read_only_primary("push WAL into")
+            assert raised.value.status == ExitStatus.USAGE
+            assert raised.value.one_line().startswith(
+                f"cannot push WAL into repository primary: its endpoint {expected} is an "
+                "account's secondary, read-only")
+        else:
+            settings.refuse_read_only_primary("push WAL into")
+    # (a file:// primary has no secondary endpoint, whatever [azure] says)
+    path.write_text(f'repo = "file://{tmp_path}"\n[azure]\naccount = "geo"\n'
+                    'account_url = "https://geo-secondary.blob.core.windows.net"\n')
+    assert load_settings({}, {}, str(path)).read_only_primary is None
+
+
+def test_every_command_that_writes_refuses_a_read_only_primary_first(secondary_primary,
+                                                                       wal_dir, tmp_path,
+                                                                       capsys):
+    """wal-push, backup-push, delete and repo-sync --to primary: exit 2 and one line, before
+    any request (one would fail with exit 4: nothing listens there) and before the sync mirror
+    is written."""
+    west, endpoint = secondary_primary
+    why = f"its endpoint {endpoint} is an account's secondary, read-only: walship never writes it"
+    for argv, action in [
+            (["wal-push", str(wal_dir / SEG)], "push WAL into"),
+            (["backup-push", "--dbname", "host=/nonexistent"], "back up into"),
+            (["delete", "--retain-full", "1", "--confirm"], "delete from"),
+            (["delete", "--retain-full", "1"], "delete from"),
+            (["delete", "--retain-full", "1", "--repo", "primary"], "delete from"),
+            (["repo-sync", "--from", "west", "--to", "primary"], "repo-sync into")]:
+        capsys.readouterr()
+        assert main(argv) == ExitStatus.USAGE, argv
+        err = capsys.readouterr().err
+        assert f"cannot {action} repository primary: {why}" in err, (argv, err)
+        assert "hint: write through the account's primary endpoint" in err
+        assert len(err.strip().splitlines()) == 1, err
+    assert list(west.iterdir()) == []
+    # its default targets leave it out, as a read mirror's do
+    assert main(["repo-sync", "--from", "west"]) == 0
+    assert "repo-sync west -> primary: skipped, it is read-only" in capsys.readouterr().err
+
+
+def test_the_background_pusher_refuses_a_read_only_primary(secondary_primary, tmp_path,
+                                                          monkeypatch, capsys):
+    """A backlog: the fast path starts the background pusher without the full program (whose
+    wal-push refuses first); the pusher refuses by itself, writes nothing, and the call exits 2
+    soon after."""
+    import time
+
+    from walship import spool
+
+    west, _ = secondary_primary
+    monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "3")
+    wal_dir = tmp_path / "pg_wal"
+    (wal_dir / "archive_status").mkdir(parents=True)
+    names = [f"0000000100000000{n:08X}" for n in range(1, 11)]
+    for name in names:
+        (wal_dir / name).write_bytes(segment())
+        (wal_dir / "archive_status" / f"{name}.ready").touch()
+    started = time.monotonic()
+    assert main(["wal-push", str(wal_dir / names[0])]) == ExitStatus.USAGE
+    assert "cannot push WAL into repository primary" in capsys.readouterr().err
+    log = wal_dir / "walship" / "pusher.log"
+    deadline = time.monotonic() + 30
+    while spool.pusher_alive(str(wal_dir)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert time.monotonic() - started < 20
+    assert "background pusher: cannot push WAL ahead into repository primary" in \
+        log.read_text()
+    assert list(west.iterdir()) == []
+
+
+def test_a_drill_from_a_read_only_primary_skips_storing_its_result(secondary_primary,
+                                                                   monkeypatch, capsys):
+    from tests.test_drill import _report
+    from walship import drill
+
+    def store(*args):
+        raise AssertionError("the drill's result was written")
+
+    monkeypatch.setattr(drill, "run_drill", lambda *args, **kwargs: _report())
+    monkeypatch.setattr(drill, "store_result", store)
+    assert main(["drill"]) == 0
+    err = capsys.readouterr().err
+    assert "the result was not stored in the repository: repository primary is read-only" \
+        in err
+
+
+@pytest.mark.parametrize("transport", ["auto", "sdk"])
+def test_a_read_only_primary_on_azurite_is_read_and_never_written(azure_repository, wal_dir,
+                                                                  tmp_path, monkeypatch,
+                                                                  capsys, transport):
+    """A DR site with only the secondary endpoint configured (Azurite's ``-secondary`` path,
+    through a proxy that records every request): wal-fetch delivers what the primary endpoint
+    stored, the end of the archive is "not found" (exit 1, as from any single repository),
+    check and backup-list read; wal-push, backup-push and delete are refused with no request
+    sent. (Azurite accepts writes on a -secondary path, the real service does not: so
+    "never written" is checked on the wire.)"""
+    from tests.e2e.test_read_mirror import RecordingProxy
+
+    azurite = azure_repository.azurite
+    for var in list(os.environ):
+        if var.startswith(("WALSHIP_", "AZURE_")):
+            monkeypatch.delenv(var)
+    (tmp_path / "none.toml").write_text("")
+    monkeypatch.setenv("WALSHIP_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("WALSHIP_PREFETCH", "0")
+    monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "0")
+    monkeypatch.setenv("WALSHIP_AZURE_TRANSPORT", transport)
+    monkeypatch.setenv("WALSHIP_REPO", azure_repository.url)
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
+    assert main(["wal-push", str(wal_dir / SEG)]) == 0  # (through the primary endpoint)
+    proxy = RecordingProxy((azurite.host, azurite.port))
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string.replace(
+        f"BlobEndpoint={azurite.blob_endpoint}",
+        f"BlobEndpoint={azurite.scheme}://127.0.0.1:{proxy.port}/{azurite.account}-secondary"))
+    try:
+        out = tmp_path / "out"
+        assert main(["wal-fetch", SEG, str(out)]) == 0
+        assert out.read_bytes() == (wal_dir / SEG).read_bytes()
+        assert main(["wal-fetch", SEG2, str(tmp_path / "out2")]) == ExitStatus.NOT_FOUND
+        capsys.readouterr()
+        assert main(["check"]) == 0
+        assert "repository primary (read)" in capsys.readouterr().out
+        assert main(["backup-list", "--json"]) == 0
+        reads = len(proxy.requests)
+        assert proxy.reads("/wal/") > 0
+        for argv in (["wal-push", str(wal_dir / SEG2)], ["backup-push"],
+                     ["delete", "--retain-full", "1", "--confirm"]):
+            capsys.readouterr()
+            assert main(argv) == ExitStatus.USAGE, argv
+            assert "repository primary: its endpoint" in capsys.readouterr().err
+        assert len(proxy.requests) == reads  # refused before any request
+        assert proxy.writes() == []
+    finally:
+        proxy.down()
+
+
+def test_a_read_only_primary_is_a_member_the_storage_never_writes():
+    """Alone, or with a sync mirror: read, never written or deleted; alone, its "not found" is
+    the answer (a restore at the secondary's site ends at the end of the archive), and a put
+    is refused."""
+    import uuid
+
+    from walship.errors import NotFound
+    from walship.storage.memory import MemoryStorage
+    from walship.storage.mirrored import Member, MirroredStorage
+
+    class ReadOnly(MemoryStorage):
+        def put(self, key, data, *, metadata=None):
+            raise AssertionError(f"put {key} into a read-only member")
+
+        def delete(self, key):
+            raise AssertionError(f"delete {key} from a read-only member")
+
+    url = f"memory://{uuid.uuid4().hex}"
+    secondary = ReadOnly(url)
+    MemoryStorage.put(secondary, "wal/old", [b"O"])  # (replicated behind walship's back)
+    alone = MirroredStorage([Member("primary", secondary, "read")])
+    west = MemoryStorage(f"{url}-w")
+    paired = MirroredStorage([Member("primary", secondary, "read"),
+                              Member("west", west, "sync")])
+    try:
+        assert alone.url == f"{url} (read-only)"
+        assert alone.get("wal/old").read() == b"O"
+        with pytest.raises(NotFound) as raised:
+            alone.get("wal/new")
+        assert not raised.value.what.startswith("repository primary")
+        with pytest.raises(UsageError, match="cannot store wal/a: repository primary is "
+                                             "read-only"):
+            alone.put("wal/a", [b"A"])
+        alone.delete("wal/old")
+        paired.put("wal/a", [b"A"])  # into the sync mirror only
+        assert west.get("wal/a").read() == b"A"
+        paired.delete("wal/old")
+        assert paired.get("wal/old").read() == b"O"
+        with pytest.raises(NotFound):  # (the sync mirror's absence is proof)
+            paired.get("wal/new")
+    finally:
+        MemoryStorage.forget(url)
+        MemoryStorage.forget(f"{url}-w")
+
+
 # -- damaged objects: every reader falls over to the next repository ---------------------------
 def flip(path):
     raw = bytearray(path.read_bytes())
@@ -802,6 +1031,195 @@ def test_a_silent_primary_leaves_the_mirror_time_to_deliver(silent_endpoint, tmp
     print(f"wal-fetch with a silent primary took {took:.2f} s (call_timeout {CALL_TIMEOUT})")
     assert out.read_bytes() == (wal_dir / SEG).read_bytes()
     # the primary had half the call (its share), the mirror delivered within the rest
+    assert CALL_TIMEOUT * 0.5 - 0.5 <= took < CALL_TIMEOUT - 1, took
+
+
+def test_a_fall_over_is_told_again_after_the_repository_answered_again(capsys):
+    """Once per episode: a repository that could not answer is told once, however many reads
+    fall over; once it has answered again, its next fall-over is told again (the prefetch
+    worker lives through several)."""
+    import uuid
+
+    from walship.errors import Unavailable
+    from walship.storage.memory import MemoryStorage
+    from walship.storage.mirrored import Member, MirroredStorage
+
+    class Flaky(MemoryStorage):
+        down = True
+
+        def get(self, key):
+            if self.down:
+                raise Unavailable("no answer")
+            return super().get(key)
+
+    url = f"memory://{uuid.uuid4().hex}"
+    primary, west = Flaky(url), MemoryStorage(f"{url}-w")
+    for storage in (primary, west):
+        MemoryStorage.put(storage, "wal/a", [b"A"])
+    storage = MirroredStorage([Member("primary", primary, "primary"),
+                               Member("west", west, "sync")])
+    told = []
+    try:
+        for episode in range(2):
+            primary.down = True
+            for _ in range(3):
+                storage._down.clear()  # (asked first again, as after DOWN_SECONDS)
+                assert storage.get("wal/a").read() == b"A"
+            told.append(capsys.readouterr().err.count("repository primary could not answer"))
+            primary.down = False
+            storage._down["primary"] = 0.0  # (it could not answer lately)
+            assert storage.get("wal/a").read() == b"A"
+        assert told == [1, 1]
+    finally:
+        MemoryStorage.forget(url)
+        MemoryStorage.forget(f"{url}-w")
+
+
+def test_a_body_that_fails_mid_way_goes_on_from_the_next_repository(capsys):
+    """The primary answers, then its body fails after some bytes: the read goes on from the
+    next member holding the same stored bytes (same size and object digest), from the byte
+    reached; a member holding other bytes is passed over; with none left, the error stands."""
+    import uuid
+
+    from walship.errors import Unavailable
+    from walship.storage.base import BytesDownload
+    from walship.storage.memory import MemoryStorage
+    from walship.storage.mirrored import Member, MirroredStorage
+
+    body = os.urandom(300_000)
+    same = {"walship_sha256": "d" * 64}
+
+    class Cut(BytesDownload):
+        def read(self, n=-1):
+            if self._pos >= 100_000:
+                raise Unavailable("cannot read wal/a", "timed out")
+            return super().read(min(n, 40_000))
+
+    class Failing(MemoryStorage):
+        def get(self, key):
+            return Cut(MemoryStorage.get(self, key).info, body)
+
+    url = f"memory://{uuid.uuid4().hex}"
+    primary, other, west = Failing(url), MemoryStorage(f"{url}-o"), MemoryStorage(f"{url}-w")
+    MemoryStorage.put(primary, "wal/a", [body], metadata=lambda: same)
+    other.put("wal/a", [os.urandom(300_000)], metadata=lambda: {"walship_sha256": "e" * 64})
+    west.put("wal/a", [body], metadata=lambda: same)
+    try:
+        storage = MirroredStorage([Member("primary", primary, "primary"),
+                                   Member("other", other, "async"),
+                                   Member("west", west, "sync")])
+        with storage.get("wal/a") as download:
+            got = b"".join(iter(lambda: download.read(1 << 16), b""))
+        assert got == body
+        err = capsys.readouterr().err
+        assert ("repository primary could not answer (cannot read wal/a: timed out) after "
+                "120000 of 300000 bytes of wal/a: reading the rest from repository west") in err
+        alone = MirroredStorage([Member("primary", primary, "primary"),
+                                 Member("other", other, "async")])
+        with pytest.raises(Unavailable, match="timed out"), alone.get("wal/a") as download:
+            while download.read(1 << 16):
+                pass
+    finally:
+        for name in (url, f"{url}-o", f"{url}-w"):
+            MemoryStorage.forget(name)
+
+
+@pytest.fixture
+def stalling_proxy():
+    """A TCP proxy to a given target that, once ``stall_after`` is set, passes on only that
+    many bytes of each reply and then nothing (the connection stays open): headers and part
+    of a body, then a stall."""
+    import socket
+    import threading
+
+    from tests.e2e.test_standby_outage import Proxy
+
+    class Stalling(Proxy):
+        stall_after: int | None = None
+
+        def _accept(self, listener):
+            while True:
+                try:
+                    client, _ = listener.accept()
+                except OSError:
+                    return
+                try:
+                    server = socket.create_connection(self.target, timeout=10)
+                except OSError:
+                    client.close()
+                    continue
+                with self.lock:
+                    self.sockets += [client, server]
+                threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+                threading.Thread(target=self._reply, args=(server, client),
+                                 daemon=True).start()
+
+        def _reply(self, server, client):
+            passed = 0
+            try:
+                while data := server.recv(65536):
+                    if self.stall_after is not None:
+                        data = data[:max(0, self.stall_after - passed)]
+                        if not data:
+                            threading.Event().wait()  # (a stall: until the test ends)
+                    client.sendall(data)
+                    passed += len(data)
+            except OSError:
+                pass
+
+    made = []
+
+    def make(target):
+        made.append(Stalling(target))
+        return made[-1]
+
+    yield make
+    for proxy in made:
+        proxy.down()
+
+
+@pytest.mark.parametrize("transport", ["auto", "sdk"])
+def test_a_primary_whose_body_stalls_leaves_the_mirror_time_to_deliver(
+        azure_repository, stalling_proxy, tmp_path, monkeypatch, transport):
+    """The primary (Azurite behind a proxy) sends the reply's headers and 64 KiB of a 1 MiB
+    body, then nothing: wal-fetch goes on from the sync mirror within call_timeout, the
+    primary having had half of it."""
+    import time
+
+    azurite = azure_repository.azurite
+    proxy = stalling_proxy((azurite.host, azurite.port))
+    for var in list(os.environ):
+        if var.startswith(("WALSHIP_", "AZURE_")):
+            monkeypatch.delenv(var)
+    west = tmp_path / "west"
+    west.mkdir()
+    connection = azurite.connection_string.replace(
+        f"BlobEndpoint={azurite.blob_endpoint}",
+        f"BlobEndpoint={azurite.scheme}://127.0.0.1:{proxy.port}/{azurite.account}")
+    config = tmp_path / "walship.toml"
+    config.write_text(f'repo = "{azure_repository.url}"\n[azure]\nconnection_string = '
+                      f'"{connection}"\n[[mirrors]]\nname = "west"\nrepo = "file://{west}"\n'
+                      'mode = "sync"\n')
+    config.chmod(0o600)
+    monkeypatch.setenv("WALSHIP_CONFIG", str(config))
+    monkeypatch.setenv("WALSHIP_PREFETCH", "0")
+    monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "0")
+    monkeypatch.setenv("WALSHIP_AZURE_TRANSPORT", transport)
+    monkeypatch.setenv("WALSHIP_STORAGE_TIMEOUT", "30")
+    monkeypatch.setenv("WALSHIP_STORAGE_RETRIES", "4")
+    monkeypatch.setenv("WALSHIP_CALL_TIMEOUT", str(CALL_TIMEOUT))
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / SEG).write_bytes(os.urandom(1 << 20))  # (stored: 1 MiB, incompressible)
+    assert main(["wal-push", str(source / SEG)]) == 0  # into both, the same stored bytes
+    proxy.stall_after = 64 << 10
+    out = tmp_path / "out"
+    started = time.monotonic()
+    assert main(["wal-fetch", SEG, str(out)]) == 0
+    took = time.monotonic() - started
+    print(f"wal-fetch with a primary whose body stalls took {took:.2f} s "
+          f"(call_timeout {CALL_TIMEOUT}, {transport})")
+    assert out.read_bytes() == (source / SEG).read_bytes()
     assert CALL_TIMEOUT * 0.5 - 0.5 <= took < CALL_TIMEOUT - 1, took
 
 

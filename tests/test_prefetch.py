@@ -554,3 +554,73 @@ def test_a_new_worker_sweeps_leftovers_but_never_a_call_in_progress(env, capsys)
     assert wait_for(lambda: not any(path.exists() for path in gone)), \
         [path.name for path in gone if path.exists()]
     assert all(path.exists() for path in kept)
+
+
+# -- fall-overs the worker made reach PostgreSQL's log (issue 14) ------------------------------
+FALL_OVER = "repository primary could not answer"
+
+
+def test_a_fall_over_of_the_worker_is_told_once_by_the_call_that_delivers(tmp_path, monkeypatch,
+                                                                           capsys):
+    """The primary is lost, the worker fetches from the sync mirror: the calls PostgreSQL
+    makes deliver from the cache and one of them (not each) prints the worker's fall-over line
+    on its stderr, PostgreSQL's log; the worker's own log has it too."""
+    for var in list(os.environ):
+        if var.startswith(("WALSHIP_", "AZURE_")):
+            monkeypatch.delenv(var)
+    roots = {n: tmp_path / n for n in ("primary", "west")}
+    for root in roots.values():
+        root.mkdir()
+    config = tmp_path / "walship.toml"
+    config.write_text(f'repo = "file://{roots["primary"]}"\n[[mirrors]]\nname = "west"\n'
+                      f'repo = "file://{roots["west"]}"\nmode = "sync"\n')
+    monkeypatch.setenv("WALSHIP_CONFIG", str(config))
+    monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "0")
+    monkeypatch.setenv("WALSHIP_PREFETCH", "4")
+    source = tmp_path / "source"
+    source.mkdir()
+    originals = {}
+    for n in range(1, 13):
+        data = os.urandom(2000) + bytes(SEGMENT - 2000)
+        (source / name(n)).write_bytes(data)
+        assert main(["wal-push", str(source / name(n))]) == 0
+        originals[name(n)] = data
+    roots["primary"].rename(tmp_path / "primary-lost")
+    restore = tmp_path / "pg_wal"
+    restore.mkdir()
+    try:
+        told = []
+        for n in range(1, 13):
+            status, err = fetch(restore, name(n), capsys)
+            assert status == 0, err
+            assert (restore / "RECOVERYXLOG").read_bytes() == originals[name(n)]
+            told += [line for line in err.splitlines() if FALL_OVER in line]
+            if n == 1:
+                assert wait_for(lambda: sealed(restore) >= {name(k) for k in range(2, 6)})
+        assert len(told) == 1, told
+        assert told[0].startswith("walship: wal-fetch 0000000100000000000000")
+        assert "WARNING (prefetch worker): repository primary could not answer" in told[0]
+        assert "reading from repository west" in told[0]
+        assert FALL_OVER in (cache_of(restore) / "worker.log").read_text()
+    finally:
+        stop_worker(restore)
+
+
+def test_a_seal_carries_notes_for_the_call_that_delivers(tmp_path, capsys):
+    """Notes ride in the seal: the file stays deliverable, the delivering call prints each once,
+    a seal without notes prints nothing (and is what it always was)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    settings = spool.settings_fingerprint()
+    for notes in ((), ("repository primary could not answer (x): reading from repository west",
+                       "a second\nline")):
+        (cache / name(1)).write_bytes(b"w" * 100)
+        spool.seal_cached(str(cache), name(1), settings, notes)
+        seal = (cache / f"{name(1)}.ok").read_text()
+        assert len(seal.split("\n", 1)[0].split()) == 4 and seal.count("\n") == 1 + len(notes)
+        assert spool.intact(str(cache), name(1), settings) == 100
+        capsys.readouterr()
+        assert spool.deliver_cached(str(cache), name(1), str(tmp_path / "out"), settings) == 100
+        err = capsys.readouterr().err
+        assert err.splitlines() == [f"walship: wal-fetch {name(1)}: WARNING (prefetch worker): "
+                                    f"{' '.join(note.split())}" for note in notes]

@@ -303,7 +303,7 @@ def open_archive(settings: Settings, deadline: float | None = None) -> Archive:
 
         key = load_key_file(settings.encryption_key_file)
     storage = open_storage(settings.require_repo(), settings.storage_options(deadline))
-    if settings.mirrors:
+    if settings.mirrors or settings.read_only_primary:  # (a read member, never written)
         from walship.storage.mirrored import open_mirrored
 
         storage = open_mirrored(storage, settings, deadline)

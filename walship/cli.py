@@ -15,7 +15,7 @@ import click
 
 from walship import logline
 from walship.codec import DEFAULT_LEVEL
-from walship.config import Settings, load_settings
+from walship.config import PRIMARY_NAME, Settings, load_settings
 from walship.errors import (ExitStatus, NotFound, UsageError, WalshipError, exit_status,
                             standby_waits)
 
@@ -135,6 +135,7 @@ def wal_push(state: _State, path: str) -> int:
     from walship.deadline import STOPPING_SECONDS, bounded, server_stopping
     from walship.pushahead import push
 
+    state.settings.refuse_read_only_primary("push WAL into")
     seconds = state.settings.call_timeout
     if server_stopping():  # PostgreSQL's shutdown waits for the archiver's last calls
         seconds = min(seconds, STOPPING_SECONDS)
@@ -330,6 +331,7 @@ def backup_push(state: _State, dbname: str | None, part_size: int, checkpoint: s
     from walship.backup.push import push_backup
     from walship.backup.source import PostgresSource
 
+    state.settings.refuse_read_only_primary("back up into")
     archive = state.archive()
     result = push_backup(archive, PostgresSource(dbname, log=logline.info),
                          parallel=state.settings.parallel, part_size=part_size << 20,
@@ -526,6 +528,8 @@ def delete(state: _State, retain_full: int | None, retain_days: float | None,
     from walship import prune
     from walship.retention import Policy
 
+    if not repositories or PRIMARY_NAME in repositories:
+        state.settings.refuse_read_only_primary("delete from")
     policy = Policy(retain_full=retain_full, retain_days=retain_days,
                     incomplete_grace=timedelta(hours=incomplete_grace),
                     **_before(before))
@@ -539,7 +543,7 @@ def delete(state: _State, retain_full: int | None, retain_days: float | None,
             raise UsageError(f"no repository named {(unknown or list(repositories))[0]!r}",
                              "configured: " + (", ".join(names) or "no [[mirrors]]"),
                              "use --repo with a mirror's name, or primary")
-        _refuse_read_only(archive.storage, repositories, "delete from")
+        _refuse_read_only(state.settings, archive.storage, repositories, "delete from")
         archive.storage.delete_only = frozenset(repositories)
     plan = prune.make_plan(archive, policy)
     if as_json:
@@ -691,10 +695,14 @@ def backup_verify(state: _State, name: str, as_json: bool, repo_name: str | None
     return ExitStatus.OK
 
 
-def _refuse_read_only(storage: Any, names: tuple[str, ...], action: str) -> None:
-    """A UsageError when one of ``names`` is a read-only (``mode = "read"``) repository."""
+def _refuse_read_only(settings: Settings, storage: Any, names: tuple[str, ...],
+                      action: str) -> None:
+    """A UsageError when one of ``names`` is a read-only (``mode = "read"``) repository, or
+    the primary when it is an account's secondary endpoint."""
     for name in names:
-        if storage.member(name).mode == "read":
+        if name == PRIMARY_NAME:
+            settings.refuse_read_only_primary(action)
+        elif storage.member(name).mode == "read":
             raise UsageError(f"cannot {action} repository {name}", 'it is read-only (mode = '
                              '"read"): walship never writes it (an account\'s secondary '
                              "endpoint is written by Azure's geo-replication alone)",
@@ -724,7 +732,7 @@ def repo_sync(state: _State, source: str, targets: tuple[str, ...], dry_run: boo
 
     archive = state.archive()
     members = getattr(archive.storage, "members", None)
-    if not members:
+    if not members or len(members) < 2:  # (a read-only primary alone is one member)
         raise UsageError("repo-sync needs mirrors", "no [[mirrors]] are configured",
                          "name them in the config file (see the README's Mirrors section)")
     names = [m.name for m in members]
@@ -733,14 +741,15 @@ def repo_sync(state: _State, source: str, targets: tuple[str, ...], dry_run: boo
             raise UsageError(f"no repository named {name!r}", "configured: "
                              + ", ".join(names), "use --from/--to with one of those names")
     origin = archive.storage.member(source)
-    _refuse_read_only(archive.storage, targets, "repo-sync into")
+    _refuse_read_only(state.settings, archive.storage, targets, "repo-sync into")
     chosen = [archive.storage.member(n) for n in targets] if targets else \
         [m for m in members if m.name != source and m.mode != "read"]
     if not targets:
         for member in members:
             if member.mode == "read" and member.name != source:
                 logline.info(f"repo-sync {source} -> {member.name}: skipped, it is read-only "
-                             '(mode = "read")')
+                             + ("(an account's secondary endpoint)" if member.name ==
+                                PRIMARY_NAME else '(mode = "read")'))
     reports: list[dict[str, Any]] = []
     first_error: BaseException | None = None
     for target in chosen:
@@ -931,7 +940,11 @@ def drill(state: _State, backup: str, target_time: str | None, target_lsn: str |
         raise drills.DrillFailed(f"drill interrupted by {signum or 'SIGINT'}", "the scratch "
                                  "server was stopped and its directory removed") from None
     try:
-        report.stored_as = drills.store_result(archive, report)
+        if settings.read_only_primary:  # (never written: the drill itself only read)
+            logline.info("drill: the result was not stored in the repository: repository "
+                         "primary is read-only (an account's secondary endpoint)")
+        else:
+            report.stored_as = drills.store_result(archive, report)
     except WalshipError as error:
         logline.warning(f"the drill's result was not stored in the repository: "
                         f"{error.one_line()}")

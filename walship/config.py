@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from walship.codec import DEFAULT_LEVEL
-from walship.errors import ConfigError
+from walship.errors import ConfigError, UsageError
 from walship.spool import DEFAULT_CALL_TIMEOUT, DEFAULT_PREFETCH, DEFAULT_PUSH_AHEAD
 from walship.storage import AzureCredentials, StorageOptions, secondary_endpoint
 
@@ -110,6 +110,31 @@ class Settings:
                               "nor a config file names one", "set WALSHIP_REPO=file:///path "
                               "or azure://container/prefix")
         return self.repo
+
+    @property
+    def read_only_primary(self) -> str | None:
+        """The primary's blob endpoint when it is an Azure account's secondary (read-access
+        geo-redundant storage: read-only, written by Azure's geo-replication alone), else None.
+        walship reads from such a primary (a restore at the secondary's site) and never writes
+        it: the storage layer makes it a ``read`` member, as a ``mode = "read"`` mirror."""
+        if not (self.repo or "").startswith("azure:"):
+            return None
+        return secondary_endpoint(self.azure)
+
+    def refuse_read_only_primary(self, action: str) -> None:
+        """A :class:`UsageError` (exit 2) when the primary is read-only
+        (:attr:`read_only_primary`): for the commands that would write it, before they do
+        anything. ``action`` completes "cannot ... repository primary"."""
+        endpoint = self.read_only_primary
+        if endpoint is None:
+            return
+        from walship.redact import mask_url
+
+        raise UsageError(f"cannot {action} repository primary", f"its endpoint "
+                         f"{mask_url(endpoint)} is an account's secondary, read-only: walship "
+                         "never writes it (Azure's geo-replication alone does)",
+                         "write through the account's primary endpoint (without -secondary); "
+                         "reads (wal-fetch, restore, backup-fetch) work from this one")
 
     def storage_options(self, deadline: float | None = None) -> StorageOptions:
         """How to reach the storage; ``deadline`` (a :func:`time.monotonic` instant) bounds

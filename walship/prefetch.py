@@ -26,6 +26,7 @@ import re
 import select
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,6 +54,7 @@ STUCK_SECONDS = 300.0  # storage timeouts and retries end a download well before
 FULL_PAUSE_SECONDS = 5.0  # no window download for this long after one found no space
 DEFAULT_MAX_WAL_SIZE = 1 << 30  # PostgreSQL's default max_wal_size
 FLOOR_SEGMENTS = 2  # the floor's margin: a segment a call restores, the new timeline's first
+MAX_NOTES = 8  # fall-over notes waiting for a sealed file (a bound: they are once per episode)
 
 
 def free_space_floor(setting_mb: int | None, segment_size: int, max_wal_size: int | None) -> int:
@@ -149,10 +151,18 @@ class Worker:
         self.cache = cache
         self.settings = load_settings()
         self.archive = open_archive(self.settings)
+        # Fall-overs to a mirror (once per episode: walship.storage.mirrored.warn_once), told
+        # in this worker's log and noted in the seal of the next file it fetches, for the call
+        # that delivers it to print in PostgreSQL's log (spool.seal_cached).
+        self.notes: list[str] = []
+        self.notes_lock = threading.Lock()
         if hasattr(self.archive.storage, "read_seconds"):
             # (with mirrors: each read shares call_timeout out between the repositories, as a
             # wal-fetch call does, so a silent primary does not hold a segment up for long)
             self.archive.storage.read_seconds = self.settings.call_timeout
+            from walship.storage import mirrored
+
+            mirrored.on_warning(self.note)
         self.fingerprint = spool.settings_fingerprint()
         self.depth = self.settings.prefetch
         self.max_bytes = self.settings.cache_max_mb << 20
@@ -208,11 +218,30 @@ class Worker:
             except BlockingIOError:
                 pass
 
+    def note(self, text: str) -> None:
+        with self.notes_lock:
+            if len(self.notes) < MAX_NOTES:
+                self.notes.append(text)
+
+    def take_notes(self) -> list[str]:
+        """The notes no sealed file carries yet (those of a fetch that failed included)."""
+        if not self.notes:
+            return []
+        with self.notes_lock:
+            notes, self.notes = self.notes, []
+        return notes
+
     def fetch(self, name: str, *, prove_absence: bool = True) -> None:
-        """Download ``name`` into the cache, verified, and seal it."""
+        """Download ``name`` into the cache, verified, and seal it (with the notes)."""
         self.archive.fetch_wal(name, os.path.join(self.cache, name),
                                prove_absence=prove_absence)
-        spool.seal_cached(self.cache, name, self.fingerprint)
+        notes = self.take_notes()
+        try:
+            spool.seal_cached(self.cache, name, self.fingerprint, notes)
+        except BaseException:
+            for text in notes:  # (for the next one)
+                self.note(text)
+            raise
 
     def download(self, name: str) -> None:
         # The marker was written when the download was queued (see step): a wal-fetch call
@@ -326,6 +355,10 @@ class Worker:
                 continue
             base = entry.lstrip(".").split(".", 1)[0]  # NAME, NAME.ok, .NAME.walship-x, ...
             if base not in keep and base not in self.inflight:
+                if entry.endswith(".ok"):  # never delivered: its notes go with the next one
+                    for text in spool.seal_notes(spool.read_text(
+                            os.path.join(self.cache, entry))):
+                        self.note(text)
                 try:
                     os.unlink(os.path.join(self.cache, entry))
                 except OSError:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 from walship import spool, wal
 from walship.archive import Transfer
 from walship.deadline import left
-from walship.errors import RepositoryMismatch
+from walship.errors import RepositoryMismatch, UsageError
 
 if TYPE_CHECKING:
     from walship.archive import Archive
@@ -235,6 +235,9 @@ class Pusher:
 
         self.wal_dir = wal_dir
         self.settings = load_settings()
+        # (the fast path starts a pusher without the full program's wal-push, which refuses a
+        # read-only primary first: the pusher refuses it itself)
+        self.settings.refuse_read_only_primary("push WAL ahead into")
         self.archive = open_archive(self.settings)
         self.fingerprint = spool.settings_fingerprint()
         self.records = Path(spool.spool_dir(str(wal_dir))) / "pushed"
@@ -327,7 +330,11 @@ def main(wal_dir: str) -> int:
         return 0  # another pusher serves this pg_wal
     os.ftruncate(alive, 0)
     os.write(alive, f"{os.getpid()}\n".encode())
-    pusher = Pusher(Path(wal_dir))  # imports and connects while the starting call pushes
+    try:
+        pusher = Pusher(Path(wal_dir))  # imports and connects while the starting call pushes
+    except UsageError as error:  # (a read-only primary: the calls fail with the same line)
+        print(f"walship: background pusher: {error.one_line()}", file=sys.stderr, flush=True)
+        return error.status
     lock = os.open(os.path.join(root, "push.lock"),
                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)  # after the call that started us

@@ -52,6 +52,7 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+import sys
 
 TYPE_CHECKING = False  # (not typing's: importing typing costs every call about 6 ms of CPU)
 if TYPE_CHECKING:
@@ -427,8 +428,14 @@ def boot_id() -> str:
         return ""
 
 
-def seal_cached(cache: str, name: str, settings: str) -> None:
+def seal_cached(cache: str, name: str, settings: str,
+                notes: list[str] | tuple[str, ...] = ()) -> None:
     """Mark the verified cache file ``name`` as deliverable.
+
+    ``notes``: one-line warnings of the worker (a fall-over to a mirror) for the call that
+    delivers the file to print (:func:`deliver_cached`), each on a line of its own after the
+    seal's (the native launcher, finding more than the seal's four fields, hands the call to
+    Python, which prints them: a normal seal costs nothing more).
 
     The seal records the boot, the file's inode and size, and stamps the file with
     :data:`SEALED_MTIME_NS`. Delivery trusts the file only while all of them still hold, which
@@ -441,13 +448,31 @@ def seal_cached(cache: str, name: str, settings: str) -> None:
     st = os.stat(path)
     boot = boot_id() or "-"
     write_atomically(os.path.join(cache, f"{name}.ok"),
-                     f"{boot} {st.st_ino} {st.st_size} {settings}\n")
+                     f"{boot} {st.st_ino} {st.st_size} {settings}\n"
+                     + "".join(f"{NOTE} {' '.join(note.split())}\n" for note in notes))
+
+
+NOTE = "note"  # (the first word of a note's line in a seal)
+
+
+def seal_notes(seal: str | None) -> list[str]:
+    """The notes a seal's text carries (:func:`seal_cached`)."""
+    if not seal or seal.count("\n") < 2:
+        return []
+    return [line[len(NOTE) + 1:] for line in seal.splitlines()[1:]
+            if line.startswith(f"{NOTE} ")]
 
 
 def intact(cache: str, name: str, settings: str) -> int | None:
     """The size of the cache file ``name`` if its seal holds (see :func:`seal_cached`)."""
+    checked = _unbroken(cache, name, settings)
+    return None if checked is None else checked[0]
+
+
+def _unbroken(cache: str, name: str, settings: str) -> tuple[int, str] | None:
+    """The size of the cache file ``name`` and its seal's text, if the seal holds."""
     seal = read_text(os.path.join(cache, f"{name}.ok"))
-    fields = seal.split() if seal else []
+    fields = seal.partition("\n")[0].split() if seal else []
     if len(fields) != 4 or fields[3] != settings or fields[0] == "-" or fields[0] != boot_id():
         return None
     try:
@@ -457,7 +482,7 @@ def intact(cache: str, name: str, settings: str) -> int | None:
     if not stat.S_ISREG(st.st_mode) or st.st_mtime_ns != SEALED_MTIME_NS \
             or (str(st.st_ino), str(st.st_size)) != (fields[1], fields[2]):
         return None
-    return st.st_size
+    return st.st_size, seal  # type: ignore[return-value]
 
 
 def drop_cached(cache: str, name: str) -> None:
@@ -554,27 +579,34 @@ def deliver_cached(cache: str, name: str, destination: str, settings: str, *,
 
     With ``wait``, a segment the worker is downloading right now is waited for
     (:func:`await_sealed`). A cached file whose seal no longer holds is deleted, never
-    delivered.
+    delivered. The worker's notes in the seal (a fall-over: :func:`seal_cached`) are printed on
+    stderr, PostgreSQL's log, once the file is delivered.
     """
     if wait and not await_sealed(cache, name):
         return None
-    size = intact(cache, name, settings)
-    if size is None:
+    checked = _unbroken(cache, name, settings)
+    if checked is None:
         if os.path.exists(os.path.join(cache, f"{name}.ok")):
             drop_cached(cache, name)  # changed since it was verified, or from another boot
         return None
+    size, seal = checked
     path = os.path.join(cache, name)
     if os.stat(os.path.dirname(destination) or ".").st_dev != os.stat(path).st_dev:
         # (the cache_dir setting put the cache on another filesystem: no rename across)
         copied = _copy_sealed(path, destination, size)
         drop_cached(cache, name)  # delivered, or changed while it was copied
-        return size if copied else None
-    os.utime(path)  # delivered with the present as its mtime, like any file just written
-    os.replace(path, destination)
-    try:
-        os.unlink(os.path.join(cache, f"{name}.ok"))
-    except OSError:
-        pass
+        if not copied:
+            return None
+    else:
+        os.utime(path)  # delivered with the present as its mtime, like any file just written
+        os.replace(path, destination)
+        try:
+            os.unlink(os.path.join(cache, f"{name}.ok"))
+        except OSError:
+            pass
+    for note in seal_notes(seal):
+        print(f"walship: wal-fetch {name}: WARNING (prefetch worker): {note}",
+              file=sys.stderr, flush=True)
     return size
 
 

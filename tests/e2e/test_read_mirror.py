@@ -9,6 +9,9 @@ plus the server's ``wal-fetch`` recover to a restore point, reading through the 
 files recovery probes for, which the lagging secondary's cannot); the data equals the
 original's, and still nothing was written to the secondary.
 
+Last, a DR site configured with the secondary endpoint alone as its ``repo`` (a read-only
+primary) restores and recovers to the same point, and its ``wal-push`` is refused (exit 2).
+
 Every request to the secondary goes through a recording proxy; Azurite itself accepts writes
 on a ``-secondary`` path (the real service refuses them), so "nothing written" is checked on
 the wire, not left to the emulator.
@@ -157,6 +160,26 @@ def test_a_restore_reads_from_the_secondary_endpoint_which_is_never_written(pg,
         assert "FATAL" not in restored.log_text(), restored.log_tail()
         assert secondary.reads("/backups/") > 0 and secondary.reads("/wal/") > 0, \
             secondary.requests[before:]
+        assert secondary.writes() == [], secondary.writes()
+        restored.stop()
+
+        # A DR site with only the secondary configured, as the primary repo: the restore and
+        # the recovery read from it (alone, its "not found" ends the history probes, as any
+        # single repository's does); a wal-push there is refused before any request.
+        config.write_text(
+            f'repo = "{azure_repository.url}"\n[azure]\nconnection_string = '
+            f'"{via(secondary.port, azurite.account + "-secondary")}"\n')
+        before = len(secondary.requests)
+        walship(pg, primary, "restore", str(pg.path / "dr"), "--target-name", "state_a",
+                "--target-action", "promote", "--archive-mode", "off")
+        segment = min(p for p in (primary.data / "pg_wal").iterdir() if len(p.name) == 24)
+        refused = walship(pg, primary, "wal-push", str(segment), check=False)
+        assert refused.returncode == 2, refused.stderr
+        assert "cannot push WAL into repository primary: its endpoint" in refused.stderr
+        dr = start_restored(pg, primary, "dr")
+        assert dr.table_checksums() == state_a, dr.log_tail()
+        assert "FATAL" not in dr.log_text(), dr.log_tail()
+        assert secondary.reads("/wal/") > 0 and secondary.requests[before:]
         assert secondary.writes() == [], secondary.writes()
     finally:
         primary_endpoint.down()

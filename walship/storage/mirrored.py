@@ -13,6 +13,9 @@ primary first. It adds no storage of its own: every operation is the members' ow
   mirrors are not written here: ``walship repo-sync`` (:mod:`walship.reposync`) copies to them.
   ``read`` mirrors (an Azure account's read-only secondary endpoint, which Azure's
   geo-replication keeps current) are never written at all: not by ``put``, not by ``delete``.
+  A primary that is itself a secondary endpoint is a ``read`` member too (alone, or with
+  mirrors): a ``put`` with no member left to write is refused (the commands that write
+  refuse it before this, :meth:`walship.config.Settings.refuse_read_only_primary`).
 * ``get`` and ``head`` ask the members in order and fall over to the next on an unreachable or
   missing repository, or a missing object. :class:`~walship.errors.NotFound` when every
   member that answered says the object does not exist and one of them is the primary or a
@@ -21,7 +24,9 @@ primary first. It adds no storage of its own: every operation is the members' ow
   region would abort every recovery at its first probe for a history file that does not
   exist). When only async or read mirrors (which lag) answered, the error of one that could
   not answer is raised (the existing exit rules apply). A fall-over is logged once per process
-  and member, loudly, on stderr. A member that could not answer is asked last for the next
+  and member, loudly, on stderr (a member that could not answer: once per episode, told again
+  after it has answered; the prefetch worker hands its lines to the calls, see
+  :func:`on_warning`). A member that could not answer is asked last for the next
   :data:`DOWN_SECONDS` (it is still asked when the others fail).
 * **Time shares.** With a deadline (a wal-fetch call's ``call_timeout``; for the prefetch
   worker, ``read_seconds`` from the start of each read), a member that is not the last one
@@ -29,8 +34,11 @@ primary first. It adds no storage of its own: every operation is the members' ow
   requests, retries and back-offs end by then), so that a repository that accepts
   connections and never answers cannot spend the whole call before the next one is asked:
   with two repositories and call_timeout 30, the primary gets 15 s, the mirror the rest. A
-  share bounds the request up to the first byte of the object (``get``'s reply); the body is
-  read within the call's deadline. Why half: the first repository is the one expected to
+  share bounds the request up to the first byte of the object (``get``'s reply), and then each
+  read of its body (a per-read bound: a body that stalls fails within half the time left, one
+  that flows is not cut). A body that fails or stalls mid-way falls over to the next member
+  holding the same stored bytes, which goes on from the byte reached
+  (:class:`_FallOverDownload`). Why half: the first repository is the one expected to
   answer, so it gets the larger part; each next one still gets a real chance.
 * ``list`` is the union of the reachable members' listings, sorted by key (a key held by
   several members is listed once, as the first of them holds it). Unreachable members are
@@ -58,7 +66,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from walship.errors import (AlreadyExists, IntegrityError, NotFound, StorageError, Unavailable,
-                            WalshipError)
+                            UsageError, WalshipError)
 from walship.storage.base import Download, MetadataSource, ObjectInfo, Storage, time_share
 
 if TYPE_CHECKING:
@@ -77,6 +85,7 @@ FALL_OVER = (NotFound, Unavailable, StorageError)
 # the modes of the members every acknowledged push was written to: a "not found" there is proof
 COMPLETE = frozenset({"primary", "sync"})
 READ_ONLY = "read"  # a member walship never writes (an account's RA-GRS secondary endpoint)
+STORED_DIGEST = "walship_sha256"  # the object digest's metadata (walship.codec), over stored bytes
 
 
 @dataclass(frozen=True)
@@ -100,15 +109,35 @@ class MirrorAlreadyExists(AlreadyExists):
 
 _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
+# called with the text of each warning printed (the prefetch worker: it hands its fall-overs
+# to the calls that deliver what it fetched, for PostgreSQL's log)
+_listener: Callable[[str], None] | None = None
+
+
+def on_warning(listener: Callable[[str], None] | None) -> None:
+    """Have ``listener`` called with the text of every warning :func:`warn_once` prints."""
+    global _listener
+    _listener = listener
 
 
 def warn_once(member: str, kind: str, text: str) -> None:
-    """Print ``text`` as a WARNING once per process for (member, kind)."""
+    """Print ``text`` as a WARNING once per process for (member, kind) (for ``unreachable``:
+    once per episode, see :meth:`MirroredStorage._answer`)."""
     with _warned_lock:
         if (member, kind) in _warned:
             return
         _warned.add((member, kind))
     print(f"walship: WARNING: {text}", file=sys.stderr, flush=True)
+    listener = _listener
+    if listener is not None:
+        listener(text)
+
+
+def _answers_again(member: str) -> None:
+    """``member`` could not answer lately and has answered now: the episode is over, its next
+    fall-over is told again (a long-lived reader, the prefetch worker, sees several)."""
+    with _warned_lock:
+        _warned.discard((member, "unreachable"))
 
 
 def _why(error: WalshipError) -> str:
@@ -120,7 +149,7 @@ class MirroredStorage:
     docstring)."""
 
     def __init__(self, members: list[Member]) -> None:
-        if not members or members[0].mode != "primary":
+        if not members or members[0].mode not in ("primary", READ_ONLY):
             raise ValueError("the first member of a mirrored storage is the primary")
         self.members = members
         # ``delete --repo NAME``: delete from these members only (None: from every one);
@@ -132,7 +161,8 @@ class MirroredStorage:
         self.deadline: float | None = None
         self.read_seconds: float | None = None
         names = ", ".join(m.name for m in members[1:])
-        self.url = f"{members[0].storage.url} (mirrors: {names})"
+        self.url = f"{members[0].storage.url} (mirrors: {names})" if names else \
+            f"{members[0].storage.url} (read-only)"
 
     def member(self, name: str) -> Member:
         for member in self.members:
@@ -144,6 +174,10 @@ class MirroredStorage:
     def put(self, key: str, data: Iterable[bytes], *,
             metadata: MetadataSource | None = None) -> ObjectInfo:
         targets = [m for m in self.members if m.mode in COMPLETE]
+        if not targets:  # (a read-only primary: the commands that write refuse it first)
+            raise UsageError(f"cannot store {key}", "repository primary is read-only (an "
+                             "account's secondary endpoint) and no sync mirror is configured",
+                             "write through the account's primary endpoint")
         if len(targets) == 1:
             try:
                 return targets[0].storage.put(key, data, metadata=metadata)
@@ -230,6 +264,12 @@ class MirroredStorage:
         return now + max(0.0, deadline - now) * SHARE
 
     def _first(self, key: str, read: Callable[[Storage], T]) -> T:
+        return self._answer(key, read)[0]
+
+    def _answer(self, key: str, read: Callable[[Storage], T]
+                ) -> tuple[T, Member, list[Member], float | None]:
+        """The first answer (see the module docstring), the member that gave it, the members
+        not asked yet, in order, and the read's deadline."""
         errors: list[tuple[Member, WalshipError]] = []
         now = time.monotonic()
         deadline = self._deadline()
@@ -246,7 +286,8 @@ class MirroredStorage:
                     self._down[member.name] = time.monotonic() + DOWN_SECONDS
                 errors.append((member, error))
                 continue
-            self._down.pop(member.name, None)
+            if self._down.pop(member.name, None) is not None:
+                _answers_again(member.name)
             for failed, error in errors:
                 if isinstance(error, NotFound):
                     warn_once(failed.name, "missing", f"repository {failed.name} lacks "
@@ -256,7 +297,7 @@ class MirroredStorage:
                     warn_once(failed.name, "unreachable", f"repository {failed.name} could "
                               f"not answer ({_why(error)}): reading from repository "
                               f"{member.name}")
-            return result
+            return result, member, order[index + 1:], deadline
         unanswered = [(m, e) for m, e in errors if not isinstance(e, NotFound)]
         complete = [(m, e) for m, e in errors if isinstance(e, NotFound) and m.mode in COMPLETE]
         if unanswered and complete:
@@ -268,12 +309,16 @@ class MirroredStorage:
                           f"{complete[0][0].name}, which holds every acknowledged push")
             raise complete[0][1]
         for member, error in unanswered:
-            error.what = f"repository {member.name}: {error.what}"
+            if len(self.members) > 1:
+                error.what = f"repository {member.name}: {error.what}"
             raise error  # an async or read mirror lags: its absence proves nothing
         raise errors[0][1]
 
     def get(self, key: str) -> Download:
-        return self._first(key, lambda storage: storage.get(key))
+        download, member, rest, deadline = self._answer(key, lambda storage: storage.get(key))
+        if not rest:
+            return download  # (nobody left to fall over to: its own bounds only)
+        return _FallOverDownload(self, key, download, member, rest, deadline)
 
     def head(self, key: str) -> ObjectInfo:
         return self._first(key, lambda storage: storage.head(key))
@@ -322,6 +367,85 @@ class MirroredStorage:
     def close(self) -> None:
         for member in self.members:
             member.storage.close()
+
+
+class _FallOverDownload:
+    """The body of an object one member answered for, read within the time shares (see Time
+    shares: each read of it, by the member that is not the last one left, ends within
+    :data:`SHARE` of the time left), falling over mid-body to the next member that holds the
+    same stored bytes (the same size and object digest: every repository stores the bytes a
+    push encoded once, and repo-sync copies them as stored), which goes on from the byte
+    reached. The codec checks the digest over every byte all the same."""
+
+    def __init__(self, owner: MirroredStorage, key: str, download: Download, serving: Member,
+                 rest: list[Member], deadline: float | None) -> None:
+        self.info = download.info
+        self._owner = owner
+        self._key = key
+        self._download = download
+        self._serving = serving
+        self._rest = list(rest)
+        self._deadline = deadline
+        self._delivered = 0
+
+    def read(self, n: int = -1) -> bytes:
+        while True:
+            try:
+                with time_share(self._owner._share(self._deadline, not self._rest)):
+                    data = self._download.read(n)
+            except FALL_OVER as error:
+                self._fall_over(error)  # (raises the error when no member can go on)
+                continue
+            self._delivered += len(data)
+            return data
+
+    def _fall_over(self, error: WalshipError) -> None:
+        failed = self._serving
+        self._owner._down[failed.name] = time.monotonic() + DOWN_SECONDS
+        _close_quietly(self._download)
+        digest = self.info.metadata.get(STORED_DIGEST)
+        while digest and self._rest:
+            member = self._rest.pop(0)
+            download: Download | None = None
+            try:
+                with time_share(self._owner._share(self._deadline, not self._rest)):
+                    download = member.storage.get(self._key)
+                    if (download.info.size, download.info.metadata.get(STORED_DIGEST)) != (
+                            self.info.size, digest):
+                        _close_quietly(download)
+                        continue  # (other stored bytes: they cannot go on from here)
+                    skip = self._delivered
+                    while skip:
+                        piece = download.read(min(skip, 1 << 20))
+                        if not piece:
+                            raise Unavailable(f"cannot read {self._key}", "it ended early")
+                        skip -= len(piece)
+            except FALL_OVER:
+                if download is not None:
+                    _close_quietly(download)
+                continue
+            warn_once(failed.name, "unreachable", f"repository {failed.name} could not "
+                      f"answer ({_why(error)}) after {self._delivered} of {self.info.size} "
+                      f"bytes of {self._key}: reading the rest from repository {member.name}")
+            self._download, self._serving = download, member
+            return
+        raise error
+
+    def close(self) -> None:
+        self._download.close()
+
+    def __enter__(self) -> _FallOverDownload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _close_quietly(download: Download) -> None:
+    try:
+        download.close()
+    except Exception:  # noqa: BLE001 - releasing a failed download must not hide why it failed
+        pass
 
 
 def _prepend(head: ObjectInfo, rest: Iterator[ObjectInfo]) -> Iterator[ObjectInfo]:
@@ -404,7 +528,10 @@ def open_mirrored(primary: Storage, settings: Settings,
     """The primary (already open) and every configured mirror as one storage."""
     from walship.storage import open_storage
 
-    members = [Member("primary", primary, "primary")]
+    # (a primary that is an account's secondary endpoint is read, never written, as a read
+    # mirror is: walship.config.Settings.read_only_primary)
+    members = [Member("primary", primary,
+                      READ_ONLY if settings.read_only_primary else "primary")]
     for mirror in settings.mirrors:
         members.append(Member(mirror.name, open_storage(
             mirror.repo, settings.mirror_options(mirror, deadline)), mirror.mode))
