@@ -835,6 +835,11 @@ def test_a_read_only_primary_on_azurite_is_read_and_never_written(azure_reposito
             assert main(argv) == ExitStatus.USAGE, argv
             assert "repository primary: its endpoint" in capsys.readouterr().err
         assert len(proxy.requests) == reads  # refused before any request
+        monkeypatch.setenv("WALSHIP_REPO", azure_repository.url + "-empty")  # no marker there
+        capsys.readouterr()
+        main(["check"])
+        assert ("marker: none yet (a read-only repository: never written here)"
+                in capsys.readouterr().out)
         assert proxy.writes() == []
     finally:
         proxy.down()

@@ -281,7 +281,9 @@ def check(state: _State) -> int:
                    f"reachable, {count if count < 1000 else '1000+'} WAL files")
     marker = archive.guard.read_marker()
     if marker is None:
-        click.echo("marker: none yet (the next push writes walship.json)")
+        click.echo("marker: none yet" + (" (a read-only repository: never written here)"
+                                          if settings.read_only_primary else
+                                          " (the next push writes walship.json)"))
     else:
         agrees = marker.key_id == archive.guard.key_id
         click.echo(f"marker: {describe(marker.key_id)}, WAL segments of "
