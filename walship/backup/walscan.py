@@ -63,6 +63,7 @@ class ScanStats:
     fetched: int = 0  # segments read from the repository
     records: int = 0
     block_references: int = 0
+    bytes_read: int = 0  # WAL pages read (not the unused rest of switched segments)
     seconds: float = 0.0
 
 
@@ -84,8 +85,7 @@ def changed_blocks(connection, *, until_lsn: wal.Lsn, scanner: WalScanner | None
     if log is not None:
         log(f"walship: WAL read for changes: {found.block_count} blocks of {found.fork_count} "
             f"relation forks changed from the parent's start {found.since_lsn} to {until_lsn} "
-            f"({(until_lsn.value - found.since_lsn.value) / 1e6:.1f} MB of WAL, "
-            f"{stats.records} records, {stats.local} segments from pg_wal and "
+            f"({stats.bytes_read / 1e6:.1f} MB of WAL read, {stats.records} records, {stats.local} segments from pg_wal and "
             f"{stats.fetched} from the repository, {stats.seconds:.2f} s); only those are "
             "read and compared in the large relation files")
     return found
@@ -190,6 +190,7 @@ class WalScanner:
             self.stats.seconds += time.monotonic() - started
         self.stats.records = self.result.records
         self.stats.block_references = self.result.block_references
+        self.stats.bytes_read = self.result.bytes_read
 
     def changes(self, until_lsn: wal.Lsn) -> BlockChanges | NoChangeSource:
         """The blocks changed in ``[since_lsn, until_lsn)``, after reading what is left."""
