@@ -496,3 +496,44 @@ def test_push_stores_the_ready_segment_itself_instead_of_waiting(archive, tmp_pa
     archive.storage.delete(f"wal/{name}")
     result = push_backup(archive, FakeSource(data2, ts2), wal_timeout=1)
     assert result.wal_missing == (name,)  # left to the archiver (none here)
+
+
+def test_a_prescan_that_cannot_ask_the_flush_position_leaves_the_wal_to_after_the_start(
+        archive, tmp_path):
+    """wal_prescan: the WAL is read before pg_backup_start only up to the server's flush
+    position; when that query fails, the scanner is returned unread (the whole range is read
+    after the start) and the backup goes on."""
+    from walship.backup.push import wal_prescan
+    from walship.errors import WalshipError
+
+    data, ts = make_cluster(tmp_path)
+    push_wal_names(archive, ["000000010000000000000002"])
+    parent = push_backup(archive, FakeSource(data, ts)).manifest
+    reads: list[object] = []
+
+    class Scanner:
+        def read(self, position, complete_only=False):
+            reads.append((position, complete_only))
+
+    class Source(FakeSource):
+        def wal_scanner(self, **kwargs):
+            return Scanner()
+
+        def flush_lsn(self):
+            raise WalshipError("PostgreSQL refused a backup query", "permission denied")
+
+    info = replace(FakeSource(data).describe(), timeline=1)
+    lines: list[str] = []
+    scanner = wal_prescan(Source(data), info, parent, str(data), archive, lines.append)
+    assert isinstance(scanner, Scanner) and reads == []
+    assert len(lines) == 1 and "after the backup's start" in lines[0], lines
+
+    class Flushing(Source):
+        def flush_lsn(self):
+            return wal.Lsn.parse("0/5000000")
+
+    wal_prescan(Flushing(data), info, parent, str(data), archive, lines.append)
+    assert reads == [(wal.Lsn.parse("0/5000000"), True)]
+    later = replace(info, version=170002)  # WAL summaries first: no pre-scan
+    assert wal_prescan(Flushing(data), later, parent, str(data), archive, None) is None
+    assert wal_prescan(Flushing(data), info, None, str(data), archive, None) is None

@@ -381,7 +381,13 @@ def wal_prescan(source: BackupSource, info: ServerInfo, parent: Manifest | None,
     budget = sum(entry.size for entry in parent.files
                  if block_delta.eligible(entry.path, entry.size))
     scanner = make(**_scan_arguments(info, parent, pgdata, archive, budget))
-    scanner.read(flush(), complete_only=True)
+    try:
+        position = flush()
+    except WalshipError as error:  # (then the whole range is read after the start)
+        if log is not None:
+            log(f"backup-push: the WAL is read after the backup's start: {error.one_line()}")
+        return scanner
+    scanner.read(position, complete_only=True)
     return scanner
 
 
