@@ -11,6 +11,21 @@ from walship.config import load_settings
 from walship.entry import main
 from walship.errors import ConfigError, ExitStatus, UsageError
 
+
+def read_only_memory():
+    """A memory storage class whose put and delete fail the test (a read member must never be
+    written)."""
+    from walship.storage.memory import MemoryStorage
+
+    class ReadOnly(MemoryStorage):
+        def put(self, key, data, *, metadata=None):
+            raise AssertionError(f"put {key} into a read-only member")
+
+        def delete(self, key):
+            raise AssertionError(f"delete {key} from a read-only member")
+
+    return ReadOnly
+
 SEG = "000000010000000000000001"
 SEG2 = "000000010000000000000002"
 
@@ -590,15 +605,8 @@ def test_mirrored_storage_never_writes_or_deletes_a_read_member():
     from walship.storage.memory import MemoryStorage
     from walship.storage.mirrored import Member, MirroredStorage
 
-    class ReadOnly(MemoryStorage):
-        def put(self, key, data, *, metadata=None):
-            raise AssertionError(f"put {key} into a read-only member")
-
-        def delete(self, key):
-            raise AssertionError(f"delete {key} from a read-only member")
-
     url = f"memory://{uuid.uuid4().hex}"
-    reader = ReadOnly(f"{url}-r")
+    reader = read_only_memory()(f"{url}-r")
     MemoryStorage.put(reader, "wal/old", [b"O"])  # (replicated behind walship's back)
     storage = MirroredStorage([Member("primary", MemoryStorage(url), "primary"),
                                Member("reader", reader, "read")])
@@ -855,15 +863,8 @@ def test_a_read_only_primary_is_a_member_the_storage_never_writes():
     from walship.storage.memory import MemoryStorage
     from walship.storage.mirrored import Member, MirroredStorage
 
-    class ReadOnly(MemoryStorage):
-        def put(self, key, data, *, metadata=None):
-            raise AssertionError(f"put {key} into a read-only member")
-
-        def delete(self, key):
-            raise AssertionError(f"delete {key} from a read-only member")
-
     url = f"memory://{uuid.uuid4().hex}"
-    secondary = ReadOnly(url)
+    secondary = read_only_memory()(url)
     MemoryStorage.put(secondary, "wal/old", [b"O"])  # (replicated behind walship's back)
     alone = MirroredStorage([Member("primary", secondary, "read")])
     west = MemoryStorage(f"{url}-w")
@@ -1134,30 +1135,12 @@ def stalling_proxy():
     """A TCP proxy to a given target that, once ``stall_after`` is set, passes on only that
     many bytes of each reply and then nothing (the connection stays open): headers and part
     of a body, then a stall."""
-    import socket
     import threading
 
     from tests.e2e.test_standby_outage import Proxy
 
     class Stalling(Proxy):
         stall_after: int | None = None
-
-        def _accept(self, listener):
-            while True:
-                try:
-                    client, _ = listener.accept()
-                except OSError:
-                    return
-                try:
-                    server = socket.create_connection(self.target, timeout=10)
-                except OSError:
-                    client.close()
-                    continue
-                with self.lock:
-                    self.sockets += [client, server]
-                threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
-                threading.Thread(target=self._reply, args=(server, client),
-                                 daemon=True).start()
 
         def _reply(self, server, client):
             passed = 0

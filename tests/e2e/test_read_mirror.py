@@ -44,25 +44,7 @@ class RecordingProxy(Proxy):
         self.requests: list[tuple[str, str]] = []
         super().__init__(target)
 
-    def _accept(self, listener: socket.socket) -> None:
-        import threading
-
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(self.target, timeout=10)
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.sockets += [client, server]
-            threading.Thread(target=self._record, args=(client, server), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
-
-    def _record(self, source: socket.socket, sink: socket.socket) -> None:
+    def _request(self, source: socket.socket, sink: socket.socket) -> None:
         tail = b""
         try:
             while data := source.recv(65536):

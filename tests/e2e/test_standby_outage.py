@@ -59,8 +59,16 @@ class Proxy:
                 continue
             with self.lock:
                 self.sockets += [client, server]
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            threading.Thread(target=self._request, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._reply, args=(server, client), daemon=True).start()
+
+    def _request(self, client: socket.socket, server: socket.socket) -> None:
+        """Client to server (a subclass may watch or change the bytes)."""
+        self._pump(client, server)
+
+    def _reply(self, server: socket.socket, client: socket.socket) -> None:
+        """Server to client (a subclass may watch or change the bytes)."""
+        self._pump(server, client)
 
     @staticmethod
     def _pump(source: socket.socket, sink: socket.socket) -> None:
