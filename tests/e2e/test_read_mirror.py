@@ -58,11 +58,7 @@ class RecordingProxy(Proxy):
                 sink.sendall(data)
         except OSError:
             pass
-        for sock in (source, sink):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self._shut(source, sink)
 
     def writes(self) -> list[tuple[str, str]]:
         with self.lock:

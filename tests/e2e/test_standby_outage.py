@@ -70,14 +70,19 @@ class Proxy:
         """Server to client (a subclass may watch or change the bytes)."""
         self._pump(server, client)
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    @classmethod
+    def _pump(cls, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
                 sink.sendall(data)
         except OSError:
             pass
-        for sock in (source, sink):
+        cls._shut(source, sink)
+
+    @staticmethod
+    def _shut(*sockets: socket.socket) -> None:
+        """Shut both ways down (the other direction's pump then ends too)."""
+        for sock in sockets:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
