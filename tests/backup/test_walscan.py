@@ -5,6 +5,7 @@ servers: test_walscan_e2e.py."""
 from __future__ import annotations
 
 import os
+import random
 import struct
 from pathlib import Path
 
@@ -98,6 +99,29 @@ def test_chunk_reader():
     with pytest.raises(OSError):
         reader.seek(1)
     assert reader.read(10) == b"hij" and reader.read(1) == b""
+
+
+def test_chunk_reader_reads_what_the_chunks_hold_in_any_cut():
+    rng = random.Random(7)
+    for _ in range(200):
+        data = rng.randbytes(rng.randrange(0, 3000))
+        cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randrange(5))))
+        chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        reader = walscan.ChunkReader(chunks)
+        out, at = [], 0
+        while True:
+            if rng.random() < 0.2:
+                at = reader.seek(at + rng.randrange(300))
+                out.append(None)
+            piece = reader.read(rng.choice([1, 7, 64, 512, 1000]))
+            if not piece:
+                break
+            out.append((at, piece))
+            at += len(piece)
+        for entry in out:
+            if entry is not None:
+                assert data[entry[0]:entry[0] + len(entry[1])] == entry[1]
+        assert at == len(data)
 
 
 def test_the_changed_blocks_are_kept_small_and_bounded():

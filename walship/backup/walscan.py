@@ -291,16 +291,30 @@ class ChunkReader:
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
         self._chunks = iter(chunks)
-        self._buffer = b""
+        self._buffer = b""  # the current chunk, read from ``_at`` on
+        self._at = 0
         self._offset = 0  # bytes returned or skipped so far
 
     def read(self, size: int) -> bytes:
-        while len(self._buffer) < size:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                break
-            self._buffer += chunk
-        out, self._buffer = self._buffer[:size], self._buffer[size:]
+        # (a page at a time out of 1 MiB chunks: slicing the rest off at each read would copy
+        # the chunk over and over, most of this reader's time once)
+        end = self._at + size
+        if end <= len(self._buffer):
+            out = self._buffer[self._at:end]
+            self._at = end
+        else:
+            parts = [self._buffer[self._at:]]
+            have = len(parts[0])
+            while have < size:
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    break
+                parts.append(chunk)
+                have += len(chunk)
+            self._buffer = parts[-1]
+            self._at = len(self._buffer) - (have - size) if have > size else len(self._buffer)
+            parts[-1] = self._buffer[:self._at]
+            out = b"".join(parts)
         self._offset += len(out)
         return out
 
@@ -315,7 +329,7 @@ class ChunkReader:
     def drain(self) -> None:
         for _ in self._chunks:
             pass
-        self._buffer = b""
+        self._buffer, self._at = b"", 0
 
     def close(self) -> None:
         close = getattr(self._chunks, "close", None)
