@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -310,6 +311,38 @@ def test_the_final_digest_of_a_rebuilt_file_is_checked(archive, tmp_path):
                 verify_backup(archive, incr.name)
         finally:
             verify_module.catalog.resolve = real
+
+
+def test_written_files_are_flushed_while_the_rebuilt_ones_are_checked(archive, tmp_path,
+                                                                      monkeypatch):
+    """The disk writes what the parts brought while the rebuilt files are read back (the
+    check reads the page cache), and the last flush still comes after every check."""
+    from walship.backup import fetch as fetch_module
+
+    data, ts = make_cluster(tmp_path)
+    source = Source(data, ts)
+    push(archive, source, "full")
+    rewrite_blocks(data / BIG, {7: None})
+    incr = push(archive, source, "incr").manifest
+    events: list[str] = []
+    flushing = threading.Event()
+    real_syncfs, real_check = fetch_module._syncfs, fetch_module.check_rebuilt
+
+    def syncfs(roots):
+        events.append("flush")
+        flushing.set()
+        return real_syncfs(roots)
+
+    def check(*args, **kwargs):
+        assert flushing.wait(5), "the rebuilt file was checked before any flush started"
+        events.append("check")
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(fetch_module, "_syncfs", syncfs)
+    monkeypatch.setattr(fetch_module, "check_rebuilt", check)
+    fetch_backup(archive, incr.name, tmp_path / "restored",
+                 tablespace_map={16400: str(tmp_path / "t2")})
+    assert events == ["flush", "check", "flush"]
 
 
 def _flip(path: Path) -> bytes:

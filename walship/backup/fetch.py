@@ -384,6 +384,23 @@ class _Writer(PartSink):
         _fsync_dir(path.parent)
 
 
+def _start_flush(roots: list[Path]) -> threading.Thread:
+    """Start flushing what is written under ``roots`` to disk while the rebuilt files are read
+    back and checked (reads of the page cache: the disk is idle meanwhile). The files the check
+    then changes (cut to size, times set) are made durable by the later
+    :meth:`_Writer.sync_written`, which finds little left to write. Measured on a 1.1 GB
+    full+incr chain: the syncfs after the check took 0.5-0.7 s, as long as the check itself."""
+    def flush() -> None:
+        try:
+            _syncfs(roots)
+        except OSError:
+            pass  # (only an early start: sync_written makes it durable, or fails loudly)
+
+    thread = threading.Thread(target=flush, name="walship-flush", daemon=True)
+    thread.start()
+    return thread
+
+
 def _syncfs(roots: list[Path]) -> bool:
     """syncfs(2) on the filesystem of each of ``roots``; False if not every one succeeded
     (not Linux, or an error: the caller then fsyncs file by file)."""
@@ -475,7 +492,13 @@ def fetch_backup(archive: Archive, name: str, directory: str | os.PathLike[str],
             raise IntegrityError(f"backup {manifest.name} lacks {len(missing)} files its "
                                  f"manifest lists", f"e.g. {sorted(missing)[0]}",
                                  "the repository was tampered with")
-        writer.finish_blocks(parallel)
+        flushing = _start_flush([root, *targets.values()]) if any(
+            f.pieces for f in manifest.files) else None
+        try:
+            writer.finish_blocks(parallel)
+        finally:
+            if flushing is not None:
+                flushing.join()
         for link in manifest.links:
             os.symlink(link.target, root / link.path)
             writer.own(root / link.path)
