@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import struct
 import threading
 from dataclasses import replace
@@ -96,6 +97,47 @@ def test_changed_blocks_limit():
     hint = blocks.ChangedBlocks(frozenset({3, 9}), limit=20)
     assert [b for b in range(25) if hint.may_differ(b)] == [3, 9, 20, 21, 22, 23, 24]
     assert not blocks.ChangedBlocks(frozenset()).may_differ(10 ** 6)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_sparse_read_asks_the_kernel_for_its_blocks_ahead(tmp_path, monkeypatch, seed):
+    """With a change source, the blocks to read are those the old rule named (named, past the
+    source's limit, past the parent's size), and every one of them was asked of the kernel
+    (WILLNEED) before its read, never more than PREFETCH bytes ahead."""
+    from walship.backup import parts
+
+    rng = random.Random(seed)
+    total = rng.randrange(1, 2000)
+    size = total * B - rng.choice([0, 0, 100])
+    hint = blocks.ChangedBlocks(frozenset(rng.sample(range(total + 50), rng.randrange(0, min(900, total + 50)))),
+                                rng.choice([None, None, rng.randrange(0, total + 10)]))
+    known = rng.choice([total, total + 5, rng.randrange(0, total + 1)])
+    monkeypatch.setattr(parts, "PREFETCH", rng.choice([8 * B, 64 * B, 8 << 20]))
+    asked: set[int] = set()
+    read: set[int] = set()
+    calls: list[int] = []
+
+    def fadvise(fd, offset, length, advice):
+        if advice == os.POSIX_FADV_WILLNEED:
+            assert offset % B == 0 and length % B == 0 and length > 0
+            asked.update(range(offset // B, (offset + length) // B))
+        calls.append(advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    plan = parts._SparsePlan(3, size, B, hint, known)
+    assert calls[0] == os.POSIX_FADV_RANDOM
+    per_read = blocks.CHUNK // B
+    for first in range(0, total, per_read):
+        count = min(per_read, total - first)
+        wanted = plan.wanted(first, count)
+        assert wanted == [b for b in range(first, first + count)
+                          if b >= known or hint.may_differ(b)]
+        whole = 2 * len(wanted) > count
+        for block in (range(first, first + count) if whole else wanted):
+            assert block in asked, f"block {block} read before it was asked for"
+            read.add(block)
+        ahead = len(asked - read) * B
+        assert ahead <= max(parts.PREFETCH, 0) + per_read * B
 
 
 def test_a_parent_entry_in_pieces_is_never_a_plain_reference(tmp_path):

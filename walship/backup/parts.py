@@ -177,6 +177,8 @@ class PartWriter:
             # (read ahead, the block digests computed by a small pool of threads: with the
             # file's SHA-256 computed here meanwhile, hashing uses more than one core)
             reads = _read_ahead(handle, size, block_size) if hint is None else None
+            plan = (_SparsePlan(fd, size, block_size, hint, parent.map.blocks)
+                    if hint is not None and parent is not None else None)
             for offset in range(0, size, block_delta.CHUNK):
                 want = min(block_delta.CHUNK, size - offset)
                 first = offset // block_size
@@ -189,9 +191,8 @@ class PartWriter:
                     yield self._emit(chunk)
                     continue
                 known = parent.map.blocks
-                if hint is not None:  # only the blocks that may have changed are read
-                    wanted = [b for b in range(first, first + count)
-                              if b >= known or hint.may_differ(b)]
+                if plan is not None:  # only the blocks that may have changed are read
+                    wanted = plan.wanted(first, count)
                     if 2 * len(wanted) <= count:
                         every_read_whole = False
                         content = self._sparse_blocks(fd, parent, wanted, first, count, size,
@@ -324,6 +325,7 @@ class PartWriter:
 
 
 DIGEST = block_delta.DIGEST_SIZE
+PREFETCH = 8 << 20  # bytes of blocks to read asked of the kernel ahead of their use
 _pool_lock = threading.Lock()
 _digest_pool: ThreadPoolExecutor | None = None
 
@@ -359,6 +361,87 @@ def _read_ahead(handle: object, size: int, block_size: int, depth: int = 4
     finally:
         for _, future in pending:
             future.cancel()
+
+
+class _SparsePlan:
+    """Which blocks of a file a change source has the backup read (see
+    :class:`~walship.backup.blocks.ChangedBlocks`: those it names, those from its ``limit`` on,
+    those past the parent's ``known`` blocks), 1 MiB read after read, in order; and the kernel
+    told to fetch them ahead (``posix_fadvise(WILLNEED)``, up to :data:`PREFETCH` bytes of
+    them), with its own read-ahead off for the file. A read of a few blocks of a file not in
+    the page cache is one synchronous disk read each otherwise: measured on the 1.1 GB
+    benchmark cluster, most of an incr's time, and 200 MB read from disk for 55 MB of
+    blocks."""
+
+    def __init__(self, fd: int, size: int, block_size: int, hint: block_delta.ChangedBlocks,
+                 known: int) -> None:
+        import bisect
+
+        self._bisect = bisect.bisect_left
+        self.fd = fd
+        self.block_size = block_size
+        total = -(-size // block_size)
+        every_from = min(total, known, total if hint.limit is None else hint.limit)
+        self.blocks = sorted(b for b in hint.blocks if b < every_from)
+        self.blocks.extend(range(every_from, total))
+        self.total = total
+        self.advised = 0  # blocks below this were advised (or read whole)
+        from collections import deque
+
+        self._pending: deque[tuple[int, int]] = deque()  # (end block of a read, blocks asked)
+        self._outstanding = 0  # blocks asked for and not read yet
+        self._advise = getattr(os, "posix_fadvise", None)
+        if self._advise is not None:
+            try:
+                self._advise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            except OSError:
+                self._advise = None
+
+    def wanted(self, first: int, count: int) -> list[int]:
+        """The blocks to read among ``first`` .. ``first + count - 1``."""
+        if self._advise is not None:
+            self._ahead(first)
+        start = self._bisect(self.blocks, first)
+        return self.blocks[start:self._bisect(self.blocks, first + count, start)]
+
+    def _ahead(self, first: int) -> None:
+        per_read = block_delta.CHUNK // self.block_size
+        while self._pending and self._pending[0][0] <= first:  # (read by now)
+            self._outstanding -= self._pending.popleft()[1]
+        budget = PREFETCH // self.block_size - self._outstanding
+        end = max(self.advised, first)  # (both where a read starts)
+        index = self._bisect(self.blocks, end)
+        while end < self.total and index < len(self.blocks) and budget > 0:
+            read_end = min(self.total, end + per_read)  # (end: where a read starts)
+            stop = self._bisect(self.blocks, read_end, index)
+            wanted = self.blocks[index:stop]
+            if 2 * len(wanted) > read_end - end:  # read whole (see PartWriter._block_file)
+                self._fetch(end, read_end - end)
+                taken = read_end - end
+            else:
+                run_start = previous = -2
+                for block in wanted:
+                    if block != previous + 1:
+                        if run_start >= 0:
+                            self._fetch(run_start, previous + 1 - run_start)
+                        run_start = block
+                    previous = block
+                if run_start >= 0:
+                    self._fetch(run_start, previous + 1 - run_start)
+                taken = len(wanted)
+            if taken:
+                self._pending.append((read_end, taken))
+                self._outstanding += taken
+                budget -= taken
+            index, end = stop, read_end
+        self.advised = max(self.advised, end)
+
+    def _fetch(self, block: int, count: int) -> None:
+        try:
+            self._advise(self.fd, block * self.block_size, count * self.block_size,  # type: ignore[misc]
+                         os.POSIX_FADV_WILLNEED)
+        except OSError:
+            self._advise = None
 
 
 def _read_full(handle: object, want: int) -> bytes:
