@@ -216,6 +216,31 @@ def test_no_parent_means_a_full_backup_and_diff_takes_the_newest_full(archive, t
     assert incr.parent == first.manifest.name and diff.parent == first.manifest.name
 
 
+def test_the_parent_is_found_without_reading_every_older_manifest(archive, tmp_path,
+                                                                    monkeypatch):
+    """A month of backups is not read to find yesterday's: the newest manifests first, only
+    as far back as the chosen parent's chain."""
+    data, ts = make_cluster(tmp_path)
+    source = Source(data, ts)
+    old = [push(archive, source, "full").manifest]
+    old += [push(archive, source, "incr").manifest for _ in range(10)]
+    full = push(archive, source, "full").manifest
+    incr = push(archive, source, "incr").manifest
+    read: list[str] = []
+    real = catalog.load_manifest
+
+    def load(archive_, name):
+        read.append(name)
+        return real(archive_, name)
+
+    monkeypatch.setattr(catalog, "load_manifest", load)
+    assert push(archive, source, "incr").manifest.parent == incr.name
+    assert not {m.name for m in old[:4]} & set(read), read
+    read.clear()
+    assert push(archive, source, "diff").manifest.parent == full.name
+    assert not {m.name for m in old[:4]} & set(read), read
+
+
 def test_incomplete_chain_is_never_used_and_a_damaged_parent_fails_the_child(tmp_path):
     (tmp_path / "repo").mkdir()
     archive = Archive(open_storage(f"file://{tmp_path / 'repo'}"), Codec())

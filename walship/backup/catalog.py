@@ -131,6 +131,45 @@ def list_backups(archive: Archive) -> list[BackupEntry]:
     return entries
 
 
+def newest_chain(archive: Archive, accept: Callable[[Manifest], bool] = lambda _: True
+                 ) -> list[Manifest]:
+    """The newest complete backup (by name: its start time) that ``accept`` takes and whose
+    chain is complete, then its ancestors, parent first; [] if there is none. The manifests
+    are read newest first, only as far back as needed (the newest :data:`MANIFEST_READERS` at
+    once, then one at a time): a month of backups is not read to find yesterday's, as
+    :func:`list_backups` then :func:`usable_chains` would."""
+    names = [name for name, objects in backup_objects(archive).items()
+             if has_manifest(objects)][::-1]
+    loaded: dict[str, Manifest | None] = {}
+
+    def find(name: str) -> Manifest | None:
+        if name not in loaded:
+            try:
+                loaded[name] = (load_manifest(archive, name) if layout.is_backup_name(name)
+                                else None)
+            except NotFound:
+                loaded[name] = None
+        return loaded[name]
+
+    first = names[:MANIFEST_READERS]
+    if len(first) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=len(first),
+                                thread_name_prefix="walship-manifest") as pool:
+            for _ in pool.map(find, first):
+                pass
+    for name in names:
+        manifest = find(name)
+        if manifest is None or not accept(manifest) or chain_problem(manifest, find):
+            continue
+        chain = [manifest]
+        while chain[-1].parent is not None:
+            chain.append(loaded[chain[-1].parent])  # type: ignore[arg-type]
+        return chain
+    return []
+
+
 def chain_problem(manifest: Manifest, find: Callable[[str], Manifest | None]) -> str | None:
     """Why the chain of ``manifest`` is not complete (see the module docstring), or None.
     ``find(name)`` is the complete backup ``name``'s manifest, None if it has none."""

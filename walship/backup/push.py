@@ -528,7 +528,8 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
     archive.check_repository(info.wal_segment_size)
     user, group, data_mode = _owner(pgdata)
     parent, note = choose_parent(
-        [e.manifest for e in catalog.list_backups(archive) if e.manifest]
+        catalog.newest_chain(archive, (lambda m: m.backup_type == FULL)
+                             if backup_type == DIFF else lambda _: True)
         if backup_type != FULL else [], backup_type, info)
     if note and log is not None:
         log(f"backup-push: no usable parent for a {backup_type} backup: {note}; taking a full "
