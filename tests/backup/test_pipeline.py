@@ -536,4 +536,17 @@ def test_a_prescan_that_cannot_ask_the_flush_position_leaves_the_wal_to_after_th
     assert reads == [(wal.Lsn.parse("0/5000000"), True)]
     later = replace(info, version=170002)  # WAL summaries first: no pre-scan
     assert wal_prescan(Flushing(data), later, parent, str(data), archive, None) is None
+
+    class Summarizing(Flushing):
+        summarizing = True
+
+        def summarizes_wal(self):
+            return self.summarizing
+
+    assert wal_prescan(Summarizing(data), later, parent, str(data), archive, None) is None
+    Summarizing.summarizing = False  # 17+ with summarize_wal off: read before the start
+    reads.clear()
+    assert isinstance(wal_prescan(Summarizing(data), later, parent, str(data), archive, None),
+                      Scanner)
+    assert reads == [(wal.Lsn.parse("0/5000000"), True)]
     assert wal_prescan(Flushing(data), info, None, str(data), archive, None) is None

@@ -366,18 +366,24 @@ def _scan_arguments(info: ServerInfo, parent: Manifest, pgdata: str, archive: Ar
 
 def wal_prescan(source: BackupSource, info: ServerInfo, parent: Manifest | None, pgdata: str,
                 archive: Archive, log: Log | None) -> object | None:
-    """Before ``pg_backup_start``, on a primary without WAL summaries (PostgreSQL before 17):
-    a :class:`walship.backup.walscan.WalScanner` that has read the WAL from the parent's
-    start to the server's flush position, while it is still in pg_wal (the backup's starting
-    checkpoint recycles the segments before it, which would then be fetched from the
-    repository). None when there is nothing to scan for. The budget is the parent's large
-    relation files' size."""
+    """Before ``pg_backup_start``, on a primary without WAL summaries (PostgreSQL before 17,
+    or 17+ with ``summarize_wal`` off): a :class:`walship.backup.walscan.WalScanner` that has
+    read the WAL from the parent's start to the server's flush position, while it is still in
+    pg_wal (the backup's starting checkpoint recycles the segments before it, which would then
+    be fetched from the repository). None when there is nothing to scan for. The budget is
+    the parent's large relation files' size."""
     make = getattr(source, "wal_scanner", None)
     flush = getattr(source, "flush_lsn", None)
     if (make is None or flush is None or parent is None or info.in_recovery
-            or not info.timeline or info.version >= WAL_SUMMARY_VERSION
-            or parent.block_size != info.block_size):
+            or not info.timeline or parent.block_size != info.block_size):
         return None
+    if info.version >= WAL_SUMMARY_VERSION:
+        summarizes = getattr(source, "summarizes_wal", None)
+        try:
+            if summarizes is None or summarizes():
+                return None  # (the summaries are asked first, after the start)
+        except WalshipError:
+            return None
     budget = sum(entry.size for entry in parent.files
                  if block_delta.eligible(entry.path, entry.size))
     scanner = make(**_scan_arguments(info, parent, pgdata, archive, budget))

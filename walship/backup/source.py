@@ -171,6 +171,10 @@ class PostgresSource:
 
         return changed_blocks(self._conn, **kwargs)  # type: ignore[arg-type]
 
+    def summarizes_wal(self) -> bool:
+        """Whether the server keeps WAL summaries (``summarize_wal``, PostgreSQL 17+)."""
+        return self._one("SELECT current_setting('summarize_wal', true)")[0] == "on"
+
     def flush_lsn(self) -> wal.Lsn:
         """How far the server has written and flushed its WAL (a primary)."""
         return wal.Lsn.parse(self._one("SELECT pg_current_wal_flush_lsn()::text")[0])
