@@ -34,6 +34,11 @@ B = 8192
 BIG = "base/5/16384"  # 2,000,000 bytes in make_cluster: 245 blocks, the last one short
 
 
+def blocks_digest(content: bytes) -> str:
+    """The ``blocks_sha256`` of a file holding ``content``."""
+    return hashlib.sha256(blocks.block_digests(content, B)).hexdigest()
+
+
 # -- units ------------------------------------------------------------------------------------
 
 def test_which_files_are_stored_in_blocks():
@@ -218,8 +223,9 @@ def test_changed_blocks_only_are_stored_and_every_backup_restores(archive, tmp_p
     entry = entry_of(incr1, BIG)
     assert [(p.backup, p.kind) for p in entry.pieces] == [(full.name, PIECE_FILE),
                                                           ("", PIECE_BLOCKS)]
-    assert entry.backup == full.name and entry.sha256 == hashlib.sha256(
-        (data / BIG).read_bytes()).hexdigest()
+    # (rebuilt from pieces: known by its block digests alone, what restore and verify check)
+    assert entry.backup == full.name and entry.sha256 == "" and entry.blocks_sha256 == (
+        blocks_digest((data / BIG).read_bytes()))
     assert own_piece_size(incr1, BIG) == 4 + 2 * 4 + 2 * B  # one member: one 1 MiB read
     assert own_piece_size(incr1, "base/5/20000") == 2 * (8 + B)  # two reads: two members
     assert incr1.stored_size < 200_000  # not the 5 MiB of the two files
@@ -387,6 +393,109 @@ def test_written_files_are_flushed_while_the_rebuilt_ones_are_checked(archive, t
     assert events == ["flush", "check", "flush"]
 
 
+def test_verify_checks_a_rebuilt_file_by_its_block_digests_without_rebuilding_it(
+        archive, tmp_path, monkeypatch):
+    """backup-verify keeps 16 bytes a block of a block-delta file (and its short blocks), not
+    the file: what it computes is the digest a restore checks; damage is still found; a file
+    the digests cannot decide is read again and rebuilt whole."""
+    from walship.backup import verify as verify_module
+
+    data, ts = make_cluster(tmp_path)
+    source = Source(data, ts)
+    push(archive, source, "full")
+    rewrite_blocks(data / BIG, {7: None, 200: None})
+    push(archive, source, "incr")
+    with open(data / BIG, "ab") as grow:  # grown: a new last block, the old short one whole
+        grow.write(os.urandom(3 * B))
+    rewrite_blocks(data / BIG, {7: None, 9: None})
+    incr = push(archive, source, "incr").manifest
+    assert entry_of(incr, BIG).blocks_sha256 and not entry_of(incr, BIG).sha256
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    largest: list[int] = []
+    real_final = verify_module._BlockDigests.final_digest
+
+    def final_digest(self, size):
+        largest.append(max(p.stat().st_size for p in scratch.rglob("*") if p.is_file()))
+        return real_final(self, size)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a block-delta file was rebuilt")
+
+    monkeypatch.setattr(verify_module._BlockDigests, "final_digest", final_digest)
+    monkeypatch.setattr(verify_module, "write_blocks", never)
+    monkeypatch.setattr(verify_module, "check_rebuilt", never)
+    verify_backup(archive, incr.name, scratch=scratch)
+    blocks_now = -(-(data / BIG).stat().st_size // B)
+    assert largest and max(largest) <= blocks_now * blocks.DIGEST_SIZE
+    assert not any(scratch.iterdir())
+    # a forged digest of the rebuilt file is found
+    forged_entry = replace(entry_of(incr, BIG), blocks_sha256="cd" * 32)
+    forged = replace(incr, files=tuple(forged_entry if f.path == BIG else f
+                                       for f in incr.files))
+    real_resolve = verify_module.catalog.resolve
+    monkeypatch.setattr(verify_module.catalog, "resolve", lambda *_: forged)
+    with pytest.raises(IntegrityError, match="rebuilt from its pieces"):
+        verify_backup(archive, incr.name, scratch=scratch)
+    monkeypatch.setattr(verify_module.catalog, "resolve", real_resolve)
+    # undecided by the digests: read again, the file rebuilt whole and checked
+    monkeypatch.undo()
+    monkeypatch.setattr(verify_module._BlockDigests, "final_digest", lambda self, size: None)
+    rebuilt: list[str] = []
+    real_check = verify_module.check_rebuilt
+    monkeypatch.setattr(verify_module, "check_rebuilt", lambda path, entry, *a: (
+        rebuilt.append(entry.path), real_check(path, entry, *a)))
+    verify_backup(archive, incr.name, scratch=scratch)
+    assert rebuilt == [BIG]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_block_digests_equal_those_of_the_file_a_restore_writes(tmp_path, seed):
+    """_BlockDigests against a real file written as a restore writes it (a base, pwrites of
+    whole and short blocks, holes, a final cut or extension): the same digest, or None (never
+    a wrong one), and None only where bytes it does not keep decide."""
+    from walship.backup.unpack import check_rebuilt
+    from walship.backup.verify import _BlockDigests
+
+    rng = random.Random(seed)
+    bs = 64
+    path = tmp_path / "file"
+    base = rng.randbytes(rng.randrange(0, 20) * bs if rng.random() < 0.7
+                         else rng.randrange(0, 20 * bs))
+    path.write_bytes(base)
+    state = _BlockDigests(tmp_path / "digests", bs)
+    cuts = sorted(rng.sample(range(len(base) + 1), min(len(base) + 1, rng.randrange(4))))
+    for a, b in zip([0, *cuts], [*cuts, len(base)], strict=True):
+        state.base(memoryview(base[a:b]))
+    state.end_base()
+    aligned = len(base) % bs == 0
+    fd = os.open(path, os.O_WRONLY)
+    for _ in range(rng.randrange(12)):
+        number = rng.randrange(30)
+        short = rng.random() < 0.15
+        data = rng.randbytes(rng.randrange(1, bs) if short else bs)
+        aligned = aligned and not short
+        os.pwrite(fd, data, number * bs)
+        state.write(number, data)
+    os.close(fd)
+    size = rng.choice([len(path.read_bytes()), rng.randrange(0, 32 * bs),
+                       bs * rng.randrange(0, 32), bs * rng.randrange(0, 32)])
+    aligned = aligned and size % bs == 0
+    found = state.final_digest(size)
+    state.close()
+    entry = FileEntry("f", size, 0o600, 0.0, "", 0, "", (), "")
+    try:
+        check_rebuilt(path, replace(entry, blocks_sha256=found or "0" * 64), bs,
+                      threading.Event())
+        matches = True
+    except IntegrityError:
+        matches = False
+    if found is not None:
+        assert matches, "a wrong digest"
+    if aligned:
+        assert found is not None, "undecided, with every write whole"
+
+
 def _flip(path: Path) -> bytes:
     saved = path.read_bytes()
     raw = bytearray(saved)
@@ -483,7 +592,8 @@ def test_a_change_source_narrows_what_is_read(archive, tmp_path, monkeypatch):
     assert own_piece_size(incr, BIG) == 4 + 4 * 2 + 2 * B  # 3 and 100 changed, 101 did not
     # not covered (None): read whole and compared
     other = entry_of(incr, "base/5/20000")
-    assert other.sha256 == before["base/5/20000"] and not other.blocks_sha256
+    assert other.sha256 == "" and other.blocks_sha256 == blocks_digest(
+        (data / "base/5/20000").read_bytes())
     assert own_piece_size(incr, "base/5/20000") == 8 + B
     assert restored(archive, incr.name, tmp_path, "x") == expected(incr, before)
     verify_backup(archive, incr.name)
@@ -492,7 +602,7 @@ def test_a_change_source_narrows_what_is_read(archive, tmp_path, monkeypatch):
     before = snapshot(data, ts)
     incr2 = push(archive, source, "incr").manifest
     assert own_piece_size(incr2, BIG) == 8 + B
-    assert entry_of(incr2, BIG).sha256 == before[BIG]
+    assert entry_of(incr2, BIG).blocks_sha256 == blocks_digest((data / BIG).read_bytes())
     assert restored(archive, incr2.name, tmp_path, "y") == expected(incr2, before)
 
 

@@ -26,9 +26,10 @@ number; blocks past the parent's size are new; a file shorter than the parent's 
 restore (the manifest's size). Never size or time. A *change source* (:data:`ChangeSource`,
 e.g. PostgreSQL 17+ WAL summaries) may instead say, per file, which blocks may have changed
 (:class:`ChangedBlocks`): only those blocks are read and compared, the other blocks'
-digests are copied from the parent's map. The file's own SHA-256 is then unknown; its manifest
-entry records instead ``blocks_sha256``, the SHA-256 of its block digests (its block map's),
-which a restore checks on the rebuilt file as it checks a SHA-256.
+digests are copied from the parent's map. The file's own SHA-256 is then unknown. A file
+rebuilt from pieces (either way) is known in its manifest entry by ``blocks_sha256`` alone, the
+SHA-256 of its block digests (its block map's), which a restore checks on the rebuilt file as it
+checks a SHA-256, and which ``backup-verify`` computes from the pieces without the file.
 
 **Block members.** The changed blocks of each 1 MiB read (:data:`CHUNK`, a "super block" of
 128 blocks of 8 KiB) are one tar member named ``<path>//<first block of the read>`` (a name no

@@ -78,10 +78,10 @@ class Piece:
 class FileEntry:
     """A regular file stored in part ``part``: ``size`` bytes whose SHA-256 is ``sha256``.
     ``backup`` names the (older) backup whose part holds the bytes; empty: this backup.
-    With ``pieces`` (block deltas), ``size`` and ``sha256`` are the rebuilt file's and
-    ``backup``/``part`` the holder of the first piece. A file whose unchanged blocks were
-    not read (a change source said so) has no ``sha256`` (""): ``blocks_sha256``, the SHA-256
-    of its block digests (its block map's, see :mod:`walship.backup.blocks`), stands for it."""
+    With ``pieces`` (block deltas), ``size`` is the rebuilt file's and ``backup``/``part``
+    the holder of the first piece; its digest is ``blocks_sha256``, the SHA-256 of its block
+    digests (its block map's, see :mod:`walship.backup.blocks`), with no ``sha256`` (""). (Older
+    manifests give ``sha256`` instead when every block was read.)"""
 
     path: str
     size: int

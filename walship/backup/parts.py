@@ -230,9 +230,11 @@ class PartWriter:
                     yield self._emit(bytes(padding))
         mode = st.st_mode & 0o7777
         # With a change source, the blocks not read are the parent's: the file's SHA-256 is
-        # unknown, the SHA-256 of its block digests stands for it.
+        # unknown. A file rebuilt from pieces is known by the SHA-256 of its block digests
+        # alone, in any case: what a restore checks is then what backup-verify can check
+        # from the pieces' blocks, without rebuilding the file.
         sha256 = whole.hexdigest() if hint is None else ""
-        blocks_sha256 = "" if hint is None else hashlib.sha256(digests).hexdigest()
+        blocks_sha256 = hashlib.sha256(digests).hexdigest()
         self.maps.append(block_delta.FileMap(source.path, size, bytes(digests)))
         if parent is None:
             self.entries.append(FileEntry(source.path, size, mode, st.st_mtime, sha256,
@@ -249,8 +251,9 @@ class PartWriter:
         if len(pieces) == 1 and base.kind == PIECE_FILE and (base.size, base.sha256) == (
                 size, sha256):  # unchanged, held whole by an older backup: a plain reference
             pieces = ()
-        self.entries.append(FileEntry(source.path, size, mode, st.st_mtime, sha256, base.part,
-                                      base.backup, pieces, blocks_sha256))
+        self.entries.append(FileEntry(source.path, size, mode, st.st_mtime,
+                                      "" if pieces else sha256, base.part, base.backup, pieces,
+                                      blocks_sha256 if pieces else ""))
 
     def _sparse_blocks(self, fd: int, parent: ParentFile, wanted: list[int], first: int,
                        count: int, size: int, digests: bytearray) -> bytes:
