@@ -22,12 +22,13 @@ decides how to fail).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,28 +179,22 @@ class RebuildSink(HashSink):
         entry = self.claim(part, member)  # (the base's own size and SHA-256)
         if entry is None:
             return
-        digest_ = hashlib.sha256()
-        size = 0
-        if entry.path in self.by_digest:
-            state = self._digests(entry.path)
+        with contextlib.ExitStack() as done:
+            if entry.path in self.by_digest:
+                state = self._digests(entry.path)
+                use: Callable[[memoryview], object] = state.base
+                done.callback(state.end_base)
+            else:
+                fd = os.open(self.scratch / self.number[entry.path],
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                use = done.enter_context(open(fd, "wb", buffering=0)).write
+            digest_ = hashlib.sha256()
+            size = 0
             for chunk in data:
                 if self.cancel.is_set():
                     raise Cancelled(entry.path)
                 digest_.update(chunk)
-                state.base(chunk)
-                size += len(chunk)
-                self.advance(len(chunk))
-            state.end_base()
-            self.verify(entry, digest_.hexdigest(), size)
-            return
-        path = self.scratch / self.number[entry.path]
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb", buffering=0) as out:
-            for chunk in data:
-                if self.cancel.is_set():
-                    raise Cancelled(entry.path)
-                digest_.update(chunk)
-                out.write(chunk)
+                use(chunk)
                 size += len(chunk)
                 self.advance(len(chunk))
         self.verify(entry, digest_.hexdigest(), size)
