@@ -449,6 +449,35 @@ def test_verify_checks_a_rebuilt_file_by_its_block_digests_without_rebuilding_it
     assert rebuilt == [BIG]
 
 
+def test_an_older_manifest_knowing_a_rebuilt_file_by_its_sha256_still_verifies_and_restores(
+        archive, tmp_path, monkeypatch):
+    """Manifests written before blocks_sha256 was the one digest of a rebuilt file give its
+    whole SHA-256: backup-verify rebuilds such a file in the scratch directory and checks
+    that, and a restore checks it too."""
+    from walship.backup import verify as verify_module
+
+    data, ts = make_cluster(tmp_path)
+    source = Source(data, ts)
+    push(archive, source, "full")
+    rewrite_blocks(data / BIG, {7: None, 200: None})
+    before = snapshot(data, ts)
+    incr = push(archive, source, "incr").manifest
+    old_entry = replace(entry_of(incr, BIG), sha256=before[BIG], blocks_sha256="")
+    old = replace(incr, files=tuple(old_entry if f.path == BIG else f for f in incr.files))
+    old.check()
+    monkeypatch.setattr(verify_module.catalog, "resolve", lambda *_: old)
+    rebuilt: list[str] = []
+    real_check = verify_module.check_rebuilt
+    monkeypatch.setattr(verify_module, "check_rebuilt", lambda path, entry, *a: (
+        rebuilt.append(entry.path), real_check(path, entry, *a)))
+    verify_backup(archive, incr.name)
+    assert rebuilt == [BIG]
+    target = tmp_path / "restored"
+    fetch_backup(archive, incr.name, target, manifest=old,
+                 tablespace_map={16400: str(tmp_path / "t2")})
+    assert hashlib.sha256((target / BIG).read_bytes()).hexdigest() == before[BIG]
+
+
 @pytest.mark.parametrize("seed", range(60))
 def test_block_digests_equal_those_of_the_file_a_restore_writes(tmp_path, seed):
     """_BlockDigests against a real file written as a restore writes it (a base, pwrites of
