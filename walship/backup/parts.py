@@ -440,11 +440,14 @@ class _SparsePlan:
         self.advised = max(self.advised, end)
 
     def _fetch(self, block: int, count: int) -> None:
+        advise = self._advise
+        if advise is None:
+            return
         try:
-            self._advise(self.fd, block * self.block_size, count * self.block_size,  # type: ignore[misc]
-                         os.POSIX_FADV_WILLNEED)
+            advise(self.fd, block * self.block_size, count * self.block_size,
+                   os.POSIX_FADV_WILLNEED)
         except OSError:
-            self._advise = None
+            self._advise = None  # (advice only: the reads still read)
 
 
 def _read_full(handle: object, want: int) -> bytes:

@@ -13,9 +13,9 @@ file walship writes now) is rebuilt as its block digests only: 16 bytes a block 
 directory (``scratch``, by default the system's temporary directory), 1/512 of the file with 8
 KiB blocks, plus its blocks shorter than a block; the digest is then the one a restore
 computes from the file it wrote. Older manifests' block-delta files, known by their whole
-SHA-256, are rebuilt whole in the scratch directory (it then needs room for them). The block maps of the
-backup and of every backup of its chain (what the next differential or incremental backup
-compares against) are read and checked too. Damage raises
+SHA-256, are rebuilt whole in the scratch directory (it then needs room for them). The block
+maps of the backup and of every backup of its chain (what the next differential or incremental
+backup compares against) are read and checked too. Damage raises
 :class:`~walship.errors.IntegrityError`; missing WAL is reported in the result (the caller
 decides how to fail).
 """
