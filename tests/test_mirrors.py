@@ -4,6 +4,7 @@ that fall over, run in-process through the entry point on ``file://`` repositori
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,17 @@ def segment() -> bytes:
     return os.urandom(1000) + bytes((1 << 20) - 1000)
 
 
+def bare_environment(monkeypatch, config: Path | None = None) -> None:
+    """No WALSHIP_ or AZURE_ variable of the caller's environment; with ``config``, that file
+    written empty and named by WALSHIP_CONFIG."""
+    for var in list(os.environ):
+        if var.startswith(("WALSHIP_", "AZURE_")):
+            monkeypatch.delenv(var)
+    if config is not None:
+        config.write_text("")
+        monkeypatch.setenv("WALSHIP_CONFIG", str(config))
+
+
 @pytest.fixture(autouse=True)
 def fresh_warnings():
     """Each test sees its fall-over warnings (they are printed once per process)."""
@@ -48,9 +60,7 @@ def repos(tmp_path, monkeypatch):
     roots = {name: tmp_path / name for name in ("primary", "west", "north")}
     for root in roots.values():
         root.mkdir()
-    for var in list(os.environ):
-        if var.startswith(("WALSHIP_", "AZURE_")):
-            monkeypatch.delenv(var)
+    bare_environment(monkeypatch)
     config = tmp_path / "walship.toml"
     config.write_text(f'repo = "file://{roots["primary"]}"\n'
                       f'[[mirrors]]\nname = "west"\nrepo = "file://{roots["west"]}"\n'
@@ -678,9 +688,7 @@ def secondary_primary(tmp_path, monkeypatch):
     """``repo`` on an account's secondary endpoint (Azurite's path-style form, on a port where
     nothing listens: any request fails at once, exit 4, never 2) and ``west``, a sync mirror
     (a directory)."""
-    for var in list(os.environ):
-        if var.startswith(("WALSHIP_", "AZURE_")):
-            monkeypatch.delenv(var)
+    bare_environment(monkeypatch)
     west = tmp_path / "west"
     west.mkdir()
     endpoint = f"http://127.0.0.1:{closed_port()}/devstoreaccount1-secondary"
@@ -811,11 +819,7 @@ def test_a_read_only_primary_on_azurite_is_read_and_never_written(azure_reposito
     from tests.e2e.test_read_mirror import RecordingProxy
 
     azurite = azure_repository.azurite
-    for var in list(os.environ):
-        if var.startswith(("WALSHIP_", "AZURE_")):
-            monkeypatch.delenv(var)
-    (tmp_path / "none.toml").write_text("")
-    monkeypatch.setenv("WALSHIP_CONFIG", str(tmp_path / "none.toml"))
+    bare_environment(monkeypatch, tmp_path / "none.toml")
     monkeypatch.setenv("WALSHIP_PREFETCH", "0")
     monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "0")
     monkeypatch.setenv("WALSHIP_AZURE_TRANSPORT", transport)
@@ -997,11 +1001,7 @@ def test_a_silent_primary_leaves_the_mirror_time_to_deliver(silent_endpoint, tmp
     delivers from the mirror within call_timeout, the primary having had its share."""
     import time
 
-    for var in list(os.environ):
-        if var.startswith(("WALSHIP_", "AZURE_")):
-            monkeypatch.delenv(var)
-    (tmp_path / "none.toml").write_text("")
-    monkeypatch.setenv("WALSHIP_CONFIG", str(tmp_path / "none.toml"))
+    bare_environment(monkeypatch, tmp_path / "none.toml")
     monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "0")
     if mirror == "file":
         west = tmp_path / "west"
@@ -1176,9 +1176,7 @@ def test_a_primary_whose_body_stalls_leaves_the_mirror_time_to_deliver(
 
     azurite = azure_repository.azurite
     proxy = stalling_proxy((azurite.host, azurite.port))
-    for var in list(os.environ):
-        if var.startswith(("WALSHIP_", "AZURE_")):
-            monkeypatch.delenv(var)
+    bare_environment(monkeypatch)
     west = tmp_path / "west"
     west.mkdir()
     connection = azurite.connection_string.replace(
