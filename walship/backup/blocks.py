@@ -46,7 +46,7 @@ import hashlib
 import json
 import re
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -291,13 +291,14 @@ def split_member(name: str) -> tuple[str, int] | None:
     return path, int(first)
 
 
-def encode_blocks(numbers: list[int], first: int, view: memoryview, block_size: int, *,
-                  contiguous: bool = True) -> bytes:
+def encode_blocks(numbers: list[int], first: int, view: memoryview | Sequence[bytes],
+                  block_size: int, *, contiguous: bool = True) -> bytes:
     """A block member's content: the blocks ``numbers`` of the read ``view`` starting at block
-    ``first`` (``contiguous``), or ``view`` holding exactly those blocks, in order."""
+    ``first`` (``contiguous``), or (not ``contiguous``) ``view`` the list of exactly those
+    blocks, in order."""
     head = _COUNT.pack(len(numbers)) + struct.pack(f">{len(numbers)}I", *numbers)
     if not contiguous:
-        return head + bytes(view)
+        return b"".join([head, *view])
     return head + b"".join(view[(n - first) * block_size:(n - first + 1) * block_size]
                            for n in numbers)
 

@@ -257,30 +257,40 @@ class PartWriter:
 
     def _sparse_blocks(self, fd: int, parent: ParentFile, wanted: list[int], first: int,
                        count: int, size: int, digests: bytearray) -> bytes:
-        """The blocks ``wanted`` of one read (a change source named them) read alone and
-        compared; the others' digests copied from the parent's map. Returns the block
-        member's content, or b"" when none changed."""
+        """The blocks ``wanted`` (sorted, within ``first`` .. ``first + count - 1``: a change
+        source named them) of one read, read alone and compared; the others' digests copied
+        from the parent's map, run by run (a block not wanted is one the parent knew: see
+        :class:`_SparsePlan`). Returns the block member's content, or b"" when none changed.
+        Only the wanted blocks cost a step: an incr of a large file is mostly this loop."""
         assert self.blocks is not None
         block_size = self.blocks.block_size
-        wanted_set = set(wanted)
-        changed: list[tuple[int, bytes]] = []
-        for block in range(first, first + count):
-            if block not in wanted_set:
-                digests += parent.map.digest(block)
-                continue
-            length = min(block_size, size - block * block_size)
-            data = os.pread(fd, length, block * block_size)
-            data += _ZEROS[:length - len(data)]
-            value = block_delta.digest(data)
+        known = parent.map.blocks
+        old = parent.map.digests
+        sha256 = hashlib.sha256
+        pread = os.pread
+        numbers: list[int] = []
+        datas: list[bytes] = []
+        copied = first  # the blocks before this have their digest in ``digests``
+        for block in wanted:
+            if block > copied:
+                digests += old[copied * DIGEST:block * DIGEST]
+            start = block * block_size
+            length = min(block_size, size - start)
+            data = pread(fd, length, start)
+            if len(data) < length:  # the file shrank since: zeros, as a whole read pads
+                data += _ZEROS[:length - len(data)]
+            value = sha256(data).digest()[:DIGEST]
             digests += value
-            if block >= parent.map.blocks or value != parent.map.digest(block):
-                changed.append((block, data))
-        if not changed:
+            if block >= known or value != old[block * DIGEST:(block + 1) * DIGEST]:
+                numbers.append(block)
+                datas.append(data)
+            copied = block + 1
+        if first + count > copied:
+            digests += old[copied * DIGEST:(first + count) * DIGEST]
+        if not numbers:
             return b""
-        numbers = [n for n, _ in changed]
-        return block_delta.encode_blocks(numbers, numbers[0],
-                                         memoryview(b"".join(d for _, d in changed)),
-                                         block_size, contiguous=False)
+        return block_delta.encode_blocks(numbers, numbers[0], datas, block_size,
+                                         contiguous=False)
 
     def _block_member(self, path: str, first: int, content: bytes, st: os.stat_result
                       ) -> Iterator[bytes]:
