@@ -241,6 +241,31 @@ def test_the_parent_is_found_without_reading_every_older_manifest(archive, tmp_p
     assert not {m.name for m in old[:4]} & set(read), read
 
 
+def test_the_chain_is_checked_again_after_the_commit_without_reading_it_again(
+        archive, tmp_path, monkeypatch):
+    """Once its manifest is written, backup-push checks that its chain is still whole (a
+    delete may have run meanwhile) from one listing: no manifest is read twice (a chain of
+    30 took 0.3 s to read again), and a parent deleted meanwhile is still reported (see
+    test_a_parent_deleted_during_the_push_is_reported)."""
+    data, ts = make_cluster(tmp_path)
+    source = Source(data, ts)
+    push(archive, source, "full")
+    for _ in range(4):
+        push(archive, source, "incr")
+    read: list[str] = []
+    real = catalog.load_manifest
+
+    def load(archive_, name):
+        read.append(name)
+        return real(archive_, name)
+
+    monkeypatch.setattr(catalog, "load_manifest", load)
+    lines: list[str] = []
+    incr = push(archive, source, "incr", lines).manifest
+    assert incr.parent in read and len(read) == 5 and len(set(read)) == 5, read
+    assert not [line for line in lines if "WARNING" in line], lines
+
+
 def test_incomplete_chain_is_never_used_and_a_damaged_parent_fails_the_child(tmp_path):
     (tmp_path / "repo").mkdir()
     archive = Archive(open_storage(f"file://{tmp_path / 'repo'}"), Codec())

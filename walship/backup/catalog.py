@@ -18,7 +18,7 @@ LIST per timeline.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timezone
 
@@ -223,6 +223,26 @@ def check_chain(archive: Archive, manifest: Manifest) -> None:
         raise IntegrityError(f"backup {manifest.name} ({manifest.backup_type}) cannot be "
                              "restored: its chain is not complete", problem,
                              "restore an older complete backup, or take a full backup")
+
+
+def chain_gone(archive: Archive, manifest: Manifest, chain: Sequence[Manifest]) -> str | None:
+    """Why the chain of ``manifest`` is no longer complete, or None, with one LIST:
+    ``chain`` holds its ancestors' manifests, read and found complete (:func:`chain_problem`)
+    before. A manifest is never rewritten and ``delete`` removes a backup's manifest first,
+    so such a chain stays complete while each of its manifests is listed. (backup-push asks
+    this once its manifest is written, of a chain a delete may have been removing meanwhile;
+    reading every manifest again took 0.3 s for a chain of 30.)"""
+    by_name = {m.name: m for m in chain}
+    groups = backup_objects(archive)
+    name = manifest.parent
+    while name is not None:
+        if not has_manifest(groups.get(name, ())):
+            return f"its ancestor {name} is missing or incomplete (no manifest)"
+        ancestor = by_name.get(name)
+        if ancestor is None:
+            return f"its ancestor {name} was not among those read"
+        name = ancestor.parent
+    return None
 
 
 def name_taken(archive: Archive, name: str) -> bool:

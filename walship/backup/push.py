@@ -533,10 +533,10 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
     # one repository, one key, one segment size: refused before anything is stored
     archive.check_repository(info.wal_segment_size)
     user, group, data_mode = _owner(pgdata)
-    parent, note = choose_parent(
-        catalog.newest_chain(archive, (lambda m: m.backup_type == FULL)
-                             if backup_type == DIFF else lambda _: True)
-        if backup_type != FULL else [], backup_type, info)
+    chain = (catalog.newest_chain(archive, (lambda m: m.backup_type == FULL)
+                                  if backup_type == DIFF else lambda _: True)
+             if backup_type != FULL else [])
+    parent, note = choose_parent(chain, backup_type, info)
     if note and log is not None:
         log(f"backup-push: no usable parent for a {backup_type} backup: {note}; taking a full "
             "backup")
@@ -623,11 +623,12 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
         raise
     source.close()
     if manifest.parent is not None and log is not None:
-        try:  # a delete running meanwhile may have removed the parent (then never used)
-            catalog.check_chain(archive, manifest)
-        except IntegrityError as error:
-            log(f"backup-push {name}: WARNING: {error}; it will never be used: take a full "
-                "backup")
+        # a delete running meanwhile may have removed the parent (then never used)
+        problem = catalog.chain_gone(archive, manifest, chain)
+        if problem is not None:
+            log(f"backup-push {name}: WARNING: backup {name} ({manifest.backup_type}) cannot "
+                f"be restored: its chain is not complete: {problem}; it will never be used: "
+                "take a full backup")
     missing = catalog.WalIndex(archive).missing(manifest)
     if missing and log is not None:
         log(f"backup-push {name}: WARNING: the WAL it needs is not all archived yet: missing "
