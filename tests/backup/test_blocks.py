@@ -163,6 +163,50 @@ def test_a_parent_entry_in_pieces_is_never_a_plain_reference(tmp_path):
     assert [s.path for s in store] == ["f"] and not same
 
 
+def test_small_files_are_hashed_in_batches_and_each_is_judged_on_its_own(tmp_path, monkeypatch):
+    """A cluster holds thousands of small files: the hashing pool gets one task per batch of
+    them, not one per file (that cost more than the hashing), and each file is still judged
+    alone: unchanged, changed, resized, vanished."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from walship.backup.parts import SourceFile
+
+    rng = random.Random(7)
+    files, entries = [], []
+    for n in range(300):
+        data = rng.randbytes(rng.choice([0, 10, 8192, 50_000, 300_000]))
+        path = tmp_path / f"f{n}"
+        path.write_bytes(data)
+        entries.append(FileEntry(f"f{n}", len(data), 0o600, 0.0,
+                                 hashlib.sha256(data).hexdigest(), 1))
+        files.append(SourceFile(f"f{n}", str(path), len(data)))
+    changed = {f"f{n}" for n in rng.sample(range(300), 30)}
+    for name in changed:  # same size, other content
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(bytes(b ^ 1 for b in data) if data else b"")
+    (tmp_path / "f5").write_bytes(b"resized")
+    (tmp_path / "f6").unlink()
+    parent = SimpleNamespace(name="20260101T000000Z", files=tuple(entries), referenced_parts=(),
+                             parts=(PartEntry(1, "backups/20260101T000000Z/part.00001", 1, 1,
+                                              1, None),))
+    tasks = []
+    real = ThreadPoolExecutor.submit
+
+    def submit(self, fn, *args, **kwargs):
+        tasks.append(fn)
+        return real(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", submit)
+    store, same, _ = unchanged_files(files, parent)  # type: ignore[arg-type]
+    empty_changed = {e.path for e in entries if e.path in changed and e.size == 0}
+    assert {s.path for s in store} == (changed - empty_changed) | {"f5", "f6"}
+    assert {e.path for e in same} == {f.path for f in files} - {s.path for s in store}
+    assert all(e.sha256 == hashlib.sha256((tmp_path / e.path).read_bytes()).hexdigest()
+               for e in same)
+    assert 0 < len(tasks) <= 300 // 16, len(tasks)
+
+
 # -- push and restore on a fake server ----------------------------------------------------------
 
 @pytest.fixture(params=["memory", "file-encrypted"])

@@ -34,6 +34,7 @@ as possible: a killed process leaves parts without a manifest, which are never u
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import threading
@@ -212,8 +213,6 @@ def _hash_file(disk: str, size: int, cancel: threading.Event
     """(size, mode, mtime, SHA-256) of the file at ``disk`` read now, when it still has
     ``size`` bytes; None if it vanished or its size is not ``size``. Stops (Cancelled) once
     ``cancel`` is set."""
-    import hashlib
-
     try:
         fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -221,7 +220,7 @@ def _hash_file(disk: str, size: int, cancel: threading.Event
     except OSError as error:
         raise UsageError(f"cannot read {disk}", os.strerror(error.errno or 0),
                          "run backup-push as the cluster's OS user (postgres)") from None
-    with open(fd, "rb", buffering=0) as handle:
+    try:
         st = os.fstat(fd)
         if st.st_size != size:
             return None
@@ -230,12 +229,39 @@ def _hash_file(disk: str, size: int, cancel: threading.Event
         while read < size:
             if cancel.is_set():
                 raise Cancelled(f"hashing {disk} cancelled")
-            chunk = handle.read(min(1 << 20, size - read))
+            chunk = os.read(fd, min(1 << 20, size - read))
             if not chunk:
                 return None  # shrank while read: store it (as a full backup would)
             digest.update(chunk)
             read += len(chunk)
+    finally:
+        os.close(fd)
     return size, st.st_mode & 0o7777, st.st_mtime, digest.hexdigest()
+
+
+def _hash_files(files: Sequence[tuple[str, int]], cancel: threading.Event
+                ) -> list[tuple[int, int, float, str] | None]:
+    """:func:`_hash_file` of each ``(disk, size)``, in order."""
+    return [_hash_file(disk, size, cancel) for disk, size in files]
+
+
+def _batches(files: Sequence[SourceFile], most_bytes: int = 4 << 20, most_files: int = 32
+             ) -> list[list[SourceFile]]:
+    """``files`` in consecutive groups of at most ``most_files`` files or about
+    ``most_bytes`` bytes: one task of the hashing pool each (a task per file cost more than
+    hashing most of them: a cluster holds thousands of small files)."""
+    batches: list[list[SourceFile]] = []
+    current: list[SourceFile] = []
+    filled = 0
+    for source in files:
+        if current and (len(current) == most_files or filled + source.size > most_bytes):
+            batches.append(current)
+            current, filled = [], 0
+        current.append(source)
+        filled += source.size
+    if current:
+        batches.append(current)
+    return batches
 
 
 def unchanged_files(files: Sequence[SourceFile], parent: Manifest, parallel: int = 3
@@ -252,22 +278,24 @@ def unchanged_files(files: Sequence[SourceFile], parent: Manifest, parallel: int
     candidates = [f for f in files if f.content is None and f.path in previous
                   and previous[f.path].size == f.size]
     cancel = threading.Event()
+    batches = _batches(candidates)
     with ThreadPoolExecutor(max_workers=max(1, parallel),
                             thread_name_prefix="walship-hash") as pool:
-        futures = {f.path: pool.submit(_hash_file, f.disk, previous[f.path].size, cancel)
-                   for f in candidates}
+        futures = [pool.submit(_hash_files, [(f.disk, previous[f.path].size) for f in batch],
+                               cancel) for batch in batches]
         try:
-            wait(futures.values(), return_when=FIRST_EXCEPTION)
+            wait(futures, return_when=FIRST_EXCEPTION)
         finally:  # a failure or an interrupt (SIGTERM): stop every file in flight
-            if not all(f.done() and f.exception() is None for f in futures.values()):
+            if not all(f.done() and f.exception() is None for f in futures):
                 cancel.set()
-                for future in futures.values():
+                for future in futures:
                     future.cancel()
-    errors = [f.exception() for f in futures.values() if not f.cancelled() and f.exception()]
+    errors = [f.exception() for f in futures if not f.cancelled() and f.exception()]
     if errors:
         real = [e for e in errors if not isinstance(e, Cancelled)]
         raise (real or errors)[0]  # type: ignore[misc]
-    hashed = {path: future.result() for path, future in futures.items()}
+    hashed = {source.path: found for batch, future in zip(batches, futures, strict=True)
+              for source, found in zip(batch, future.result(), strict=True)}
     store: list[SourceFile] = []
     same: list[FileEntry] = []
     parts: dict[tuple[str, int], PartEntry] = {}
