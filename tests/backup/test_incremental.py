@@ -244,8 +244,9 @@ def test_the_parent_is_found_without_reading_every_older_manifest(archive, tmp_p
 def test_the_chain_is_checked_again_after_the_commit_without_reading_it_again(
         archive, tmp_path, monkeypatch):
     """Once its manifest is written, backup-push checks that its chain is still whole (a
-    delete may have run meanwhile) from one listing: no manifest is read twice (a chain of
-    30 took 0.3 s to read again), and a parent deleted meanwhile is still reported (see
+    delete may have run meanwhile) from a HEAD of each ancestor's manifest: no manifest is
+    read twice (a chain of 30 took 0.3 s to read again), the repository is not listed again,
+    and a parent deleted meanwhile is still reported (see
     test_a_parent_deleted_during_the_push_is_reported)."""
     data, ts = make_cluster(tmp_path)
     source = Source(data, ts)
@@ -260,9 +261,20 @@ def test_the_chain_is_checked_again_after_the_commit_without_reading_it_again(
         return real(archive_, name)
 
     monkeypatch.setattr(catalog, "load_manifest", load)
+    listed: list[str] = []
+    real_list = archive.storage.list
+
+    def listing(prefix: str = "", **kwargs):
+        if kwargs.get("limit") is None:
+            listed.append(prefix)
+        return real_list(prefix, **kwargs)
+
+    monkeypatch.setattr(archive.storage, "list", listing)
     lines: list[str] = []
     incr = push(archive, source, "incr", lines).manifest
     assert incr.parent in read and len(read) == 5 and len(set(read)) == 5, read
+    # (nor is the whole repository listed again: that grows with it, not with the chain)
+    assert listed.count(layout.BACKUP_PREFIX) == 1, listed
     assert not [line for line in lines if "WARNING" in line], lines
 
 
