@@ -466,6 +466,25 @@ def test_push_waits_for_the_wal_in_the_repository_then_commits(archive, tmp_path
     assert result.wal_missing == () and result.manifest.needed_wal() == needed
 
 
+def test_push_on_a_primary_never_lists_the_archived_wal(archive, tmp_path, monkeypatch):
+    """What WAL is missing is known from the wait for it, segment by segment: the whole
+    timeline's WAL (a month of it: tens of thousands of objects) is not listed at the end."""
+    data, ts = make_cluster(tmp_path)
+    push_wal_names(archive, ["000000010000000000000002"])
+    listed: list[str] = []
+    real = archive.storage.list
+
+    def listing(prefix: str = "", **kwargs):
+        if kwargs.get("limit") is None:  # (a probe for one object is cheap)
+            listed.append(prefix)
+        return real(prefix, **kwargs)
+
+    monkeypatch.setattr(archive.storage, "list", listing)
+    result = push_backup(archive, FakeSource(data, ts), wal_timeout=5)
+    assert result.wal_missing == ()
+    assert not [p for p in listed if p.startswith("wal/")], listed
+
+
 def test_push_stores_the_ready_segment_itself_instead_of_waiting(archive, tmp_path):
     """The segment pg_backup_stop switched from, marked .ready and not archived yet, is
     stored by backup-push itself (the archiver's later wal-push of it finds identical content):

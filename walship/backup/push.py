@@ -637,10 +637,11 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
             block_size=info.block_size,
             block_maps=tuple(s.block_map for s in stored if s.block_map is not None))
         manifest.check()
+        missing: list[str] | None = None
         if not info.in_recovery:  # a standby's WAL is archived by its primary, in its time
             _push_ready_wal(archive, pgdata, manifest.needed_wal(), log)
-            _await_wal(archive, manifest.needed_wal(),
-                       WAL_TIMEOUT if wal_timeout is None else wal_timeout)
+            missing = _await_wal(archive, manifest.needed_wal(),
+                                 WAL_TIMEOUT if wal_timeout is None else wal_timeout)
         written = catalog.store_manifest(archive, manifest)
         committed = True
     except BaseException:
@@ -657,7 +658,8 @@ def push_backup(archive: Archive, source: BackupSource, *, parallel: int = 3,
             log(f"backup-push {name}: WARNING: backup {name} ({manifest.backup_type}) cannot "
                 f"be restored: its chain is not complete: {problem}; it will never be used: "
                 "take a full backup")
-    missing = catalog.WalIndex(archive).missing(manifest)
+    if missing is None:  # (on a primary, known: the segments were waited for one by one)
+        missing = catalog.WalIndex(archive).missing(manifest)
     if missing and log is not None:
         log(f"backup-push {name}: WARNING: the WAL it needs is not all archived yet: missing "
             f"{catalog.describe_missing(missing)}; it cannot be restored until it is"
@@ -699,9 +701,10 @@ def _push_ready_wal(archive: Archive, pgdata: str, names: Sequence[str],
             return
 
 
-def _await_wal(archive: Archive, names: Sequence[str], timeout: float) -> None:
-    """Wait until every WAL file in ``names`` is in the repository, or ``timeout`` passes.
-    One HEAD per file still missing, every 20 ms at first, backing off to 1 s."""
+def _await_wal(archive: Archive, names: Sequence[str], timeout: float) -> list[str]:
+    """Wait until every WAL file in ``names`` is in the repository, or ``timeout`` passes;
+    return those still missing. One HEAD per file still missing, every 20 ms at first,
+    backing off to 1 s."""
     from walship import layout as wal_layout
     from walship.errors import NotFound
 
@@ -717,9 +720,10 @@ def _await_wal(archive: Archive, names: Sequence[str], timeout: float) -> None:
                 still.append(name)
         missing = still
         if not missing or time.monotonic() + pause > deadline:
-            return
+            return missing
         time.sleep(pause)
         pause = min(1.0, pause * 1.5)
+    return missing
 
 
 def _delete_parts(archive: Archive, keys: list[str], log: Log | None) -> None:
