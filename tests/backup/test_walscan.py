@@ -92,52 +92,6 @@ def test_a_streamed_segment_that_fails_its_check_fails_the_scan(tmp_path: Path):
         provider.close()
 
 
-def test_the_next_streamed_segment_is_fetched_while_the_reader_is_in_the_current_one(
-        tmp_path: Path):
-    """A streamed segment is downloaded and decoded ahead, and the next one is asked for
-    while the reader is still in the current one; a scan that stops first closes the one
-    fetched ahead, and leaves no thread behind."""
-    import threading
-
-    built, segments, names = _three_segments()
-    asked = {name: threading.Event() for name in names}
-    overlapped: list[str] = []
-    closed: list[str] = []
-    patient = [True]
-
-    def fetch(name: str):
-        asked[name].set()
-        data = segments[names.index(name)].file.getvalue()
-        following = names.index(name) + 1
-        try:
-            yield data[:len(data) // 2]
-            if patient and following < len(names) and asked[names[following]].wait(5):
-                overlapped.append(name)  # the next was asked before this one's end
-            yield data[len(data) // 2:]
-        finally:
-            closed.append(name)
-
-    threads = threading.active_count()
-    provider = walscan._segments(3, 5, 1, SEG, str(tmp_path), fetch, walscan.ScanStats())
-    rows = list(walrecords.scan(provider, since=built.base, until=built.pos, timeline=1,
-                                segment_size=SEG, system_identifier=SYSID))
-    provider.close()
-    assert [r[5] for r in rows] == list(range(700))
-    assert overlapped == names[:2] and sorted(closed) == names
-    assert threading.active_count() == threads
-
-    for event in asked.values():
-        event.clear()
-    closed.clear()
-    patient.clear()
-    provider = walscan._segments(3, 5, 1, SEG, str(tmp_path), fetch, walscan.ScanStats())
-    list(walrecords.scan(provider, since=built.base, until=built.base + 1000, timeline=1,
-                         segment_size=SEG, system_identifier=SYSID))
-    provider.close()  # stopped inside the first segment: the second, fetched ahead, closed
-    assert asked[names[1]].is_set() and not asked[names[2]].is_set()
-    assert sorted(closed) == names[:2] and threading.active_count() == threads
-
-
 def test_chunk_reader():
     reader = walscan.ChunkReader([b"abc", b"", b"defgh", b"ij"])
     assert reader.read(2) == b"ab"

@@ -258,123 +258,30 @@ def _segments(first: int, last: int, timeline: int, segment_size: int, pg_wal: s
     """Segments ``first`` to ``last`` of ``timeline``: each from pg_wal when the file there
     is that segment (its first page says so), else streamed from the repository. A streamed
     segment is read to its end once the reader leaves it, or stops in it (the codec verifies
-    it there: until then its rows are not trusted, and a failure fails the whole scan).
-
-    A streamed segment is downloaded and decoded by a thread of its own (:class:`_Ahead`),
-    ahead of the reader, and so is the next one while the reader is in it, when pg_wal does
-    not hold that one either: the reader (Python, one core) then rarely waits for the
-    repository or the codec (on the 1 GB benchmark, most of the WAL read is of streamed
-    segments)."""
-    ahead: tuple[int, _Ahead] | None = None
-
-    def stream_of(number: int) -> _Ahead:
+    it there: until then its rows are not trusted, and a failure fails the whole scan)."""
+    for number in range(first, last + 1):
         name = wal.segment_name(timeline, number, segment_size)
-        return _Ahead(lambda: fetch(name), name=f"walship-wal-{name}")  # type: ignore[misc]
-
-    try:
-        for number in range(first, last + 1):
-            name = wal.segment_name(timeline, number, segment_size)
-            handle = _open_local(os.path.join(pg_wal, name), number * segment_size)
-            if handle is not None:
-                stats.local += 1
-                try:
-                    yield walrecords.Segment(number, handle)
-                finally:
-                    handle.close()
-                continue
-            if fetch is None:
-                raise walrecords.WalReadError(f"segment {name} is not in {pg_wal}")
-            if ahead is not None and ahead[0] == number:
-                chunks, ahead = ahead[1], None
-            else:
-                chunks = stream_of(number)
-            stream = ChunkReader(chunks)
-            stats.fetched += 1
+        handle = _open_local(os.path.join(pg_wal, name), number * segment_size)
+        if handle is not None:
+            stats.local += 1
             try:
-                following = number + 1
-                if ahead is None and following <= last and not _held_locally(
-                        os.path.join(pg_wal, wal.segment_name(timeline, following,
-                                                              segment_size)),
-                        following * segment_size):
-                    ahead = (following, stream_of(following))
-                try:
-                    yield walrecords.Segment(number, stream)  # type: ignore[arg-type]
-                except GeneratorExit:  # the scan stopped inside this segment: verify it
-                    stream.drain()
-                    raise
-                stream.drain()
+                yield walrecords.Segment(number, handle)
             finally:
-                stream.close()
-    finally:
-        if ahead is not None:  # (not reached: the scan stopped before it)
-            ahead[1].close()
-
-
-class _Ahead:
-    """The chunks of ``open_chunks()`` (a streamed segment: its download and decoding),
-    produced by a thread of its own from now on, up to ``depth`` chunks ahead of the reader:
-    memory stays bounded. An exception of the producer is raised to the reader, in order.
-    :meth:`close` stops the producer, which closes the chunks' iterator (the download), and
-    waits for it."""
-
-    _DONE = object()
-
-    def __init__(self, open_chunks: Callable[[], Iterable[bytes]], *, depth: int = 8,
-                 name: str = "walship-wal") -> None:
-        import queue
-        import threading
-
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
-        self._full = queue.Full
-        self._stop = threading.Event()
-        self._finished = False
-        self._thread = threading.Thread(target=self._produce, args=(open_chunks,), name=name,
-                                        daemon=True)
-        self._thread.start()
-
-    def _offer(self, item: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
-                return True
-            except self._full:
-                continue
-        return False
-
-    def _produce(self, open_chunks: Callable[[], Iterable[bytes]]) -> None:
-        chunks = None
+                handle.close()
+            continue
+        if fetch is None:
+            raise walrecords.WalReadError(f"segment {name} is not in {pg_wal}")
+        stream = ChunkReader(fetch(name))
+        stats.fetched += 1
         try:
-            chunks = iter(open_chunks())
-            for chunk in chunks:
-                if not self._offer(chunk):
-                    return
-            self._offer(self._DONE)
-        except BaseException as error:  # noqa: BLE001 - handed over to the reader
-            self._offer(error)
+            try:
+                yield walrecords.Segment(number, stream)  # type: ignore[arg-type]
+            except GeneratorExit:  # the scan stopped inside this segment: verify what it read
+                stream.drain()
+                raise
+            stream.drain()
         finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
-
-    def __iter__(self) -> _Ahead:
-        return self
-
-    def __next__(self) -> bytes:
-        if self._finished:
-            raise StopIteration
-        item = self._queue.get()
-        if item is self._DONE:
-            self._finished = True
-            raise StopIteration
-        if isinstance(item, BaseException):
-            self._finished = True
-            raise item
-        return item  # type: ignore[return-value]
-
-    def close(self) -> None:
-        self._finished = True
-        self._stop.set()
-        self._thread.join()
+            stream.close()
 
 
 class ChunkReader:
@@ -428,15 +335,6 @@ class ChunkReader:
         close = getattr(self._chunks, "close", None)
         if close is not None:
             close()
-
-
-def _held_locally(path: str, address: int) -> bool:
-    """Whether pg_wal holds the segment at ``address`` as ``path`` (see :func:`_open_local`)."""
-    handle = _open_local(path, address)
-    if handle is None:
-        return False
-    handle.close()
-    return True
 
 
 def _open_local(path: str, address: int):  # -> a binary file or None
