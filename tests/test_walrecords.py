@@ -255,6 +255,38 @@ def test_resume_and_complete_only():
     assert [r[5] for r in got] == list(range(9)) and result.end == wal2.starts[9]
 
 
+def test_complete_only_stops_exactly_before_the_first_record_ending_past_the_limit():
+    """Whatever the limit (a flush position), the records read are exactly those that end by
+    it, across page and segment boundaries, images of every size. (The reader works a
+    record's end out, page headers counted, only when a cheap bound says it could be past the
+    limit: the bound must never skip a record that is.)"""
+    import random
+
+    rng = random.Random(11)
+    wal = Wal(segments=2)
+    ends: list[int] = []
+    while wal.pos < wal.base + SEG + SEG // 4:
+        size = rng.choice([0, 8, 500, 3000, 8000, 8150, 16300, 30000, 65000])
+        wal.add(record(blocks=(block(0, 900, len(ends), image=(size, 0, 0) if size else None),),
+                       main=b"m" * rng.choice([0, 3])))
+        ends.append(wal.pos)
+    limits = {wal.base + 100}
+    for end in ends[:-1]:
+        limits |= {end - 1, end, end + 1, end + 8}
+    limits |= {rng.randrange(wal.base, ends[-2]) for _ in range(300)}
+    segments = wal.segments()
+    for until in sorted(limits):
+        for segment in segments:
+            segment.file.seek(0)
+        result = ScanResult()
+        got = [r[5] for r in scan(segments, since=wal.base, until=until, timeline=1,
+                                  segment_size=SEG, system_identifier=SYSID, result=result,
+                                  complete_only=True)]
+        whole = sum(1 for end in ends if end <= until)
+        assert got == list(range(whole)), (until, got[-3:], whole)
+        assert result.end == wal.starts[whole], (until, result.end)
+
+
 def test_resume_checks_the_chain():
     wal = Wal()
     for n in range(5):

@@ -292,7 +292,10 @@ def _records(pages: _Pages, since: int, until: int, result: ScanResult, resume: 
             if total == 0:
                 raise WalReadError(f"the WAL ends at {_lsn(start)}, before {_lsn(until)}")
             raise WalReadError(f"the record at {_lsn(start)} has length {total}")
-        if complete_only and _end(pages, offset, total) > until:
+        # (where it ends, counting page headers, only when it could be past ``until``: a
+        # record crosses at most total // (page - long header) + 1 headers)
+        if complete_only and start + total + (total // (size - LONG_HEADER) + 1) * LONG_HEADER \
+                > until and _end(pages, offset, total) > until:
             result.end = start
             return
         if offset + total <= size:
@@ -359,8 +362,9 @@ def _skip_continuation(pages: _Pages) -> int:
 
 
 def _record_rows(record: bytes, info: int, rmid: int, start: int, result: ScanResult,
-                 block_size: int) -> Iterator[Row]:
-    """Decode one record's headers (DecodeXLogRecord's walk) and yield its rows."""
+                 block_size: int) -> list[Row]:
+    """Decode one record's headers (DecodeXLogRecord's walk) and return its rows (a list,
+    not a generator: one per record, the reader's most frequent step)."""
     total = len(record)
     position = RECORD_HEADER
     data_total = 0
@@ -418,14 +422,14 @@ def _record_rows(record: bytes, info: int, rmid: int, start: int, result: ScanRe
         raise WalReadError(f"the record at {_lsn(start)} does not add up: {position} bytes of "
                            f"headers and {data_total} of data in {total}")
     result.block_references += len(blocks)
-    yield from blocks
     if rmid in (RM_XLOG, RM_XACT, RM_SMGR, RM_DBASE):
         main = record[total - main_length:]
         try:
-            yield from _special_rows(rmid, info & ~XLR_INFO_MASK, main, start, block_size)
+            blocks.extend(_special_rows(rmid, info & ~XLR_INFO_MASK, main, start, block_size))
         except (struct.error, IndexError):
             raise WalReadError(f"the record at {_lsn(start)} (resource manager {rmid}, info "
                                f"{info:#04x}) has short main data") from None
+    return blocks
 
 
 def _special_rows(rmid: int, info: int, main: bytes, start: int,

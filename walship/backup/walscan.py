@@ -154,6 +154,7 @@ class WalScanner:
                                          "backwards")
             return
         started = time.monotonic()
+        add = self.forks.add
         try:
             segments = _segments(self.position // self.wal_segment_size,
                                  until_lsn.value // self.wal_segment_size, self.timeline,
@@ -167,7 +168,7 @@ class WalScanner:
                         complete_only=complete_only,
                         block_size=self.layout[1],  # type: ignore[index]
                         max_bytes=self.budget):
-                    self.forks.add(row)
+                    add(row)
             finally:
                 segments.close()
             self.position = self.result.end
