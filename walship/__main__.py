@@ -1,7 +1,5 @@
 """``python -m walship``: the same as the ``walship`` command."""
 
-import sys
+from walship.entry import run
 
-from walship.entry import main
-
-sys.exit(main())
+run()

@@ -35,6 +35,18 @@ def _terminated(error: BaseException) -> bool:
     return type(error).__name__ == "Terminated" and type(error).__module__ == "walship.errors"
 
 
+def run() -> None:
+    """The ``walship`` program: :func:`main`, then the process ends with its status. Before
+    that, every object left is frozen out of the garbage collector: the interpreter's
+    collections at exit otherwise walk all of them (a backup's manifests, block maps and
+    imported modules: 60-90 ms at the end of an incr, measured), only for the process to end."""
+    status = main()
+    import gc  # (built in)
+
+    gc.freeze()
+    sys.exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()  # the call's deadline (call_timeout) counts from here
     argv = sys.argv[1:] if argv is None else argv
