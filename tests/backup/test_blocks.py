@@ -207,6 +207,68 @@ def test_small_files_are_hashed_in_batches_and_each_is_judged_on_its_own(tmp_pat
     assert 0 < len(tasks) <= 300 // 16, len(tasks)
 
 
+def _one_large_file_part(tmp_path):
+    from walship.backup.parts import BlockContext, SourceFile
+
+    path = tmp_path / "16396"
+    path.write_bytes(os.urandom(2 << 20))
+    files = [SourceFile("base/5/16396", str(path), 2 << 20)]
+    return files, BlockContext(B, frozenset({"base/5/16396"}), {})
+
+
+def test_a_parts_block_map_is_stored_while_the_part_upload_ends(tmp_path, monkeypatch):
+    """The block map of a part is stored as soon as the part's last byte is read, while the
+    part's own upload ends, not one request after it."""
+    from walship.backup.push import store_part
+
+    with temporary_archive("memory", tmp_path) as archive:
+        files, context = _one_large_file_part(tmp_path)
+        map_key = layout.block_map_key("20260101T000000Z", 1)
+        map_started = threading.Event()
+        waited: list[bool] = []
+        real = archive.storage.put
+
+        def put(key, chunks, **kwargs):
+            if key == map_key:
+                map_started.set()
+                return real(key, chunks, **kwargs)
+            read = list(chunks)  # the part's every byte read: its map may go now
+            waited.append(map_started.wait(5))
+            return real(key, read, **kwargs)
+
+        monkeypatch.setattr(archive.storage, "put", put)
+        stored = store_part(archive, "20260101T000000Z", 1, files, blocks=context)
+        assert waited == [True] and stored.block_map is not None
+        assert stored.block_map.key == map_key and archive.storage.head(map_key)
+
+
+@pytest.mark.parametrize("failing", ["part", "map"])
+def test_a_part_or_its_map_failing_leaves_neither(tmp_path, monkeypatch, failing):
+    """Either upload failing fails the part, and neither object is left behind (the map
+    went up while the part's upload ended)."""
+    from walship.backup.push import store_part
+    from walship.errors import Unavailable
+
+    with temporary_archive("memory", tmp_path) as archive:
+        files, context = _one_large_file_part(tmp_path)
+        map_key = layout.block_map_key("20260101T000000Z", 1)
+        real = archive.storage.put
+
+        def put(key, chunks, **kwargs):
+            read = list(chunks)
+            if (key == map_key) == (failing == "map"):
+                if failing == "part":  # its map is on its way meanwhile: let it land
+                    import time
+                    time.sleep(0.2)
+                raise Unavailable(f"{key} failed")
+            return real(key, read, **kwargs)
+
+        monkeypatch.setattr(archive.storage, "put", put)
+        with pytest.raises(Unavailable):
+            store_part(archive, "20260101T000000Z", 1, files, blocks=context)
+        assert list(archive.storage.list("")) == []
+
+
 # -- push and restore on a fake server ----------------------------------------------------------
 
 @pytest.fixture(params=["memory", "file-encrypted"])

@@ -39,7 +39,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -101,29 +101,46 @@ def store_part(archive: Archive, name: str, number: int, files: Sequence[SourceF
                cancel: threading.Event | None = None,
                blocks: BlockContext | None = None) -> _StoredPart:
     """Stream ``files`` as tar part ``number`` of backup ``name`` into the repository, and
-    the block map of its large relation files (``blocks``) beside it."""
+    the block map of its large relation files (``blocks``) beside it: the map is stored as
+    soon as the part's last byte is read, while the part's upload ends (a second request
+    after the part's took 46 ms of the 1.1 GB benchmark's incr)."""
     key = layout.part_key(name, number)
+    map_key = layout.block_map_key(name, number)
     writer = PartWriter(number, files, progress=progress, cancel=cancel, blocks=blocks)
     # (reading and hashing the files runs ahead in a thread of its own)
     plaintext = pipelined(writer.stream(), name=f"walship-read-{number}")
-    stored = archive.codec.stored_form(key, plaintext)
-    archive.storage.put(key, stored, metadata=stored.metadata)
-    block_map = None
-    if writer.maps:
-        assert blocks is not None
-        map_key = layout.block_map_key(name, number)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="walship-map") as pool:
+        mapped: list[Future[PartEntry]] = []
+
+        def then_the_map() -> Iterator[bytes]:
+            yield from plaintext
+            if writer.maps:  # (complete: the part's stream has ended)
+                assert blocks is not None
+                mapped.append(pool.submit(_store_map, archive, map_key, number,
+                                          blocks.block_size, writer.maps))
+
+        stored = archive.codec.stored_form(key, then_the_map())
         try:
-            data = block_delta.encode_map(blocks.block_size, number, writer.maps)
-            form = archive.codec.stored_form(map_key, [data], size_hint=len(data))
-            archive.storage.put(map_key, form, metadata=form.metadata)
+            archive.storage.put(key, stored, metadata=stored.metadata)
+            block_map = mapped[0].result() if mapped else None
         except BaseException:
-            _delete_parts(archive, [key], None)
+            if mapped:  # the part failed, or its map: neither is left behind
+                wait(mapped)
+                _delete_parts(archive, [key, map_key], None)
             raise
-        block_map = PartEntry(number, map_key, len(data), form.size, len(writer.maps),
-                              form.metadata()[OBJECT_DIGEST_METADATA])
     return _StoredPart(PartEntry(number, key, writer.size, stored.size, len(writer.entries),
                                  stored.metadata()[OBJECT_DIGEST_METADATA]),
                        tuple(writer.entries), tuple(writer.skipped), block_map)
+
+
+def _store_map(archive: Archive, key: str, number: int, block_size: int,
+               maps: Sequence[block_delta.FileMap]) -> PartEntry:
+    """Store the block map of part ``number`` (its large relation files' ``maps``)."""
+    data = block_delta.encode_map(block_size, number, list(maps))
+    form = archive.codec.stored_form(key, [data], size_hint=len(data))
+    archive.storage.put(key, form, metadata=form.metadata)
+    return PartEntry(number, key, len(data), form.size, len(maps),
+                     form.metadata()[OBJECT_DIGEST_METADATA])
 
 
 def _store_parts(archive: Archive, name: str, plan: list[list[SourceFile]], parallel: int,
