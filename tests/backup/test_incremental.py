@@ -216,6 +216,19 @@ def test_no_parent_means_a_full_backup_and_diff_takes_the_newest_full(archive, t
     assert incr.parent == first.manifest.name and diff.parent == first.manifest.name
 
 
+def manifests_read(monkeypatch) -> list[str]:
+    """The names of the manifests read from now on (catalog.load_manifest), in order."""
+    read: list[str] = []
+    real = catalog.load_manifest
+
+    def load(archive_, name):
+        read.append(name)
+        return real(archive_, name)
+
+    monkeypatch.setattr(catalog, "load_manifest", load)
+    return read
+
+
 def test_the_parent_is_found_without_reading_every_older_manifest(archive, tmp_path,
                                                                     monkeypatch):
     """A month of backups is not read to find yesterday's: the newest manifests first, only
@@ -226,14 +239,7 @@ def test_the_parent_is_found_without_reading_every_older_manifest(archive, tmp_p
     old += [push(archive, source, "incr").manifest for _ in range(10)]
     full = push(archive, source, "full").manifest
     incr = push(archive, source, "incr").manifest
-    read: list[str] = []
-    real = catalog.load_manifest
-
-    def load(archive_, name):
-        read.append(name)
-        return real(archive_, name)
-
-    monkeypatch.setattr(catalog, "load_manifest", load)
+    read = manifests_read(monkeypatch)
     assert push(archive, source, "incr").manifest.parent == incr.name
     assert not {m.name for m in old[:4]} & set(read), read
     read.clear()
@@ -253,14 +259,7 @@ def test_the_chain_is_checked_again_after_the_commit_without_reading_it_again(
     push(archive, source, "full")
     for _ in range(4):
         push(archive, source, "incr")
-    read: list[str] = []
-    real = catalog.load_manifest
-
-    def load(archive_, name):
-        read.append(name)
-        return real(archive_, name)
-
-    monkeypatch.setattr(catalog, "load_manifest", load)
+    read = manifests_read(monkeypatch)
     listed: list[str] = []
     real_list = archive.storage.list
 
