@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timezone
+from typing import TypeVar
 
 from walship import layout as wal_layout
 from walship.archive import Archive
@@ -31,6 +32,7 @@ from walship.errors import AlreadyExists, IntegrityError, NotFound, UsageError
 from walship.storage.base import ObjectInfo, Storage
 
 LATEST = "LATEST"
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -107,21 +109,26 @@ def has_manifest(objects: Iterable[ObjectInfo]) -> bool:
 MANIFEST_READERS = 8  # manifests read at once (a month of daily backups: 30 requests)
 
 
+def _at_once(request: Callable[[str], _T], names: Sequence[str]) -> list[_T]:
+    """``request(name)`` for each of ``names``, in order, :data:`MANIFEST_READERS` at a
+    time (each is a request to the repository; one alone runs here)."""
+    if len(names) <= 1:
+        return [request(name) for name in names]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(MANIFEST_READERS, len(names)),
+                            thread_name_prefix="walship-manifest") as pool:
+        return list(pool.map(request, names))
+
+
 def list_backups(archive: Archive) -> list[BackupEntry]:
     """Every backup in the repository, oldest first, complete or not. The manifests are read
     :data:`MANIFEST_READERS` at a time (each is one request, and most commands, backup-push's
     choice of a parent among them, read them all)."""
     groups = backup_objects(archive)
     with_manifest = [name for name, objects in groups.items() if has_manifest(objects)]
-    if len(with_manifest) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=min(MANIFEST_READERS, len(with_manifest)),
-                                thread_name_prefix="walship-manifest") as pool:
-            loaded = dict(zip(with_manifest, pool.map(lambda name: load_manifest(
-                archive, name), with_manifest)))
-    else:
-        loaded = {name: load_manifest(archive, name) for name in with_manifest}
+    loaded = dict(zip(with_manifest, _at_once(lambda name: load_manifest(archive, name),
+                                              with_manifest), strict=True))
     entries = []
     for name, objects in groups.items():
         parts = [info for info in objects
@@ -151,14 +158,7 @@ def newest_chain(archive: Archive, accept: Callable[[Manifest], bool] = lambda _
                 loaded[name] = None
         return loaded[name]
 
-    first = names[:MANIFEST_READERS]
-    if len(first) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=len(first),
-                                thread_name_prefix="walship-manifest") as pool:
-            for _ in pool.map(find, first):
-                pass
+    _at_once(find, names[:MANIFEST_READERS])
     for name in names:
         manifest = find(name)
         if manifest is None or not accept(manifest) or chain_problem(manifest, find):
@@ -250,15 +250,7 @@ def chain_gone(archive: Archive, manifest: Manifest, chain: Sequence[Manifest]) 
             return False
         return True
 
-    if len(names) == 1:
-        found = [there(names[0])]
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=min(len(names), MANIFEST_READERS),
-                                thread_name_prefix="walship-manifest") as pool:
-            found = list(pool.map(there, names))
-    for name, present in zip(names, found, strict=True):
+    for name, present in zip(names, _at_once(there, names), strict=True):
         if not present:
             return f"its ancestor {name} is missing or incomplete (no manifest)"
     return None
