@@ -598,3 +598,50 @@ def test_a_plain_tar_header_is_byte_for_byte_what_tarfile_writes():
         assert header == by_tarfile(path, size, mode, mtime), (path, size, mode, mtime)
         direct += _plain_header(path, size, mode, mtime) is not None
     assert 1000 < direct < 5000  # both ways were taken
+
+
+def test_a_parts_small_chunks_cross_to_the_consumer_joined_and_unchanged():
+    """The reader hands the part's stream to the consumer (codec, storage) in batches of at
+    least BATCH_SIZE bytes: an incr's stream is mostly small chunks (a block member's header,
+    its blocks, its padding), and a hand-off per chunk, with a compressor call each, cost more
+    than the chunks. The bytes are the same, in the same order; a large chunk passes alone,
+    not copied; a failure of the reader reaches the consumer; a consumer that stops early
+    stops the reader, which closes its source."""
+    import random
+
+    from walship.backup.parts import BATCH_SIZE, pipelined
+
+    rng = random.Random(11)
+    for _ in range(20):
+        sizes = [0, 1, 512, 7000, 60_000, 300_000, 2 << 20]
+        chunks = [bytes([n % 251]) * rng.choice(sizes) for n in range(rng.randrange(0, 200))]
+        out = list(pipelined(iter(chunks)))
+        assert b"".join(out) == b"".join(chunks)
+        assert all(len(c) >= BATCH_SIZE for c in out[:-1]), [len(c) for c in out]
+        assert all(len(c) < BATCH_SIZE + max(map(len, chunks)) for c in out)
+        # (a large chunk right after a hand-off is handed off as it is)
+        alone = [c for c, before in zip(chunks, [b"x" * BATCH_SIZE, *chunks])
+                 if len(c) >= BATCH_SIZE and len(before) >= BATCH_SIZE]
+        assert {id(c) for c in alone} <= {id(c) for c in out}
+    small = [b"a" * 100] * 10_000  # 1 MB of 100-byte chunks: 4 hand-offs, not 10,000
+    assert len(list(pipelined(iter(small)))) == -(-len(small) * 100 // BATCH_SIZE)
+
+    def failing():
+        yield b"x" * 10
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(pipelined(failing()))
+    closed = threading.Event()
+
+    def endless():
+        try:
+            while True:
+                yield b"y" * (BATCH_SIZE // 3)
+        finally:
+            closed.set()
+
+    stream = pipelined(endless())
+    next(stream)
+    stream.close()
+    assert closed.wait(5)

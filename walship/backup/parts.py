@@ -613,15 +613,21 @@ def _pax_records(data: bytes) -> dict[str, str]:
 _DONE = object()
 
 
+BATCH_SIZE = 256 << 10  # bytes of small chunks joined into one handed to the consumer
+
+
 def pipelined(chunks: Iterator[bytes], depth: int = 8, name: str = "walship-stage"
               ) -> Iterator[bytes]:
     """Run the generator ``chunks`` in a thread of its own, ``depth`` chunks ahead.
 
     Two stages of a part's pipeline (reading and hashing the files; digesting, compressing
-    and storing the stream) then use two cores: hashlib and zstd release the GIL. Memory stays
-    bounded by ``depth`` chunks. An exception in the producer is raised to the consumer; a
-    consumer that stops early (failure, cancellation) stops the producer, which closes
-    ``chunks``.
+    and storing the stream) then use two cores: hashlib and zstd release the GIL. Small chunks
+    are joined and handed over :data:`BATCH_SIZE` bytes at a time (an incr's stream is mostly
+    small chunks: a block member's header, its blocks, its padding; a hand-off and a
+    compressor call per chunk cost more than the chunks); a larger chunk is handed over as it
+    is. Memory stays bounded by ``depth`` batches. An exception in the producer is raised to
+    the consumer; a consumer that stops early (failure, cancellation) stops the producer,
+    which closes ``chunks``.
     """
     import queue
 
@@ -639,9 +645,17 @@ def pipelined(chunks: Iterator[bytes], depth: int = 8, name: str = "walship-stag
 
     def produce() -> None:
         try:
+            batch: list[bytes] = []
+            held = 0
             for chunk in chunks:
-                if not offer(chunk):
-                    return
+                batch.append(chunk)
+                held += len(chunk)
+                if held >= BATCH_SIZE:
+                    if not offer(batch[0] if len(batch) == 1 else b"".join(batch)):
+                        return
+                    batch, held = [], 0
+            if batch and not offer(batch[0] if len(batch) == 1 else b"".join(batch)):
+                return
             offer(_DONE)
         except BaseException as error:  # noqa: BLE001 - handed over to the consumer
             offer(error)
